@@ -1,0 +1,1 @@
+"""sirf_ddip.geometry"""

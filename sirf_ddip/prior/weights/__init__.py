@@ -1,0 +1,1 @@
+"""Shipped default prior weights (safetensors + card.json)."""

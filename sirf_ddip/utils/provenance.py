@@ -1,0 +1,114 @@
+"""Output folders that say how they were made: resolved config, seed, versions; safe writing."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import OutputExistsError
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, this package and the key dependencies (those importable)."""
+    from .. import __version__
+
+    out = {"python": sys.version.split()[0], "sirf_ddip": __version__, "platform": platform.platform()}
+    for mod in ("torch", "numpy", "peft", "monai", "nibabel", "nilearn", "safetensors", "scipy"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except Exception:  # pragma: no cover - optional
+            pass
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda or "none"
+        if torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # pragma: no cover
+        pass
+    try:  # SIRF is optional and imported only if already importable
+        import importlib.util
+
+        if importlib.util.find_spec("sirf") is not None:
+            import sirf  # type: ignore
+
+            out["sirf"] = str(getattr(sirf, "__version__", "present"))
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def check_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Return ``path`` as a Path, refusing an existing file unless ``overwrite``.
+
+    Raises
+    ------
+    OutputExistsError
+        If the file exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    if path.exists() and overwrite:
+        print(f"note: overwriting existing {path}", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except Exception:  # pragma: no cover
+        pass
+    return obj
+
+
+def write_run_record(folder: str | Path, config: Any = None, seed: int | None = None,
+                     command: list[str] | None = None, extra: Mapping[str, Any] | None = None,
+                     name: str = "run_record") -> Path:
+    """Write ``<folder>/<name>.json`` (config, seed, versions, command, time) and ``<name>.yaml`` config.
+
+    Returns
+    -------
+    Path
+        The JSON file written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else sys.argv,
+        "cwd": os.getcwd(),
+        "seed": seed,
+        "config": _jsonable(config),
+        "versions": versions(),
+    }
+    if extra:
+        record.update({k: _jsonable(v) for k, v in extra.items()})
+    out = folder / f"{name}.json"
+    out.write_text(json.dumps(record, indent=2, default=str))
+    if config is not None:
+        import yaml
+
+        (folder / f"{name}_config.yaml").write_text(yaml.safe_dump(_jsonable(config), sort_keys=False))
+    return out
