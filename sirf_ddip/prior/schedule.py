@@ -153,11 +153,11 @@ class NoiseSchedule:
         return out
 
     def timesteps(self, t_start: int, num_steps: int) -> list[int]:
-        """Strided descending timesteps from ``t_start`` towards 0 (``num_steps`` values, first = ``t_start``).
+        """Strided descending timesteps from ``t_start`` to 0: ``num_steps`` distinct integers.
 
-        The sequence is ``round(linspace(t_start, 0, num_steps + 1))[:-1]`` de-duplicated, so it always starts at
-        ``t_start`` and its last element is the smallest step > 0 reachable (the step after it is ``-1`` / clean
-        or 0). For ``num_steps >= t_start + 1`` every step ``t_start … 0`` is visited.
+        ``round(linspace(t_start, 0, num_steps))``: the first is ``t_start``, the last is 0 (for ``num_steps >= 2``);
+        the step after the last is ``-1`` (clean, see :meth:`previous`). ``num_steps = 1`` gives ``[t_start]``.
+        ``num_steps`` is capped at ``t_start + 1`` (every step visited).
         """
         t_start = int(t_start)
         num_steps = int(num_steps)
@@ -167,12 +167,10 @@ class NoiseSchedule:
             raise ValueError(f"NoiseSchedule.timesteps: num_steps must be >= 1, got {num_steps}")
         if num_steps >= t_start + 1:
             return list(range(t_start, -1, -1))
-        seq = np.round(np.linspace(t_start, 0, num_steps + 1)).astype(int)[:-1]
-        out: list[int] = []
-        for s in seq.tolist():
-            if not out or s != out[-1]:
-                out.append(int(s))
-        return out
+        if num_steps == 1:
+            return [t_start]
+        seq = np.round(np.linspace(t_start, 0, num_steps)).astype(int).tolist()
+        return [int(s) for s in seq]  # distinct since the stride (t_start/(n-1)) > 1
 
     @staticmethod
     def previous(seq: list[int], i: int) -> int:
