@@ -1,0 +1,454 @@
+"""STIR Interfile images (``.hv`` + ``.v``) and projection data (``.hs`` + ``.s``).
+
+Reading follows STIR's Interfile dialect (``InterfileHeader.cxx``):
+
+- number formats ``float`` / ``short float`` (4 bytes), ``long float`` (8 bytes), ``signed integer`` /
+  ``unsigned integer`` (1, 2, 4 or 8 bytes), in either byte order (``imagedata byte order``; the
+  Interfile default is big endian);
+- ``data offset in bytes [1]`` (or ``data starting block``) and ``image scaling factor [1]``;
+- images: ``matrix size [1..3]`` = x, y, z, ``scaling factor (mm/pixel) [i]`` and
+  ``first pixel offset (mm) [i]`` (the centre of voxel ``[0, 0, 0]``);
+- projection data: 4 dimensions ``segment, view, axial coordinate, tangential coordinate`` (view by view,
+  STIR's default) or ``segment, axial coordinate, view, tangential coordinate`` (sinogram by sinogram),
+  segments stored in ascending order, per-segment axial sizes ``{ 1,2,...}``.
+
+In memory (see :mod:`sirf_ddip.data`), projection data are ``(n_sinograms, n_views, n_tangential)`` with
+segments in STIR's sequence ``0, +1, -1, +2, -2, ...``. Only one time frame is supported; TOF data are not
+supported yet. Written files use STIR 6's key set and spelling (``!version of keys := STIR6.0``), are float32
+little endian, view by view, so that STIR reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..data import Image, ProjData
+from ..errors import InputFileError, UnsupportedDataError
+from ..geometry.image import ImageGrid
+from ..utils.provenance import check_output
+from .header import InterfileHeader
+
+__all__ = ["read_image", "write_image", "read_projdata", "write_projdata", "read_header_and_array",
+           "segment_layout_from_header", "file_to_memory_order", "memory_to_file_order"]
+
+# ----------------------------------------------------------------------------------------------- numbers
+
+#: (Interfile number format, bytes per pixel) -> numpy kind
+_FORMATS: dict[tuple[str, int], str] = {
+    ("float", 4): "f4", ("short float", 4): "f4", ("float", 8): "f8", ("long float", 8): "f8",
+    ("signed integer", 1): "i1", ("signed integer", 2): "i2", ("signed integer", 4): "i4",
+    ("signed integer", 8): "i8",
+    ("unsigned integer", 1): "u1", ("unsigned integer", 2): "u2", ("unsigned integer", 4): "u4",
+    ("unsigned integer", 8): "u8",
+}
+_DEFAULT_BYTES = {"float": 4, "short float": 4, "long float": 8, "signed integer": 2, "unsigned integer": 2}
+
+
+def _dtype(hdr: InterfileHeader) -> np.dtype:
+    """numpy dtype (with byte order) of the data file described by ``hdr``."""
+    fmt = " ".join((hdr.get("number format") or "float").lower().split())
+    if fmt not in _DEFAULT_BYTES:
+        raise InputFileError(hdr.path, f"unknown number format {fmt!r} (supported: "
+                             f"{', '.join(sorted(_DEFAULT_BYTES))})", key="!number format")
+    nbytes = hdr.get_int("number of bytes per pixel", _DEFAULT_BYTES[fmt])
+    kind = _FORMATS.get((fmt, nbytes))
+    if kind is None:
+        raise InputFileError(hdr.path, f"unsupported number format {fmt!r} with {nbytes} bytes per pixel",
+                             key="!number of bytes per pixel")
+    order = " ".join((hdr.get("imagedata byte order") or "BIGENDIAN").upper().split())
+    if order in ("LITTLEENDIAN", "LITTLE ENDIAN"):
+        bo = "<"
+    elif order in ("BIGENDIAN", "BIG ENDIAN"):
+        bo = ">"
+    else:
+        raise InputFileError(hdr.path, f"unknown byte order {order!r} (LITTLEENDIAN or BIGENDIAN)",
+                             key="imagedata byte order")
+    return np.dtype(bo + kind)
+
+
+def _check_single_frame(hdr: InterfileHeader) -> None:
+    n = hdr.get_int("number of time frames", 1)
+    if n != 1:
+        raise UnsupportedDataError(hdr.path, f"{n} time frames; only single-frame data are supported "
+                                   "(split the frames into separate files)", key="number of time frames")
+
+
+def _data_offset(hdr: InterfileHeader) -> int:
+    off = hdr.get_int("data offset in bytes [1]")
+    if off is None:
+        off = hdr.get_int("data offset in bytes")
+    if off is None:
+        block = hdr.get_int("data starting block")
+        off = 2048 * block if block is not None else 0
+    if off < 0:
+        raise InputFileError(hdr.path, f"negative data offset {off}", key="data offset in bytes [1]")
+    return off
+
+
+def _scale_factor(hdr: InterfileHeader) -> float:
+    for key in ("image scaling factor [1]", "image scaling factor"):
+        v = hdr.get_float(key)
+        if v is not None:
+            return float(v)
+    return 1.0
+
+
+def _read_raw(hdr: InterfileHeader, count: int) -> np.ndarray:
+    """Read ``count`` values from the data file, checking its size; returns float32 (scaled)."""
+    dt = _dtype(hdr)
+    path = hdr.data_file()
+    if not path.is_file():
+        raise InputFileError(hdr.path, f"data file {str(path)!r} not found", key="name of data file")
+    offset = _data_offset(hdr)
+    expected = offset + count * dt.itemsize
+    found = path.stat().st_size
+    if found < expected:
+        raise InputFileError(path, f"data file too short: expected at least {expected} bytes "
+                             f"({count} values x {dt.itemsize} bytes + offset {offset}), found {found} bytes "
+                             f"(header {hdr.path})", key="name of data file")
+    with open(path, "rb") as f:
+        f.seek(offset)
+        arr = np.fromfile(f, dtype=dt, count=count)
+    scale = _scale_factor(hdr)
+    out = arr.astype(np.float32) if dt.kind != "f" or dt.itemsize != 4 else arr.astype(np.float32, copy=False)
+    if not out.dtype.isnative:
+        out = out.astype(out.dtype.newbyteorder("="))
+    if scale != 1.0:
+        out = (out.astype(np.float64) * scale).astype(np.float32)
+    return out
+
+
+def read_header_and_array(path: str | os.PathLike, count: int) -> tuple[InterfileHeader, np.ndarray]:
+    """Low-level: the parsed header of ``path`` and ``count`` float32 values of its data file."""
+    hdr = InterfileHeader.read(path)
+    return hdr, _read_raw(hdr, count)
+
+
+def _fmt(v: float) -> str:
+    """A float written so that it reads back identically (shortest repr)."""
+    v = float(v)
+    if v == 0:
+        return "0"
+    return repr(v)
+
+
+def _write_data(path: Path, array: np.ndarray) -> None:
+    np.ascontiguousarray(array, dtype="<f4").tofile(path)
+
+
+def _data_path_for(header_path: Path, suffix: str) -> Path:
+    return header_path.with_suffix(suffix)
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read a STIR Interfile image (``.hv``) into an :class:`Image` (float32, ``[z, y, x]``).
+
+    Raises
+    ------
+    InputFileError
+        Missing/short data file, missing matrix size, wrong number of dimensions, unknown number format.
+    UnsupportedDataError
+        More than one time frame.
+    """
+    hdr = InterfileHeader.read(path)
+    ndim = hdr.get_int("number of dimensions", 3)
+    if ndim != 3:
+        raise InputFileError(hdr.path, f"an image must have 3 dimensions, header says {ndim}",
+                             key="!number of dimensions")
+    _check_single_frame(hdr)
+    labels = [(hdr.get(f"matrix axis label [{i}]") or "").strip().lower() for i in (1, 2, 3)]
+    for i, (lab, want) in enumerate(zip(labels, ("x", "y", "z")), start=1):
+        if lab and lab != want:
+            raise InputFileError(hdr.path, f"expected axis label {want!r}, got {lab!r} (image axes must be x, y, z)",
+                                 key=f"matrix axis label [{i}]")
+    sizes = []
+    for i in (1, 2, 3):
+        key = f"matrix size [{i}]"
+        n = hdr.get_int(key, required=True)
+        if n < 1:
+            raise InputFileError(hdr.path, f"matrix size must be >= 1, got {n}", key=f"!{key}")
+        sizes.append(n)
+    nx, ny, nz = sizes
+    vox = [hdr.get_float(f"scaling factor (mm/pixel) [{i}]", 1.0) for i in (1, 2, 3)]
+    offsets = [hdr.get_float(f"first pixel offset (mm) [{i}]") for i in (1, 2, 3)]
+    vx, vy, vz = vox
+    if any(o is None for o in offsets):
+        if any(o is not None for o in offsets):
+            missing = [i for i, o in zip((1, 2, 3), offsets) if o is None][0]
+            raise InputFileError(hdr.path, "first pixel offsets must be given for all 3 axes or none",
+                                 key=f"first pixel offset (mm) [{missing}]")
+        origin = None  # STIR default placement
+    else:
+        origin = (offsets[2], offsets[1], offsets[0])
+    grid = ImageGrid((nz, ny, nx), (vz, vy, vx), origin)
+    arr = _read_raw(hdr, nx * ny * nz).reshape(nz, ny, nx)
+    meta = {"source": str(hdr.path)}
+    for k in ("originating system", "patient name", "process status"):
+        v = hdr.get(k)
+        if v:
+            meta[k] = v
+    return Image(arr, grid, meta)
+
+
+def write_image(path: str | os.PathLike, image: Image, overwrite: bool = False) -> Path:
+    """Write ``image`` as STIR Interfile: ``path`` (``.hv``) and its data file (same stem, ``.v``).
+
+    Data are float32 little endian. Refuses to overwrite either file unless ``overwrite``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".hv":
+        raise InputFileError(path, "an Interfile image header must end in .hv")
+    data_path = _data_path_for(path, ".v")
+    check_output(path, overwrite)
+    check_output(data_path, overwrite)
+    arr = np.asarray(image.array, dtype=np.float32)
+    g = image.grid
+    nz, ny, nx = g.shape
+    vz, vy, vx = g.voxel_size
+    oz, oy, ox = g.origin
+    lines = [
+        "!INTERFILE  :=",
+        "!imaging modality := PT",
+        "!version of keys := STIR6.0",
+        f"name of data file := {data_path.name}",
+    ]
+    if image.meta.get("originating system"):
+        lines.append(f"originating system := {image.meta['originating system']}")
+    lines += [
+        "!GENERAL DATA :=",
+        "!GENERAL IMAGE DATA :=",
+        "!type of data := PET",
+        "imagedata byte order := LITTLEENDIAN",
+        "number of radionuclides := 1",
+        "!PET STUDY (General) :=",
+        "!PET data type := Image",
+        "process status := Reconstructed",
+        "!number format := float",
+        "!number of bytes per pixel := 4",
+        "number of dimensions := 3",
+        "matrix axis label [1] := x",
+        f"!matrix size [1] := {nx}",
+        f"scaling factor (mm/pixel) [1] := {_fmt(vx)}",
+        "matrix axis label [2] := y",
+        f"!matrix size [2] := {ny}",
+        f"scaling factor (mm/pixel) [2] := {_fmt(vy)}",
+        "matrix axis label [3] := z",
+        f"!matrix size [3] := {nz}",
+        f"scaling factor (mm/pixel) [3] := {_fmt(vz)}",
+        f"first pixel offset (mm) [1] := {_fmt(ox)}",
+        f"first pixel offset (mm) [2] := {_fmt(oy)}",
+        f"first pixel offset (mm) [3] := {_fmt(oz)}",
+        "number of time frames := 1",
+        "!END OF INTERFILE :=",
+    ]
+    _write_data(data_path, arr.reshape(nz, ny, nx))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- proj data
+
+def _is_tof(hdr: InterfileHeader) -> bool:
+    """True if the header describes TOF data (more than one TOF bin, or a timing axis)."""
+    for k in hdr.keys():
+        if "tof" in k and ("number of" in k or "bins" in k):
+            try:
+                v = hdr.get_int(k)
+            except InputFileError:
+                v = None
+            if v is not None and v > 1:
+                return True
+    for i in range(1, 7):
+        lab = (hdr.get(f"matrix axis label [{i}]") or "").lower()
+        if "timing" in lab or "tof" in lab:
+            return True
+    return False
+
+
+def segment_layout_from_header(hdr: InterfileHeader) -> tuple[list[int], list[int], str]:
+    """Segments as stored in the file: (segment numbers, axial sizes, axis order).
+
+    Segment numbers are ascending in the file (STIR); segment 0 is the one whose ring-difference range
+    contains 0 (or the middle one). Axis order is ``"view"`` (``segment, view, axial, tangential``) or
+    ``"sinogram"`` (``segment, axial, view, tangential``).
+    """
+    if _is_tof(hdr):
+        raise UnsupportedDataError(hdr.path, "TOF projection data are not supported yet (only non-TOF sinograms)",
+                                   key="%number of TOF time bins")
+    ndim = hdr.get_int("number of dimensions", required=True)
+    if ndim != 4:
+        raise InputFileError(hdr.path, f"projection data must have 4 dimensions (segment, view/axial, "
+                             f"axial/view, tangential), header says {ndim}", key="!number of dimensions")
+    labels = {i: " ".join((hdr.get(f"matrix axis label [{i}]") or "").lower().split()) for i in (1, 2, 3, 4)}
+    if labels[4] and labels[4] != "segment":
+        raise InputFileError(hdr.path, f"axis 4 must be 'segment', got {labels[4]!r}", key="matrix axis label [4]")
+    if labels[1] and labels[1] != "tangential coordinate":
+        raise InputFileError(hdr.path, f"axis 1 must be 'tangential coordinate', got {labels[1]!r}",
+                             key="matrix axis label [1]")
+    if labels[3] == "view" and labels[2] in ("axial coordinate", ""):
+        order, ax_dim = "view", 2
+    elif labels[3] == "axial coordinate" and labels[2] == "view":
+        order, ax_dim = "sinogram", 3
+    elif not labels[3] and not labels[2]:
+        order, ax_dim = "view", 2
+    else:
+        raise InputFileError(hdr.path, f"unsupported axis order: [3]={labels[3]!r}, [2]={labels[2]!r} (expected "
+                             "view/axial coordinate or axial coordinate/view)", key="matrix axis label [3]")
+    nseg = hdr.get_int("matrix size [4]", required=True)
+    ax = hdr.get_int_list(f"matrix size [{ax_dim}]", required=True)
+    if len(ax) == 1 and nseg > 1:
+        ax = ax * nseg
+    if len(ax) != nseg:
+        raise InputFileError(hdr.path, f"{len(ax)} axial sizes for {nseg} segments", key=f"!matrix size [{ax_dim}]")
+    mins = hdr.get_list("minimum ring difference per segment")
+    maxs = hdr.get_list("maximum ring difference per segment")
+    if mins is not None and maxs is not None and len(mins) == nseg and len(maxs) == nseg:
+        centres = [(a + b) / 2 for a, b in zip(mins, maxs)]
+        zero = next((i for i, (a, b) in enumerate(zip(mins, maxs)) if min(a, b) <= 0 <= max(a, b)),
+                    int(np.argmin(np.abs(centres))))
+        if any(c2 <= c1 for c1, c2 in zip(centres, centres[1:])):
+            raise InputFileError(hdr.path, "segments must be stored in ascending ring difference",
+                                 key="minimum ring difference per segment")
+    else:
+        if nseg % 2 == 0:
+            raise InputFileError(hdr.path, f"cannot place segment 0 among {nseg} segments without ring differences",
+                                 key="minimum ring difference per segment")
+        zero = nseg // 2
+    numbers = [i - zero for i in range(nseg)]
+    return numbers, [int(a) for a in ax], order
+
+
+def _memory_sequence(numbers: Sequence[int]) -> list[int]:
+    """STIR's standard segment sequence ``0, +1, -1, +2, -2, ...`` restricted to ``numbers``."""
+    present = set(numbers)
+    out = []
+    k = 0
+    while len(out) < len(present):
+        for s in ((0,) if k == 0 else (k, -k)):
+            if s in present:
+                out.append(s)
+        k += 1
+        if k > 10_000:  # pragma: no cover - guard
+            raise ValueError(f"segment numbers {sorted(present)} are not contiguous")
+    return out
+
+
+def file_to_memory_order(flat: np.ndarray, numbers: Sequence[int], axial: Sequence[int], num_views: int,
+                         num_tang: int, order: str) -> np.ndarray:
+    """Convert a flat file array (segments ascending, ``order`` 'view' or 'sinogram') to ``(sino, view, tang)``."""
+    blocks: dict[int, np.ndarray] = {}
+    pos = 0
+    for seg, nax in zip(numbers, axial):
+        n = nax * num_views * num_tang
+        chunk = flat[pos:pos + n]
+        pos += n
+        if order == "view":
+            blocks[seg] = chunk.reshape(num_views, nax, num_tang).transpose(1, 0, 2)
+        else:
+            blocks[seg] = chunk.reshape(nax, num_views, num_tang)
+    return np.ascontiguousarray(np.concatenate([blocks[s] for s in _memory_sequence(numbers)], axis=0))
+
+
+def memory_to_file_order(array: np.ndarray, numbers: Sequence[int], axial: Sequence[int],
+                         order: str = "view") -> np.ndarray:
+    """Inverse of :func:`file_to_memory_order`: ``(sino, view, tang)`` -> flat file array (segments ascending)."""
+    sizes = dict(zip(numbers, axial))
+    starts: dict[int, int] = {}
+    pos = 0
+    for s in _memory_sequence(numbers):
+        starts[s] = pos
+        pos += sizes[s]
+    if pos != array.shape[0]:
+        raise ValueError(f"{array.shape[0]} sinograms in memory, segments need {pos}")
+    parts = []
+    for seg in sorted(numbers):
+        blk = array[starts[seg]:starts[seg] + sizes[seg]]
+        parts.append((blk.transpose(1, 0, 2) if order == "view" else blk).reshape(-1))
+    return np.concatenate(parts)
+
+
+def _geometry_from_header(hdr: InterfileHeader):
+    from ..geometry.sinogram import SinogramGeometry  # imported late: written in parallel
+
+    return SinogramGeometry.from_header(hdr)
+
+
+def read_projdata(path: str | os.PathLike) -> ProjData:
+    """Read STIR Interfile projection data (``.hs``) into a :class:`ProjData` (float32, in-memory layout).
+
+    Raises
+    ------
+    InputFileError
+        Missing/short data file, wrong number of dimensions, missing matrix size, unknown number format.
+    UnsupportedDataError
+        TOF data, more than one time frame.
+    """
+    hdr = InterfileHeader.read(path)
+    _check_single_frame(hdr)
+    numbers, axial, order = segment_layout_from_header(hdr)
+    nview_key = "matrix size [3]" if order == "view" else "matrix size [2]"
+    num_views = hdr.get_int(nview_key, required=True)
+    num_tang = hdr.get_int("matrix size [1]", required=True)
+    geometry = _geometry_from_header(hdr)
+    count = sum(axial) * num_views * num_tang
+    flat = _read_raw(hdr, count)
+    arr = file_to_memory_order(flat, numbers, axial, num_views, num_tang, order)
+    if tuple(arr.shape) != tuple(geometry.shape):
+        raise InputFileError(hdr.path, f"data shape {arr.shape} (sinograms, views, tangential) does not match the "
+                             f"geometry described by the header {tuple(geometry.shape)}", key="!matrix size [2]")
+    meta = {"source": str(hdr.path), "file_axis_order": order}
+    return ProjData(arr, geometry, meta)
+
+
+def _segment_layout_of_geometry(geometry) -> tuple[list[int], list[int]]:
+    """(segment numbers ascending, axial sizes) of a SinogramGeometry."""
+    segs = geometry.segments
+    nums, sizes = [], []
+    for s in segs:
+        num = getattr(s, "number", None)
+        if num is None:
+            num = getattr(s, "segment", None)
+        if num is None:
+            num = getattr(s, "segment_num")
+        nax = getattr(s, "num_axial", None)
+        if nax is None:
+            nax = getattr(s, "num_axial_poss", None)
+        if nax is None:
+            nax = getattr(s, "num_axial_positions")
+        nums.append(int(num))
+        sizes.append(int(nax))
+    pairs = sorted(zip(nums, sizes))
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def write_projdata(path: str | os.PathLike, projdata: ProjData, overwrite: bool = False) -> Path:
+    """Write ``projdata`` as STIR Interfile: ``path`` (``.hs``) and its data file (``.s``), view by view.
+
+    The header is :meth:`SinogramGeometry.header_lines` (STIR 6 keys: matrix sizes, ring differences per
+    segment, the scanner block), float32 little endian, so that STIR reads it. Refuses to overwrite unless ``overwrite``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".hs":
+        raise InputFileError(path, "an Interfile projection-data header must end in .hs")
+    data_path = _data_path_for(path, ".s")
+    check_output(path, overwrite)
+    check_output(data_path, overwrite)
+    geometry = projdata.geometry
+    arr = np.asarray(projdata.array, dtype=np.float32)
+    if tuple(arr.shape) != tuple(geometry.shape):
+        raise ValueError(f"write_projdata: array shape {arr.shape} != geometry shape {tuple(geometry.shape)}")
+    numbers, axial = _segment_layout_of_geometry(geometry)
+    flat = memory_to_file_order(arr, numbers, axial, order="view")
+    lines = geometry.header_lines(data_file=data_path.name, storage="view",
+                                  extra={"number of time frames": "1",
+                                         "start vertical bed position (mm)": "0",
+                                         "start horizontal bed position (mm)": "0"})
+    _write_data(data_path, flat)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,428 @@
+"""Pretraining of the diffusion prior (ε-prediction, DDPM loss), single process or DDP, exactly resumable.
+
+``sirf-ddip pretrain CONFIG.yaml --out DIR`` runs :func:`pretrain`. Per step: a batch of slabs from the dataset,
+``t ~ U{0, T−1}``, ``ε ~ N(0, I)``, ``x_t = q_sample(x_0, t, ε)``, loss ``‖ε̂(x_t, t, mr) − ε‖²`` (mean), AdamW,
+gradient clipping, linear warm-up then cosine (or constant) learning rate, EMA of the weights. All random draws
+of a rank (batch, t, ε) come from one ``torch.Generator`` seeded by ``(train.seed, rank)``; the generator state
+is the sampler state stored in checkpoints.
+
+Checkpoints (``DIR/checkpoint.pt``, written atomically every ``train.checkpoint_every`` steps and at the end):
+model, EMA, optimiser, LR scheduler, GradScaler, generator and torch RNG states, step, config. ``--resume DIR``
+continues from it; on CPU (and deterministic kernels) the result is bit-for-bit that of an uninterrupted run.
+
+Outputs: ``DIR/prior.safetensors`` + ``DIR/prior.card.json`` (EMA weights, fp16 by default), ``DIR/train_log.csv``
+(step, loss, lr, elapsed s), ``DIR/run_record.json`` (resolved config, seed, versions).
+
+Multi-GPU: launch with ``torchrun --nproc_per_node N -m sirf_ddip.cli pretrain CONFIG --out DIR``; when
+``WORLD_SIZE > 1`` the process group is initialised from the environment (NCCL on CUDA, Gloo on CPU), each rank
+gets ``cuda:LOCAL_RANK``, the model is wrapped in ``DistributedDataParallel`` and rank 0 writes all files.
+``train.batch_size`` is the global batch (split over ranks). Mixed precision (bf16 autocast, or fp16 with a
+GradScaler when bf16 is unsupported) is used on CUDA only, when ``train.amp``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import load_config, to_dict
+from ..errors import ConfigError, InputFileError, OutputExistsError
+from ..utils.device import resolve_device
+from ..utils.progress import progress
+from .network import DEFAULT_ARCH, build_network
+from .scaling import MRScaler, PETScaler, default_mr_spec, default_pet_spec
+from .schedule import NoiseSchedule
+
+
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class NetworkConfig:
+    channels: list = field(default_factory=lambda: list(DEFAULT_ARCH["channels"]))
+    attention_levels: list = field(default_factory=lambda: list(DEFAULT_ARCH["attention_levels"]))
+    num_res_blocks: int = DEFAULT_ARCH["num_res_blocks"]
+    num_head_channels: int = DEFAULT_ARCH["num_head_channels"]
+    norm_num_groups: int = DEFAULT_ARCH["norm_num_groups"]
+    use_mr: bool = True
+    slab: int = 3
+
+
+@dataclass
+class ScheduleConfig:
+    num_train_steps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class AugmentConfig:
+    flip_lr: bool = True
+    rotate_deg: float = 8.0
+    translate_vox: float = 4.0
+    intensity: float = 0.15
+
+
+@dataclass
+class DataConfig:
+    """``source``: "phantom" (simulated brains) or "nifti" (``path``: folder or CSV of PET/MR pairs)."""
+
+    source: str = "phantom"
+    tracers: list = field(default_factory=lambda: ["fdg"])
+    num_subjects: int = 8
+    seed: int = 0
+    grid_planes: int = 90
+    grid_xy: int = 128
+    subject_options: dict = field(default_factory=dict)
+    template_cache: str = ""
+    path: str = ""
+    resample_mr: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"
+    min_lr_fraction: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    amp: bool = True
+    num_threads: int = 0
+    export_dtype: str = "float16"
+
+
+@dataclass
+class PretrainConfig:
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pet_scaling: dict = field(default_factory=default_pet_spec)
+    mr_scaling: dict = field(default_factory=default_mr_spec)
+
+
+def load_pretrain_config(path: str | Path | None, overrides=None) -> PretrainConfig:
+    """Load and validate a pretraining config (unknown keys are :class:`ConfigError`)."""
+    cfg = load_config(PretrainConfig, path, overrides)
+    src = str(path)
+    if cfg.data.source not in ("phantom", "nifti"):
+        raise ConfigError(f"{src}: key 'data.source' must be 'phantom' or 'nifti', got {cfg.data.source!r}")
+    if cfg.data.source == "nifti" and not cfg.data.path:
+        raise ConfigError(f"{src}: key 'data.path' (folder or CSV of PET/MR NIfTI pairs) is required for source nifti")
+    if cfg.optim.lr_schedule not in ("cosine", "constant"):
+        raise ConfigError(f"{src}: key 'optim.lr_schedule' must be 'cosine' or 'constant'")
+    if cfg.train.export_dtype not in ("float16", "float32"):
+        raise ConfigError(f"{src}: key 'train.export_dtype' must be 'float16' or 'float32'")
+    for key, val in (("train.steps", cfg.train.steps), ("train.batch_size", cfg.train.batch_size),
+                     ("train.checkpoint_every", cfg.train.checkpoint_every)):
+        if val < 1:
+            raise ConfigError(f"{src}: key '{key}' must be >= 1, got {val}")
+    try:
+        arch_of(cfg)
+        PETScaler.from_dict(cfg.pet_scaling)
+        MRScaler.from_dict(cfg.mr_scaling)
+    except ValueError as exc:
+        raise ConfigError(f"{src}: {exc}") from None
+    return cfg
+
+
+def arch_of(cfg: PretrainConfig) -> dict[str, Any]:
+    from .network import resolve_arch
+
+    return resolve_arch(asdict(cfg.network))
+
+
+def build_dataset(cfg: PretrainConfig, show_progress: bool = True):
+    """The training dataset described by ``cfg.data`` (phantom subjects are generated here, once)."""
+    from .data import Augmentation, NiftiSlabDataset, PhantomSlabDataset
+
+    aug = Augmentation(**asdict(cfg.data.augment))
+    pet = PETScaler.from_dict(cfg.pet_scaling)
+    mr = MRScaler.from_dict(cfg.mr_scaling)
+    if cfg.data.source == "phantom":
+        from ..sim.phantoms import mmr_brain_grid
+
+        return PhantomSlabDataset(cfg.data.num_subjects, cfg.data.tracers, cfg.data.seed,
+                                  grid=mmr_brain_grid(cfg.data.grid_planes, cfg.data.grid_xy), use_mr=cfg.network.use_mr,
+                                  subject_options=cfg.data.subject_options,
+                                  template_cache=cfg.data.template_cache or None, pet_scaling=pet, mr_scaling=mr,
+                                  slab=cfg.network.slab, augmentation=aug, show_progress=show_progress)
+    return NiftiSlabDataset(cfg.data.path, use_mr=cfg.network.use_mr, resample_mr=cfg.data.resample_mr,
+                            pet_scaling=pet, mr_scaling=mr, slab=cfg.network.slab, augmentation=aug)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def lr_factor(step: int, cfg: PretrainConfig) -> float:
+    """LR multiplier at ``step``: linear warm-up, then cosine to ``min_lr_fraction`` (or constant)."""
+    o = cfg.optim
+    if o.warmup_steps > 0 and step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.train.steps - o.warmup_steps)
+    p = min(1.0, (step - o.warmup_steps) / span)
+    return o.min_lr_fraction + (1 - o.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, step: int) -> None:
+    """``ema ← d·ema + (1−d)·θ`` with the warm-up ``d = min(decay, (1+step)/(10+step))``."""
+    d = min(float(decay), (1.0 + step) / (10.0 + step))
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+        else:
+            ema[k].copy_(v)
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class TrainResult(dict):
+    """Summary of a run: ``steps``, ``final_loss``, ``mean_loss_first``, ``mean_loss_last``, ``seconds``, paths."""
+
+
+# ----------------------------------------------------------------------------------------------- main loop
+def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = None, device=None,
+             overwrite: bool = False, dataset=None, stop_after: int | None = None,
+             config_path: str | None = None, show_progress: bool = True) -> TrainResult:
+    """Train (or resume) a prior and export it to ``out``.
+
+    Parameters
+    ----------
+    cfg : PretrainConfig
+    out : folder for checkpoints, logs and the exported prior
+    resume : folder holding a ``checkpoint.pt`` to continue from (may equal ``out``)
+    device : "auto", "cpu", "cuda", "cuda:1", ... (DDP ranks use ``cuda:LOCAL_RANK``)
+    overwrite : allow an ``out`` that already holds results (not needed when resuming into it)
+    dataset : a ready :class:`~sirf_ddip.prior.data.SlabDataset` (tests; default built from ``cfg.data``)
+    stop_after : stop (after checkpointing) once this global step is reached, without exporting (tests of resume)
+    """
+    out = Path(out)
+    world, rank, local = _dist_info()
+    distributed = world > 1
+    if distributed:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+    else:
+        dev = resolve_device(device)
+    main_rank = rank == 0
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    ckpt_in = None
+    if resume is not None:
+        ckpt_in = Path(resume) / "checkpoint.pt"
+        if not ckpt_in.is_file():
+            raise InputFileError(ckpt_in, "no checkpoint to resume from")
+    if main_rank:
+        done = [p for p in ("prior.safetensors", "checkpoint.pt", "train_log.csv") if (out / p).exists()]
+        resuming_here = resume is not None and Path(resume).resolve() == out.resolve()
+        if done and not overwrite and not resuming_here:
+            raise OutputExistsError(out / done[0])
+        out.mkdir(parents=True, exist_ok=True)
+
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} not divisible by WORLD_SIZE {world}")
+    local_batch = cfg.train.batch_size // world
+
+    schedule = NoiseSchedule(cfg.schedule.num_train_steps, cfg.schedule.beta_start, cfg.schedule.beta_end)
+    if dataset is None:
+        dataset = build_dataset(cfg, show_progress=show_progress and main_rank)
+    if dataset.uses_mr != cfg.network.use_mr:
+        raise ConfigError(f"network.use_mr={cfg.network.use_mr} but the dataset {'has' if dataset.uses_mr else 'lacks'} MR")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_network(arch_of(cfg)).to(dev)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                            weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    use_amp = bool(cfg.train.amp) and dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    gen = torch.Generator().manual_seed(int(cfg.train.seed) * 1_000_003 + rank)
+    start = 0
+    elapsed0 = 0.0
+    if ckpt_in is not None:
+        ck = torch.load(ckpt_in, map_location="cpu", weights_only=False)
+        if ck.get("arch") != arch_of(cfg):
+            raise ConfigError(f"{ckpt_in}: checkpoint architecture {ck.get('arch')} differs from the config's")
+        model.load_state_dict(ck["model"])
+        for k in ema:
+            ema[k].copy_(ck["ema"][k])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        gen.set_state(ck["generators"][rank] if rank < len(ck["generators"]) else ck["generators"][0])
+        torch.set_rng_state(ck["torch_rng"])
+        if dev.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"], dev)
+        start = int(ck["step"])
+        elapsed0 = float(ck.get("elapsed_s", 0.0))
+        if start > cfg.train.steps:
+            raise ConfigError(f"{ckpt_in}: checkpoint at step {start} is past train.steps {cfg.train.steps}")
+
+    net = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    log_path = out / "train_log.csv"
+    if main_rank:
+        from ..utils.provenance import write_run_record
+
+        write_run_record(out, to_dict(cfg), seed=cfg.train.seed,
+                         extra={"config_file": config_path, "device": str(dev), "world_size": world,
+                                "resumed_from": str(ckpt_in) if ckpt_in else None, "start_step": start,
+                                "data": dataset.description})
+        if start == 0 or not log_path.exists():
+            with open(log_path, "w", newline="") as f:
+                csv.writer(f).writerow(["step", "loss", "lr", "elapsed_s"])
+        else:  # drop log rows written after the checkpoint we resume from
+            with open(log_path, newline="") as f:
+                rows = list(csv.reader(f))
+            keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start]
+            with open(log_path, "w", newline="") as f:
+                csv.writer(f).writerows(keep)
+
+    def save_checkpoint(step: int, elapsed: float) -> None:
+        gens = [gen.get_state()]
+        if distributed:
+            import torch.distributed as dist
+
+            allg = [None] * world
+            dist.all_gather_object(allg, gen.get_state())
+            gens = allg
+        if main_rank:
+            _atomic_save({"step": step, "arch": arch_of(cfg), "config": to_dict(cfg), "model": model.state_dict(),
+                          "ema": ema, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "scaler": scaler.state_dict(), "generators": gens, "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                          "elapsed_s": elapsed}, out / "checkpoint.pt")
+
+    end = cfg.train.steps if stop_after is None else min(cfg.train.steps, int(stop_after))
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model.train()
+    bar = progress(range(start, end), total=end - start, desc="pretrain", enabled=None if (show_progress and main_rank) else False)
+    run_loss = None
+    log_rows = []
+    for step in bar:
+        x0, mr = dataset.sample(local_batch, gen)
+        t = torch.randint(schedule.num_train_steps, (local_batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = schedule.q_sample(x0, t, noise)
+        x_t, noise, t = x_t.to(dev, non_blocking=True), noise.to(dev, non_blocking=True), t.to(dev)
+        mr = mr.to(dev, non_blocking=True) if mr is not None else None
+        with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
+            eps = net(x_t, t, mr)
+        loss = torch.nn.functional.mse_loss(eps.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        ema_update(ema, model, cfg.train.ema_decay, step)
+        lv = float(loss.detach())
+        if distributed:
+            import torch.distributed as dist
+
+            lt = torch.tensor([lv], device=dev)
+            dist.all_reduce(lt)
+            lv = float(lt) / world
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"pretrain: loss became {lv} at step {step + 1}; lower optim.lr")
+        losses.append(lv)
+        run_loss = lv if run_loss is None else 0.95 * run_loss + 0.05 * lv
+        done_steps = step + 1
+        if main_rank:
+            bar.set_postfix(loss=f"{run_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+            if done_steps % cfg.train.log_every == 0 or done_steps == end:
+                log_rows.append([done_steps, f"{lv:.6f}", f"{sched.get_last_lr()[0]:.6e}",
+                                 f"{elapsed0 + time.perf_counter() - t0:.2f}"])
+        if done_steps % cfg.train.checkpoint_every == 0 or done_steps == end:
+            if main_rank and log_rows:
+                with open(log_path, "a", newline="") as f:
+                    csv.writer(f).writerows(log_rows)
+                log_rows = []
+            save_checkpoint(done_steps, elapsed0 + time.perf_counter() - t0)
+    if hasattr(bar, "close"):
+        bar.close()
+    seconds = elapsed0 + time.perf_counter() - t0
+    result = TrainResult(steps=end, seconds=seconds, final_loss=losses[-1] if losses else None,
+                         mean_loss_first=sum(losses[:20]) / max(1, len(losses[:20])) if losses else None,
+                         mean_loss_last=sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
+                         out=str(out), ema=ema, model=model)
+    if end == cfg.train.steps and main_rank:
+        result["card"] = str(export(cfg, model, ema, schedule, dataset, out, seconds, dev, world, overwrite=True))
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return result
+
+
+def export(cfg: PretrainConfig, model, ema: dict, schedule: NoiseSchedule, dataset, out: Path, seconds: float,
+           dev, world: int, overwrite: bool = False) -> Path:
+    """Write ``out/prior.safetensors`` + card from the EMA weights."""
+    from .weights import save_prior
+
+    training = {
+        "data": dataset.description,
+        "steps": cfg.train.steps,
+        "batch_size": cfg.train.batch_size,
+        "seconds": round(seconds, 1),
+        "device": str(dev) + (f" x{world}" if world > 1 else ""),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "weights": "EMA",
+        "config": to_dict(cfg),
+        "command": " ".join(sys.argv),
+    }
+    return save_prior(out / "prior.safetensors", model, schedule, PETScaler.from_dict(cfg.pet_scaling),
+                      MRScaler.from_dict(cfg.mr_scaling) if cfg.network.use_mr else None, training=training,
+                      dtype=cfg.train.export_dtype, overwrite=overwrite,
+                      state_dict={k: v.detach().cpu() for k, v in ema.items()})

@@ -1,0 +1,605 @@
+"""DDIPReconstructor: HQS Deep Diffusion Image Prior reconstruction (Hashimoto & Gong 2025), fully 3D.
+
+Algorithm (one diffusion step ``t → t′`` of the strided sequence ``T′ … 0``)
+-------------------------------------------------------------------------
+State: ``x_t`` (the whole volume ``[Z, H, W]`` in network units) and the HQS image ``x`` (activity units).
+
+1. *Fine-tune* (``K = num_finetune`` times; the AdamW optimiser is new at every diffusion step, the LoRA adapters
+   persist over the whole run):
+
+   a. ``x̂0 = Tweedie(x_t, ε_θ(x_t, t, MR))``: the network runs on every overlapping 3-plane slab of the volume
+      (batches of ``slab_batch``), ε averaged per plane (:mod:`sirf_ddip.prior.slabs`); x̂0 clamped to
+      ``x0_clamp``.
+   b. HQS image step (:func:`sirf_ddip.recon.hqs.hqs_image_step`): ``num_em`` EM updates of ``x`` on the whole 3D
+      data (all segments; view subsets cycle when ``num_subsets > 1``), each fused in closed form with
+      ``z = x̂0`` in activity units, β converted from network units as ``β_a = β g²``.
+   c. One AdamW step (gradient-norm clip) on the LoRA adapters (+ adapted-layer biases) against
+      ``mean((x̂0_slab − u(x)_slab)²)`` over a random mini-batch of ``finetune_slabs`` slabs, ``u(x)`` the HQS
+      image in network units, detached. The projector never enters back-propagation.
+
+2. *DDIM step* with η from the fine-tuned network's ε (x̂0 clamped; ε re-derived from the clamped x̂0).
+
+The output is the last x̂0 in activity units. ``finetune = False`` is the "diffusion prior without adaptation"
+baseline: the image step runs once per diffusion step and its image (clamped, in network units) is the x̂0 of the
+DDIM step (DDS/DiffPIR-style plug-in).
+
+Warm start: ``n_init`` MLEM-equivalent iterations (``ceil(n_init/S)`` OSEM iterations of ``S`` subsets) from a
+uniform image — or the image given to :meth:`set_current_estimate` — mapped to network units with the prior's
+PET scaler (fitted on that image) and forward-noised to ``T′ = t_start``. The HQS image ``x`` starts there too.
+
+Fixes over the reference code: sensitivities cached by the data step (not recomputed per EM update), the network
+in eval mode (no dropout) throughout, every random draw from one seeded generator (deterministic on CPU; noise is
+drawn on the CPU so CPU and CUDA runs see the same noise).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataValueError, GeometryMismatchError, InputFileError
+from .base import IterativeReconstructor, NotSetUpError
+from .config import DDIPConfig
+from .hqs import beta_activity, hqs_image_step
+
+CHECKPOINT_FORMAT = "sirf_ddip-ddip-checkpoint/1"
+CHECKPOINT_FILE = "ddip_checkpoint.pt"
+#: config keys that may differ between a checkpoint and the resuming run (they do not change the result)
+_RESUME_FREE_KEYS = ("device", "checkpoint_every", "slab_batch")
+
+
+class DDIPReconstructor(IterativeReconstructor):
+    """HQS-DDIP reconstruction on any :class:`~sirf_ddip.recon.datastep.DataStep`.
+
+    Parameters
+    ----------
+    config : DDIPConfig, dict, path to YAML, or None
+        Settings (None = :class:`DDIPConfig` defaults, i.e. the paper's).
+    **overrides
+        Individual config keys (unknown keys are :class:`~sirf_ddip.errors.ConfigError`).
+
+    Notes
+    -----
+    ``set_num_subiterations(n)`` sets the number of diffusion steps; ``set_num_subsets(n)`` the view subsets of the
+    EM updates. ``self.x`` / :meth:`get_current_estimate` is the current x̂0 in activity units (after the warm
+    start: the warm-start image). ``reconstruct(image)`` uses ``image`` only as geometry template and starts from
+    the MLEM warm start unless :meth:`set_current_estimate` was called (unlike OSEM, a DDIP run from a uniform
+    image is meaningless).
+    """
+
+    def __init__(self, config: DDIPConfig | dict | str | os.PathLike | None = None, **overrides: Any) -> None:
+        super().__init__()
+        if config is None:
+            cfg = DDIPConfig()
+        elif isinstance(config, DDIPConfig):
+            cfg = copy.deepcopy(config)
+        elif isinstance(config, dict):
+            cfg = DDIPConfig.from_dict(config)
+        elif isinstance(config, (str, os.PathLike)):
+            cfg = DDIPConfig.load(config)
+        else:
+            raise TypeError(f"DDIPReconstructor: config must be a DDIPConfig, dict or YAML path, not "
+                            f"{type(config).__name__}")
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        if cfg.finetune and cfg.num_finetune < 1:
+            raise ConfigError("DDIP config: key 'num_finetune' must be >= 1 when finetune is true "
+                              "(use finetune=false for the no-adaptation baseline)")
+        self.config = cfg
+        self._num_subsets = cfg.num_subsets
+        self._num_subiterations = cfg.num_steps
+        self._prior_source: Any = None
+        self._mr_input: Any = None
+        self.bundle = None
+        self.network = None
+        self.schedule = None
+        self.pet_scaler = None
+        self.mr_scaler = None
+        self._mr_net: torch.Tensor | None = None
+        self._reset_state()
+
+    # ------------------------------------------------------------------ state
+    def _reset_state(self) -> None:
+        self.x = None
+        self.iteration = 0
+        self._xt: torch.Tensor | None = None
+        self._x_img: torch.Tensor | None = None      # HQS image (activity units)
+        self._x0_net: torch.Tensor | None = None     # last clamped x̂0 (network units)
+        self._user_init = False
+        self._em_counter = 0
+        self._gen: torch.Generator | None = None
+        self.last_loss: float | None = None
+        self.timings: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    # ------------------------------------------------------------------ SIRF-style setters
+    def set_prior(self, prior: Any = None) -> None:
+        """Prior weights: a path (``.safetensors`` or folder), a :class:`~sirf_ddip.prior.weights.PriorBundle`,
+        or None for the shipped default (:func:`~sirf_ddip.prior.weights.load_default`)."""
+        self._prior_source = prior
+        self.configured = False
+
+    def set_anatomical_image(self, mr: Any) -> None:
+        """The co-registered MR (T1) on the PET image grid (a backend image; same grid as the template)."""
+        self._mr_input = mr
+        self.configured = False
+
+    def set_num_subsets(self, n: int) -> None:
+        super().set_num_subsets(n)
+        self.config = self.config.replace(num_subsets=int(n))
+
+    def set_num_subiterations(self, n: int) -> None:
+        """Number of diffusion steps (strided from ``t_start`` to 0)."""
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"DDIP: number of diffusion steps must be >= 1, got {n}")
+        super().set_num_subiterations(n)
+        self.config = self.config.replace(num_steps=n)
+        if self.configured and self.schedule is not None:
+            if self.iteration > 0:
+                raise RuntimeError("DDIP: cannot change the number of diffusion steps after the run has started")
+            self._timesteps = self.schedule.timesteps(self.config.t_start, n)
+            self._num_subiterations = len(self._timesteps)
+
+    # ------------------------------------------------------------------ set-up
+    def _load_bundle(self, device: torch.device):
+        from ..prior import weights as W
+
+        src = self._prior_source
+        if src is None:
+            return W.load_default(device=device)
+        if isinstance(src, (str, os.PathLike)):
+            return W.load_prior(src, device=device)
+        if hasattr(src, "network") and hasattr(src, "schedule") and hasattr(src, "pet_scaling"):
+            return src
+        raise TypeError(f"set_prior: expected a weights path, a PriorBundle or None, got {type(src).__name__}")
+
+    def _check_grid(self, image: Any, what: str) -> None:
+        tgrid = getattr(self._template, "grid", None)
+        grid = getattr(image, "grid", None)
+        if tgrid is not None and grid is not None and hasattr(tgrid, "matches") and not tgrid.matches(grid):
+            raise GeometryMismatchError(
+                f"{what} grid (shape {grid.shape}, voxel {grid.voxel_size} mm, origin {grid.origin} mm) differs "
+                f"from the PET image grid (shape {tgrid.shape}, voxel {tgrid.voxel_size} mm, origin {tgrid.origin} "
+                f"mm); resample the {what} onto the PET grid")
+
+    def _set_up(self, template: torch.Tensor) -> None:
+        cfg = self.config
+        ds = self.data_step
+        dev = ds.device
+        if cfg.device not in ("auto", None):
+            from ..utils.device import resolve_device
+
+            want = resolve_device(cfg.device)
+            if want.type != torch.device(dev).type:
+                raise ConfigError(f"DDIP config: key 'device' is {cfg.device!r} but the data step's tensors are on "
+                                  f"{dev}; build the data step on the same device")
+        self.device = torch.device(dev)
+        bundle = self._load_bundle(self.device)
+        self.bundle = bundle
+        self.schedule = bundle.schedule
+        if not 0 <= cfg.t_start < self.schedule.num_train_steps:
+            raise ConfigError(f"DDIP config: key 't_start' = {cfg.t_start} outside [0, "
+                              f"{self.schedule.num_train_steps - 1}] of the prior's schedule")
+        net = copy.deepcopy(bundle.network).to(self.device).float().eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self._gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+        if cfg.finetune:
+            from ..prior.adapters import add_lora, reset_adapters
+
+            add_lora(net, rank=cfg.lora_rank, alpha=cfg.lora_alpha, train_biases=cfg.train_biases)
+            reset_adapters(net, generator=self._gen)   # seeded A-matrices, B = 0: exactly the prior
+        self.network = net
+        # ---- MR conditioning
+        uses_mr = bool(getattr(net, "uses_mr", False))
+        self._mr_net = None
+        if uses_mr:
+            if not cfg.use_mr:
+                raise ConfigError("DDIP config: key 'use_mr' is false but the prior is MR-conditioned; give an MR "
+                                  "(--mr) or use a prior trained without MR")
+            if self._mr_input is None:
+                raise ConfigError("the prior is MR-conditioned but no MR image was given "
+                                  "(set_anatomical_image(mr) / --mr MR.hv)")
+            self._check_grid(self._mr_input, "MR")
+            mr = ds.to_tensor(self._mr_input)
+            if tuple(mr.shape) != tuple(ds.image_shape):
+                raise GeometryMismatchError(f"MR image shape {tuple(mr.shape)} != PET image shape "
+                                            f"{tuple(ds.image_shape)}; resample the MR onto the PET grid")
+            if not bool(torch.isfinite(mr).all()):
+                raise DataValueError("MR image contains NaN or Inf values")
+            if bundle.mr_scaling is None:
+                raise InputFileError(getattr(bundle, "path", "prior"), "MR-conditioned prior without MR scaling",
+                                     key="mr_scaling")
+            try:
+                self.mr_scaler = bundle.mr_scaling.fit(mr.detach().cpu().numpy())
+            except ValueError as exc:
+                raise DataValueError(f"MR image: {exc}") from None
+            self._mr_net = self.mr_scaler.to_net(mr.to(self.device, torch.float32))
+        elif self._mr_input is not None and cfg.use_mr:
+            import warnings
+
+            warnings.warn("DDIP: the prior is not MR-conditioned; the MR image is ignored", stacklevel=2)
+        ds.set_num_subsets(self._num_subsets)
+        self._timesteps = self.schedule.timesteps(cfg.t_start, cfg.num_steps)
+        self._num_subiterations = len(self._timesteps)
+        gen = self._gen
+        self._reset_state()
+        self._gen = gen
+
+    # ------------------------------------------------------------------ estimates
+    def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
+        """``set_current_estimate``: restart the diffusion from this image (replaces the MLEM warm start)."""
+        if not bool(torch.isfinite(x).all()):
+            raise DataValueError("set_current_estimate: image contains NaN or Inf")
+        if float(x.min()) < 0:
+            raise DataValueError(f"set_current_estimate: image has negative values (min {float(x.min()):.4g})")
+        self._xt = None
+        self.iteration = 0
+        self._user_init = True
+        return x
+
+    def warm_start(self) -> torch.Tensor:
+        """The MLEM/OSEM warm start: ``ceil(n_init/S)`` OSEM iterations (S subsets) from a uniform image."""
+        from ..utils.progress import progress
+
+        ds = self.data_step
+        S = self._num_subsets
+        n_sub = int(math.ceil(self.config.n_init / S)) * S
+        sens = ds.sensitivity(None)
+        x = torch.where(sens > 0, torch.ones_like(sens), torch.zeros_like(sens))
+        t0 = time.perf_counter()
+        for k in progress(range(n_sub), total=n_sub, desc="DDIP warm start (OSEM)", leave=False):
+            x = ds.em_update(x, k % S if S > 1 else None)
+        self.timings["init"] += time.perf_counter() - t0
+        self.counts["init_em"] += n_sub
+        return x
+
+    def initialise(self) -> None:
+        """Warm start (unless an estimate was set), fit the PET scaler, forward-noise to ``t_start``."""
+        self._require_setup()
+        cfg = self.config
+        x0 = self.x if (self._user_init and self.x is not None) else self.warm_start()
+        x0 = x0.detach().clamp_min(0)
+        if not bool(torch.isfinite(x0).all()):
+            raise DataValueError("DDIP warm start contains NaN or Inf (check the data and factors)")
+        try:
+            self.pet_scaler = self.bundle.pet_scaling.fit(x0.detach().cpu().numpy())
+        except ValueError as exc:
+            raise DataValueError(f"DDIP warm start: {exc}") from None
+        u0 = self.pet_scaler.to_net(x0.to(self.device, torch.float32))
+        noise = self._randn(u0.shape)
+        self._xt = self.schedule.q_sample(u0, int(self._timesteps[0]), noise)
+        self._x_img = x0.clone()
+        self._x0_net = u0.clamp(*cfg.x0_clamp)
+        self.x = x0.clone()
+        self.iteration = 0
+        self._em_counter = 0
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self._gen, dtype=torch.float32).to(self.device)
+
+    @property
+    def timesteps(self) -> list[int]:
+        """The diffusion steps of this run (descending, last 0)."""
+        return list(self._timesteps)
+
+    @property
+    def beta_activity(self) -> float:
+        """β of the HQS image step in activity units (``β g²``)."""
+        if self.pet_scaler is None:
+            raise NotSetUpError("DDIP: beta in activity units is known after the warm start (PET scaler fitted)")
+        return beta_activity(self.config.beta, self.pet_scaler.gain)
+
+    # ------------------------------------------------------------------ slabs and the network
+    def _slab_setup(self, vol: torch.Tensor):
+        """Plane padding (edge replication to ≥ slab planes) of a [Z, H, W] volume; returns (padded, before)."""
+        slab = int(getattr(self.network, "slab", 3))
+        Z = vol.shape[0]
+        if Z >= slab:
+            return vol, 0
+        need = slab - Z
+        before = need // 2
+        parts = [vol[:1]] * before + [vol] + [vol[-1:]] * (need - before)
+        return torch.cat(parts, 0), before
+
+    def _num_slabs(self) -> int:
+        slab = int(getattr(self.network, "slab", 3))
+        return max(self.data_step.image_shape[0], slab) - slab + 1
+
+    def _eps_slabs(self, xt: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
+        """ε for the slabs ``idx`` of the (plane-padded) volume: ``[len(idx), slab, H, W]`` (autograd intact)."""
+        from ..prior.network import crop_padding, pad_to_multiple
+        from ..prior.slabs import volume_to_slabs
+
+        slab = int(getattr(self.network, "slab", 3))
+        mult = int(getattr(self.network, "spatial_multiple", 1))
+        xv, _ = self._slab_setup(xt)
+        xs = volume_to_slabs(xv, slab)[idx]
+        a = float(self.schedule.alphas_cumprod[int(t)])
+        lo = self.bundle.pet_scaling.lo
+        xs_p, pad = pad_to_multiple(xs, mult)
+        if any(pad):
+            xs_p = torch.nn.functional.pad(xs, pad, value=lo * math.sqrt(a))
+        ms_p = None
+        if self._mr_net is not None:
+            mv, _ = self._slab_setup(self._mr_net)
+            ms = volume_to_slabs(mv, slab)[idx]
+            ms_p = torch.nn.functional.pad(ms, pad, value=self.mr_scaler.lo) if any(pad) else ms
+        tb = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=xs.device)
+        t0 = time.perf_counter()
+        eps = self.network(xs_p, tb, ms_p) if ms_p is not None else self.network(xs_p, tb)
+        self.timings["network_forward"] += time.perf_counter() - t0
+        self.counts["slab_forwards"] += int(xs.shape[0])
+        return crop_padding(eps, pad)
+
+    def _fold(self, eps_slabs: torch.Tensor) -> torch.Tensor:
+        """Average slab predictions back to the [Z, H, W] volume (undoing plane padding)."""
+        from ..prior.slabs import slabs_to_volume
+
+        Z = self.data_step.image_shape[0]
+        slab = int(getattr(self.network, "slab", 3))
+        vol = slabs_to_volume(eps_slabs)
+        if Z >= slab:
+            return vol
+        # planes replicated for padding: average all copies back onto their source plane
+        before = (slab - Z) // 2
+        src = torch.tensor([0] * before + list(range(Z)) + [Z - 1] * (slab - Z - before), device=vol.device)
+        out = vol.new_zeros((Z,) + tuple(vol.shape[1:])).index_add(0, src, vol)
+        cnt = torch.bincount(src, minlength=Z).to(vol.dtype).reshape(Z, 1, 1)
+        return out / cnt
+
+    @torch.no_grad()
+    def _eps_volume(self, xt: torch.Tensor, t: int) -> torch.Tensor:
+        n = self._num_slabs()
+        b = self.config.slab_batch
+        parts = [self._eps_slabs(xt, t, torch.arange(i, min(i + b, n), device=xt.device)) for i in range(0, n, b)]
+        return self._fold(torch.cat(parts, 0))
+
+    def _slab_planes(self, idx: torch.Tensor) -> torch.Tensor:
+        """Source plane index of every plane of slabs ``idx``: ``[len(idx), slab]``."""
+        Z = self.data_step.image_shape[0]
+        slab = int(getattr(self.network, "slab", 3))
+        if Z >= slab:
+            src = torch.arange(Z)
+        else:
+            before = (slab - Z) // 2
+            src = torch.tensor([0] * before + list(range(Z)) + [Z - 1] * (slab - Z - before))
+        return src[idx.cpu().reshape(-1, 1) + torch.arange(slab).reshape(1, -1)].to(idx.device)
+
+    # ------------------------------------------------------------------ the image step
+    def _image_step(self, x0_net: torch.Tensor, x_img: torch.Tensor) -> torch.Tensor:
+        """HQS image step from ``x_img`` with the prior image ``x0_net`` (network units → activity)."""
+        cfg = self.config
+        ds = self.data_step
+        S = self._num_subsets
+        subsets = []
+        for _ in range(cfg.num_em):
+            subsets.append(self._em_counter % S if S > 1 else None)
+            self._em_counter += 1
+        z = self.pet_scaler.from_net(x0_net.detach()).to(ds.dtype)
+        out = hqs_image_step(ds, x_img, z, self.beta_activity, cfg.num_em, subsets, timer=self.timings)
+        self.counts["em_updates"] += cfg.num_em
+        return out
+
+    def _to_net(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pet_scaler.to_net(x.detach().to(self.device, torch.float32))
+
+    # ------------------------------------------------------------------ one diffusion step
+    def update_current_estimate(self) -> None:
+        """One diffusion step (warm start first if needed). Raises ``StopIteration`` when all steps are done."""
+        self._require_setup()
+        if self._xt is None:
+            self.initialise()
+        if self.iteration >= len(self._timesteps):
+            raise StopIteration(f"DDIP: all {len(self._timesteps)} diffusion steps are done")
+        self.x = self._update(self.x)
+        self.iteration += 1
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        sched = self.schedule
+        i = self.iteration
+        t = int(self._timesteps[i])
+        t_prev = int(sched.previous(self._timesteps, i))
+        lo, hi = cfg.x0_clamp
+        xt = self._xt
+        t_step = time.perf_counter()
+        if cfg.finetune:
+            self._finetune(xt, t)
+            eps = self._eps_volume(xt, t)
+            x0 = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
+        else:
+            eps = self._eps_volume(xt, t)
+            x0_prior = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
+            self._x_img = self._image_step(x0_prior, self._x_img)
+            x0 = self._to_net(self._x_img).clamp(lo, hi)
+        noise = self._randn(xt.shape)
+        self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0)
+        self._x0_net = x0
+        self.timings["total"] += time.perf_counter() - t_step
+        return self.pet_scaler.from_net(x0).to(self.data_step.dtype)
+
+    def _finetune(self, xt: torch.Tensor, t: int) -> None:
+        """K AdamW steps on the adapters (fresh optimiser), each against a new HQS image."""
+        from ..prior.adapters import lora_parameters
+
+        cfg = self.config
+        sched = self.schedule
+        lo, hi = cfg.x0_clamp
+        params = lora_parameters(self.network)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        n = self._num_slabs()
+        m = n if cfg.finetune_slabs == 0 else min(cfg.finetune_slabs, n)
+        b = cfg.slab_batch
+        reuse = (m == n and n <= b)   # one forward with autograd serves both x̂0 and the loss
+        for _ in range(cfg.num_finetune):
+            opt.zero_grad(set_to_none=True)
+            if reuse:
+                idx_all = torch.arange(n, device=xt.device)
+                with torch.enable_grad():
+                    eps_s = self._eps_slabs(xt, t, idx_all)
+                eps_v = self._fold(eps_s.detach())
+                x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
+                self._x_img = self._image_step(x0, self._x_img)
+                target = self._to_net(self._x_img)
+                loss = self._slab_loss(xt, t, idx_all, target, eps_s, n * int(np.prod(eps_s.shape[1:])))
+                self.last_loss = float(loss)
+            else:
+                eps_v = self._eps_volume(xt, t)
+                x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
+                self._x_img = self._image_step(x0, self._x_img)
+                target = self._to_net(self._x_img)
+                idx = torch.arange(n) if m == n else torch.randperm(n, generator=self._gen)[:m]
+                idx = idx.to(xt.device)
+                total = 0.0
+                plane_elems = int(np.prod(xt.shape[1:])) * int(getattr(self.network, "slab", 3))
+                for j in range(0, m, b):
+                    sub = idx[j:j + b]
+                    with torch.enable_grad():
+                        eps_s = self._eps_slabs(xt, t, sub)
+                    total += float(self._slab_loss(xt, t, sub, target, eps_s, m * plane_elems))
+                self.last_loss = total
+            t0 = time.perf_counter()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            self.timings["finetune_backward"] += time.perf_counter() - t0
+            self.counts["finetune_steps"] += 1
+
+    def _slab_loss(self, xt, t, idx, target, eps_s, denom: int) -> torch.Tensor:
+        """Back-propagate ``Σ (x̂0_slab − target_slab)² / denom`` for slabs ``idx``; returns the (detached) value."""
+        planes = self._slab_planes(idx)                     # [b, slab]
+        xs = xt[planes]                                      # [b, slab, H, W]
+        tg = target[planes]
+        with torch.enable_grad():
+            x0s = self.schedule.tweedie_x0(xs, eps_s, int(t))
+            loss = ((x0s - tg) ** 2).sum() / float(denom)
+            t0 = time.perf_counter()
+            loss.backward()
+            self.timings["finetune_backward"] += time.perf_counter() - t0
+        return loss.detach()
+
+    # ------------------------------------------------------------------ running
+    def remaining(self) -> int:
+        return max(0, len(getattr(self, "_timesteps", [])) - self.iteration) if self.configured \
+            else max(0, self._num_subiterations - self.iteration)
+
+    def reconstruct(self, image: Any) -> Any:
+        """Set up on ``image`` (geometry template only), run all diffusion steps, return the output."""
+        if not self.configured:
+            self.set_up(image)
+        self.process()
+        return self.get_output()
+
+    def progress_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {}
+        if self.configured and self.iteration > 0:
+            info["t"] = int(self._timesteps[self.iteration - 1])
+        if self.last_loss is not None:
+            info["loss"] = float(f"{self.last_loss:.4g}")
+        if self.iteration > 0 and self.timings.get("total"):
+            info["s/step"] = round(self.timings["total"] / self.iteration, 3)
+        return info
+
+    def timing_report(self) -> dict[str, float]:
+        """Mean seconds per diffusion step by part (network forward, fine-tune backward, projector, EM, total)."""
+        n = max(1, self.iteration)
+        out = {k: v / n for k, v in self.timings.items() if k != "init"}
+        out["init_total"] = self.timings.get("init", 0.0)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/ddip_checkpoint.pt``: x_t, HQS image, x̂0, adapters, RNG state, step, config."""
+        from ..prior.adapters import adapter_state_dict
+
+        self._require_setup()
+        if self._xt is None:
+            raise NotSetUpError("DDIP: nothing to checkpoint before the warm start")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": int(self.iteration),
+            "config": json.dumps(self.config.to_dict()),
+            "timesteps": [int(t) for t in self._timesteps],
+            "image_shape": [int(s) for s in self.data_step.image_shape],
+            "xt": self._xt.detach().cpu(),
+            "x_img": self._x_img.detach().cpu(),
+            "x0_net": self._x0_net.detach().cpu(),
+            "x": self.x.detach().cpu(),
+            "adapters": ({k: v.cpu() for k, v in adapter_state_dict(self.network).items()}
+                         if self.config.finetune else {}),
+            "generator": self._gen.get_state(),
+            "em_counter": int(self._em_counter),
+            "pet_scale": float(self.pet_scaler.scale),
+            "last_loss": self.last_loss,
+            "user_init": bool(self._user_init),
+        }
+        path = folder / CHECKPOINT_FILE
+        tmp = folder / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        (folder / "ddip_checkpoint_config.json").write_text(json.dumps(
+            {"iteration": int(self.iteration), "config": self.config.to_dict()}, indent=2))
+        return path
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Restore a :meth:`save_checkpoint` state (after ``set_up`` on the same data, prior and MR).
+
+        Raises
+        ------
+        InputFileError
+            Missing/corrupt checkpoint or one of another image shape.
+        ConfigError
+            The checkpoint was made with settings that change the result (all keys except
+            ``device``, ``checkpoint_every``, ``slab_batch`` must match).
+        """
+        from ..prior.adapters import load_adapter_state_dict
+
+        self._require_setup()
+        path = Path(folder) / CHECKPOINT_FILE
+        if not path.is_file():
+            raise InputFileError(path, "no DDIP checkpoint here")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
+            raise InputFileError(path, f"cannot read checkpoint: {exc}") from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise InputFileError(path, f"unknown checkpoint format {state.get('format')!r}", key="format")
+        saved = json.loads(state["config"])
+        mine = self.config.to_dict()
+        diff = sorted(k for k in set(saved) | set(mine)
+                      if k not in _RESUME_FREE_KEYS and saved.get(k) != mine.get(k))
+        if diff:
+            raise ConfigError(f"{path}: checkpoint config differs from this run in key(s) "
+                              + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {mine.get(k)!r})" for k in diff))
+        if list(state["image_shape"]) != [int(s) for s in self.data_step.image_shape]:
+            raise InputFileError(path, f"checkpoint image shape {state['image_shape']} != "
+                                       f"{list(self.data_step.image_shape)}", key="image_shape")
+        dev, dt = self.device, self.data_step.dtype
+        self._timesteps = list(state["timesteps"])
+        self._xt = state["xt"].to(dev)
+        self._x_img = state["x_img"].to(dev, dt)
+        self._x0_net = state["x0_net"].to(dev)
+        self.x = state["x"].to(dev, dt)
+        if self.config.finetune:
+            load_adapter_state_dict(self.network, state["adapters"])
+        self._gen.set_state(state["generator"])
+        self._em_counter = int(state["em_counter"])
+        spec = self.bundle.pet_scaling.spec_unfitted()
+        spec["scale"] = float(state["pet_scale"])
+        self.pet_scaler = type(self.bundle.pet_scaling)(spec)
+        self.last_loss = state.get("last_loss")
+        self._user_init = bool(state.get("user_init", False))
+        self.iteration = int(state["iteration"])

@@ -1,0 +1,190 @@
+"""Study runner on a synthetic dense-matrix case: all methods, metrics.json schema, resume, report, configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sirf_ddip.data import Image
+from sirf_ddip.errors import ConfigError
+from sirf_ddip.study.metrics import Regions
+from sirf_ddip.study.study import (METHODS, CaseData, format_metrics_table, load_study_config, run_study)
+
+from test_map_rdp import make_problem
+
+REPO = Path(__file__).resolve().parents[1]
+
+CFG = {
+    "cases": [{"tracer": "fdg", "dose_fraction": 0.1, "seed": 1, "name": "fdg_a"},
+              {"tracer": "amyloid-negative", "dose_fraction": 0.1, "seed": 2}],
+    "methods": {
+        "osem": {"num_subsets": 2, "max_iterations": 4, "clinical_iterations": 1, "clinical_subsets": 4,
+                 "postfilter_fwhm_mm": 3.0},
+        "map_rdp": {"betas": [0.05, 1.0], "num_iterations": 4, "init_osem_iterations": 1, "num_subsets": 2},
+    },
+    "ablations": {"lora_rank": [1, 2]},
+    "device": "cpu",
+}
+
+
+class Counter:
+    def __init__(self):
+        self.calls = []
+
+
+def _fakes(counter):
+    def sim(c, folder, ow):
+        counter.calls.append(("sim", c.name))
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "case.json").write_text(json.dumps({"tracer": c.tracer}))
+
+    def load(name, folder):
+        seed = 11 if name == "fdg_a" else 12
+        shape = (5, 6, 6)
+        rng = np.random.default_rng(seed)
+        truth = np.ones(shape)
+        truth[:, 1:5, 1:3] = 3.0
+        truth[2, 3, 4] = 5.0
+        ds, t = make_problem(shape=shape, n_bins=300, counts=30.0, seed=seed, truth=truth)
+        gm = truth > 2
+        lesion = np.zeros(shape, bool)
+        lesion[2, 3, 4] = True
+        brain = np.ones(shape, bool)
+        template = Image(truth.astype(np.float32), ds.grid)
+        return CaseData(name, ds, template, truth, Regions(brain, gm, ~gm, lesion), ds.grid.voxel_size,
+                        mr=Image(truth.astype(np.float32), ds.grid), units="kBq/mL")
+
+    def fake_ddip(tag):
+        def f(case, cfg):
+            counter.calls.append((tag, case.name))
+            return case.truth * (0.95 if tag == "ddip" else 0.9), {"note": tag}, 0.5
+        return f
+
+    def abl(case, cfg, key, value):
+        counter.calls.append(("abl", key, value))
+        return case.truth * (1 - 0.01 * value), {}, 0.1
+
+    fns = {m: fake_ddip(m) for m in ("diffusion_no_finetune", "ddip_no_mr", "ddip")}
+    fns["ablation"] = abl
+    return sim, load, fns
+
+
+def test_study_end_to_end_resume_and_report(tmp_path):
+    cnt = Counter()
+    sim, load, fns = _fakes(cnt)
+    cfg = load_study_config(None, overrides=CFG)
+    assert cfg.cases[1].name == "amyloid-negative_dose0.1_seed2"
+    out = tmp_path / "study"
+    metrics = run_study(cfg, out, simulate_fn=sim, load_case_fn=load, method_fns=fns)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert set(on_disk["cases"]) == {"fdg_a", "amyloid-negative_dose0.1_seed2"}
+    for cm in on_disk["cases"].values():
+        assert tuple(cm) == METHODS
+        for m in METHODS:
+            for k in ("psnr", "ssim", "nrmse", "lesion_bias", "time_s", "gm_bias", "wm_bias", "gm_wm_cr", "noise"):
+                assert k in cm[m]
+            assert isinstance(cm[m]["psnr"], float)
+        # OSEM: best iterate by PSNR from a 4-iteration sweep, plus clinical (1x4 = 2 it x 2 subsets, filtered)
+        osem = cm["osem"]
+        assert len(osem["sweep"]) == 4
+        assert osem["psnr"] == pytest.approx(max(p["psnr"] for p in osem["sweep"]))
+        assert osem["clinical"]["iterations"] == 2 and osem["clinical"]["postfilter_fwhm_mm"] == 3.0
+        assert osem["clinical"]["psnr"] != pytest.approx(osem["sweep"][1]["psnr"])  # filtered differs
+        rdp = cm["map_rdp"]
+        assert [p["beta"] for p in rdp["sweep"]] == [0.05, 1.0]
+        assert rdp["psnr"] == pytest.approx(max(p["psnr"] for p in rdp["sweep"]))
+        assert all(p["monotone"] for p in rdp["sweep"])
+        assert cm["ddip"]["lesion_bias"] == pytest.approx(-5.0, abs=1e-3)  # 0.95 × truth
+    abl = json.loads((out / "ablations.json").read_text())
+    assert [p["value"] for p in abl["lora_rank"]] == [1, 2] and abl["t_start"] == []
+    html = (out / "report.html").read_text()
+    for sec in ("id='metrics'", "id='images'", "id='bias-noise'", "id='profiles'", "id='ablations'"):
+        assert sec in html
+    assert (out / "run_record.json").is_file()
+    assert (out / "cases" / "fdg_a" / "ddip" / "result.json").is_file()
+    assert (out / "cases" / "fdg_a" / "osem" / "recon.hv").is_file()
+    assert (out / "cases" / "fdg_a" / "osem" / "recon_clinical.hv").is_file()
+    n_first = len(cnt.calls)
+    assert n_first == 2 + 2 * 3 + 2  # 2 sims, 3 fake DDIP methods per case, 2 ablation runs
+    table = format_metrics_table(on_disk)
+    assert "osem (clinical)" in table and "map_rdp" in table
+
+    # resume: nothing recomputed, identical metrics
+    cnt.calls.clear()
+    metrics2 = run_study(cfg, out, simulate_fn=sim, load_case_fn=load, method_fns=fns)
+    assert cnt.calls == []
+    assert json.loads(json.dumps(metrics2)) == on_disk
+
+    # an interrupted piece (no result.json) is redone, alone
+    (out / "cases" / "fdg_a" / "ddip" / "result.json").unlink()
+    run_study(cfg, out, simulate_fn=sim, load_case_fn=load, method_fns=fns, build=False)
+    assert cnt.calls == [("ddip", "fdg_a")]
+
+    # changed settings are refused unless overwrite
+    cfg2 = load_study_config(None, overrides={**CFG, "methods": {**CFG["methods"], "map_rdp": {
+        **CFG["methods"]["map_rdp"], "num_iterations": 5}}})
+    with pytest.raises(ConfigError, match="other settings"):
+        run_study(cfg2, out, simulate_fn=sim, load_case_fn=load, method_fns=fns, build=False)
+
+
+def test_disabled_methods_are_absent(tmp_path):
+    cnt = Counter()
+    sim, load, fns = _fakes(cnt)
+    d = {**CFG, "cases": CFG["cases"][:1], "ablations": {},
+         "methods": {**CFG["methods"], "map_rdp": {"enabled": False}, "ddip_no_mr": {"enabled": False}}}
+    metrics = run_study(load_study_config(None, overrides=d), tmp_path / "s", simulate_fn=sim, load_case_fn=load,
+                        method_fns=fns, build=False)
+    assert tuple(metrics["cases"]["fdg_a"]) == ("osem", "diffusion_no_finetune", "ddip")
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_study_config(None, overrides={**CFG, "bogus": 1})
+    with pytest.raises(ConfigError, match="cases\\[0\\].colour"):
+        load_study_config(None, overrides={"cases": [{"tracer": "fdg", "colour": 1}]})
+    with pytest.raises(ConfigError, match="dose_fraction"):
+        load_study_config(None, overrides={"cases": [{"dose_fraction": 2.0}]})
+    with pytest.raises(ConfigError, match="ablations.cases"):
+        load_study_config(None, overrides={**CFG, "ablations": {"cases": ["nope"]}})
+    with pytest.raises(ConfigError, match="at least one case"):
+        load_study_config(None, overrides={"device": "cpu"})
+
+
+@pytest.mark.parametrize("name", ["study-quick.yaml", "study-paper.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_study_config(REPO / "configs" / name)
+    tracers = {c.tracer for c in cfg.cases}
+    assert {"fdg", "amyloid-negative"} <= tracers
+    assert cfg.ddip_config("diffusion_no_finetune")["finetune"] is False
+    assert cfg.ddip_config("ddip_no_mr")["use_mr"] is False
+    from sirf_ddip.recon.config import DDIPConfig
+
+    for m in ("diffusion_no_finetune", "ddip_no_mr", "ddip"):
+        DDIPConfig.from_dict(cfg.ddip_config(m))  # every DDIP key is a real DDIPConfig key
+    try:
+        from sirf_ddip.sim.simulate import SimulationConfig
+    except ModuleNotFoundError:
+        pytest.skip("sirf_ddip.sim.simulate not present in this build")
+    from sirf_ddip.config import deep_merge, from_dict
+
+    for c in cfg.cases:
+        data = deep_merge(cfg.simulation, c.simulation)
+        data.update(tracer=c.tracer, dose_fraction=c.dose_fraction, seed=c.seed)
+        from_dict(SimulationConfig, data)
+    if name == "study-paper.yaml":
+        assert cfg.ablations.lora_rank and cfg.ablations.t_start and cfg.ablations.beta
+
+
+def test_cli_registers_commands():
+    from sirf_ddip.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["study", "cfg.yaml", "--out", "d", "--overwrite", "--set", "device=cpu"])
+    assert a.config == "cfg.yaml" and a.out == "d" and a.overwrite and a.set == ["device=cpu"]
+    a = p.parse_args(["simulate", "cfg.yaml", "--out", "d"])
+    assert a.func is not None
