@@ -94,7 +94,7 @@ def test_beta_zero_is_plain_osem(ds, bundle):
     r = make(ds, bundle, finetune=False, beta=0.0, num_subsets=2, num_em=3, num_steps=3)
     r.process(progress=False)
     x = torch.ones(ds.image_shape, dtype=ds.dtype)
-    for k in range(4 + 3 * 3):           # n_init=4 with S=2 → 2 OSEM iterations (4 sub-its), then 3×3 updates
+    for k in range(4 + 3 * 2 * 3):       # n_init=4, S=2 → 2 OSEM iterations (4 sub-its), then 3 steps × K=2 × 3
         x = ds.em_update(x, k % 2)
     torch.testing.assert_close(r._x_img, x, rtol=1e-10, atol=1e-10)
     # the output is that image, through the network range (clamped)

@@ -18,8 +18,8 @@ from test_model import GRID, make_problem
 def test_positivity_condition_like_stir():
     x = torch.tensor([[[-1.0, 0.0, 2.0, 4.0]]])
     out = threshold_min_to_small_positive_value(x)
-    assert out.tolist() == [[[pytest.approx(2e-5), pytest.approx(2e-5), 2.0, 4.0]]]
-    assert torch.all(threshold_min_to_small_positive_value(torch.zeros(3)) == 1e-5)
+    assert out.tolist() == [[[pytest.approx(2e-6), pytest.approx(2e-6), 2.0, 4.0]]]
+    assert torch.all(threshold_min_to_small_positive_value(torch.zeros(3)) == 1e-6)
 
 
 def test_osem_matches_manual_updates_in_stir_subset_order():
@@ -97,7 +97,12 @@ def _rois(phantom: np.ndarray) -> dict[str, np.ndarray]:
 @pytest.mark.stir_reference
 @pytest.mark.parametrize("case", ["mmr_2d", "mmr_3d6"])
 def test_osem_agrees_with_stir_osmaposl(case):
+    import os
+
     from conftest import stir_case_dir
+
+    if case == "mmr_3d6" and os.environ.get("SIRF_DDIP_SLOW", "0") != "1":
+        pytest.skip("3-D STIR comparison takes minutes on a small CPU (matrix build); set SIRF_DDIP_SLOW=1")
     from sirf_ddip.io import read_image
     from sirf_ddip.physics.model import EngineDataStep
 

@@ -182,8 +182,6 @@ def test_osem_reconstructor_equals_standin_osmaposl(problem):
     assert err <= 1e-5, err
 
 
-@pytest.mark.xfail(strict=True, reason="recon/osem.py uses small_number 10e-6 (STIR's OSSPS value); STIR's "
-                                       "OSMAPOSL::set_up uses 1e-6 (static const float small_num = 0.000001F)")
 def test_osem_initial_positivity_matches_stir_osmaposl(problem):
     from sirf_ddip.recon.osem import OSEMReconstructor
 

@@ -91,7 +91,7 @@ def test_study_end_to_end_resume_and_report(tmp_path):
             assert isinstance(cm[m]["psnr"], float)
         # OSEM: best iterate by PSNR from a 4-iteration sweep, plus clinical (1x4 = 2 it x 2 subsets, filtered)
         osem = cm["osem"]
-        assert len(osem["sweep"]) == 4
+        assert len(osem["sweep"]) == 2 + 3  # sub-iterations 1, 2 of it. 1, then its. 2, 3, 4
         assert osem["psnr"] == pytest.approx(max(p["psnr"] for p in osem["sweep"]))
         assert osem["clinical"]["iterations"] == 2 and osem["clinical"]["postfilter_fwhm_mm"] == 3.0
         assert osem["clinical"]["psnr"] != pytest.approx(osem["sweep"][1]["psnr"])  # filtered differs

@@ -93,14 +93,17 @@ def _check_outputs(paths: list[Path], overwrite: bool) -> None:
             check_output(f, overwrite)
 
 
-def _record(out: Path, command: str, params: dict[str, Any], timing: dict[str, float], overwrite: bool) -> Path:
+def _record(out: Path, command: str, params: dict[str, Any], timing: dict[str, float], overwrite: bool,
+            args: argparse.Namespace | None = None) -> Path:
     from ..utils.provenance import check_output, write_run_record
 
     name = f"{_stem(out)}_run_record"
     check_output(out.parent / f"{name}.json", overwrite)
+    argv = ["sirf-ddip", command]
+    if args is not None:
+        argv += [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("func", "command")]
     return write_run_record(out.parent, config={"command": command, **params}, seed=None,
-                            command=["sirf-ddip", *sys.argv[1:]] if sys.argv else None,
-                            extra={"timing_s": timing}, name=name)
+                            command=argv, extra={"timing_s": timing}, name=name)
 
 
 def _projector(geometry, grid, device, image_name: str, sino_name: str):
@@ -136,7 +139,7 @@ def run_forward(args) -> int:
     _record(out, "forward", {"image": args.image, "template": args.template, "out": str(out),
                              "device": str(device), "geometry": tmpl.geometry.describe(),
                              "image_grid": img.grid.to_dict()},
-            {"project": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite)
+            {"project": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite, args)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -162,7 +165,7 @@ def run_backward(args) -> int:
     _record(out, "backward", {"sino": args.sino, "image_template": args.image_template, "out": str(out),
                               "device": str(device), "geometry": sino.geometry.describe(),
                               "image_grid": tmpl.grid.to_dict()},
-            {"project": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite)
+            {"project": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite, args)
     print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -246,6 +249,6 @@ def run_osem(args) -> int:
     }
     timing = {"load_and_build": t1 - t0, "sensitivities": t2 - t1, "iterations": t3 - t2,
               "per_subiteration": (t3 - t2) / max(nsub, 1), "total": time.perf_counter() - t0}
-    _record(out, "osem", params, timing, args.overwrite)
+    _record(out, "osem", params, timing, args.overwrite, args)
     print(f"wrote {out} ({nsub} sub-iterations in {t3 - t2:.1f} s)", file=sys.stderr)
     return 0

@@ -105,6 +105,10 @@ def _recon(args) -> int:
             f"differs from the image template {args.image_template} (shape {template.grid.shape}, voxel "
             f"{template.grid.voxel_size} mm, origin {template.grid.origin} mm); resample the MR onto the PET grid")
     device = resolve_device(cfg.device)
+    if cfg.num_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
     ds = build_data_step(args, template.grid if template is not None else None, device, cfg.num_subsets)
     if template is None:
         template = ds.from_tensor(ds.sensitivity(None) * 0)

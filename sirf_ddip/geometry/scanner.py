@@ -124,10 +124,10 @@ class Scanner:
                     raise InputFileError(hdr.path, f"scanner '{name}' is not a known preset and the key is missing",
                                          key=key)
                 return getattr(base, attr)
-            return v if integer else float(v) * scale
+            return v if integer else round(float(v) * scale, 6)
 
         inner = hdr.get_float("inner ring diameter (cm)")
-        inner_r = inner * 5.0 if inner is not None else None  # cm diameter -> mm radius
+        inner_r = round(inner * 5.0, 6) if inner is not None else None  # cm diameter -> mm radius
         if inner_r is None:
             if base is None:
                 raise InputFileError(hdr.path, f"scanner '{name}' is not a known preset and the key is missing",

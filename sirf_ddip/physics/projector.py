@@ -87,10 +87,11 @@ def _fov_radius(grid: ImageGrid) -> float:
     return float(min(r))
 
 
-def _trace_segment(geom: SinogramGeometry, grid: ImageGrid, segment: int, views: np.ndarray,
+def _trace_segment_reference(geom: SinogramGeometry, grid: ImageGrid, segment: int, views: np.ndarray,
                    num_lors: int, restrict_fov: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                                                              np.ndarray, np.ndarray]:
-    """Ray-trace one segment for axial position 0 and the given views.
+    """Ray-trace one segment for axial position 0 and the given views (direct 3-D Siddon; reference version
+    of the faster :func:`_trace_2d` + :func:`_segment_elements`, kept for testing).
 
     Returns ``(row, plane, yx, weight, zw)``: element arrays (row = local_view * nt + t; plane = image plane of
     the traced ray for axial position 0, may lie outside the image; duplicates not yet summed) and the axial
@@ -245,45 +246,238 @@ def _trace_segment(geom: SinogramGeometry, grid: ImageGrid, segment: int, views:
     return (np.concatenate(rows_out), np.concatenate(q_out), np.concatenate(yx_out), np.concatenate(w_out), zw)
 
 
-def build_segment_matrix(geom: SinogramGeometry, grid: ImageGrid, segment: int, num_lors: int = 3,
-                         views_per_chunk: int = 16, dtype=np.float32,
-                         keep_planes: Sequence[tuple[int, int]] | None = None
-                         ) -> tuple[sp.csr_matrix, int, int, np.ndarray]:
-    """Sparse matrix of one segment for axial position 0: ``(csr, qmin, nq, zw)``.
+def _segment_constants(geom: SinogramGeometry, grid: ImageGrid, segment: int, num_lors: int):
+    """Axial constants of a segment: (direct, n_ax, zc, p0, zw, norm)."""
+    nz = grid.shape[0]
+    vz, vx = grid.voxel_size[0], grid.voxel_size[2]
+    oz = grid.origin[0]
+    seg = geom.segment(segment)
+    direct = abs(seg.average_ring_diff) < 1e-4
+    S = seg.axial_sampling_mm
+    n_ax = int(math.ceil(S / vz - 1e-3))
+    c = (nz - 1) / 2.0
+    m0 = seg.m_mm[0]
+    zc = (m0 - S / (2 * n_ax) * (n_ax - 1) - oz) / vz + c
+    norm = 1.0 / (vx * n_ax * num_lors)
+    if not direct:
+        return False, n_ax, zc, None, np.ones(n_ax), norm
+    zfirst = zc
+    if abs((zfirst % 1.0) - 0.5) < 0.001:  # never trace exactly between two planes (STIR: -0.1 voxel)
+        zfirst -= 0.1
+    p0 = int(_stir_round(np.asarray([zfirst]))[0])
+    left = (m0 - S / 2.0) / vz
+    right_rel = S / vz
+    zf = p0 - c + oz / vz - left
+    zw = []
+    j = 0
+    while True:  # STIR's add_adjacent_z: planes from the traced one upwards, weighted by overlap with the tube
+        w = min(right_rel, zf + j + 0.5) - max(0.0, zf + j - 0.5)
+        if j > 0 and w <= 1e-4:
+            break
+        zw.append(w if w > 1e-4 else 0.0)
+        j += 1
+        if j > 1000:
+            raise RuntimeError("add_adjacent_z did not terminate")
+    return True, n_ax, zc, p0, np.asarray(zw), norm
 
-    Rows are ``view * num_tangential + tang``; columns ``(q - qmin) * ny * nx + y * nx + x`` where ``q`` is the
-    image plane of the traced ray for axial position 0 (axial position ``a`` uses plane ``q + a * k``), and
-    ``zw`` the axial kernel (see :func:`_trace_segment`).  ``keep_planes``: list of ``(lo, hi)`` ranges of ``q``
-    to keep (elements that can never reach the image are dropped).
+
+def _trace_2d(geom: SinogramGeometry, grid: ImageGrid, views: np.ndarray, num_lors: int, fovrad: float,
+              dtype=np.float64) -> dict:
+    """Transaxial Siddon tracing of every (view, tang, sub-ray) of ``views``.
+
+    Returns ray arrays (``V`` local view, ``T`` tang index, ``A`` half length, ``xs, ys`` start point in index
+    units, ``rx, ry`` index increments per mm of travel ``w``, ``W0, W1`` travel range of the 2-D start / stop
+    voxels) and element arrays (``ray``, ``wa``, ``wb``, ``yx``): the travel interval of each voxel crossing.
+    """
+    nz, ny, nx = grid.shape
+    vz, vy, vx = grid.voxel_size
+    oz, oy, ox = grid.origin
+    nt = geom.num_tangential
+    s_t = geom.s()
+    ds_t = geom.sampling_in_s()
+    phi = geom.phi()[views]
+    cphi, sphi = np.cos(phi), np.sin(phi)
+    jj = np.arange(num_lors) - (num_lors - 1) / 2.0
+    s_ray = s_t[:, None] + jj[None, :] * (ds_t[:, None] / num_lors)
+    ok = np.abs(s_ray) < fovrad
+    t_idx, j_idx = np.nonzero(ok)
+    s_sel = s_ray[t_idx, j_idx]
+    A_sel = np.sqrt(fovrad ** 2 - s_sel ** 2)
+    nv = len(views)
+    V = np.repeat(np.arange(nv), t_idx.size)
+    T = np.tile(t_idx, nv)
+    s_ = np.tile(s_sel, nv)
+    A = np.tile(A_sel, nv)
+    cp, spp = cphi[V], sphi[V]
+    L = 2 * A
+    xs = (s_ * cp + A * spp - ox) / vx
+    ys = (s_ * spp - A * cp - oy) / vy
+    rx = -spp / vx
+    ry = cp / vy
+    W0 = np.full_like(xs, -np.inf)
+    W1 = np.full_like(xs, np.inf)
+    for (c_s, r) in ((xs, rx), (ys, ry)):
+        par = np.abs(r * L) <= 1e-4
+        rr = np.where(par, 1.0, r)
+        sg = np.where(rr >= 0, 1.0, -1.0)
+        c_e = c_s + r * L
+        W0 = np.where(par, W0, np.maximum(W0, (_stir_round(c_s) - sg * 0.5 - c_s) / rr))
+        W1 = np.where(par, W1, np.minimum(W1, (_stir_round(c_e) + sg * 0.5 - c_s) / rr))
+    bx = np.arange(nx + 1) - 0.5
+    by = np.arange(ny + 1) - 0.5
+    ray_l, wa_l, wb_l, yx_l = [], [], [], []
+    for c0 in range(0, xs.size, _RAYS_PER_CHUNK):
+        sl = slice(c0, min(xs.size, c0 + _RAYS_PER_CHUNK))
+        x0, y0, ax_, ay_, w0, w1, Lc = xs[sl], ys[sl], rx[sl], ry[sl], W0[sl], W1[sl], L[sl]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rxs = np.where(np.abs(ax_ * Lc) <= 1e-4, np.nan, ax_)
+            rys = np.where(np.abs(ay_ * Lc) <= 1e-4, np.nan, ay_)
+            w = np.concatenate([w0[:, None], (bx[None, :] - x0[:, None]) / rxs[:, None],
+                                (by[None, :] - y0[:, None]) / rys[:, None], w1[:, None]], axis=1)
+        w = np.where(np.isnan(w), w1[:, None], w)
+        np.clip(w, w0[:, None], w1[:, None], out=w)
+        w.sort(axis=1)
+        seglen = w[:, 1:] - w[:, :-1]
+        ri, ci = np.nonzero(seglen > 1e-7)
+        wa = w[ri, ci]
+        wb = w[ri, ci + 1]
+        wm = 0.5 * (wa + wb)
+        ix = _stir_round(x0[ri] + ax_[ri] * wm)
+        iy = _stir_round(y0[ri] + ay_[ri] * wm)
+        inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+        ray_l.append(ri[inside] + c0)
+        wa_l.append(wa[inside])
+        wb_l.append(wb[inside])
+        yx_l.append(iy[inside] * nx + ix[inside])
+    cat = (lambda l, d: np.concatenate(l) if l else np.zeros(0, d))
+    return dict(V=V, T=T, A=A, W0=W0, W1=W1, ray=cat(ray_l, np.int64), wa=cat(wa_l, float),
+                wb=cat(wb_l, float), yx=cat(yx_l, np.int64), nt=nt)
+
+
+def _segment_elements(tr: dict, geom: SinogramGeometry, grid: ImageGrid, segment: int, num_lors: int):
+    """Elements ``(row, q, yx, weight)`` and axial kernel ``zw`` of one segment from a 2-D tracing: the 3-D start
+    / stop voxels clip the ends, and each 2-D crossing is split at the z plane boundaries (exact 3-D Siddon)."""
+    direct, n_ax, zc, p0, zw, norm = _segment_constants(geom, grid, segment, num_lors)
+    vz = grid.voxel_size[0]
+    ray, wa, wb, yx = tr["ray"], tr["wa"], tr["wb"], tr["yx"]
+    T = tr["T"]
+    rows_ray = tr["V"] * tr["nt"] + T
+    if direct:
+        return rows_ray[ray], np.full(ray.size, p0, dtype=np.int64), yx, (wb - wa) * norm, zw
+    tan_t = np.asarray(geom.tantheta(segment, geom.s()), dtype=np.float64)
+    tau = tan_t[T]
+    A = tr["A"]
+    zs = zc - A * tau / vz
+    rz = tau / vz
+    L = 2 * A
+    par = np.abs(rz * L) <= 1e-4
+    rr = np.where(par, 1.0, rz)
+    sg = np.where(rr >= 0, 1.0, -1.0)
+    ze = zs + rz * L
+    W0 = np.where(par, tr["W0"], np.maximum(tr["W0"], (_stir_round(zs) - sg * 0.5 - zs) / rr))
+    W1 = np.where(par, tr["W1"], np.minimum(tr["W1"], (_stir_round(ze) + sg * 0.5 - zs) / rr))
+    wa = np.maximum(wa, W0[ray])
+    wb = np.minimum(wb, W1[ray])
+    keep = wb - wa > 1e-7
+    ray, wa, wb, yx = ray[keep], wa[keep], wb[keep], yx[keep]
+    zs_e, rz_e, par_e = zs[ray], rz[ray], par[ray]
+    za = zs_e + rz_e * wa
+    zb = zs_e + rz_e * wb
+    lo = np.minimum(za, zb)
+    hi = np.maximum(za, zb)
+    k0 = np.floor(lo - 0.5)
+    nb = np.where(par_e, 0, (np.floor(hi - 0.5) - k0)).astype(np.int64)
+    K = int(nb.max()) if nb.size else 0
+    if K > 0:
+        j = np.arange(K)[None, :]
+        bnd = k0[:, None] + 1.5 + j
+        with np.errstate(divide="ignore", invalid="ignore"):
+            wbnd = (bnd - zs_e[:, None]) / np.where(par_e, 1.0, rz_e)[:, None]
+        wbnd = np.where(j < nb[:, None], wbnd, wb[:, None])
+        pts = np.concatenate([wa[:, None], wbnd, wb[:, None]], axis=1)
+        pts.sort(axis=1)
+        seglen = pts[:, 1:] - pts[:, :-1]
+        ei, ci = np.nonzero(seglen > 1e-7)
+        pa, pb = pts[ei, ci], pts[ei, ci + 1]
+    else:
+        ei = np.arange(ray.size)
+        pa, pb = wa, wb
+    mid = 0.5 * (pa + pb)
+    q = _stir_round(zs_e[ei] + rz_e[ei] * mid)
+    val = (pb - pa) * np.sqrt(1.0 + tau[ray[ei]] ** 2) * norm
+    return rows_ray[ray[ei]], q, yx[ei], val, zw
+
+
+def _build_matrices(geom: SinogramGeometry, grid: ImageGrid, segments: Sequence[int], num_lors: int = 3,
+                    views: np.ndarray | None = None, keep_planes: dict | None = None, dtype=np.float32,
+                    views_per_chunk: int = 12) -> dict:
+    """``{segment: (csr, qmin, nq, zw)}`` for several segments, tracing the transaxial part once per view chunk.
+
+    Rows are ``local_view * num_tangential + tang``, columns ``(q - qmin) * ny * nx + y * nx + x`` with ``q``
+    the image plane of the traced ray for axial position 0 (axial position ``a`` uses ``q + a * k``).
+    ``keep_planes[segment]``: list of ``(lo, hi)`` ranges of ``q`` to keep.
     """
     nz, ny, nx = grid.shape
     nyx = ny * nx
     nt = geom.num_tangential
-    blocks = []
-    qmin, qmax = None, None
-    zw = None
-    for v0 in range(0, geom.num_views, views_per_chunk):
-        views = np.arange(v0, min(geom.num_views, v0 + views_per_chunk))
-        row, q, yx, w, zw = _trace_segment(geom, grid, segment, views, num_lors)
-        if keep_planes is not None and q.size:
+    fovrad = _fov_radius(grid)
+    all_views = np.arange(geom.num_views) if views is None else np.asarray(views, dtype=np.int64)
+    keep_planes = keep_planes or {}
+    # q ranges: from keep_planes, else a bound from the geometry (|z| travel over the FOV + kernel)
+    lo_hi = {}
+    for sgn in segments:
+        kp = keep_planes.get(sgn)
+        if kp:
+            lo_hi[sgn] = (min(a for a, _ in kp), max(b for _, b in kp))
+        else:
+            _, n_ax, zc, _, zw0, _ = _segment_constants(geom, grid, sgn, num_lors)
+            tmax = float(np.max(np.abs(np.asarray(geom.tantheta(sgn, geom.s()), dtype=float))))
+            span = int(math.ceil(2 * fovrad * tmax / grid.voxel_size[0])) + 3
+            lo_hi[sgn] = (int(math.floor(zc)) - span - 2, int(math.ceil(zc)) + span + 2)
+    blocks: dict = {sgn: [] for sgn in segments}
+    used: dict = {sgn: [None, None] for sgn in segments}
+    zws: dict = {}
+    for v0 in range(0, all_views.size, views_per_chunk):
+        vchunk = all_views[v0:v0 + views_per_chunk]
+        tr = _trace_2d(geom, grid, vchunk, num_lors, fovrad)
+        for sgn in segments:
+            row, q, yx, w, zw = _segment_elements(tr, geom, grid, sgn, num_lors)
+            zws[sgn] = zw
+            lo, hi = lo_hi[sgn]
+            kp = keep_planes.get(sgn) or [(lo, hi)]
             keep = np.zeros(q.size, dtype=bool)
-            for lo, hi in keep_planes:
-                keep |= (q >= lo) & (q <= hi)
+            for a, b in kp:
+                keep |= (q >= a) & (q <= b)
             row, q, yx, w = row[keep], q[keep], yx[keep], w[keep]
-        blocks.append((len(views), row, q, yx, w))
-        if q.size:
-            qmin = int(q.min()) if qmin is None else min(qmin, int(q.min()))
-            qmax = int(q.max()) if qmax is None else max(qmax, int(q.max()))
-    if qmin is None:
-        qmin, qmax = 0, 0
-    nq = qmax - qmin + 1
-    mats = []
-    for (nvb, row, q, yx, w) in blocks:
-        m = sp.csr_matrix((w, (row, (q - qmin) * nyx + yx)), shape=(nvb * nt, nq * nyx))
-        m.sum_duplicates()
-        mats.append(m.astype(dtype))
-    mat = sp.vstack(mats, format="csr")
-    return mat, qmin, nq, zw
+            if q.size:
+                u = used[sgn]
+                u[0] = int(q.min()) if u[0] is None else min(u[0], int(q.min()))
+                u[1] = int(q.max()) if u[1] is None else max(u[1], int(q.max()))
+            m = sp.csr_matrix((w, (row, (q - lo) * nyx + yx)), shape=(len(vchunk) * nt, (hi - lo + 1) * nyx))
+            m.sum_duplicates()
+            blocks[sgn].append(m.astype(dtype))
+    out = {}
+    for sgn in segments:
+        lo, hi = lo_hi[sgn]
+        qmin, qmax = used[sgn]
+        if qmin is None:
+            qmin, qmax = lo, lo
+        nq = qmax - qmin + 1
+        m = sp.vstack(blocks[sgn], format="csr")
+        indices = m.indices.astype(np.int64) - (qmin - lo) * nyx
+        m = sp.csr_matrix((m.data, indices, m.indptr), shape=(m.shape[0], nq * nyx))
+        out[sgn] = (m, qmin, nq, zws.get(sgn, np.ones(1)))
+    return out
+
+
+def build_segment_matrix(geom: SinogramGeometry, grid: ImageGrid, segment: int, num_lors: int = 3,
+                         dtype=np.float32, keep_planes: Sequence[tuple[int, int]] | None = None,
+                         views: np.ndarray | None = None) -> tuple[sp.csr_matrix, int, int, np.ndarray]:
+    """Sparse matrix of one segment for axial position 0: ``(csr, qmin, nq, zw)`` (see :func:`_build_matrices`;
+    ``zw`` is the axial kernel: a bin's value is ``sum_e w_e sum_j zw[j] x[q_e + j + a k, yx_e]``)."""
+    res = _build_matrices(geom, grid, [segment], num_lors, views,
+                          {segment: list(keep_planes)} if keep_planes else None, dtype)
+    return res[segment]
 
 
 # ---------------------------------------------------------------------- cache
@@ -315,6 +509,11 @@ class Projector:
         STIR's "number of rays in tangential direction to trace for each bin" (3 in the reference data).
     use_mirror : bool
         Reuse segment ``+d`` for ``-d`` (exact up to rounding ties); False builds every segment.
+    cache : bool
+        Share matrices between projectors of the same geometry/grid in this process.
+    cpu_threads : int or None
+        On CPU, torch's thread count during a projection (restored afterwards). 1 (default) is fastest on a
+        shared, oversubscribed machine (torch's small multi-threaded kernels stall there); None leaves it alone.
 
     Notes
     -----
@@ -324,7 +523,8 @@ class Projector:
     """
 
     def __init__(self, geometry: SinogramGeometry, grid: ImageGrid, device=None, dtype: torch.dtype = torch.float32,
-                 num_tangential_lors: int = 3, use_mirror: bool = True, cache: bool = True):
+                 num_tangential_lors: int = 3, use_mirror: bool = True, cache: bool = True,
+                 cpu_threads: int | None = 1):
         self.geometry = geometry
         self.grid = grid
         self.device = resolve_device(device)
@@ -333,6 +533,7 @@ class Projector:
         if self.num_tangential_lors < 1:
             raise ValueError("num_tangential_lors must be >= 1")
         self.use_mirror = bool(use_mirror)
+        self.cpu_threads = cpu_threads
         self._check_grid()
         key = _geom_key(geometry, grid, self.num_tangential_lors) + (self.use_mirror,)
         self._key = key
@@ -369,54 +570,60 @@ class Projector:
         vz = self.grid.voxel_size[0]
         return (sg.m_mm[0] - self.grid.origin[0]) / vz + (nz - 1) / 2.0
 
-    def _build_cpu(self) -> dict[int, _SegMatrix]:
-        if self._cpu_mats is not None:
+    def _build_cpu(self, views: np.ndarray | None = None) -> dict[int, _SegMatrix]:
+        """Segment matrices for all views (``views=None``) or only for ``views`` (rows in that order)."""
+        if views is None and self._cpu_mats is not None:
             return self._cpu_mats
         import time
         t0 = time.perf_counter()
+        ckey = self._key + ((None,) if views is None else (tuple(int(v) for v in views),))
         with _CACHE_LOCK:
-            hit = _CACHE.get(self._key) if self._use_cache else None
+            hit = _CACHE.get(ckey) if self._use_cache else None
         if hit is not None:
-            self._cpu_mats = hit
+            if views is None:
+                self._cpu_mats = hit
             return hit
         geom, grid = self.geometry, self.grid
         vz = grid.voxel_size[0]
-        mats: dict[int, _SegMatrix] = {}
+        nz = grid.shape[0]
         numbers = [s.number for s in geom.segments]
+        plan = {}  # segment -> (k, mirror shift or None)
         for sg in geom.segments:
-            if sg.number in mats:
-                continue
             k = int(round(sg.axial_sampling_mm / vz))
-            mirror = None
-            if self.use_mirror and sg.number > 0 and -sg.number in numbers:
-                neg = geom.segment(-sg.number)
+            partner = -sg.number if (-sg.number in numbers and sg.number != 0) else None
+            mirror_ok = False
+            if self.use_mirror and partner is not None:
+                other = geom.segment(partner)
                 two_zc = 2 * self._zc_tube(sg)
-                if (neg.num_axial == sg.num_axial and neg.min_ring_diff == -sg.max_ring_diff
-                        and abs(two_zc - round(two_zc)) < 1e-6):
-                    P = int(round(two_zc)) + (sg.num_axial - 1) * k
-                    mirror = grid.shape[0] - 1 - P
-            if sg.number < 0 and self.use_mirror and -sg.number in numbers:
-                # built together with its positive partner if mirroring applies
-                pos = geom.segment(-sg.number)
-                two_zc = 2 * self._zc_tube(pos)
-                if (pos.num_axial == sg.num_axial and pos.min_ring_diff == -sg.max_ring_diff
-                        and abs(two_zc - round(two_zc)) < 1e-6):
-                    continue
-            # planes q of the traced ray that can reach the image for some axial position / kernel tap
+                mirror_ok = (other.num_axial == sg.num_axial and other.min_ring_diff == -sg.max_ring_diff
+                             and abs(two_zc - round(two_zc)) < 1e-6)
+            if mirror_ok and sg.number < 0:
+                continue  # handled by its positive partner
+            mirror = None
+            if mirror_ok:
+                P = int(round(2 * self._zc_tube(sg))) + (sg.num_axial - 1) * k
+                mirror = nz - 1 - P
+            plan[sg.number] = (k, mirror)
+        keep = {}
+        for num, (k, mirror) in plan.items():
+            sg = geom.segment(num)
             J = 8 + int(math.ceil(sg.axial_sampling_mm / vz))
-            nz = grid.shape[0]
-            keep = [(-J - (sg.num_axial - 1) * k, nz - 1)]
+            kp = [(-J - (sg.num_axial - 1) * k, nz - 1)]
             if mirror is not None:
-                keep.append((-J - (sg.num_axial - 1) * k - mirror, nz - 1 - mirror))
-            mat, qmin, nq, zw = build_segment_matrix(
-                geom, grid, sg.number, self.num_tangential_lors,
-                dtype=np.float64 if self.dtype == torch.float64 else np.float32, keep_planes=keep)
-            mats[sg.number] = _SegMatrix(sg.number, mat, qmin, nq, k, sg.num_axial, zw, mirror)
+                kp.append((-J - (sg.num_axial - 1) * k - mirror, nz - 1 - mirror))
+            keep[num] = kp
+        built = _build_matrices(geom, grid, list(plan), self.num_tangential_lors, views, keep,
+                                np.float64 if self.dtype == torch.float64 else np.float32)
+        mats: dict[int, _SegMatrix] = {}
+        for num, (k, mirror) in plan.items():
+            mat, qmin, nq, zw = built[num]
+            mats[num] = _SegMatrix(num, mat, qmin, nq, k, geom.segment(num).num_axial, zw, mirror)
         self.setup_seconds = time.perf_counter() - t0
         if self._use_cache:
             with _CACHE_LOCK:
-                _CACHE[self._key] = mats
-        self._cpu_mats = mats
+                _CACHE[ckey] = mats
+        if views is None:
+            self._cpu_mats = mats
         return mats
 
     def _views_for(self, subset, num_subsets) -> np.ndarray | None:
@@ -434,13 +641,18 @@ class Projector:
         key = None if views is None else (int(num_subsets), int(subset))
         if key in self._dev_ops:
             return self._dev_ops[key], views
-        mats = self._build_cpu()
         nt = self.geometry.num_tangential
+        if views is None or self._cpu_mats is not None:
+            mats = self._build_cpu()
+            sel = views
+        else:  # trace only the subset's views
+            mats = self._build_cpu(views)
+            sel = None
         ops = []
         for num, sm in mats.items():
             m = sm.mat
-            if views is not None:
-                rows = (views[:, None] * nt + np.arange(nt)[None, :]).ravel()
+            if sel is not None:
+                rows = (sel[:, None] * nt + np.arange(nt)[None, :]).ravel()
                 m = m[rows]
             A = _to_torch_csr(m, self.device, self.dtype)
             AT = _to_torch_csr(m.T.tocsr(), self.device, self.dtype)
@@ -464,6 +676,10 @@ class Projector:
 
     def forward(self, x, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A x`` for the views of ``subset`` (all views if None): ``[n_sino, n_views_in_subset, n_tang]``."""
+        with _threads(self.device, self.cpu_threads):
+            return self._forward(x, subset, num_subsets)
+
+    def _forward(self, x, subset, num_subsets) -> torch.Tensor:
         ops, views = self._ops(subset, num_subsets)
         X = self._as_tensor(x, self.grid.shape, "image")
         nz, ny, nx = self.grid.shape
@@ -494,6 +710,10 @@ class Projector:
 
     def adjoint(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A^T y`` (back projection) for data of the views of ``subset``; returns ``[z, y, x]``."""
+        with _threads(self.device, self.cpu_threads):
+            return self._adjoint(y, subset, num_subsets)
+
+    def _adjoint(self, y, subset, num_subsets) -> torch.Tensor:
         ops, views = self._ops(subset, num_subsets)
         geom = self.geometry
         nvs = geom.num_views if views is None else len(views)
@@ -565,12 +785,34 @@ class Projector:
         return int(sum(sm.mat.nnz for sm in self._build_cpu().values()))
 
 
+class _threads:
+    """Temporarily set torch's CPU thread count (no-op on CUDA or when ``n`` is None)."""
+
+    def __init__(self, device: torch.device, n: int | None):
+        self.n = n if (n is not None and device.type == "cpu") else None
+        self.old = None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.old = torch.get_num_threads()
+            if self.old != self.n:
+                torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.n is not None and self.old is not None and self.old != self.n:
+            torch.set_num_threads(self.old)
+        return False
+
+
 def _to_torch_csr(m: sp.csr_matrix, device, dtype) -> torch.Tensor:
     idx_dtype = np.int32 if max(m.nnz, m.shape[1]) < 2 ** 31 - 1 else np.int64
     crow = torch.from_numpy(np.ascontiguousarray(m.indptr.astype(idx_dtype)))
     col = torch.from_numpy(np.ascontiguousarray(m.indices.astype(idx_dtype)))
     val = torch.from_numpy(np.ascontiguousarray(m.data)).to(dtype)
-    return torch.sparse_csr_tensor(crow, col, val, size=m.shape).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR is beta" / invariant-check notices
+        return torch.sparse_csr_tensor(crow, col, val, size=m.shape, check_invariants=False).to(device)
 
 
 def _unfold(Xf: torch.Tensor, qmin: int, nq: int, k: int, na: int) -> torch.Tensor:

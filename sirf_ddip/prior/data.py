@@ -182,33 +182,75 @@ class PhantomSlabDataset(SlabDataset):
         Extra keyword arguments of ``make_subject`` (e.g. ``lesions``, ``deform``).
     template_cache : path, optional
         ``.npz`` cache for :func:`~sirf_ddip.sim.phantoms.load_templates` (machines without nilearn).
+    subjects_cache : path, optional
+        ``.npz`` of the generated subjects (PET and MR, float16 compressed, with a JSON description). Read when it
+        exists *and* describes the same subjects (else a :class:`ValueError` naming the difference); written
+        after generation when it does not exist. Lets a GPU machine without nilearn train on subjects made
+        elsewhere, and avoids regenerating subjects between runs.
     show_progress : bool
+    workers : int
+        Processes generating subjects in parallel (1: in this process).
     """
 
     def __init__(self, num_subjects: int = 8, tracer: str | Sequence[str] = "fdg", seed: int = 0, grid=None,
                  use_mr: bool = True, subject_options: dict[str, Any] | None = None,
                  template_cache: str | None = None, pet_scaling: PETScaler | None = None,
                  mr_scaling: MRScaler | None = None, slab: int = 3, augmentation: Augmentation | None = None,
-                 show_progress: bool = True):
-        from ..sim import phantoms
+                 show_progress: bool = True, subjects_cache: str | None = None, workers: int = 1):
+        import json
+
+        from ..geometry.image import ImageGrid
         from ..utils.progress import progress
 
         tracers = [tracer] if isinstance(tracer, str) else list(tracer)
-        grid = phantoms.mmr_brain_grid() if grid is None else grid
-        templates = phantoms.load_templates(template_cache)
+        if grid is None:
+            grid = ImageGrid((90, 128, 128), (2.03125, 2.08626, 2.08626))  # = sim.phantoms.mmr_brain_grid()
         opts = dict(subject_options or {})
-        pets, mrs = [], []
-        for k in progress(range(int(num_subjects)), total=int(num_subjects), desc="phantom subjects",
-                          enabled=None if show_progress else False):
-            subj = phantoms.make_subject(grid, tracers[k % len(tracers)], seed=int(seed) + k, templates=templates,
-                                         **opts)
-            pets.append(_arr(subj.activity))
-            mrs.append(_arr(subj.mr))
         desc = {"source": "phantom", "generator": "sirf_ddip.sim.phantoms.make_subject (MNI152 2009a)",
                 "tracers": tracers, "num_subjects": int(num_subjects), "seeds": [int(seed), int(seed) + int(num_subjects) - 1],
                 "split": opts.get("split", "train"), "subject_options": opts,
                 "grid": grid.to_dict() if hasattr(grid, "to_dict") else str(grid)}
+        cache = Path(subjects_cache) if subjects_cache else None
+        if cache is not None and cache.is_file():
+            with np.load(cache) as z:
+                cached = json.loads(str(z["description"]))
+                if cached != json.loads(json.dumps(desc)):
+                    diff = sorted(k for k in set(desc) | set(cached) if cached.get(k) != json.loads(json.dumps(desc)).get(k))
+                    raise ValueError(f"{cache}: cached subjects differ from the requested ones in {diff}; "
+                                     "delete the cache or point data.subjects_cache elsewhere")
+                pets = [a.astype(np.float32) for a in z["pet"]]
+                mrs = [a.astype(np.float32) for a in z["mr"]]
+            desc["subjects_cache"] = str(cache.name)
+        else:
+            jobs = [(grid, tracers[k % len(tracers)], int(seed) + k, opts, template_cache)
+                    for k in range(int(num_subjects))]
+            if int(workers) > 1:
+                from concurrent.futures import ProcessPoolExecutor
+
+                with ProcessPoolExecutor(max_workers=int(workers)) as ex:
+                    made = list(progress(ex.map(_make_subject_arrays, jobs), total=len(jobs), desc="phantom subjects",
+                                         enabled=None if show_progress else False))
+            else:
+                made = [_make_subject_arrays(j) for j in progress(jobs, total=len(jobs), desc="phantom subjects",
+                                                                  enabled=None if show_progress else False)]
+            pets = [m[0] for m in made]
+            mrs = [m[1] for m in made]
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(cache.name + ".tmp.npz")
+                np.savez_compressed(tmp, pet=np.stack(pets).astype(np.float16), mr=np.stack(mrs).astype(np.float16),
+                                    description=json.dumps(desc))
+                tmp.replace(cache)
         super().__init__(pets, mrs if use_mr else None, pet_scaling, mr_scaling, slab, augmentation, desc)
+
+
+def _make_subject_arrays(job) -> tuple[np.ndarray, np.ndarray]:
+    """(activity, MR) arrays of one phantom subject (a top-level function, for process pools)."""
+    from ..sim import phantoms
+
+    grid, tracer, seed, opts, template_cache = job
+    subj = phantoms.make_subject(grid, tracer, seed=seed, templates=phantoms.load_templates(template_cache), **opts)
+    return _arr(subj.activity), _arr(subj.mr)
 
 
 def find_nifti_pairs(source: str | Path) -> list[tuple[Path, Path]]:

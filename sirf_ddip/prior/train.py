@@ -82,6 +82,8 @@ class DataConfig:
     grid_xy: int = 128
     subject_options: dict = field(default_factory=dict)
     template_cache: str = ""
+    subjects_cache: str = ""
+    workers: int = 1
     path: str = ""
     resample_mr: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -110,6 +112,7 @@ class TrainConfig:
     amp: bool = True
     num_threads: int = 0
     export_dtype: str = "float16"
+    max_seconds: float = 0.0  # > 0: stop (checkpoint + export) once the training loop has run this long
 
 
 @dataclass
@@ -162,13 +165,16 @@ def build_dataset(cfg: PretrainConfig, show_progress: bool = True):
     pet = PETScaler.from_dict(cfg.pet_scaling)
     mr = MRScaler.from_dict(cfg.mr_scaling)
     if cfg.data.source == "phantom":
-        from ..sim.phantoms import mmr_brain_grid
+        from ..geometry.image import ImageGrid
 
-        return PhantomSlabDataset(cfg.data.num_subjects, cfg.data.tracers, cfg.data.seed,
-                                  grid=mmr_brain_grid(cfg.data.grid_planes, cfg.data.grid_xy), use_mr=cfg.network.use_mr,
+        # the grid of sim.phantoms.mmr_brain_grid(grid_planes, grid_xy), built here so that a machine without
+        # nilearn can train from data.subjects_cache
+        grid = ImageGrid((cfg.data.grid_planes, cfg.data.grid_xy, cfg.data.grid_xy), (2.03125, 2.08626, 2.08626))
+        return PhantomSlabDataset(cfg.data.num_subjects, cfg.data.tracers, cfg.data.seed, grid=grid, use_mr=cfg.network.use_mr,
                                   subject_options=cfg.data.subject_options,
                                   template_cache=cfg.data.template_cache or None, pet_scaling=pet, mr_scaling=mr,
-                                  slab=cfg.network.slab, augmentation=aug, show_progress=show_progress)
+                                  slab=cfg.network.slab, augmentation=aug, show_progress=show_progress,
+                                  subjects_cache=cfg.data.subjects_cache or None, workers=cfg.data.workers)
     return NiftiSlabDataset(cfg.data.path, use_mr=cfg.network.use_mr, resample_mr=cfg.data.resample_mr,
                             pet_scaling=pet, mr_scaling=mr, slab=cfg.network.slab, augmentation=aug)
 
@@ -346,6 +352,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
     bar = progress(range(start, end), total=end - start, desc="pretrain", enabled=None if (show_progress and main_rank) else False)
     run_loss = None
     log_rows = []
+    time_stop = False
     for step in bar:
         x0, mr = dataset.sample(local_batch, gen)
         t = torch.randint(schedule.num_train_steps, (local_batch,), generator=gen)
@@ -382,12 +389,22 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
             if done_steps % cfg.train.log_every == 0 or done_steps == end:
                 log_rows.append([done_steps, f"{lv:.6f}", f"{sched.get_last_lr()[0]:.6e}",
                                  f"{elapsed0 + time.perf_counter() - t0:.2f}"])
-        if done_steps % cfg.train.checkpoint_every == 0 or done_steps == end:
+        if cfg.train.max_seconds > 0 and not time_stop:
+            flag = torch.tensor([float(elapsed0 + time.perf_counter() - t0 > cfg.train.max_seconds)], device=dev)
+            if distributed:
+                import torch.distributed as dist
+
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            time_stop = bool(flag.item() > 0)
+        if done_steps % cfg.train.checkpoint_every == 0 or done_steps == end or time_stop:
             if main_rank and log_rows:
                 with open(log_path, "a", newline="") as f:
                     csv.writer(f).writerows(log_rows)
                 log_rows = []
             save_checkpoint(done_steps, elapsed0 + time.perf_counter() - t0)
+        if time_stop:
+            end = done_steps
+            break
     if hasattr(bar, "close"):
         bar.close()
     seconds = elapsed0 + time.perf_counter() - t0
@@ -395,8 +412,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
                          mean_loss_first=sum(losses[:20]) / max(1, len(losses[:20])) if losses else None,
                          mean_loss_last=sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
                          out=str(out), ema=ema, model=model)
-    if end == cfg.train.steps and main_rank:
-        result["card"] = str(export(cfg, model, ema, schedule, dataset, out, seconds, dev, world, overwrite=True))
+    result["stopped_by_time"] = time_stop
+    if (end == cfg.train.steps or time_stop) and main_rank:
+        result["card"] = str(export(cfg, model, ema, schedule, dataset, out, seconds, dev, world, overwrite=True,
+                                    steps_done=end, stopped_by_time=time_stop))
     if distributed:
         import torch.distributed as dist
 
@@ -405,13 +424,16 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
 
 
 def export(cfg: PretrainConfig, model, ema: dict, schedule: NoiseSchedule, dataset, out: Path, seconds: float,
-           dev, world: int, overwrite: bool = False) -> Path:
+           dev, world: int, overwrite: bool = False, steps_done: int | None = None,
+           stopped_by_time: bool = False) -> Path:
     """Write ``out/prior.safetensors`` + card from the EMA weights."""
     from .weights import save_prior
 
     training = {
         "data": dataset.description,
-        "steps": cfg.train.steps,
+        "steps": cfg.train.steps if steps_done is None else int(steps_done),
+        "planned_steps": cfg.train.steps,
+        "stopped_by_time_limit": bool(stopped_by_time),
         "batch_size": cfg.train.batch_size,
         "seconds": round(seconds, 1),
         "device": str(dev) + (f" x{world}" if world > 1 else ""),

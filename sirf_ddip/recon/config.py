@@ -35,8 +35,9 @@ class DDIPConfig:
     num_em : int
         N_em, EM(+fusion) updates per image step (5).
     finetune : bool
-        False = "diffusion prior without adaptation": no LoRA training; the DDIM step then uses the HQS image
-        (not the network's x̂0), i.e. a DDS/DiffPIR-style plug-in baseline.
+        False = "diffusion prior without adaptation": no LoRA training; ``num_finetune`` image steps per diffusion
+        step against the prior's x̂0, and the DDIM step uses the HQS image (not the network's x̂0), i.e. a
+        DDS/DiffPIR-style plug-in baseline with the same projector budget.
     lora_rank : int
         LoRA rank on ResBlock and attention layers (4).
     lora_alpha : float or None
@@ -71,6 +72,9 @@ class DDIPConfig:
         "auto" (CUDA when available), "cpu", "cuda", "cuda:1".
     checkpoint_every : int
         Diffusion steps between checkpoints in ``run``/CLI (0 = only at the end).
+    num_threads : int
+        CPU threads for torch, applied by the CLI (0 = torch's default, one per core). On a shared CPU, 1 thread
+        avoids OpenMP oversubscription, which can slow the network several-fold.
     """
 
     t_start: int = 200
@@ -95,6 +99,7 @@ class DDIPConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 10
+    num_threads: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,7 +117,7 @@ class DDIPConfig:
             bad("eta", "must be in [0, 1]")
         if not self.beta >= 0:
             bad("beta", "must be >= 0 (.inf allowed)")
-        for key in ("num_finetune", "num_em", "n_init", "finetune_slabs", "checkpoint_every"):
+        for key in ("num_finetune", "num_em", "n_init", "finetune_slabs", "checkpoint_every", "num_threads"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         for key in ("lora_rank", "num_subsets", "slab_batch"):

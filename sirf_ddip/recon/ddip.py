@@ -20,8 +20,9 @@ State: ``x_t`` (the whole volume ``[Z, H, W]`` in network units) and the HQS ima
 2. *DDIM step* with η from the fine-tuned network's ε (x̂0 clamped; ε re-derived from the clamped x̂0).
 
 The output is the last x̂0 in activity units. ``finetune = False`` is the "diffusion prior without adaptation"
-baseline: the image step runs once per diffusion step and its image (clamped, in network units) is the x̂0 of the
-DDIM step (DDS/DiffPIR-style plug-in).
+baseline: the image step runs ``K`` times per diffusion step against the prior's x̂0 (the same projector budget as
+the adapted run) and its image (clamped, in network units) is the x̂0 of the DDIM step (DDS/DiffPIR-style
+plug-in).
 
 Warm start: ``n_init`` MLEM-equivalent iterations (``ceil(n_init/S)`` OSEM iterations of ``S`` subsets) from a
 uniform image — or the image given to :meth:`set_current_estimate` — mapped to network units with the prior's
@@ -54,7 +55,7 @@ from .hqs import beta_activity, hqs_image_step
 CHECKPOINT_FORMAT = "sirf_ddip-ddip-checkpoint/1"
 CHECKPOINT_FILE = "ddip_checkpoint.pt"
 #: config keys that may differ between a checkpoint and the resuming run (they do not change the result)
-_RESUME_FREE_KEYS = ("device", "checkpoint_every", "slab_batch")
+_RESUME_FREE_KEYS = ("device", "checkpoint_every", "slab_batch", "num_threads")
 
 
 class DDIPReconstructor(IterativeReconstructor):
@@ -421,7 +422,9 @@ class DDIPReconstructor(IterativeReconstructor):
         else:
             eps = self._eps_volume(xt, t)
             x0_prior = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
-            self._x_img = self._image_step(x0_prior, self._x_img)
+            # same projector budget as the adapted run: K image steps (z fixed) = K·N_em fused EM updates
+            for _ in range(max(1, cfg.num_finetune)):
+                self._x_img = self._image_step(x0_prior, self._x_img)
             x0 = self._to_net(self._x_img).clamp(lo, hi)
         noise = self._randn(xt.shape)
         self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0)
@@ -487,6 +490,7 @@ class DDIPReconstructor(IterativeReconstructor):
             t0 = time.perf_counter()
             loss.backward()
             self.timings["finetune_backward"] += time.perf_counter() - t0
+        self.counts["slab_backwards"] += int(idx.numel())
         return loss.detach()
 
     # ------------------------------------------------------------------ running

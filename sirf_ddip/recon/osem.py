@@ -6,8 +6,9 @@ What STIR's ``OSMAPOSLReconstruction`` does, and this class does too:
   views of a subset being those of the data step (``geometry.subset_views``, STIR's symmetry-aware subsets);
 - subset sensitivities ``A_sᵀ m_s`` (``use subset sensitivities := 1``), computed once at :meth:`set_up`;
 - ``enforce initial positivity condition := 1`` (the default): at set-up of the initial estimate, STIR calls
-  ``threshold_min_to_small_positive_value(image, 10e-6)``: every value ≤ 0 becomes
-  ``min(positive values) · 1e-5`` (all values become 1e-5 if none is positive);
+  ``threshold_min_to_small_positive_value(image, 1e-6)`` (``OSMAPOSLReconstruction::set_up``,
+  ``static const float small_num = 0.000001F``; OSSPS uses 10e-6): every value below
+  ``min(positive values) · 1e-6`` is raised to it (all values become 1e-6 if none is positive);
 - the multiplicative update ``x ← x ⊙ A_sᵀ q / A_sᵀ m_s`` (``DataStep.em_update``), 0 where the
   sensitivity is 0 (outside the projector's field of view);
 - an optional Gaussian post-filter (FWHM in mm; STIR's ``SeparableGaussianImageFilter``, normalised
@@ -27,12 +28,12 @@ from .base import IterativeReconstructor
 
 __all__ = ["OSEMReconstructor", "threshold_min_to_small_positive_value", "gaussian_filter_mm"]
 
-#: STIR OSMAPOSL's small_number for the initial positivity condition
-POSITIVITY_SMALL_NUMBER = 10.0e-6
+#: STIR OSMAPOSL's small_number for the initial positivity condition (OSMAPOSLReconstruction::set_up)
+POSITIVITY_SMALL_NUMBER = 1.0e-6
 
 
 def threshold_min_to_small_positive_value(x: torch.Tensor, small_number: float = POSITIVITY_SMALL_NUMBER) -> torch.Tensor:
-    """STIR ``threshold_min_to_small_positive_value``: values ≤ 0 (and below) → ``min_positive · small_number``."""
+    """STIR ``threshold_min_to_small_positive_value``: values below ``min_positive · small_number`` are raised to it."""
     pos = x[x > 0]
     if pos.numel() == 0:
         return torch.full_like(x, small_number)

@@ -267,7 +267,7 @@ def _smooth_sino(y: np.ndarray, geometry, sigma_tang_bins: float, sigma_views: f
 def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forward: Callable[[np.ndarray], np.ndarray],
                   target_trues: float, rng: np.random.Generator, *, scatter_fraction: float = 0.35,
                   randoms_fraction: float = 0.3, efficiency_sd: float = 0.08,
-                  brain_fraction: np.ndarray | None = None) -> SimulatedData:
+                  brain_fraction: np.ndarray | None = None, length_unit_mm: float = 1.0) -> SimulatedData:
     """Prompts, mult and additive arrays for ``truth`` with ``target_trues`` expected trues (before noise).
 
     Parameters
@@ -275,7 +275,9 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     truth : activity ``[z, y, x]`` (kBq/mL)
     mu_map_per_cm : μ-map ``[z, y, x]`` (cm⁻¹) on the same grid
     geometry : SinogramGeometry of the data
-    forward : ``A``: image ``[z, y, x]`` (numpy) → sinograms ``geometry.shape`` (line integrals in mm)
+    forward : ``A``: image ``[z, y, x]`` (numpy) → sinograms ``geometry.shape`` (line integrals in units of
+        ``length_unit_mm``; STIR's ray tracing and the built-in projector give lengths in units of the x voxel size,
+        which is why STIR scales μ-maps by ``v_x / 10`` before projecting them)
     target_trues : expected total of ``m ⊙ A x``
     rng : generator for efficiencies, randoms pattern and Poisson noise
     brain_fraction : optional ``[z, y, x]`` weights; its expected trues are reported as ``trues_brain``
@@ -286,7 +288,7 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     ax = np.asarray(forward(np.asarray(truth, dtype=np.float32)), dtype=np.float64)
     if ax.shape != shape:
         raise ValueError(f"forward projection shape {ax.shape} != geometry shape {shape}")
-    att = np.exp(-0.1 * np.asarray(forward(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64))
+    att = np.exp(-0.1 * float(length_unit_mm) * np.asarray(forward(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64))
     eff = detector_efficiencies(geometry, rng, efficiency_sd)
     norm_att = eff * att
     c = target_trues / float((norm_att * ax).sum())
@@ -347,10 +349,12 @@ def _full_head_planes(nz: int, vz: float) -> int:
 
 
 def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwrite: bool = False,
-                   forward: Callable[[np.ndarray], np.ndarray] | None = None) -> Path:
+                   forward: Callable[[np.ndarray], np.ndarray] | None = None,
+                   forward_length_unit_mm: float | None = None) -> Path:
     """Simulate one study and write it to ``out_dir`` (PETRIC layout, STIR Interfile); returns ``out_dir``.
 
-    Files: :data:`STUDY_FILES` and ``run_record.json``. ``forward`` replaces the built-in projector (tests).
+    Files: :data:`STUDY_FILES` and ``run_record.json``. ``forward`` replaces the built-in projector (tests);
+    ``forward_length_unit_mm`` is its length unit (default: the x voxel size, the built-in projector's and STIR's).
     Refuses a non-empty ``out_dir`` unless ``overwrite``.
     """
     from ..config import from_dict
@@ -397,7 +401,8 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
     fwd = forward if forward is not None else _numpy_forward(geometry, grid, cfg.device)
     sim = simulate_data(truth, mu, geometry, fwd, target_trues, rng, scatter_fraction=cfg.scatter_fraction,
                         randoms_fraction=cfg.randoms_fraction, efficiency_sd=cfg.efficiency_sd,
-                        brain_fraction=brain_frac)
+                        brain_fraction=brain_frac,
+                        length_unit_mm=grid.voxel_size[2] if forward_length_unit_mm is None else forward_length_unit_mm)
 
     meta = {"originating system": sc_name}
     write_projdata(out / "prompts.hs", ProjData(sim.prompts, geometry, dict(meta)), overwrite=overwrite)
@@ -432,6 +437,7 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         "expected_trues_from_brain": sim.stats.get("trues_brain"),
         "calibration_counts_per_unit_Ax": sim.stats["calibration_counts_per_unit_Ax"],
         "mean_attenuation_factor": sim.stats["mean_attenuation_factor"],
+        "min_attenuation_factor": sim.stats["min_attenuation_factor"],
         "activity_units": "kBq/mL", "mu_units": "cm^-1",
         "truth_total_kBq": float(truth.sum() * vox_ml),
         "truth_brain_mean_kBq_per_mL": float(truth[masks["brain"]].mean()) if masks["brain"].any() else None,

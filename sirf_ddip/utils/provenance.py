@@ -19,20 +19,18 @@ def versions() -> dict[str, str]:
     from .. import __version__
 
     out = {"python": sys.version.split()[0], "sirf_ddip": __version__, "platform": platform.platform()}
-    for mod in ("torch", "numpy", "peft", "monai", "nibabel", "nilearn", "safetensors", "scipy"):
-        try:
-            m = __import__(mod)
-            out[mod] = str(getattr(m, "__version__", "?"))
-        except Exception:  # pragma: no cover - optional
-            pass
-    try:
-        import torch
+    from importlib import metadata
 
-        out["cuda"] = torch.version.cuda or "none"
+    for dist in ("torch", "numpy", "peft", "monai", "nibabel", "nilearn", "safetensors", "scipy"):
+        try:  # package metadata: no import of heavy modules
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover - optional
+            pass
+    torch = sys.modules.get("torch")
+    if torch is not None:  # report CUDA only when torch is already loaded by the run
+        out["cuda"] = getattr(torch.version, "cuda", None) or "none"
         if torch.cuda.is_available():
             out["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # pragma: no cover
-        pass
     try:  # SIRF is optional and imported only if already importable
         import importlib.util
 
