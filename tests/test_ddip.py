@@ -91,7 +91,7 @@ def test_finetune_off_beta_inf_image_step_returns_prior_x0(ds, bundle):
 
 def test_beta_zero_is_plain_osem(ds, bundle):
     """β → 0 (finetune off): the HQS image is exactly OSEM continued from the warm start."""
-    r = make(ds, bundle, finetune=False, beta=0.0, num_subsets=2, num_em=3, num_steps=3)
+    r = make(ds, bundle, finetune=False, beta=0.0, num_subsets=2, num_em=3, num_steps=3, em_start="previous")
     r.process(progress=False)
     x = torch.ones(ds.image_shape, dtype=ds.dtype)
     for k in range(4 + 3 * 2 * 3):       # n_init=4, S=2 → 2 OSEM iterations (4 sub-its), then 3 steps × K=2 × 3
@@ -101,6 +101,38 @@ def test_beta_zero_is_plain_osem(ds, bundle):
     lo, hi = r.config.x0_clamp
     torch.testing.assert_close(r.x, r.pet_scaler.from_net(r.pet_scaler.to_net(x.float()).clamp(lo, hi)).double(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_beta_zero_em_from_x0(ds, bundle):
+    """em_start = x0 (default), β = 0: the image step is K·N_em plain EM updates from the prior's x̂0."""
+    r = make(ds, bundle, finetune=False, beta=0.0, num_em=2)
+    r.initialise()
+    xt = r._xt.clone()
+    t = r.timesteps[0]
+    x0_prior = r.schedule.tweedie_x0(xt, r._eps_volume(xt, t), t).clamp(*r.config.x0_clamp)
+    r.update_current_estimate()
+    x = r.pet_scaler.from_net(x0_prior).double().clamp_min(1e-3 * r.pet_scaler.scale)
+    for _ in range(2 * 2):
+        x = ds.em_update(x)
+    torch.testing.assert_close(r._x_img, x, rtol=1e-5, atol=1e-6)
+
+
+def test_pet_scale_is_fitted_inside_the_fov(bundle):
+    """A hot artefact where the sensitivity is ~0 (FOV edge) must not set the network scale."""
+    d = DenseDataStep(shape=(4, 16, 16), nbins=800)
+    d.A[:, 0] = 0.0                                   # voxel [0, 0, 0] is outside the FOV
+    d._sens = {}
+    r = DDIPReconstructor(**{**FAST, "scale_smooth_vox": 0.0})
+    r.set_objective_function(d)
+    r.set_prior(bundle)
+    r.set_anatomical_image(d.mr.numpy())
+    r.set_up(np.ones(d.image_shape))
+    img = d.x_true.clone()
+    img[0, 0, 0] = 1000.0
+    fitted = r.fit_pet_scaler(img)
+    ref = bundle.pet_scaling.fit(d.x_true.numpy() * (d.sensitivity(None).numpy() > 0.1 * float(d.sensitivity().max())))
+    assert fitted.scale == pytest.approx(ref.scale, rel=1e-6)
+    assert bundle.pet_scaling.fit(img.numpy()).scale > 2 * fitted.scale     # unmasked, the artefact wins
 
 
 def test_finetuning_changes_the_output_and_fits_the_data(ds, bundle):

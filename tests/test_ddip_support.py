@@ -97,6 +97,7 @@ def tiny_bundle(use_mr: bool = True, seed: int = 0, std: float = 0.02):
     from sirf_ddip.prior.network import build_network, reinit_zero_layers
     from sirf_ddip.prior.scaling import MRScaler, PETScaler
     from sirf_ddip.prior.schedule import NoiseSchedule
+    from sirf_ddip.prior.weights import PriorBundle
 
     torch.manual_seed(seed)
     net = build_network({"channels": [8, 16], "attention_levels": [False, True], "num_head_channels": 8,
@@ -105,11 +106,4 @@ def tiny_bundle(use_mr: bool = True, seed: int = 0, std: float = 0.02):
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    try:
-        from sirf_ddip.prior.weights import PriorBundle
-    except ImportError:  # weights.py shadowed by the weights/ package: use the same fields
-        from types import SimpleNamespace
-
-        return SimpleNamespace(network=net, schedule=NoiseSchedule(), pet_scaling=PETScaler(),
-                               mr_scaling=MRScaler() if use_mr else None, card={}, path=None)
     return PriorBundle(net, NoiseSchedule(), PETScaler(), MRScaler() if use_mr else None)

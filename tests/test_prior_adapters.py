@@ -53,7 +53,7 @@ def test_training_changes_output_and_reset_restores():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert float((net(x, t, mr) - ref).abs().max()) > 1e-3
     saved = adapter_state_dict(net)

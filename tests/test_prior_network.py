@@ -14,12 +14,12 @@ def test_forward_shapes_and_time_dependence():
     assert reinit_zero_layers(net, 0.05) >= 1
     x = torch.randn(2, 3, 16, 16)
     mr = torch.randn(2, 3, 16, 16)
-    out = net(x, torch.tensor([10, 10]), mr)
+    out = net(x, torch.tensor([10, 10]), mr).detach()
     assert out.shape == (2, 3, 16, 16)
     assert float(out.abs().mean()) > 0
-    out2 = net(x, torch.tensor([900, 900]), mr)
+    out2 = net(x, torch.tensor([900, 900]), mr).detach()
     assert float((out - out2).abs().max()) > 1e-4  # timestep embedding matters
-    out3 = net(x, torch.tensor([10, 10]), -mr)
+    out3 = net(x, torch.tensor([10, 10]), -mr).detach()
     assert float((out - out3).abs().max()) > 1e-4  # MR matters
     assert torch.allclose(net(x, 10, mr), out)  # scalar t broadcasts
 

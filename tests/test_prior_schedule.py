@@ -72,7 +72,7 @@ def test_ddim_eta1_variance_is_ddpm_posterior_variance():
     out = s.ddim_step(xt, eps, 300, 100, eta=1.0, generator=g)
     expect = float(s.ddim_sigma(300, 100, 1.0, xt) ** 2)
     assert float(out.var()) == pytest.approx(expect, rel=0.05)
-    assert float(out.var()) > 0.1  # not vacuous: a large stride has a large sigma
+    assert float(out.var()) > 0.05  # not vacuous: a large stride has a large sigma
 
 
 def test_timesteps():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 
 
 def register(subparsers) -> None:
@@ -52,6 +52,8 @@ def _pretrain(args) -> int:
     cfg = load_pretrain_config(args.config, args.overrides)
     res = pretrain(cfg, args.out, resume=args.resume, device=args.device, overwrite=args.overwrite,
                    config_path=args.config)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports
+        return 0
     print(f"pretrain: {res['steps']} steps in {res['seconds']:.1f} s; loss first-20 mean "
           f"{res['mean_loss_first']:.4f}, last-20 mean {res['mean_loss_last']:.4f}")
     if "card" in res:

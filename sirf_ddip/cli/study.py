@@ -43,7 +43,7 @@ def _simulate(args) -> int:
     data = deep_merge(read_yaml(args.config), parse_overrides(args.set))
     out = Path(args.out)
     if "cases" in data:
-        from ..study.study import load_study_config, simulate_cases
+        from ..study.study import load_study_config
 
         cfg = load_study_config(args.config, args.set)
         t0 = time.perf_counter()

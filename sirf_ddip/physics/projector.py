@@ -342,8 +342,8 @@ def _trace_2d(geom: SinogramGeometry, grid: ImageGrid, views: np.ndarray, num_lo
         wa = w[ri, ci]
         wb = w[ri, ci + 1]
         wm = 0.5 * (wa + wb)
-        ix = _stir_round(x0[ri] + ax_[ri] * wm)
-        iy = _stir_round(y0[ri] + ay_[ri] * wm)
+        ix = np.floor(x0[ri] + ax_[ri] * wm + 0.5).astype(np.int64)  # mid-points are never at .5 ties
+        iy = np.floor(y0[ri] + ay_[ri] * wm + 0.5).astype(np.int64)
         inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
         ray_l.append(ri[inside] + c0)
         wa_l.append(wa[inside])
@@ -380,32 +380,43 @@ def _segment_elements(tr: dict, geom: SinogramGeometry, grid: ImageGrid, segment
     wb = np.minimum(wb, W1[ray])
     keep = wb - wa > 1e-7
     ray, wa, wb, yx = ray[keep], wa[keep], wb[keep], yx[keep]
-    zs_e, rz_e, par_e = zs[ray], rz[ray], par[ray]
+    zs_e, rz_e = zs[ray], rz[ray]
     za = zs_e + rz_e * wa
     zb = zs_e + rz_e * wb
-    lo = np.minimum(za, zb)
-    hi = np.maximum(za, zb)
-    k0 = np.floor(lo - 0.5)
-    nb = np.where(par_e, 0, (np.floor(hi - 0.5) - k0)).astype(np.int64)
-    K = int(nb.max()) if nb.size else 0
-    if K > 0:
-        j = np.arange(K)[None, :]
-        bnd = k0[:, None] + 1.5 + j
-        with np.errstate(divide="ignore", invalid="ignore"):
-            wbnd = (bnd - zs_e[:, None]) / np.where(par_e, 1.0, rz_e)[:, None]
-        wbnd = np.where(j < nb[:, None], wbnd, wb[:, None])
-        pts = np.concatenate([wa[:, None], wbnd, wb[:, None]], axis=1)
-        pts.sort(axis=1)
+    pa_z = np.floor(za + 0.5)
+    pb_z = np.floor(zb + 0.5)
+    nb = np.abs(pb_z - pa_z).astype(np.int64)
+    nb[par[ray]] = 0
+    scale = np.sqrt(1.0 + tau ** 2) * norm
+    rows_e = rows_ray[ray]
+    # elements inside one plane (the vast majority)
+    one = nb == 0
+    R = [rows_e[one]]
+    Q = [pa_z[one].astype(np.int64)]
+    YX = [yx[one]]
+    W = [(wb[one] - wa[one]) * scale[ray[one]]]
+    # elements crossing plane boundaries: split at the crossings (ordered along the travel direction)
+    idx = np.nonzero(~one)[0]
+    if idx.size:
+        K = int(nb[idx].max())
+        zsi, rzi, wai, wbi = zs_e[idx], rz_e[idx], wa[idx], wb[idx]
+        step = np.where(rzi > 0, 1.0, -1.0)
+        j = np.arange(1, K + 1)[None, :]
+        bnd = pa_z[idx][:, None] + step[:, None] * (j - 0.5)  # boundaries in travel order
+        wbnd = (bnd - zsi[:, None]) / rzi[:, None]
+        wbnd = np.where(j <= nb[idx][:, None], wbnd, wbi[:, None])
+        np.clip(wbnd, wai[:, None], wbi[:, None], out=wbnd)
+        pts = np.concatenate([wai[:, None], wbnd, wbi[:, None]], axis=1)
         seglen = pts[:, 1:] - pts[:, :-1]
         ei, ci = np.nonzero(seglen > 1e-7)
         pa, pb = pts[ei, ci], pts[ei, ci + 1]
-    else:
-        ei = np.arange(ray.size)
-        pa, pb = wa, wb
-    mid = 0.5 * (pa + pb)
-    q = _stir_round(zs_e[ei] + rz_e[ei] * mid)
-    val = (pb - pa) * np.sqrt(1.0 + tau[ray[ei]] ** 2) * norm
-    return rows_ray[ray[ei]], q, yx[ei], val, zw
+        ge = idx[ei]
+        mid = 0.5 * (pa + pb)
+        R.append(rows_e[ge])
+        Q.append(np.floor(zs_e[ge] + rz_e[ge] * mid + 0.5).astype(np.int64))
+        YX.append(yx[ge])
+        W.append((pb - pa) * scale[ray[ge]])
+    return np.concatenate(R), np.concatenate(Q), np.concatenate(YX), np.concatenate(W), zw
 
 
 def _build_matrices(geom: SinogramGeometry, grid: ImageGrid, segments: Sequence[int], num_lors: int = 3,
@@ -514,6 +525,9 @@ class Projector:
     cpu_threads : int or None
         On CPU, torch's thread count during a projection (restored afterwards). 1 (default) is fastest on a
         shared, oversubscribed machine (torch's small multi-threaded kernels stall there); None leaves it alone.
+    max_operand_bytes : int
+        Memory bound for the unfolded image operand of one sparse product; larger segments are processed in
+        chunks of axial positions.
 
     Notes
     -----
@@ -524,7 +538,7 @@ class Projector:
 
     def __init__(self, geometry: SinogramGeometry, grid: ImageGrid, device=None, dtype: torch.dtype = torch.float32,
                  num_tangential_lors: int = 3, use_mirror: bool = True, cache: bool = True,
-                 cpu_threads: int | None = 1):
+                 cpu_threads: int | None = 1, max_operand_bytes: int = 256 * 2 ** 20):
         self.geometry = geometry
         self.grid = grid
         self.device = resolve_device(device)
@@ -534,6 +548,7 @@ class Projector:
             raise ValueError("num_tangential_lors must be >= 1")
         self.use_mirror = bool(use_mirror)
         self.cpu_threads = cpu_threads
+        self.max_operand_bytes = int(max_operand_bytes)
         self._check_grid()
         key = _geom_key(geometry, grid, self.num_tangential_lors) + (self.use_mirror,)
         self._key = key
@@ -679,6 +694,12 @@ class Projector:
         with _threads(self.device, self.cpu_threads):
             return self._forward(x, subset, num_subsets)
 
+    def _a_chunk(self, sm: _SegMatrix) -> int:
+        """Axial positions per chunk so that the unfolded operand stays under ``max_operand_bytes``."""
+        ny, nx = self.grid.shape[1:]
+        per = sm.nq * ny * nx * torch.finfo(self.dtype).bits // 8 * (2 if sm.mirror_shift is not None else 1)
+        return max(1, min(sm.num_axial, int(self.max_operand_bytes // max(per, 1))))
+
     def _forward(self, x, subset, num_subsets) -> torch.Tensor:
         ops, views = self._ops(subset, num_subsets)
         X = self._as_tensor(x, self.grid.shape, "image")
@@ -692,21 +713,26 @@ class Projector:
         out = torch.zeros((geom.num_sinograms, nvs, nt), device=self.device, dtype=self.dtype)
         for sm, A, _ in ops:
             J = len(sm.zw) - 1
-            cols = [_unfold(_zfilter(Xf, sm.zw), sm.qmin + J, sm.nq, sm.k, sm.num_axial)]
-            if sm.mirror_shift is not None:
-                cols.append(_unfold(_zfilter(Xflip, sm.zw), sm.qmin + sm.mirror_shift + J, sm.nq, sm.k,
-                                    sm.num_axial))
-            D = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
-            Y = torch.sparse.mm(A, D)  # (nvs*nt, n_a or 2 n_a)
             na = sm.num_axial
-            Yp = Y[:, :na].T.reshape(na, nvs, nt)
-            out[geom.segment_slice(sm.number)] = Yp
-            if sm.mirror_shift is not None:
-                Yn = Y[:, na:].T.reshape(na, nvs, nt).flip(0)
-                out[geom.segment_slice(-sm.number)] = Yn
+            Xt = _zfilter(Xf, sm.zw)
+            Xtf = _zfilter(Xflip, sm.zw) if sm.mirror_shift is not None else None
+            pos0 = geom.segment_offset(sm.number)
+            neg0 = geom.segment_offset(-sm.number) if sm.mirror_shift is not None else None
+            step = self._a_chunk(sm)
+            for a0 in range(0, na, step):
+                a1 = min(na, a0 + step)
+                nc = a1 - a0
+                cols = [_unfold(Xt, sm.qmin + J + a0 * sm.k, sm.nq, sm.k, nc)]
+                if Xtf is not None:
+                    cols.append(_unfold(Xtf, sm.qmin + sm.mirror_shift + J + a0 * sm.k, sm.nq, sm.k, nc))
+                D = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+                Y = torch.sparse.mm(A, D)  # (nvs*nt, nc or 2 nc)
+                out[pos0 + a0:pos0 + a1] = Y[:, :nc].T.reshape(nc, nvs, nt)
+                if Xtf is not None:  # mirrored segment: axial positions reversed
+                    out[neg0 + na - a1:neg0 + na - a0] = Y[:, nc:].T.reshape(nc, nvs, nt).flip(0)
         return out
 
-    apply = forward
+        apply = forward
 
     def adjoint(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A^T y`` (back projection) for data of the views of ``subset``; returns ``[z, y, x]``."""
@@ -725,19 +751,27 @@ class Projector:
         accf = torch.zeros((nz, nyx), device=self.device, dtype=self.dtype)
         for sm, _, AT in ops:
             na = sm.num_axial
-            cols = [Y[geom.segment_slice(sm.number)].reshape(na, nvs * nt).T]
-            if sm.mirror_shift is not None:
-                cols.append(Y[geom.segment_slice(-sm.number)].flip(0).reshape(na, nvs * nt).T)
-            Ycat = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0].contiguous()
-            G = torch.sparse.mm(AT, Ycat)  # (nq*nyx, n_a or 2 n_a)
             J = len(sm.zw) - 1
+            mirror = sm.mirror_shift is not None
+            pos0 = geom.segment_offset(sm.number)
+            neg0 = geom.segment_offset(-sm.number) if mirror else None
             acc_t = torch.zeros((nz + J, nyx), device=self.device, dtype=self.dtype)
-            _fold_add(acc_t, G[:, :na], sm.qmin + J, sm.nq, sm.k, na)
+            accf_t = torch.zeros((nz + J, nyx), device=self.device, dtype=self.dtype) if mirror else None
+            step = self._a_chunk(sm)
+            for a0 in range(0, na, step):
+                a1 = min(na, a0 + step)
+                nc = a1 - a0
+                cols = [Y[pos0 + a0:pos0 + a1].reshape(nc, nvs * nt).T]
+                if mirror:
+                    cols.append(Y[neg0 + na - a1:neg0 + na - a0].flip(0).reshape(nc, nvs * nt).T)
+                Ycat = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0].contiguous()
+                G = torch.sparse.mm(AT, Ycat)  # (nq*nyx, nc or 2 nc)
+                _fold_add(acc_t, G[:, :nc], sm.qmin + J + a0 * sm.k, sm.nq, sm.k, nc)
+                if mirror:
+                    _fold_add(accf_t, G[:, nc:], sm.qmin + sm.mirror_shift + J + a0 * sm.k, sm.nq, sm.k, nc)
             _zfilter_adjoint_add(acc, acc_t, sm.zw)
-            if sm.mirror_shift is not None:
-                acc_t.zero_()
-                _fold_add(acc_t, G[:, na:], sm.qmin + sm.mirror_shift + J, sm.nq, sm.k, na)
-                _zfilter_adjoint_add(accf, acc_t, sm.zw)
+            if mirror:
+                _zfilter_adjoint_add(accf, accf_t, sm.zw)
         acc += torch.flip(accf, dims=(0,))
         return acc.reshape(nz, ny, nx)
 
@@ -858,10 +892,10 @@ def _zfilter_adjoint_add(acc: torch.Tensor, acc_t: torch.Tensor, zw: np.ndarray)
 def _fold_add(acc: torch.Tensor, G: torch.Tensor, qmin: int, nq: int, k: int, na: int) -> None:
     """Adjoint of :func:`_unfold`: ``acc[qmin + q + a k] += G[(q, yx), a]`` (dropping planes outside)."""
     nz, nyx = acc.shape
-    G3 = G.reshape(nq, nyx, na)
+    G3 = G.reshape(nq, nyx, na).permute(2, 0, 1).contiguous()  # (na, nq, nyx): contiguous slabs
     for a in range(na):
         lo = qmin + a * k
         q0 = max(0, -lo)
         q1 = min(nq, nz - lo)
         if q1 > q0:
-            acc[lo + q0:lo + q1] += G3[q0:q1, :, a]
+            acc[lo + q0:lo + q1] += G3[a, q0:q1]

@@ -96,11 +96,13 @@ class Scaler:
             new.scale = self.scale
             return new
         sm = self.smoothed(arr)
+        user_mask = mask is not None
         if mask is None:
             mask = self.head_mask(arr, smoothed=sm)
         vals = sm[np.asarray(mask, dtype=bool)]
         if vals.size == 0:
-            raise ValueError(f"{type(self).__name__}.fit: empty mask")
+            raise ValueError(f"{type(self).__name__}.fit: the given mask is empty" if user_mask else
+                             f"{type(self).__name__}.fit: image has no positive signal to normalise (empty head mask)")
         s = float(np.percentile(vals, float(self.spec["percentile"])))
         if not (np.isfinite(s) and s > 0):
             raise ValueError(f"{type(self).__name__}.fit: image has no positive signal to normalise "

@@ -34,6 +34,19 @@ class DDIPConfig:
         K, LoRA fine-tuning iterations per diffusion step (2).
     num_em : int
         N_em, EM(+fusion) updates per image step (5).
+    em_start : str
+        Where each image step's EM updates start: ``"x0"`` (default) from the prior's current x̂0 (activity
+        units, floored at ``1e-3 × scale`` so that EM can move every voxel), as in DDS/DDIP where the data step is
+        initialised at the Tweedie estimate; ``"previous"`` continues from the previous image step's result
+        (warm-started HQS; with β = 0 this is exactly OSEM continued from the warm start).
+    scale_smooth_vox : float
+        In-plane Gaussian σ (voxels) applied to the warm start before the prior's PET scaler is fitted on it
+        (3). A 20-iteration MLEM of low-dose data is so noisy that its 99th percentile overstates the
+        reference level several-fold; smoothing brings it within ~10 % of the true image's (measured on a
+        simulated 10 %-dose amyloid study: 6.0 vs 5.6 kBq/mL; unsmoothed 12).
+    scale_fov_fraction : float
+        The scaler is fitted inside the field of view where the sensitivity exceeds this fraction of its maximum
+        (0.1): EM's hot artefacts at the FOV edge (×200 the brain's level) would otherwise set the scale.
     finetune : bool
         False = "diffusion prior without adaptation": no LoRA training; ``num_finetune`` image steps per diffusion
         step against the prior's x̂0, and the DDIM step uses the HQS image (not the network's x̂0), i.e. a
@@ -83,6 +96,9 @@ class DDIPConfig:
     beta: float = 0.01
     num_finetune: int = 2
     num_em: int = 5
+    em_start: str = "x0"
+    scale_smooth_vox: float = 3.0
+    scale_fov_fraction: float = 0.1
     finetune: bool = True
     lora_rank: int = 4
     lora_alpha: float | None = None
@@ -123,6 +139,12 @@ class DDIPConfig:
         for key in ("lora_rank", "num_subsets", "slab_batch"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
+        if self.em_start not in ("x0", "previous"):
+            bad("em_start", "must be 'x0' or 'previous'")
+        if self.scale_smooth_vox < 0:
+            bad("scale_smooth_vox", "must be >= 0")
+        if not 0 <= self.scale_fov_fraction < 1:
+            bad("scale_fov_fraction", "must be in [0, 1)")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if self.weight_decay < 0:

@@ -10,8 +10,9 @@ State: ``x_t`` (the whole volume ``[Z, H, W]`` in network units) and the HQS ima
    a. ``x̂0 = Tweedie(x_t, ε_θ(x_t, t, MR))``: the network runs on every overlapping 3-plane slab of the volume
       (batches of ``slab_batch``), ε averaged per plane (:mod:`sirf_ddip.prior.slabs`); x̂0 clamped to
       ``x0_clamp``.
-   b. HQS image step (:func:`sirf_ddip.recon.hqs.hqs_image_step`): ``num_em`` EM updates of ``x`` on the whole 3D
-      data (all segments; view subsets cycle when ``num_subsets > 1``), each fused in closed form with
+   b. HQS image step (:func:`sirf_ddip.recon.hqs.hqs_image_step`): ``num_em`` EM updates on the whole 3D data
+      (all segments; view subsets cycle when ``num_subsets > 1``), starting from x̂0 (``em_start = "x0"``,
+      default) or from the previous image step's ``x`` (``"previous"``), each fused in closed form with
       ``z = x̂0`` in activity units, β converted from network units as ``β_a = β g²``.
    c. One AdamW step (gradient-norm clip) on the LoRA adapters (+ adapted-layer biases) against
       ``mean((x̂0_slab − u(x)_slab)²)`` over a random mini-batch of ``finetune_slabs`` slabs, ``u(x)`` the HQS
@@ -26,7 +27,8 @@ plug-in).
 
 Warm start: ``n_init`` MLEM-equivalent iterations (``ceil(n_init/S)`` OSEM iterations of ``S`` subsets) from a
 uniform image — or the image given to :meth:`set_current_estimate` — mapped to network units with the prior's
-PET scaler (fitted on that image) and forward-noised to ``T′ = t_start``. The HQS image ``x`` starts there too.
+PET scaler (fitted on that image inside the FOV after in-plane smoothing, :meth:`fit_pet_scaler`), clamped to
+the network range and forward-noised to ``T′ = t_start``. The HQS image ``x`` starts there too.
 
 Fixes over the reference code: sensitivities cached by the data step (not recomputed per EM update), the network
 in eval mode (no dropout) throughout, every random draw from one seeded generator (deterministic on CPU; noise is
@@ -273,11 +275,9 @@ class DDIPReconstructor(IterativeReconstructor):
         x0 = x0.detach().clamp_min(0)
         if not bool(torch.isfinite(x0).all()):
             raise DataValueError("DDIP warm start contains NaN or Inf (check the data and factors)")
-        try:
-            self.pet_scaler = self.bundle.pet_scaling.fit(x0.detach().cpu().numpy())
-        except ValueError as exc:
-            raise DataValueError(f"DDIP warm start: {exc}") from None
-        u0 = self.pet_scaler.to_net(x0.to(self.device, torch.float32))
+        self.pet_scaler = self.fit_pet_scaler(x0)
+        # the network range is bounded: EM's edge artefacts must not enter it at hundreds of network units
+        u0 = self.pet_scaler.to_net(x0.to(self.device, torch.float32)).clamp(*cfg.x0_clamp)
         noise = self._randn(u0.shape)
         self._xt = self.schedule.q_sample(u0, int(self._timesteps[0]), noise)
         self._x_img = x0.clone()
@@ -285,6 +285,22 @@ class DDIPReconstructor(IterativeReconstructor):
         self.x = x0.clone()
         self.iteration = 0
         self._em_counter = 0
+
+    def fit_pet_scaler(self, image: torch.Tensor):
+        """The prior's PET scaler fitted on ``image`` inside the FOV, after in-plane smoothing (see the config
+        keys ``scale_fov_fraction`` and ``scale_smooth_vox``)."""
+        from scipy.ndimage import gaussian_filter
+
+        cfg = self.config
+        arr = image.detach().to("cpu", torch.float64).numpy()
+        sens = self.data_step.sensitivity(None).detach().to("cpu", torch.float64).numpy()
+        arr = np.where(sens > cfg.scale_fov_fraction * float(sens.max()), arr, 0.0)
+        if cfg.scale_smooth_vox > 0:
+            arr = gaussian_filter(arr, [0.0, cfg.scale_smooth_vox, cfg.scale_smooth_vox], mode="constant")
+        try:
+            return self.bundle.pet_scaling.fit(arr)
+        except ValueError as exc:
+            raise DataValueError(f"DDIP: cannot normalise the starting image for the prior: {exc}") from None
 
     def _randn(self, shape) -> torch.Tensor:
         return torch.randn(tuple(shape), generator=self._gen, dtype=torch.float32).to(self.device)
@@ -378,18 +394,23 @@ class DDIPReconstructor(IterativeReconstructor):
         return src[idx.cpu().reshape(-1, 1) + torch.arange(slab).reshape(1, -1)].to(idx.device)
 
     # ------------------------------------------------------------------ the image step
-    def _image_step(self, x0_net: torch.Tensor, x_img: torch.Tensor) -> torch.Tensor:
-        """HQS image step from ``x_img`` with the prior image ``x0_net`` (network units → activity)."""
+    def _image_step(self, x0_net: torch.Tensor, x_img: torch.Tensor, num_em: int | None = None) -> torch.Tensor:
+        """HQS image step with the prior image ``x0_net`` (network units), from x̂0 or ``x_img`` (``em_start``)."""
         cfg = self.config
         ds = self.data_step
+        num_em = cfg.num_em if num_em is None else int(num_em)
         S = self._num_subsets
         subsets = []
-        for _ in range(cfg.num_em):
+        for _ in range(num_em):
             subsets.append(self._em_counter % S if S > 1 else None)
             self._em_counter += 1
         z = self.pet_scaler.from_net(x0_net.detach()).to(ds.dtype)
-        out = hqs_image_step(ds, x_img, z, self.beta_activity, cfg.num_em, subsets, timer=self.timings)
-        self.counts["em_updates"] += cfg.num_em
+        if cfg.em_start == "x0":
+            start = z.clamp_min(1e-3 * float(self.pet_scaler.scale))
+        else:
+            start = x_img
+        out = hqs_image_step(ds, start, z, self.beta_activity, num_em, subsets, timer=self.timings)
+        self.counts["em_updates"] += num_em
         return out
 
     def _to_net(self, x: torch.Tensor) -> torch.Tensor:
@@ -422,9 +443,8 @@ class DDIPReconstructor(IterativeReconstructor):
         else:
             eps = self._eps_volume(xt, t)
             x0_prior = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
-            # same projector budget as the adapted run: K image steps (z fixed) = K·N_em fused EM updates
-            for _ in range(max(1, cfg.num_finetune)):
-                self._x_img = self._image_step(x0_prior, self._x_img)
+            # same projector budget as the adapted run: K·N_em fused EM updates against the fixed x̂0
+            self._x_img = self._image_step(x0_prior, self._x_img, cfg.num_em * max(1, cfg.num_finetune))
             x0 = self._to_net(self._x_img).clamp(lo, hi)
         noise = self._randn(xt.shape)
         self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0)

@@ -338,6 +338,9 @@ class SweepResult:
     image: torch.Tensor
     score: float
     objective: float
+    time_s: float = 0.0
+    history: list = field(default_factory=list)
+    epsilon: float = float("nan")
 
 
 def penalty_sweep(data_step: DataStep, init: Any, betas: Sequence[float], num_iterations: int,
@@ -351,12 +354,16 @@ def penalty_sweep(data_step: DataStep, init: Any, betas: Sequence[float], num_it
 
     Returns
     -------
-    (best, all_results)
+    (best, all_results) : :class:`SweepResult` (β, image, score, final objective, wall time, objective
+        history, ε used), the best one and all in the order of ``betas``.
     """
     if not betas:
         raise ConfigError("penalty_sweep: empty list of betas")
+    import time
+
     results = []
     for beta in betas:
+        t0 = time.perf_counter()
         rec = MAPRDPReconstructor(beta=float(beta), **rdp_kwargs)
         rec.set_objective_function(data_step)
         rec.set_num_subiterations(num_iterations)
@@ -364,6 +371,8 @@ def penalty_sweep(data_step: DataStep, init: Any, betas: Sequence[float], num_it
         rec.set_current_estimate(init)
         rec.process(progress=progress)
         img = rec.x.detach().clone()
-        results.append(SweepResult(float(beta), img, float(score(img)), rec.objective_value))
+        el = time.perf_counter() - t0
+        results.append(SweepResult(float(beta), img, float(score(img)), rec.objective_value, el,
+                                   list(rec.history), rec.prior.epsilon))
     best = max(results, key=lambda r: (r.score if math.isfinite(r.score) else -math.inf))
     return best, results

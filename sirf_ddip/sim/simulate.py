@@ -10,7 +10,9 @@ The Poisson mean is computed from exactly the float32 arrays that are written, s
 consistent with the data (``case.json`` keeps the mean's total).
 
 - ``m = c · ε · exp(−∫μ)``: attenuation factors from the phantom's μ-map (water 0.096 cm⁻¹, bone 0.15 cm⁻¹,
-  forward projected), detector efficiencies ``ε`` (:func:`detector_efficiencies`: per-crystal lognormal
+  forward projected; the μ-map is taken :func:`attenuation_padding` planes beyond the simulated slab on each
+  side, because the 1-ring-spacing tube of an edge direct sinogram reaches half a ring beyond the image: with
+  the slab alone those sinograms saw only 3/4 of the head's μ and too little attenuation), detector efficiencies ``ε`` (:func:`detector_efficiencies`: per-crystal lognormal
   efficiencies with a block profile, multiplied per crystal pair as STIR maps bins to detector pairs, times a
   smooth tangential geometric factor; mean ≈ 1), and the count-scale calibration ``c``.
 - ``a = (randoms + scatter) / m``. Randoms are ∝ ε (singles products) with a mild smooth modulation, a
@@ -46,7 +48,8 @@ from ..geometry.image import ImageGrid
 from . import phantoms as ph
 
 __all__ = ["SimulationConfig", "SimulatedData", "simulate_study", "simulate_data", "detector_efficiencies",
-           "build_geometry", "axial_count_fraction", "ring_pairs_per_sinogram", "STUDY_FILES"]
+           "build_geometry", "axial_count_fraction", "ring_pairs_per_sinogram", "attenuation_padding",
+           "padded_grid", "STUDY_FILES"]
 
 #: Files written by :func:`simulate_study` (besides ``run_record.json`` / ``run_record_config.yaml``).
 STUDY_FILES = ("prompts.hs", "mult_factors.hs", "additive_term.hs", "truth.hv", "mr.hv", "truth.nii.gz",
@@ -255,6 +258,28 @@ def axial_count_fraction(geometry, slab_profile: np.ndarray, full_profile: np.nd
     return float(f_sim / f_full)
 
 
+def attenuation_padding(geometry, grid: ImageGrid) -> int:
+    """Planes the μ-map needs beyond ``grid`` on each side so that every LOR tube lies inside it.
+
+    The projector (as STIR's ray tracer) gives a bin of segment ``k`` an axial tube of
+    ``axial_sampling_mm`` around its ring-pair centre ``m``; for the outermost axial positions of a direct
+    segment (``m`` on the first / last plane centre) the tube reaches ``sampling / 2 − v_z / 2`` mm beyond the
+    image (span 1: one ring spacing wide, i.e. one plane beyond). Activity outside the slab is zero by
+    construction (the truth is the slab), but the head's μ is not: without these planes the edge direct
+    sinograms would see only part of the attenuating path.
+    """
+    vz = float(grid.voxel_size[0])
+    pad = 0
+    for sg in geometry.segments:
+        pad = max(pad, int(math.ceil(float(sg.axial_sampling_mm) / (2.0 * vz) - 0.5 - 1e-6)))
+    return pad
+
+
+def padded_grid(grid: ImageGrid, pad: int) -> ImageGrid:
+    """``grid`` with ``pad`` extra planes on each side, same centre (the projector centres the index centre)."""
+    return ImageGrid((grid.shape[0] + 2 * int(pad),) + tuple(grid.shape[1:]), grid.voxel_size, origin=grid.origin)
+
+
 # ----------------------------------------------------------------------------------------------- physics
 def _smooth_sino(y: np.ndarray, geometry, sigma_tang_bins: float, sigma_views: float, sigma_axial: float) -> np.ndarray:
     out = np.empty_like(y)
@@ -267,7 +292,8 @@ def _smooth_sino(y: np.ndarray, geometry, sigma_tang_bins: float, sigma_views: f
 def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forward: Callable[[np.ndarray], np.ndarray],
                   target_trues: float, rng: np.random.Generator, *, scatter_fraction: float = 0.35,
                   randoms_fraction: float = 0.3, efficiency_sd: float = 0.08,
-                  brain_fraction: np.ndarray | None = None, length_unit_mm: float = 1.0) -> SimulatedData:
+                  brain_fraction: np.ndarray | None = None, length_unit_mm: float = 1.0,
+                  mu_forward: Callable[[np.ndarray], np.ndarray] | None = None) -> SimulatedData:
     """Prompts, mult and additive arrays for ``truth`` with ``target_trues`` expected trues (before noise).
 
     Parameters
@@ -281,6 +307,8 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     target_trues : expected total of ``m ⊙ A x``
     rng : generator for efficiencies, randoms pattern and Poisson noise
     brain_fraction : optional ``[z, y, x]`` weights; its expected trues are reported as ``trues_brain``
+    mu_forward : projector for ``mu_map_per_cm`` (same geometry and length unit) when the μ-map is on another
+        grid than ``truth`` (e.g. :func:`padded_grid`, see :func:`attenuation_padding`); default ``forward``
     """
     if target_trues <= 0:
         raise ConfigError(f"target trues must be > 0, got {target_trues}")
@@ -288,7 +316,11 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     ax = np.asarray(forward(np.asarray(truth, dtype=np.float32)), dtype=np.float64)
     if ax.shape != shape:
         raise ValueError(f"forward projection shape {ax.shape} != geometry shape {shape}")
-    att = np.exp(-0.1 * float(length_unit_mm) * np.asarray(forward(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64))
+    mu_fwd = forward if mu_forward is None else mu_forward
+    mu_proj = np.asarray(mu_fwd(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64)
+    if mu_proj.shape != shape:
+        raise ValueError(f"μ-map forward projection shape {mu_proj.shape} != geometry shape {shape}")
+    att = np.exp(-0.1 * float(length_unit_mm) * mu_proj)
     eff = detector_efficiencies(geometry, rng, efficiency_sd)
     norm_att = eff * att
     c = target_trues / float((norm_att * ax).sum())
@@ -399,10 +431,20 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
     noise_seed = cfg.noise_seed if cfg.noise_seed is not None else 1_000_003 * (cfg.seed + 1) + ph.SPLITS[cfg.split][0]
     rng = np.random.default_rng(np.random.SeedSequence([0x4E4F, int(noise_seed)]))
     fwd = forward if forward is not None else _numpy_forward(geometry, grid, cfg.device)
-    sim = simulate_data(truth, mu, geometry, fwd, target_trues, rng, scatter_fraction=cfg.scatter_fraction,
+    # μ-map for the attenuation: the slab plus the head's planes that the edge LOR tubes reach (built-in
+    # projector only: a test projector given as ``forward`` knows only the slab grid)
+    mu_att, mu_fwd, mu_pad = mu, None, 0
+    if forward is None:
+        mu_pad = attenuation_padding(geometry, grid)
+        if mu_pad > 0:
+            idx = np.clip(np.arange(k0 - mu_pad, k0 + nz + mu_pad), 0, nz_full - 1)  # edge planes repeat
+            mu_att = np.ascontiguousarray(subj.mu_map.array[idx])
+            mu_fwd = _numpy_forward(geometry, padded_grid(grid, mu_pad), cfg.device)
+    sim = simulate_data(truth, mu_att, geometry, fwd, target_trues, rng, scatter_fraction=cfg.scatter_fraction,
                         randoms_fraction=cfg.randoms_fraction, efficiency_sd=cfg.efficiency_sd,
                         brain_fraction=brain_frac,
-                        length_unit_mm=grid.voxel_size[2] if forward_length_unit_mm is None else forward_length_unit_mm)
+                        length_unit_mm=grid.voxel_size[2] if forward_length_unit_mm is None else forward_length_unit_mm,
+                        mu_forward=mu_fwd)
 
     meta = {"originating system": sc_name}
     write_projdata(out / "prompts.hs", ProjData(sim.prompts, geometry, dict(meta)), overwrite=overwrite)
@@ -438,6 +480,7 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         "calibration_counts_per_unit_Ax": sim.stats["calibration_counts_per_unit_Ax"],
         "mean_attenuation_factor": sim.stats["mean_attenuation_factor"],
         "min_attenuation_factor": sim.stats["min_attenuation_factor"],
+        "attenuation_mu_padding_planes": mu_pad,
         "activity_units": "kBq/mL", "mu_units": "cm^-1",
         "truth_total_kBq": float(truth.sum() * vox_ml),
         "truth_brain_mean_kBq_per_mL": float(truth[masks["brain"]].mean()) if masks["brain"].any() else None,

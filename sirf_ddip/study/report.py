@@ -189,7 +189,7 @@ def _bias_noise_figure(case_name: str, case_metrics: Mapping[str, Any], save_to:
                 drawn = True
             clin = rec.get("clinical")
             if isinstance(clin, Mapping) and clin.get("noise") is not None and clin.get(key) is not None:
-                ax.plot(clin["noise"], clin[key], "s", ms=7, label=f"{_label(m)}: clinical")
+                ax.plot(clin["noise"], clin[key], "s", ms=7, label=f"{_label(m).split(' (')[0]} clinical")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlabel(METRIC_LABELS["noise"])
         ax.set_ylabel(METRIC_LABELS[key])
@@ -198,7 +198,7 @@ def _bias_noise_figure(case_name: str, case_metrics: Mapping[str, Any], save_to:
         plt.close(fig)
         return None
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{case_name}: bias against noise (lower-left is better)", fontsize=10)
+    fig.suptitle(f"{case_name}: bias against noise (best: bias near 0 at low noise)", fontsize=10)
     return _png(fig, save_to)
 
 
@@ -349,9 +349,9 @@ def build_report(out_path: str | Path, metrics: Mapping[str, Any], cases: Sequen
     parts.append("<h2 id='bias-noise'>Bias against noise</h2><p class='expl'>Each point is one reconstruction: "
                  "its noise (coefficient of variation in uniform white matter) against its bias in grey matter "
                  "(left) and in the lesion (right). Curves trace the OSEM iterations and the MAP-RDP β sweep; "
-                 "large markers are the reported results, squares the clinical OSEM setting. Points nearer the "
-                 "lower left (little noise, little bias) are better; a method that only smooths moves along its "
-                 "curve, a better prior moves below it.</p>")
+                 "large markers are the reported results, squares the clinical OSEM setting. Points near zero bias "
+                 "(the black line) at little noise (left) are better; a method that only smooths moves along its "
+                 "curve, a better prior moves off it, towards zero bias at the same noise.</p>")
     for cname, cm in metrics.get("cases", {}).items():
         b64 = _bias_noise_figure(cname, cm, figdir / f"{cname}_bias_noise.png" if figdir else None)
         if b64:

@@ -24,7 +24,6 @@ Methods (all through the same :class:`~sirf_ddip.recon.base.IterativeReconstruct
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import numpy as np
 from ..config import deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 from ..errors import ConfigError, InputFileError
 from ..utils.provenance import write_run_record
-from .metrics import METRIC_LABELS, Regions, all_metrics
+from .metrics import Regions, all_metrics
 
 __all__ = [
     "CaseSpec", "OSEMSettings", "MAPRDPSettings", "DDIPSettings", "MethodsConfig", "AblationConfig",
@@ -363,7 +362,7 @@ def run_osem(case: CaseData, cfg: StudyConfig) -> tuple[np.ndarray, dict, float]
 
 
 def run_map_rdp(case: CaseData, cfg: StudyConfig) -> tuple[np.ndarray, dict, float]:
-    from ..recon.map_rdp import MAPRDPReconstructor
+    from ..recon.map_rdp import penalty_sweep
 
     s: MAPRDPSettings = cfg.methods.map_rdp
     if not s.betas:
@@ -375,29 +374,24 @@ def run_map_rdp(case: CaseData, cfg: StudyConfig) -> tuple[np.ndarray, dict, flo
     init_img = got["img"]
     t_init = time.perf_counter() - t0
     ds = case.data_step
-    sweep, results = [], []
-    for beta in s.betas:
-        t1 = time.perf_counter()
-        rec = MAPRDPReconstructor(beta=float(beta), gamma=s.gamma, epsilon_rel=s.epsilon_rel,
-                                  neighbourhood=s.neighbourhood, voxel_size_zyx=case.voxel_size_zyx)
-        rec.set_objective_function(ds)
-        rec.set_num_subiterations(s.num_iterations)
-        rec.set_up(case.template)
-        rec.set_current_estimate(ds.from_tensor(ds.to_tensor(init_img), case.template))
-        rec.process(progress=False)
-        img = _tensor_np(rec.x)
-        el = time.perf_counter() - t1 + t_init
-        m = all_metrics(img, case.truth, case.regions)
-        sweep.append({"beta": float(beta), "time_s": el, "objective": rec.objective_value,
-                      "monotone": bool(np.all(np.diff(rec.history) >= 0)), **m})
-        results.append((m["psnr"] if m["psnr"] is not None else -math.inf, float(beta), img, el, rec))
-    best = max(results, key=lambda r: r[0])
-    _, beta, img, el, rec = best
-    extra = {"beta": beta, "gamma": s.gamma, "epsilon": rec.prior.epsilon, "neighbourhood": s.neighbourhood,
+    from .metrics import psnr
+
+    init = ds.from_tensor(ds.to_tensor(init_img), case.template)
+    best, results = penalty_sweep(ds, init, [float(b) for b in s.betas], s.num_iterations,
+                                  lambda x: psnr(_tensor_np(x), case.truth, case.regions.brain),
+                                  gamma=s.gamma, epsilon_rel=s.epsilon_rel, neighbourhood=s.neighbourhood,
+                                  voxel_size_zyx=case.voxel_size_zyx)
+    sweep = []
+    for r in results:
+        m = all_metrics(_tensor_np(r.image), case.truth, case.regions)
+        sweep.append({"beta": r.beta, "time_s": r.time_s + t_init, "objective": r.objective,
+                      "monotone": bool(np.all(np.diff(r.history) >= 0)), **m})
+    img, el = _tensor_np(best.image), best.time_s + t_init
+    extra = {"beta": best.beta, "gamma": s.gamma, "epsilon": best.epsilon, "neighbourhood": s.neighbourhood,
              "iterations": s.num_iterations, "algorithm": "SGP (preconditioned, Armijo) — monotone",
              "selection": "best PSNR over the beta sweep (oracle)", "sweep": sweep,
              "sweep_time_s": time.perf_counter() - t0,
-             "beta_at_edge_of_sweep": beta in (min(s.betas), max(s.betas)) and len(s.betas) > 1}
+             "beta_at_edge_of_sweep": best.beta in (min(s.betas), max(s.betas)) and len(s.betas) > 1}
     return img, extra, el
 
 
@@ -440,7 +434,9 @@ def _method_fns() -> dict[str, Callable]:
 def _method_settings(cfg: StudyConfig, method: str) -> dict:
     d = to_dict(getattr(cfg.methods, method))
     if method in ("diffusion_no_finetune", "ddip_no_mr", "ddip"):
-        d["resolved_config"] = cfg.ddip_config(method)
+        rc = cfg.ddip_config(method)
+        rc.pop("device", None)  # where it runs does not change what it computes (resume on another device)
+        d["resolved_config"] = rc
     return json.loads(json.dumps(d, default=str))
 
 

@@ -1,4 +1,4 @@
-"""Prior weights on disk: a safetensors file plus a JSON card that says exactly what they are.
+"""Prior weights on disk (this package folder also holds the shipped ``default.*`` weights): a safetensors file plus a JSON card that says exactly what they are.
 
 Files
 -----
@@ -180,7 +180,6 @@ def load_prior(path_or_dir: str | Path, device=None, check_hash: bool = True) ->
         Missing files, a card of another format, a SHA-256 mismatch (corrupt weights) or weights that do not fit
         the card's architecture.
     """
-    from safetensors import SafetensorsError
     from safetensors.torch import load_file
 
     from ...utils.device import resolve_device
@@ -204,7 +203,7 @@ def load_prior(path_or_dir: str | Path, device=None, check_hash: bool = True) ->
         raise InputFileError(cpath, str(exc), key="architecture") from None
     try:
         sd = load_file(str(wpath))
-    except (SafetensorsError, OSError, Exception) as exc:  # noqa: BLE001 - any parse failure is a bad file
+    except Exception as exc:  # noqa: BLE001 - any parse failure (SafetensorError, OSError) is a bad file
         raise InputFileError(wpath, f"cannot read safetensors: {exc}") from None
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     missing, unexpected = net.load_state_dict(sd, strict=False)
