@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: the shipped configuration used when no --config is given
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ddip.yaml"
+#: the shipped configuration used when no --config is given (package data, so pip installs have it too)
+from ..recon.config import SHIPPED_CONFIG as DEFAULT_CONFIG  # noqa: E402  (configs/ddip.yaml links to it)
 
 
 def register(subparsers) -> None:

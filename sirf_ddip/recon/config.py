@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import from_dict, load_config, to_dict
 from ..errors import ConfigError
+
+
+#: the shipped settings (package data; ``configs/ddip.yaml`` in a source checkout links to it)
+SHIPPED_CONFIG = Path(__file__).resolve().parent / "ddip.yaml"
 
 
 @dataclass
@@ -168,6 +173,11 @@ class DDIPConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "DDIP config") -> "DDIPConfig":
         return from_dict(cls, data, source=source)
+
+    @classmethod
+    def shipped(cls, overrides=None) -> "DDIPConfig":
+        """The shipped (CPU-friendly) settings, :data:`SHIPPED_CONFIG`, plus overrides (dict or ``key=value``)."""
+        return load_config(cls, SHIPPED_CONFIG, overrides)
 
     @classmethod
     def load(cls, path=None, overrides=None) -> "DDIPConfig":

@@ -180,8 +180,12 @@ class StudyConfig:
                 raise ConfigError(f"study config: ablations.cases names unknown case {name!r}; cases: {names}")
 
     def ddip_config(self, method: str, **extra) -> dict:
+        from ..config import read_yaml
+        from ..recon.config import SHIPPED_CONFIG
+
         s: DDIPSettings = getattr(self.methods, method)
-        cfg = deep_merge(self.ddip, s.config)
+        # shipped settings (sirf_ddip/recon/ddip.yaml), then the study's shared ddip keys, then the method's
+        cfg = deep_merge(deep_merge(read_yaml(SHIPPED_CONFIG), self.ddip), s.config)
         if method == "diffusion_no_finetune":
             cfg["finetune"] = False
         elif method == "ddip_no_mr":
