@@ -36,6 +36,13 @@ from ..schedule import NoiseSchedule
 FORMAT = "sirf_ddip-prior/1"
 DEFAULT_DIR = Path(__file__).resolve().parent  # this package folder holds the shipped default weights
 DEFAULT_NAME = "default"
+#: priors shipped with the package, by name (usable wherever a weights path is accepted, e.g. ``--weights no-mr``)
+SHIPPED_PRIORS = {"default": "default", "no-mr": "no_mr", "default-no-mr": "no_mr"}
+
+
+def shipped_prior_names() -> list[str]:
+    """Names of the shipped priors whose files are installed."""
+    return [n for n, stem in SHIPPED_PRIORS.items() if (DEFAULT_DIR / f"{stem}.safetensors").is_file()]
 
 
 @dataclass
@@ -142,6 +149,8 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
 
 def _resolve(path_or_dir: str | Path) -> tuple[Path, Path]:
     p = Path(path_or_dir)
+    if not p.exists() and str(path_or_dir) in SHIPPED_PRIORS:  # a shipped prior by name
+        p = DEFAULT_DIR / f"{SHIPPED_PRIORS[str(path_or_dir)]}.safetensors"
     if p.is_dir():
         cands = sorted(p.glob("*.safetensors"))
         if (p / f"{DEFAULT_NAME}.safetensors").is_file():
