@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import GeometryMismatchError, SirfDdipError, UnsupportedDataError
-from ..recon.datastep import DataStep
+from ..recon.datastep import DataStep, validate_num_subsets
 from ..utils.device import resolve_device
 
 __all__ = [
@@ -438,9 +438,7 @@ class SirfDataStep(DataStep):
         return self._num_subsets
 
     def set_num_subsets(self, n: int) -> None:
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"num_subsets must be >= 1, got {n}")
+        n = validate_num_subsets(n)
         if n != self._num_subsets:
             self._num_subsets = n
             self._dirty = True

@@ -23,7 +23,7 @@ import torch
 from ..data import Image, ProjData
 from ..errors import DataValueError, GeometryMismatchError
 from ..geometry.image import ImageGrid
-from ..recon.datastep import DataStep
+from ..recon.datastep import DataStep, validate_num_subsets
 from ..utils.device import resolve_device
 from .likelihood import em_numerator_ratio, stir_log_likelihood
 
@@ -313,9 +313,7 @@ class EngineDataStep(DataStep):
         return self._num_subsets
 
     def set_num_subsets(self, n: int) -> None:
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"num_subsets must be >= 1, got {n}")
+        n = validate_num_subsets(n)
         if n > 1:  # validate now (balanced subsets) rather than mid-reconstruction
             self._views_of(0, n)
         self._num_subsets = n

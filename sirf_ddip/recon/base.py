@@ -18,7 +18,7 @@ import torch
 
 from ..errors import SirfDdipError
 from .callbacks import Callback, ProgressCallback, as_callback
-from .datastep import DataStep
+from .datastep import DataStep, validate_num_subsets
 
 
 def as_datastep(obj: Any) -> DataStep:
@@ -91,9 +91,7 @@ class IterativeReconstructor(abc.ABC):
 
     # ------------------------------------------------------------------ subsets
     def set_num_subsets(self, n: int) -> None:
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"num_subsets must be >= 1, got {n}")
+        n = validate_num_subsets(n)
         self._num_subsets = n
         self.configured = False
 

@@ -90,6 +90,14 @@ class DataStep(abc.ABC):
         return em_multiplicative_update(x, num, sens)
 
 
+def validate_num_subsets(n) -> int:
+    """``n`` as an int >= 1, else ``ValueError`` (shared by every DataStep and reconstructor)."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"num_subsets must be >= 1, got {n}")
+    return n
+
+
 def em_multiplicative_update(x: torch.Tensor, numerator: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
     """``x ⊙ numerator / sens`` with 0 where ``sens <= 0`` (no NaN/Inf can escape)."""
     safe = torch.where(sens > 0, sens, torch.ones_like(sens))
