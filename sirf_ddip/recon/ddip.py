@@ -81,8 +81,8 @@ class DDIPReconstructor(IterativeReconstructor):
 
     def __init__(self, config: DDIPConfig | dict | str | os.PathLike | None = None, **overrides: Any) -> None:
         super().__init__()
-        if config is None:
-            cfg = DDIPConfig()
+        if config is None:  # the shipped settings (sirf_ddip/recon/ddip.yaml), as the CLI
+            cfg = DDIPConfig.shipped()
         elif isinstance(config, DDIPConfig):
             cfg = copy.deepcopy(config)
         elif isinstance(config, dict):
