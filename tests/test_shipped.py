@@ -16,7 +16,7 @@ def test_shipped_ddip_config_is_the_cli_default_and_valid():
     assert DEFAULT_CONFIG == SHIPPED_CONFIG and SHIPPED_CONFIG.is_file()
     cfg = DDIPConfig.shipped()
     # the tuned values documented in the file's header
-    assert cfg.t_start == 400 and cfg.beta == pytest.approx(10.0) and cfg.num_steps == 50
+    assert cfg.t_start == 600 and cfg.beta == pytest.approx(10.0) and cfg.num_steps == 50
     assert DDIPConfig.shipped({"beta": 0.5}).beta == 0.5
 
 
