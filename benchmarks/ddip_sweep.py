@@ -105,7 +105,6 @@ def main(argv=None) -> int:
                 p = psnr(rec.x.detach().cpu().numpy(), truth.array, brain)
                 curve.append(round(p, 3))
                 best = max(best, (p, it))
-            x_best = None
             emit({"case": case.name, "method": f"osem_S{S}", "best_psnr": best[0], "best_iter": best[1],
                   "curve": curve, "setup_s": round(setup_s, 2)})
 

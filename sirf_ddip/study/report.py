@@ -286,6 +286,11 @@ th.m{text-align:left}img{max-width:100%}.small{color:#666;font-size:.85em}
 """
 
 
+def _case_methods(metrics: dict, case) -> list[str]:
+    """Methods of ``case`` that have images, in metrics.json order (else the images' own order)."""
+    return [m for m in metrics.get("cases", {}).get(case.name, case.images) if m in case.images] or list(case.images)
+
+
 def build_report(out_path: str | Path, metrics: Mapping[str, Any], cases: Sequence[ReportCase],
                  ablations: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
                  title: str = "sirf_ddip simulation study", info: Mapping[str, Any] | None = None,
@@ -341,7 +346,7 @@ def build_report(out_path: str | Path, metrics: Mapping[str, Any], cases: Sequen
                  "scale (red: too high, blue: too low). A good method shows a faithful image and a pale error map "
                  "without structure.</p>")
     for c in cases:
-        methods = [m for m in metrics.get("cases", {}).get(c.name, c.images) if m in c.images] or list(c.images)
+        methods = _case_methods(metrics, c)
         b64 = _slices_figure(c, methods, figdir / f"{c.name}_slices.png" if figdir else None)
         parts.append(f"<h3>{html.escape(c.name)}</h3><p class='small'>{html.escape(c.description)}</p>"
                      f"<img alt='slices {html.escape(c.name)}' src='data:image/png;base64,{b64}'>")
@@ -363,7 +368,7 @@ def build_report(out_path: str | Path, metrics: Mapping[str, Any], cases: Sequen
                  "(recovered contrast), the sharpness of edges (resolution) and the wiggle in flat regions "
                  "(noise).</p>")
     for c in cases:
-        methods = [m for m in metrics.get("cases", {}).get(c.name, c.images) if m in c.images] or list(c.images)
+        methods = _case_methods(metrics, c)
         b64 = _profile_figure(c, methods, figdir / f"{c.name}_profile.png" if figdir else None)
         parts.append(f"<h3>{html.escape(c.name)}</h3><img alt='profile {html.escape(c.name)}' "
                      f"src='data:image/png;base64,{b64}'>")
