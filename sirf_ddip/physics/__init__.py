@@ -1,24 +1,28 @@
-"""sirf_ddip.physics: geometric projector, acquisition model ``m ⊙ (A x + a)``, Poisson likelihood.
+"""sirf_ddip.physics: operators, the acquisition model ``m ⊙ (A x + a)`` and the Poisson log-likelihood.
 
-- :mod:`.projector` — :class:`Projector` (STIR ray-tracing matrix, geometric only);
-- :mod:`.model` — :class:`AcquisitionModel`, :class:`EngineDataStep` (the engine's DataStep);
-- :mod:`.likelihood` — STIR's quotient / log-likelihood safeguards on tensors.
+- :mod:`.operator` — :class:`LinearOperator` base, :class:`MultiplicativeFactors`, composition (``@``);
+- :mod:`.projector` — :class:`Projector` (STIR ray-tracing matrix, geometric only; a LinearOperator);
+- :mod:`.subsets` — :class:`ViewSubsets` (STIR's symmetry-aware view subsets);
+- :mod:`.likelihood` — the :class:`PoissonLogLikelihood` protocol and STIR's quotient / log-likelihood safeguards;
+- :mod:`.model` — :class:`AcquisitionModel`, :class:`EngineLogLikelihood` (the engine's likelihood).
 
 Names are imported lazily so that ``import sirf_ddip.physics`` stays cheap.
 """
 
 from __future__ import annotations
 
-__all__ = ["Projector", "AcquisitionModel", "EngineDataStep"]
+__all__ = ["Projector", "AcquisitionModel", "EngineLogLikelihood", "EngineDataStep", "LinearOperator",
+           "MultiplicativeFactors", "ComposedOperator", "ViewSubsets", "PoissonLogLikelihood"]
+
+_WHERE = {"Projector": "projector", "AcquisitionModel": "model", "EngineLogLikelihood": "model",
+          "EngineDataStep": "model",  # TEMP-ALIAS
+          "LinearOperator": "operator", "MultiplicativeFactors": "operator", "ComposedOperator": "operator",
+          "ViewSubsets": "subsets", "PoissonLogLikelihood": "likelihood"}
 
 
 def __getattr__(name):
-    if name == "Projector":
-        from .projector import Projector
+    if name in _WHERE:
+        import importlib
 
-        return Projector
-    if name in ("AcquisitionModel", "EngineDataStep"):
-        from . import model
-
-        return getattr(model, name)
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
     raise AttributeError(f"module 'sirf_ddip.physics' has no attribute {name!r}")

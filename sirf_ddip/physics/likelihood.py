@@ -1,4 +1,17 @@
-"""Poisson log-likelihood pieces on tensors, with STIR's numerical safeguards.
+"""The Poisson log-likelihood: the one interface between the physics and the reconstruction algorithms.
+
+:class:`PoissonLogLikelihood` is the protocol that OSEM, MAP-RDP and DDIP (``sirf_ddip.recon``) are written
+against. Two implementations exist:
+
+- :class:`sirf_ddip.physics.model.EngineLogLikelihood` (the built-in PyTorch engine, built from the
+  operators of :mod:`sirf_ddip.physics.operator`), and
+- the SIRF adapter in :mod:`sirf_ddip.backends.sirf` (real ``sirf.STIR`` objects; imported lazily).
+
+All images crossing this interface are ``torch.Tensor`` of shape ``image_shape = (nz, ny, nx)``, on
+``device``, in *activity units* (the units of the data model ``y ~ Poisson(m (A x + a))``). Subsets are over
+views (:class:`sirf_ddip.physics.subsets.ViewSubsets`); ``subset=None`` means all data.
+
+The module also holds the numerical pieces, with STIR's safeguards.
 
 Data model (PETRIC / SIRF convention): ``y ~ Poisson(ȳ)``, ``ȳ = m ⊙ (A x + a)``.
 
@@ -16,17 +29,20 @@ Data model (PETRIC / SIRF convention): ``y ~ Poisson(ȳ)``, ``ȳ = m ⊙ (A x + 
 
 from __future__ import annotations
 
-from typing import Sequence
+import abc
+from typing import Any, Sequence
 
 import torch
+
+from .subsets import validate_num_subsets
 
 #: STIR's SMALL_NUM (recon_array_functions.cxx)
 SMALL_NUM = 1e-6
 #: STIR's max_quotient in divide_and_truncate / accumulate_loglikelihood
 MAX_QUOTIENT = 10000.0
 
-__all__ = ["SMALL_NUM", "MAX_QUOTIENT", "viewgram_small_values", "stir_quotient", "stir_log_likelihood",
-           "poisson_log_likelihood", "em_numerator_ratio"]
+__all__ = ["PoissonLogLikelihood", "SMALL_NUM", "MAX_QUOTIENT", "viewgram_small_values", "stir_quotient",
+           "stir_log_likelihood", "em_numerator_ratio", "validate_num_subsets"]
 
 
 def viewgram_small_values(y: torch.Tensor, segment_slices: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -67,14 +83,6 @@ def stir_log_likelihood(y: torch.Tensor, ybar: torch.Tensor,
     return float(val.sum())
 
 
-def poisson_log_likelihood(y: torch.Tensor, ybar: torch.Tensor) -> float:
-    """Plain ``Σ y log ŷ − ŷ`` (``0 log 0 = 0``), float64; ``-inf`` if ``ŷ = 0`` where ``y > 0``."""
-    y64, e64 = y.double(), ybar.double()
-    with torch.no_grad():
-        t = torch.where(y64 > 0, y64 * torch.log(e64), torch.zeros_like(y64))
-    return float((t - e64).sum())
-
-
 def em_numerator_ratio(y: torch.Tensor, geom_plus_additive: torch.Tensor, mult: torch.Tensor | None,
                        segment_slices: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
     """The sinogram that is back projected in the EM numerator: ``q = y / (A x + a)`` (STIR rules), 0 where m = 0."""
@@ -82,3 +90,89 @@ def em_numerator_ratio(y: torch.Tensor, geom_plus_additive: torch.Tensor, mult: 
     if mult is not None:
         q = torch.where(mult > 0, q, torch.zeros_like(q))
     return q
+
+
+class PoissonLogLikelihood(abc.ABC):
+    """Poisson log-likelihood of PET data ``y ~ Poisson(m ⊙ (A x + a))``, per view subset.
+
+    Implementations give :meth:`forward`, :meth:`backward`, :meth:`sensitivity`, :meth:`backprojected_ratio`,
+    :meth:`value`, :meth:`to_tensor`, :meth:`from_tensor`, ``num_subsets``/:meth:`set_num_subsets`; the
+    :meth:`gradient` follows. The EM and HQS updates are written once, against this protocol, in
+    :mod:`sirf_ddip.recon.em` and :mod:`sirf_ddip.recon.hqs`.
+    """
+
+    #: torch device of all tensors crossing the interface
+    device: torch.device
+    #: torch dtype of images
+    dtype: torch.dtype = torch.float32
+    #: image shape (nz, ny, nx)
+    image_shape: tuple[int, int, int]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # TEMP-ALIAS: implementations written against the old DataStep names (backproject_ratio,
+        # log_likelihood) satisfy the new abstract methods; remove after the rename is merged everywhere.
+        super().__init_subclass__(**kwargs)
+        for new, old in (("backprojected_ratio", "backproject_ratio"), ("value", "log_likelihood")):  # TEMP-ALIAS
+            if old in cls.__dict__ and new not in cls.__dict__:  # TEMP-ALIAS
+                setattr(cls, new, cls.__dict__[old])  # TEMP-ALIAS
+
+    # ---------------------------------------------------------------- subsets
+    @property
+    @abc.abstractmethod
+    def num_subsets(self) -> int:
+        """Number of view subsets currently configured."""
+
+    @abc.abstractmethod
+    def set_num_subsets(self, n: int) -> None:
+        """Configure ``n`` view subsets (sensitivities are recomputed lazily and cached)."""
+
+    # ---------------------------------------------------------------- model
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor, subset: int | None = None) -> Any:
+        """Expected counts ``m ⊙ (A x + a)`` for ``subset`` (backend-native sinogram or tensor)."""
+
+    @abc.abstractmethod
+    def backward(self, y: Any, subset: int | None = None) -> torch.Tensor:
+        """``Aᵀ (m ⊙ y)`` for ``subset``, as an image tensor."""
+
+    @abc.abstractmethod
+    def sensitivity(self, subset: int | None = None) -> torch.Tensor:
+        """Subset sensitivity ``A_sᵀ m_s`` (cached), as an image tensor."""
+
+    @abc.abstractmethod
+    def backprojected_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        """``A_sᵀ m_s ⊙ (y_s / (m_s ⊙ (A_s x + a_s)))`` — the EM numerator — for ``subset``."""
+
+    @abc.abstractmethod
+    def value(self, x: torch.Tensor, subset: int | None = None) -> float:
+        """Poisson log-likelihood ``Σ y log ŷ − ŷ`` (constant terms dropped) at ``x`` (all data by default)."""
+
+    def gradient(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        """Gradient of the (subset) log-likelihood: ``backprojected_ratio − sensitivity``."""
+        return self.backprojected_ratio(x, subset) - self.sensitivity(subset)
+
+    # ---------------------------------------------------------------- conversion
+    @abc.abstractmethod
+    def to_tensor(self, image: Any) -> torch.Tensor:
+        """Backend-native image -> tensor (z, y, x) on ``self.device``."""
+
+    @abc.abstractmethod
+    def from_tensor(self, tensor: torch.Tensor, template: Any | None = None) -> Any:
+        """Tensor -> backend-native image, on ``template``'s grid (or the likelihood's own)."""
+
+    # ---------------------------------------------------------------- TEMP-ALIAS: old DataStep names
+    def backproject_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:  # TEMP-ALIAS
+        """Old name of :meth:`backprojected_ratio` (TEMP-ALIAS)."""
+        return self.backprojected_ratio(x, subset)
+
+    def log_likelihood(self, x: torch.Tensor, subset: int | None = None) -> float:  # TEMP-ALIAS
+        """Old name of :meth:`value` (TEMP-ALIAS)."""
+        return self.value(x) if subset is None else self.value(x, subset)
+
+    def em_update(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:  # TEMP-ALIAS
+        """Old method form of :func:`sirf_ddip.recon.em.em_update` (TEMP-ALIAS; physics may not import recon,
+        so the two lines of the update are repeated here until the callers use ``recon.em``)."""
+        sens = self.sensitivity(subset)  # TEMP-ALIAS
+        num = self.backprojected_ratio(x, subset)  # TEMP-ALIAS
+        safe = torch.where(sens > 0, sens, torch.ones_like(sens))  # TEMP-ALIAS
+        return torch.where(sens > 0, x * num / safe, torch.zeros_like(x))  # TEMP-ALIAS

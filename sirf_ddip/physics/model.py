@@ -1,4 +1,4 @@
-"""The acquisition model ``m ⊙ (A x + a)`` and the built-in engine's :class:`DataStep`.
+"""The acquisition model ``m ⊙ (A x + a)`` and the built-in engine's Poisson log-likelihood.
 
 Conventions (PETRIC / SIRF ``AcquisitionModel`` with ``set_acquisition_sensitivity(m)`` and
 ``set_additive_term(a)``): prompts ``y ~ Poisson(m ⊙ (A x + a))`` where ``A`` is the geometric projector,
@@ -23,11 +23,13 @@ import torch
 from ..data import Image, ProjData
 from ..errors import DataValueError, GeometryMismatchError
 from ..geometry.image import ImageGrid
-from ..recon.datastep import DataStep, validate_num_subsets
 from ..utils.device import resolve_device
-from .likelihood import em_numerator_ratio, stir_log_likelihood
+from .likelihood import PoissonLogLikelihood, em_numerator_ratio, stir_log_likelihood
+from .operator import LinearOperator, MultiplicativeFactors
+from .subsets import ViewSubsets, validate_num_subsets
 
-__all__ = ["AcquisitionModel", "EngineDataStep", "validate_sinogram", "build_additive"]
+__all__ = ["AcquisitionModel", "SubsetOperator", "EngineLogLikelihood", "EngineDataStep", "validate_sinogram",
+           "build_additive"]
 
 SinoLike = Any  # ProjData | np.ndarray | torch.Tensor
 
@@ -82,67 +84,121 @@ def _check_shape(t: torch.Tensor, shape: tuple, name: str, ref_name: str, what: 
                                     f"shape {tuple(shape)} (sinograms, views, tangential)")
 
 
-class AcquisitionModel:
-    """``ȳ = m ⊙ (A x + a)`` on a geometric projector (SIRF ``AcquisitionModel`` semantics).
+class SubsetOperator(LinearOperator):
+    """One view subset of a geometric projector as a :class:`LinearOperator`: ``x ↦ A_s x``.
 
     Parameters
     ----------
     projector : object
         ``forward(x, subset=None, num_subsets=None)`` / ``adjoint(y, subset=None, num_subsets=None)``
-        (e.g. :class:`sirf_ddip.physics.projector.Projector`), geometric only.
+        (e.g. :class:`sirf_ddip.physics.projector.Projector`).
+    subsets : ViewSubsets
+        The subsets; ``subset`` is one of them (``None``: all views, the projector itself).
+    """
+
+    def __init__(self, projector: Any, subsets: ViewSubsets, subset: int | None):
+        self.projector = projector
+        self.subsets = subsets
+        self.subset = subsets.check(subset)
+        self.device = getattr(projector, "device", torch.device("cpu"))
+        self.dtype = getattr(projector, "dtype", torch.float32)
+        self._args = subsets.projector_args(subset)
+        geom = subsets.geometry
+        self._out = (int(geom.shape[0]), len(subsets.views(subset)), int(geom.shape[2]))
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        grid = getattr(self.projector, "grid", None)
+        return tuple(grid.shape) if grid is not None else tuple(self.projector.in_shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self._out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._args[0] is None:
+            return self.projector.forward(x)
+        return self.projector.forward(x, subset=self._args[0], num_subsets=self._args[1])
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        if self._args[0] is None:
+            return self.projector.adjoint(y)
+        return self.projector.adjoint(y, subset=self._args[0], num_subsets=self._args[1])
+
+
+class AcquisitionModel:
+    """``ȳ = m ⊙ (A x + a)`` on a geometric projector (SIRF ``AcquisitionModel`` semantics), per view subset.
+
+    The linear part of subset ``s`` is the operator ``M_s @ A_s`` (:meth:`operator`): a
+    :class:`~sirf_ddip.physics.operator.MultiplicativeFactors` after a :class:`SubsetOperator`.
+
+    Parameters
+    ----------
+    projector : object
+        ``forward(x, subset=None, num_subsets=None)`` / ``adjoint(y, subset=None, num_subsets=None)``
+        (e.g. :class:`sirf_ddip.physics.projector.Projector`), geometric only; with ``geometry`` and ``grid``
+        attributes unless ``subsets`` is given.
     mult, additive : ProjData, array or tensor, optional
         ``m`` (default 1) and ``a`` (default 0), full sinograms ``(n_sino, n_views, n_tang)``.
-    views_of : callable, optional
-        ``views_of(subset, num_subsets) -> view indices`` to slice ``m``/``a`` for subsets (default: the
-        projector geometry's ``subset_views``).
+    subsets : callable, optional
+        ``subsets(num_subsets) -> ViewSubsets`` (default: :class:`ViewSubsets` on the projector's geometry and
+        grid).
     """
 
     def __init__(self, projector: Any, mult: SinoLike | None = None, additive: SinoLike | None = None,
-                 views_of=None):
+                 subsets=None):
         self.projector = projector
         dev = getattr(projector, "device", None)
         self.device = torch.device(dev) if dev is not None else torch.device("cpu")
         self.dtype = getattr(projector, "dtype", torch.float32)
         self.mult = None if mult is None else _as_tensor(mult, self.device, self.dtype)
         self.additive = None if additive is None else _as_tensor(additive, self.device, self.dtype)
-        self._views_of = views_of
-        self._view_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._make_subsets = subsets
+        self._subsets: dict[int, ViewSubsets] = {}
+        self._ops: dict[tuple[int, int | None], SubsetOperator] = {}
 
     # -------------------------------------------------------------- subsets
-    def views(self, subset: int | None, num_subsets: int | None) -> torch.Tensor | None:
-        """View indices of a subset (``None``: all views)."""
-        if subset is None or num_subsets is None or num_subsets == 1:
-            return None
-        key = (int(num_subsets), int(subset))
-        if key not in self._view_cache:
-            if self._views_of is not None:
-                v = self._views_of(subset, num_subsets)
+    def subsets(self, num_subsets: int | None) -> ViewSubsets:
+        """The :class:`ViewSubsets` for ``num_subsets`` (cached)."""
+        S = 1 if num_subsets is None else validate_num_subsets(num_subsets)
+        if S not in self._subsets:
+            if self._make_subsets is not None:
+                self._subsets[S] = self._make_subsets(S)
             else:
-                grid = getattr(self.projector, "grid", None)
-                v = self.projector.geometry.subset_views(num_subsets, subset, grid=grid)
-            self._view_cache[key] = torch.as_tensor(np.asarray(v), dtype=torch.long, device=self.device)
-        return self._view_cache[key]
+                self._subsets[S] = ViewSubsets(self.projector.geometry, S, getattr(self.projector, "grid", None))
+        return self._subsets[S]
 
     def _slice(self, t: torch.Tensor | None, subset, num_subsets) -> torch.Tensor | None:
-        if t is None:
-            return None
-        v = self.views(subset, num_subsets)
-        return t if v is None else t.index_select(1, v)
+        if subset is None:
+            return t
+        return self.subsets(num_subsets).restrict(t, subset)
+
+    def geometric(self, subset: int | None = None, num_subsets: int | None = None) -> SubsetOperator:
+        """``A_s`` as a :class:`LinearOperator` (cached)."""
+        return self.operator(subset, num_subsets, with_factors=False)
+
+    def operator(self, subset: int | None = None, num_subsets: int | None = None,
+                 with_factors: bool = True) -> LinearOperator:
+        """The linear part ``M_s @ A_s`` (or ``A_s`` without factors) of subset ``subset`` (cached)."""
+        subs = self.subsets(num_subsets)
+        s = subs.check(subset)
+        key = (subs.num_subsets, s)
+        if key not in self._ops:
+            self._ops[key] = SubsetOperator(self.projector, subs, s)
+        A = self._ops[key]
+        m = subs.restrict(self.mult, s) if with_factors else None  # sliced per call: no second copy of m is kept
+        return A if m is None else MultiplicativeFactors(m) @ A
 
     # -------------------------------------------------------------- operators
     def geometric_forward(self, x: torch.Tensor, subset: int | None = None,
                           num_subsets: int | None = None) -> torch.Tensor:
         """``A_s x``."""
-        if subset is None:
-            return self.projector.forward(x)
-        return self.projector.forward(x, subset=subset, num_subsets=num_subsets)
+        return self.geometric(subset, num_subsets).forward(x)
 
     def geometric_adjoint(self, y: torch.Tensor, subset: int | None = None,
                           num_subsets: int | None = None) -> torch.Tensor:
         """``A_sᵀ y``."""
-        if subset is None:
-            return self.projector.adjoint(y)
-        return self.projector.adjoint(y, subset=subset, num_subsets=num_subsets)
+        return self.geometric(subset, num_subsets).adjoint(y)
 
     def forward(self, x: torch.Tensor, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``m_s ⊙ (A_s x + a_s)``."""
@@ -156,14 +212,11 @@ class AcquisitionModel:
     def linear_forward(self, x: torch.Tensor, subset: int | None = None,
                        num_subsets: int | None = None) -> torch.Tensor:
         """``m_s ⊙ A_s x`` (the linear part)."""
-        y = self.geometric_forward(x, subset, num_subsets)
-        m = self._slice(self.mult, subset, num_subsets)
-        return y if m is None else y * m
+        return self.operator(subset, num_subsets).forward(x)
 
     def backward(self, y: torch.Tensor, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A_sᵀ (m_s ⊙ y)`` (adjoint of the linear part)."""
-        m = self._slice(self.mult, subset, num_subsets)
-        return self.geometric_adjoint(y if m is None else y * m, subset, num_subsets)
+        return self.operator(subset, num_subsets).adjoint(y)
 
     __call__ = forward
 
@@ -180,8 +233,12 @@ def _segment_slices(geometry: Any, n_sino: int) -> list[tuple[int, int]]:
         return [(0, n_sino)]
 
 
-class EngineDataStep(DataStep):
-    """:class:`DataStep` of the built-in PyTorch engine.
+class EngineLogLikelihood(PoissonLogLikelihood):
+    """:class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood` of the built-in PyTorch engine.
+
+    Built from operators: the geometric projector ``A`` (a :class:`~sirf_ddip.physics.operator.LinearOperator`),
+    per view subset ``s`` (:class:`~sirf_ddip.physics.subsets.ViewSubsets`) the linear part ``M_s @ A_s``
+    (:meth:`AcquisitionModel.operator`) and the additive term ``a_s``.
 
     Parameters
     ----------
@@ -207,9 +264,9 @@ class EngineDataStep(DataStep):
                  num_subsets: int = 1, randoms: SinoLike | None = None, scatter: SinoLike | None = None,
                  projector: Any = None, dtype: torch.dtype = torch.float32):
         if not isinstance(prompts, ProjData):
-            raise TypeError(f"EngineDataStep: prompts must be a sirf_ddip.data.ProjData, got {type(prompts).__name__}")
+            raise TypeError(f"EngineLogLikelihood: prompts must be a sirf_ddip.data.ProjData, got {type(prompts).__name__}")
         if additive is not None and (randoms is not None or scatter is not None):
-            raise ValueError("EngineDataStep: give either 'additive' (a = (randoms + scatter) / m) or "
+            raise ValueError("EngineLogLikelihood: give either 'additive' (a = (randoms + scatter) / m) or "
                              "'randoms'/'scatter', not both")
         self.geometry = prompts.geometry
         self.dtype = dtype
@@ -256,9 +313,9 @@ class EngineDataStep(DataStep):
         s = load(scatter, "scatter")
         if a is None:
             a = build_additive(m, r, s)
-        self.model = AcquisitionModel(projector, m, a, views_of=self._views_of)
+        self.model = AcquisitionModel(projector, m, a, subsets=self._make_subsets)
         self._seg_slices = _segment_slices(self.geometry, shape[0])
-        self._num_subsets = 1
+        self.subsets = self.model.subsets(1)
         self._sens: dict[tuple[int, int | None], torch.Tensor] = {}
         self.y = self._load_prompts(prompts)
         self.set_num_subsets(num_subsets)
@@ -267,7 +324,7 @@ class EngineDataStep(DataStep):
     @classmethod
     def from_files(cls, prompts: str | os.PathLike, mult: str | os.PathLike | None = None,
                    additive: str | os.PathLike | None = None, image_template: str | os.PathLike | None = None,
-                   device: str | torch.device | None = None, num_subsets: int = 1, **kw) -> "EngineDataStep":
+                   device: str | torch.device | None = None, num_subsets: int = 1, **kw) -> "EngineLogLikelihood":
         """Build from STIR Interfile files (``.hs``); ``image_template`` (``.hv``/``.nii``) fixes the grid."""
         from ..io import read_image, read_projdata
 
@@ -310,34 +367,30 @@ class EngineDataStep(DataStep):
     # -------------------------------------------------------------- subsets
     @property
     def num_subsets(self) -> int:
-        return self._num_subsets
+        return self.subsets.num_subsets
 
     def set_num_subsets(self, n: int) -> None:
-        n = validate_num_subsets(n)
-        if n > 1:  # validate now (balanced subsets) rather than mid-reconstruction
-            self._views_of(0, n)
-        self._num_subsets = n
+        """Use ``n`` view subsets (checked now: STIR refuses unbalanced subsets, ``ValueError``)."""
+        self.subsets = self.model.subsets(validate_num_subsets(n))
 
-    def _views_of(self, subset: int, num_subsets: int):
+    def _make_subsets(self, num_subsets: int) -> ViewSubsets:
         # the grid matters: STIR drops view symmetries (hence changes subsets) for shifted images
-        return self.geometry.subset_views(num_subsets, subset, grid=self.grid)
+        return ViewSubsets(self.geometry, num_subsets, grid=self.grid)
 
     def subset_views(self, subset: int | None) -> np.ndarray:
         """View indices of ``subset`` (all views for ``None``)."""
-        if subset is None or self._num_subsets == 1:
-            return np.arange(self._shape[1])
-        return np.asarray(self._views_of(subset, self._num_subsets))
+        return self.subsets.views(subset)
 
     def _args(self, subset: int | None) -> tuple[int | None, int | None]:
-        if subset is None or self._num_subsets == 1:
-            return None, None
-        s = int(subset)
-        if not 0 <= s < self._num_subsets:
-            raise ValueError(f"subset {s} out of range 0..{self._num_subsets - 1}")
-        return s, self._num_subsets
+        return self.subsets.projector_args(subset)
 
     def _data(self, t: torch.Tensor | None, subset, num_subsets) -> torch.Tensor | None:
         return self.model._slice(t, subset, num_subsets)
+
+    def operator(self, subset: int | None = None) -> LinearOperator:
+        """The linear part ``M_s @ A_s`` of ``subset`` as a :class:`~sirf_ddip.physics.operator.LinearOperator`."""
+        s, S = self._args(subset)
+        return self.model.operator(s, S)
 
     # -------------------------------------------------------------- operators
     def _image(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,7 +417,7 @@ class EngineDataStep(DataStep):
             self._sens[key] = self.model.geometric_adjoint(m, s, S)
         return self._sens[key]
 
-    def backproject_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+    def backprojected_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         s, S = self._args(subset)
         ax = self.model.geometric_forward(self._image(x), s, S)
         a = self._data(self.model.additive, s, S)
@@ -373,7 +426,7 @@ class EngineDataStep(DataStep):
         q = em_numerator_ratio(self._data(self.y, s, S), ax, self._data(self.model.mult, s, S), self._seg_slices)
         return self.model.geometric_adjoint(q, s, S)
 
-    def log_likelihood(self, x: torch.Tensor, subset: int | None = None) -> float:
+    def value(self, x: torch.Tensor, subset: int | None = None) -> float:
         """STIR's Poisson log-likelihood ``Σ y log ŷ − ŷ`` (constants dropped) at ``x`` (all data by default)."""
         s, S = self._args(subset)
         ybar = self.model.forward(self._image(x), s, S)
@@ -401,5 +454,8 @@ class EngineDataStep(DataStep):
         return Image(arr, grid, meta)
 
     def __repr__(self) -> str:
-        return (f"EngineDataStep(prompts={self._prompts_name!r}, shape={self._shape}, image={self.image_shape}, "
-                f"subsets={self._num_subsets}, device={self.device})")
+        return (f"EngineLogLikelihood(prompts={self._prompts_name!r}, shape={self._shape}, "
+                f"image={self.image_shape}, subsets={self.num_subsets}, device={self.device})")
+
+
+EngineDataStep = EngineLogLikelihood  # TEMP-ALIAS

@@ -45,6 +45,7 @@ from ..errors import GeometryMismatchError
 from ..geometry.image import ImageGrid
 from ..geometry.sinogram import SinogramGeometry
 from ..utils.device import resolve_device
+from .operator import LinearOperator
 
 __all__ = ["Projector", "build_segment_matrix"]
 
@@ -505,7 +506,7 @@ def _geom_key(geom: SinogramGeometry, grid: ImageGrid, num_lors: int) -> tuple:
             num_lors)
 
 
-class Projector:
+class Projector(LinearOperator):
     """Geometric PET projector ``A`` (no factors) matching STIR's ray-tracing matrix.
 
     Parameters
@@ -578,6 +579,9 @@ class Projector:
     @property
     def data_shape(self) -> tuple[int, int, int]:
         return self.geometry.shape
+
+    in_shape = image_shape  # LinearOperator
+    out_shape = data_shape  # LinearOperator
 
     # ------------------------------------------------------------------ building
     def _zc_tube(self, sg) -> float:
