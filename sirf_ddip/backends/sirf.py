@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from ..errors import GeometryMismatchError, SirfDdipError, UnsupportedDataError
-from ..recon.datastep import DataStep, validate_num_subsets
+from ..physics.likelihood import PoissonLogLikelihood as DataStep  # TEMP-ALIAS (the class is renamed at merge)
+from ..physics.subsets import validate_num_subsets
 from ..utils.device import resolve_device
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""MAP reconstruction with the relative difference prior (RDP), on any :class:`DataStep`.
+"""MAP reconstruction with the relative difference prior (RDP), on any :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
 
 Objective (maximised)
 ---------------------
@@ -50,7 +50,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import IterativeReconstructor
-from .datastep import DataStep
+from ..physics.likelihood import PoissonLogLikelihood
 
 __all__ = ["RelativeDifferencePrior", "MAPRDPReconstructor", "neighbourhood_offsets", "penalty_sweep",
            "SweepResult"]
@@ -260,7 +260,7 @@ class MAPRDPReconstructor(IterativeReconstructor):
     # ----------------------------------------------------------------- objective
     def objective(self, x: torch.Tensor) -> float:
         """Φ(x) = L(x) − β R(x) (``-inf`` when the model predicts zero counts where counts were measured)."""
-        ll = float(self.data_step.log_likelihood(x))
+        ll = float(self.data_step.value(x))
         if self.beta == 0.0:
             return ll
         return ll - self.beta * self.prior.value(x)
@@ -343,7 +343,7 @@ class SweepResult:
     epsilon: float = float("nan")
 
 
-def penalty_sweep(data_step: DataStep, init: Any, betas: Sequence[float], num_iterations: int,
+def penalty_sweep(data_step: PoissonLogLikelihood, init: Any, betas: Sequence[float], num_iterations: int,
                   score: Callable[[torch.Tensor], float], progress: bool = False,
                   **rdp_kwargs) -> tuple[SweepResult, list[SweepResult]]:
     """Run MAP-RDP for each β and pick the one with the highest ``score(image)``.

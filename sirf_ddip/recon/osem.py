@@ -1,15 +1,15 @@
-"""OSEM with STIR OSMAPOSL semantics (no prior), on any :class:`~sirf_ddip.recon.datastep.DataStep`.
+"""OSEM with STIR OSMAPOSL semantics (no prior), on any :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
 
 What STIR's ``OSMAPOSLReconstruction`` does, and this class does too:
 
 - view subsets in STIR's order: sub-iteration ``k`` uses subset ``k mod S`` (``0, 1, …, S−1, 0, …``), the
-  views of a subset being those of the data step (``geometry.subset_views``, STIR's symmetry-aware subsets);
+  views of a subset being those of the likelihood (:class:`~sirf_ddip.physics.subsets.ViewSubsets`, STIR's symmetry-aware subsets);
 - subset sensitivities ``A_sᵀ m_s`` (``use subset sensitivities := 1``), computed once at :meth:`set_up`;
 - ``enforce initial positivity condition := 1`` (the default): at set-up of the initial estimate, STIR calls
   ``threshold_min_to_small_positive_value(image, 1e-6)`` (``OSMAPOSLReconstruction::set_up``,
   ``static const float small_num = 0.000001F``; OSSPS uses 10e-6): every value below
   ``min(positive values) · 1e-6`` is raised to it (all values become 1e-6 if none is positive);
-- the multiplicative update ``x ← x ⊙ A_sᵀ q / A_sᵀ m_s`` (``DataStep.em_update``), 0 where the
+- the multiplicative update ``x ← x ⊙ A_sᵀ q / A_sᵀ m_s`` (:func:`sirf_ddip.recon.em.em_update`), 0 where the
   sensitivity is 0 (outside the projector's field of view);
 - an optional Gaussian post-filter (FWHM in mm; STIR's ``SeparableGaussianImageFilter``, normalised
   kernel) applied to the *output* only (:meth:`get_output`), as STIR applies its post-filter to the final
@@ -24,7 +24,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..physics.subsets import subset_of_iteration
 from .base import IterativeReconstructor
+from .em import em_update
 
 __all__ = ["OSEMReconstructor", "threshold_min_to_small_positive_value", "gaussian_filter_mm"]
 
@@ -74,11 +76,11 @@ def gaussian_filter_mm(x: torch.Tensor, fwhm_mm: float | Sequence[float], voxel_
 
 
 class OSEMReconstructor(IterativeReconstructor):
-    """OSEM (STIR ``OSMAPOSLReconstructor`` without prior) on a :class:`DataStep` or a SIRF objective.
+    """OSEM (STIR ``OSMAPOSLReconstructor`` without prior) on a :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood` or a SIRF objective.
 
     Parameters
     ----------
-    objective_function : DataStep or sirf.STIR objective, optional
+    objective_function : PoissonLogLikelihood or sirf.STIR objective, optional
         Can also be set with :meth:`set_objective_function`.
     num_subsets : int
     num_iterations : int, optional
@@ -172,10 +174,11 @@ class OSEMReconstructor(IterativeReconstructor):
 
     def _set_up(self, template: torch.Tensor) -> None:
         ds = self.data_step
-        for s in range(self._num_subsets):
-            sens = ds.sensitivity(s if self._num_subsets > 1 else None)
+        for k in range(self._num_subsets):
+            s = subset_of_iteration(k, self._num_subsets)
+            sens = ds.sensitivity(s)
             if not bool((sens > 0).any()):
-                raise ValueError(f"subset {s}: the sensitivity image is zero everywhere (no data reach the image)")
+                raise ValueError(f"subset {k}: the sensitivity image is zero everywhere (no data reach the image)")
         self._voxel_size = self._voxel_sizes(self._template)
 
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,8 +187,7 @@ class OSEMReconstructor(IterativeReconstructor):
         return x
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.get_subset_num()
-        return self.data_step.em_update(x, s if self._num_subsets > 1 else None)
+        return em_update(self.data_step, x, subset_of_iteration(self.iteration, self._num_subsets))
 
     def progress_info(self) -> dict[str, Any]:
         return {"subset": self.get_subset_num(max(self.iteration - 1, 0))}
