@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from sirf_ddip.geometry import ImageGrid, SinogramGeometry  # noqa: E402
 from sirf_ddip.io.header import InterfileHeader  # noqa: E402
+from sirf_ddip.io.sinogram_header import geometry_from_header  # noqa: E402
 from sirf_ddip.physics.projector import Projector  # noqa: E402
 from sirf_ddip.utils.device import resolve_device  # noqa: E402
 
@@ -71,7 +72,7 @@ def _peak_mb(dev: torch.device) -> float:
 
 def run_case(case: str, shared: Path, dev: torch.device, repeats: int, threads: int | None) -> dict:
     d = shared / "stir-reference" / case
-    geom = SinogramGeometry.from_header(InterfileHeader.read(d / "forward.hs"))
+    geom = geometry_from_header(InterfileHeader.read(d / "forward.hs"))
     x, grid = read_image(d / "phantom.hv")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

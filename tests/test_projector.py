@@ -11,6 +11,7 @@ import torch
 from conftest import stir_case_dir
 from sirf_ddip.geometry import ImageGrid, SinogramGeometry, get_scanner
 from sirf_ddip.io.header import InterfileHeader
+from sirf_ddip.io.sinogram_header import geometry_from_header
 from sirf_ddip.physics.projector import Projector
 
 SLOW = os.environ.get("SIRF_DDIP_QUICK", "0") != "1"  # SIRF_DDIP_QUICK=1 skips full 3-D matrix builds
@@ -123,7 +124,7 @@ def test_cuda_matches_cpu():
 # ---------------------------------------------------------------------- STIR reference data
 def _case(name, full):
     d = stir_case_dir(name)
-    g = SinogramGeometry.from_header(InterfileHeader.read(d / "forward.hs"))
+    g = geometry_from_header(InterfileHeader.read(d / "forward.hs"))
     x, grid = read_image(d / "phantom.hv")
     P = Projector(g, grid, device="cpu")
     sub = None if full else (0, 7)
@@ -182,7 +183,7 @@ def test_subset_backprojection_matches_stir_3d():
     """Sum of subset back projections of ones equals STIR's A^T 1 (mmr_3d6, one subset checked against a
     second projector traced independently)."""
     d = stir_case_dir("mmr_3d6")
-    g = SinogramGeometry.from_header(InterfileHeader.read(d / "forward.hs"))
+    g = geometry_from_header(InterfileHeader.read(d / "forward.hs"))
     _, grid = read_image(d / "phantom.hv")
     P = Projector(g, grid, device="cpu")
     views = g.subset_views(7, 0, grid=grid)

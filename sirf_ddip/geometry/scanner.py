@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from ..errors import InputFileError, UnsupportedDataError
 
 __all__ = ["Scanner", "get_scanner", "scanner_names"]
 
@@ -95,65 +93,7 @@ class Scanner:
     def axial_fov_mm(self) -> float:
         return self.num_rings * self.ring_spacing_mm
 
-    # ------------------------------------------------------------------ Interfile
-    @classmethod
-    def from_header(cls, hdr) -> "Scanner":
-        """Read the ``Scanner parameters :=`` block (and ``originating system``) of an Interfile header.
-
-        Missing keys are taken from the preset of the same name when there is one (as STIR does);
-        otherwise a missing key raises :class:`InputFileError` naming the file and the key.
-        """
-        name = hdr.get("scanner type") or hdr.get("originating system")
-        geom = hdr.get("scanner geometry (blocksoncylindrical/cylindrical/generic)")
-        if geom is not None and geom.strip().lower() not in ("", "cylindrical"):
-            raise UnsupportedDataError(hdr.path, f"scanner geometry {geom!r} is not supported (only Cylindrical)",
-                                       key="Scanner geometry (BlocksOnCylindrical/Cylindrical/Generic)")
-        base: Scanner | None = None
-        if name:
-            try:
-                base = get_scanner(name)
-            except KeyError:
-                base = None
-        if name is None:
-            name = "Unknown"
-
-        def num(key: str, attr: str, scale: float = 1.0, integer: bool = False):
-            v = hdr.get_int(key) if integer else hdr.get_float(key)
-            if v is None:
-                if base is None:
-                    raise InputFileError(hdr.path, f"scanner '{name}' is not a known preset and the key is missing",
-                                         key=key)
-                return getattr(base, attr)
-            return v if integer else round(float(v) * scale, 6)
-
-        inner = hdr.get_float("inner ring diameter (cm)")
-        inner_r = round(inner * 5.0, 6) if inner is not None else None  # cm diameter -> mm radius
-        if inner_r is None:
-            if base is None:
-                raise InputFileError(hdr.path, f"scanner '{name}' is not a known preset and the key is missing",
-                                     key="Inner ring diameter (cm)")
-            inner_r = base.inner_ring_radius_mm
-        extra: dict[str, Any] = dict(base.extra) if base is not None else {}
-        for attr, key in _OPTIONAL_KEYS.items():
-            v = hdr.get_int(key) if attr in _INT_OPTIONAL else hdr.get_float(key)
-            if v is not None:
-                extra[attr] = v
-        return cls(
-            name=name.strip(),
-            num_rings=num("number of rings", "num_rings", integer=True),
-            detectors_per_ring=num("number of detectors per ring", "detectors_per_ring", integer=True),
-            inner_ring_radius_mm=inner_r,
-            average_doi_mm=num("average depth of interaction (cm)", "average_doi_mm", 10.0),
-            ring_spacing_mm=num("distance between rings (cm)", "ring_spacing_mm", 10.0),
-            default_bin_size_mm=num("default bin size (cm)", "default_bin_size_mm", 10.0),
-            view_offset_deg=num("view offset (degrees)", "view_offset_deg"),
-            max_num_non_arc_corrected_bins=num("maximum number of non-arc-corrected bins",
-                                               "max_num_non_arc_corrected_bins", integer=True),
-            default_num_arc_corrected_bins=(hdr.get_int("default number of arc-corrected bins")
-                                            or (base.default_num_arc_corrected_bins if base else 0)),
-            extra=extra,
-        )
-
+    # ------------------------------------------------------------------ Interfile (writing; reading: io.sinogram_header)
     def header_lines(self) -> list[str]:
         """The ``Scanner parameters :=`` block of a STIR ``.hs`` header (STIR 6 key names)."""
         lines = [

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GeometryMismatchError, InputFileError, UnsupportedDataError
+from ..errors import GeometryMismatchError
 from .image import ImageGrid
 from .scanner import Scanner, get_scanner
 
@@ -440,71 +440,7 @@ class SinogramGeometry:
         return hash((self.scanner.name, self.num_views, self.num_tangential,
                      tuple((s.min_ring_diff, s.max_ring_diff, s.num_axial) for s in self.segments)))
 
-    # ------------------------------------------------------------------ Interfile
-    @classmethod
-    def from_header(cls, hdr) -> "SinogramGeometry":
-        """Geometry of a STIR projection-data header (``InterfileHeader``).
-
-        Raises
-        ------
-        UnsupportedDataError
-            For TOF data, arc-corrected data or non-cylindrical scanners.
-        InputFileError
-            For missing or inconsistent keys (the message names the file and the key).
-        """
-        path = hdr.path
-        ndim = hdr.get_int("number of dimensions", required=True)
-        labels = {}
-        for k in range(1, ndim + 1):
-            lab = hdr.get(f"matrix axis label [{k}]")
-            if lab is None:
-                raise InputFileError(path, "required key missing", key=f"matrix axis label [{k}]")
-            labels[lab.strip().lower()] = k
-        tof_keys = [k for k in hdr.keys() if "tof mashing" in k or "number of tof" in k]
-        if ndim == 5 or any("timing" in lab for lab in labels) or (
-                tof_keys and any((hdr.get_float(k) or 0) > 1 for k in tof_keys if "number" in k)):
-            raise UnsupportedDataError(path, "TOF projection data are not supported yet (sirf_ddip handles "
-                                       "non-TOF sinograms only); unlist or TOF-mash to 1 bin with STIR first",
-                                       key="matrix axis label [5] / TOF mashing factor")
-        if ndim != 4:
-            raise InputFileError(path, f"expected 4 dimensions (segment, view, axial, tangential), got {ndim}",
-                                 key="number of dimensions")
-        need = ["segment", "view", "axial coordinate", "tangential coordinate"]
-        for lab in need:
-            if lab not in labels:
-                raise InputFileError(path, f"no axis labelled '{lab}' (labels: {sorted(labels)})",
-                                     key="matrix axis label [k]")
-        if labels["segment"] != 4 or labels["tangential coordinate"] != 1:
-            raise UnsupportedDataError(path, "axis order not supported: segment must be axis [4] and tangential "
-                                       "coordinate axis [1]", key="matrix axis label [4]")
-        storage = "view" if labels["view"] == 3 else "sinogram"
-        ax_key = f"matrix size [{labels['axial coordinate']}]"
-        num_axial = hdr.get_int_list(ax_key, required=True)
-        nseg = hdr.get_int(f"matrix size [{labels['segment']}]", required=True)
-        num_views = hdr.get_int(f"matrix size [{labels['view']}]", required=True)
-        num_tang = hdr.get_int(f"matrix size [{labels['tangential coordinate']}]", required=True)
-        mins = hdr.get_int_list("minimum ring difference per segment", required=True)
-        maxs = hdr.get_int_list("maximum ring difference per segment", required=True)
-        for key, lst in ((ax_key, num_axial), ("minimum ring difference per segment", mins),
-                         ("maximum ring difference per segment", maxs)):
-            if len(lst) != nseg:
-                raise InputFileError(path, f"has {len(lst)} entries but there are {nseg} segments", key=key)
-        corr = (hdr.get("applied corrections") or "").lower()
-        if "arc correction" in corr or "arc-correction" in corr:
-            raise UnsupportedDataError(path, "arc-corrected projection data are not supported (only STIR's "
-                                       "non-arc-corrected cylindrical geometry)", key="applied corrections")
-        scanner = Scanner.from_header(hdr)
-        try:
-            geo = cls(scanner, num_views=num_views, num_tangential=num_tang,
-                      segments=list(zip(mins, maxs, num_axial)), storage=storage)
-        except ValueError as exc:
-            raise InputFileError(path, str(exc), key="minimum/maximum ring difference per segment") from None
-        if scanner.detectors_per_ring % (2 * num_views) != 0:
-            raise InputFileError(path, f"{num_views} views do not divide {scanner.detectors_per_ring}/2 "
-                                 "detectors (STIR needs an integer view mashing factor)",
-                                 key=f"matrix size [{labels['view']}]")
-        return geo
-
+    # ------------------------------------------------------------------ Interfile (writing; reading: io.sinogram_header)
     def header_dict(self, storage: str | None = None) -> dict[str, str]:
         """Interfile keys (STIR spelling) describing this geometry, except the scanner block and data file."""
         storage = storage or self.storage

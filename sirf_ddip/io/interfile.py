@@ -374,9 +374,9 @@ def memory_to_file_order(array: np.ndarray, numbers: Sequence[int], axial: Seque
 
 
 def _geometry_from_header(hdr: InterfileHeader):
-    from ..geometry.sinogram import SinogramGeometry  # imported late: written in parallel
+    from .sinogram_header import geometry_from_header
 
-    return SinogramGeometry.from_header(hdr)
+    return geometry_from_header(hdr)
 
 
 def read_projdata(path: str | os.PathLike) -> ProjData:

@@ -1,0 +1,140 @@
+"""Reading the geometry of STIR projection data from an Interfile header (``.hs``).
+
+The geometry classes (:class:`~sirf_ddip.geometry.scanner.Scanner`,
+:class:`~sirf_ddip.geometry.sinogram.SinogramGeometry`) know nothing of files; this module turns the keys of a
+parsed header (:class:`~sirf_ddip.io.header.InterfileHeader`) into them, following STIR's
+``InterfilePDFSHeader`` (``src/IO/InterfileHeader.cxx``) and ``Scanner::parameter_info`` key names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InputFileError, UnsupportedDataError
+from ..geometry.scanner import _INT_OPTIONAL, _OPTIONAL_KEYS, Scanner, get_scanner
+from ..geometry.sinogram import SinogramGeometry
+from .header import InterfileHeader
+
+__all__ = ["scanner_from_header", "geometry_from_header"]
+
+
+def scanner_from_header(hdr: InterfileHeader) -> Scanner:
+    """Read the ``Scanner parameters :=`` block (and ``originating system``) of an Interfile header.
+
+    Missing keys are taken from the preset of the same name when there is one (as STIR does);
+    otherwise a missing key raises :class:`InputFileError` naming the file and the key.
+    """
+    name = hdr.get("scanner type") or hdr.get("originating system")
+    geom = hdr.get("scanner geometry (blocksoncylindrical/cylindrical/generic)")
+    if geom is not None and geom.strip().lower() not in ("", "cylindrical"):
+        raise UnsupportedDataError(hdr.path, f"scanner geometry {geom!r} is not supported (only Cylindrical)",
+                                   key="Scanner geometry (BlocksOnCylindrical/Cylindrical/Generic)")
+    base: Scanner | None = None
+    if name:
+        try:
+            base = get_scanner(name)
+        except KeyError:
+            base = None
+    if name is None:
+        name = "Unknown"
+
+    def num(key: str, attr: str, scale: float = 1.0, integer: bool = False):
+        v = hdr.get_int(key) if integer else hdr.get_float(key)
+        if v is None:
+            if base is None:
+                raise InputFileError(hdr.path, f"scanner '{name}' is not a known preset and the key is missing",
+                                     key=key)
+            return getattr(base, attr)
+        return v if integer else round(float(v) * scale, 6)
+
+    inner = hdr.get_float("inner ring diameter (cm)")
+    inner_r = round(inner * 5.0, 6) if inner is not None else None  # cm diameter -> mm radius
+    if inner_r is None:
+        if base is None:
+            raise InputFileError(hdr.path, f"scanner '{name}' is not a known preset and the key is missing",
+                                 key="Inner ring diameter (cm)")
+        inner_r = base.inner_ring_radius_mm
+    extra: dict[str, Any] = dict(base.extra) if base is not None else {}
+    for attr, key in _OPTIONAL_KEYS.items():
+        v = hdr.get_int(key) if attr in _INT_OPTIONAL else hdr.get_float(key)
+        if v is not None:
+            extra[attr] = v
+    return Scanner(
+        name=name.strip(),
+        num_rings=num("number of rings", "num_rings", integer=True),
+        detectors_per_ring=num("number of detectors per ring", "detectors_per_ring", integer=True),
+        inner_ring_radius_mm=inner_r,
+        average_doi_mm=num("average depth of interaction (cm)", "average_doi_mm", 10.0),
+        ring_spacing_mm=num("distance between rings (cm)", "ring_spacing_mm", 10.0),
+        default_bin_size_mm=num("default bin size (cm)", "default_bin_size_mm", 10.0),
+        view_offset_deg=num("view offset (degrees)", "view_offset_deg"),
+        max_num_non_arc_corrected_bins=num("maximum number of non-arc-corrected bins",
+                                           "max_num_non_arc_corrected_bins", integer=True),
+        default_num_arc_corrected_bins=(hdr.get_int("default number of arc-corrected bins")
+                                        or (base.default_num_arc_corrected_bins if base else 0)),
+        extra=extra,
+    )
+
+
+def geometry_from_header(hdr: InterfileHeader) -> SinogramGeometry:
+    """Geometry of a STIR projection-data header (``InterfileHeader``).
+
+    Raises
+    ------
+    UnsupportedDataError
+        For TOF data, arc-corrected data or non-cylindrical scanners.
+    InputFileError
+        For missing or inconsistent keys (the message names the file and the key).
+    """
+    path = hdr.path
+    ndim = hdr.get_int("number of dimensions", required=True)
+    labels = {}
+    for k in range(1, ndim + 1):
+        lab = hdr.get(f"matrix axis label [{k}]")
+        if lab is None:
+            raise InputFileError(path, "required key missing", key=f"matrix axis label [{k}]")
+        labels[lab.strip().lower()] = k
+    tof_keys = [k for k in hdr.keys() if "tof mashing" in k or "number of tof" in k]
+    if ndim == 5 or any("timing" in lab for lab in labels) or (
+            tof_keys and any((hdr.get_float(k) or 0) > 1 for k in tof_keys if "number" in k)):
+        raise UnsupportedDataError(path, "TOF projection data are not supported yet (sirf_ddip handles "
+                                   "non-TOF sinograms only); unlist or TOF-mash to 1 bin with STIR first",
+                                   key="matrix axis label [5] / TOF mashing factor")
+    if ndim != 4:
+        raise InputFileError(path, f"expected 4 dimensions (segment, view, axial, tangential), got {ndim}",
+                             key="number of dimensions")
+    need = ["segment", "view", "axial coordinate", "tangential coordinate"]
+    for lab in need:
+        if lab not in labels:
+            raise InputFileError(path, f"no axis labelled '{lab}' (labels: {sorted(labels)})",
+                                 key="matrix axis label [k]")
+    if labels["segment"] != 4 or labels["tangential coordinate"] != 1:
+        raise UnsupportedDataError(path, "axis order not supported: segment must be axis [4] and tangential "
+                                   "coordinate axis [1]", key="matrix axis label [4]")
+    storage = "view" if labels["view"] == 3 else "sinogram"
+    ax_key = f"matrix size [{labels['axial coordinate']}]"
+    num_axial = hdr.get_int_list(ax_key, required=True)
+    nseg = hdr.get_int(f"matrix size [{labels['segment']}]", required=True)
+    num_views = hdr.get_int(f"matrix size [{labels['view']}]", required=True)
+    num_tang = hdr.get_int(f"matrix size [{labels['tangential coordinate']}]", required=True)
+    mins = hdr.get_int_list("minimum ring difference per segment", required=True)
+    maxs = hdr.get_int_list("maximum ring difference per segment", required=True)
+    for key, lst in ((ax_key, num_axial), ("minimum ring difference per segment", mins),
+                     ("maximum ring difference per segment", maxs)):
+        if len(lst) != nseg:
+            raise InputFileError(path, f"has {len(lst)} entries but there are {nseg} segments", key=key)
+    corr = (hdr.get("applied corrections") or "").lower()
+    if "arc correction" in corr or "arc-correction" in corr:
+        raise UnsupportedDataError(path, "arc-corrected projection data are not supported (only STIR's "
+                                   "non-arc-corrected cylindrical geometry)", key="applied corrections")
+    scanner = scanner_from_header(hdr)
+    try:
+        geo = SinogramGeometry(scanner, num_views=num_views, num_tangential=num_tang,
+                  segments=list(zip(mins, maxs, num_axial)), storage=storage)
+    except ValueError as exc:
+        raise InputFileError(path, str(exc), key="minimum/maximum ring difference per segment") from None
+    if scanner.detectors_per_ring % (2 * num_views) != 0:
+        raise InputFileError(path, f"{num_views} views do not divide {scanner.detectors_per_ring}/2 "
+                             "detectors (STIR needs an integer view mashing factor)",
+                             key=f"matrix size [{labels['view']}]")
+    return geo
