@@ -47,7 +47,7 @@ def make_problem(rings: int, xy: int, device: torch.device, counts: float = 2e6,
     from sirf_ddip.data import ProjData
     from sirf_ddip.geometry.scanner import get_scanner
     from sirf_ddip.geometry.sinogram import SinogramGeometry
-    from sirf_ddip.physics.model import EngineDataStep
+    from sirf_ddip.physics.model import EngineLogLikelihood
     from sirf_ddip.physics.projector import Projector
 
     sc = get_scanner("mMR")
@@ -71,7 +71,7 @@ def make_problem(rings: int, xy: int, device: torch.device, counts: float = 2e6,
     y = torch.poisson((ybar + bg).cpu(), generator=g).numpy()
     prompts = ProjData(y.astype(np.float32), geom)
     add = ProjData(np.full(y.shape, bg, np.float32), geom)
-    ds = EngineDataStep(prompts, None, add, grid=grid, device=device, projector=proj)
+    ds = EngineLogLikelihood(prompts, None, add, grid=grid, device=device, projector=proj)
     return ds, grid, mr
 
 

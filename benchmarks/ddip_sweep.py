@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     from sirf_ddip.config import parse_overrides
     from sirf_ddip.io import read_image
-    from sirf_ddip.physics.model import EngineDataStep
+    from sirf_ddip.physics.model import EngineLogLikelihood
     from sirf_ddip.prior.weights import load_default, load_prior
     from sirf_ddip.recon.config import DDIPConfig
     from sirf_ddip.recon.ddip import DDIPReconstructor
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         mr = read_image(case / "mr.hv")
         brain = read_image(case / "mask_brain.hv").array > 0.5
         t0 = time.perf_counter()
-        ds = EngineDataStep.from_files(case / "prompts.hs", case / "mult_factors.hs", case / "additive_term.hs",
+        ds = EngineLogLikelihood.from_files(case / "prompts.hs", case / "mult_factors.hs", case / "additive_term.hs",
                                        image_template=case / "truth.hv", device=dev)
         ds.sensitivity(None)
         setup_s = time.perf_counter() - t0

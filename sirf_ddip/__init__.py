@@ -6,7 +6,7 @@ Layers (a sinogram travels one way: io -> geometry/physics -> recon; the prior s
 - :mod:`sirf_ddip.io`        STIR Interfile and NIfTI
 - :mod:`sirf_ddip.physics`   projector, acquisition model, Poisson likelihood
 - :mod:`sirf_ddip.prior`     diffusion U-Net, noise schedule, LoRA adapters, pretraining, default weights
-- :mod:`sirf_ddip.recon`     the DataStep interface, OSEM, MAP-RDP, DDIP
+- :mod:`sirf_ddip.recon`     OSEM, MAP-RDP, DDIP (on the physics.likelihood protocol)
 - :mod:`sirf_ddip.backends`  sirf.STIR adapter (imported lazily)
 - :mod:`sirf_ddip.sim`       brain phantoms and simulated studies
 - :mod:`sirf_ddip.study`     metrics, reports, studies

@@ -118,56 +118,51 @@ def _projector(geometry, grid, device, image_name: str, sino_name: str):
 
 
 # ------------------------------------------------------------------------------------------- commands
-def run_forward(args) -> int:
+def _project(args, adjoint: bool) -> int:
+    """``forward`` (``adjoint=False``: image → ``A x`` in the template's geometry) and ``backward``
+    (``adjoint=True``: sinogram → ``Aᵀ y`` on the template's grid): one body, two directions."""
     import torch
 
-    from ..data import ProjData
-    from ..io import read_image, read_projdata, write_projdata
+    from ..data import Image, ProjData
+    from ..io import read_image, read_projdata, write_image, write_projdata
     from ..utils.device import resolve_device
 
     out = Path(args.out)
     _check_outputs([out], args.overwrite)
     t0 = time.perf_counter()
-    img = read_image(args.image)
-    tmpl = read_projdata(args.template)
+    if adjoint:
+        command, inputs = "backward", {"sino": args.sino, "image_template": args.image_template}
+        sino, img = read_projdata(args.sino), read_image(args.image_template)
+        src, img_name, sino_name = sino.array, args.image_template, args.sino
+    else:
+        command, inputs = "forward", {"image": args.image, "template": args.template}
+        img, sino = read_image(args.image), read_projdata(args.template)
+        src, img_name, sino_name = img.array, args.image, args.template
     device = resolve_device(args.device)
-    proj = _projector(tmpl.geometry, img.grid, device, args.image, args.template)
+    proj = _projector(sino.geometry, img.grid, device, img_name, sino_name)
     with torch.no_grad():
-        y = proj.forward(torch.as_tensor(img.array, device=device))
+        t = torch.as_tensor(src, device=device)
+        res = (proj.adjoint(t) if adjoint else proj.forward(t)).detach().cpu().numpy().astype("float32")
     t1 = time.perf_counter()
-    write_projdata(out, ProjData(y.detach().cpu().numpy().astype("float32"), tmpl.geometry), overwrite=args.overwrite)
-    _record(out, "forward", {"image": args.image, "template": args.template, "out": str(out),
-                             "device": str(device), "geometry": tmpl.geometry.describe(),
-                             "image_grid": img.grid.to_dict()},
+    if adjoint:
+        write_image(out, Image(res, img.grid), overwrite=args.overwrite)
+    else:
+        write_projdata(out, ProjData(res, sino.geometry), overwrite=args.overwrite)
+    _record(out, command, {**inputs, "out": str(out), "device": str(device), "geometry": sino.geometry.describe(),
+                           "image_grid": img.grid.to_dict()},
             {"project": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite, args)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def run_forward(args) -> int:
+    """``sirf-ddip forward``: geometric ``A x`` of IMAGE in the template's geometry."""
+    return _project(args, adjoint=False)
 
 
 def run_backward(args) -> int:
-    import torch
-
-    from ..data import Image
-    from ..io import read_image, read_projdata, write_image
-    from ..utils.device import resolve_device
-
-    out = Path(args.out)
-    _check_outputs([out], args.overwrite)
-    t0 = time.perf_counter()
-    sino = read_projdata(args.sino)
-    tmpl = read_image(args.image_template)
-    device = resolve_device(args.device)
-    proj = _projector(sino.geometry, tmpl.grid, device, args.image_template, args.sino)
-    with torch.no_grad():
-        x = proj.adjoint(torch.as_tensor(sino.array, device=device))
-    t1 = time.perf_counter()
-    write_image(out, Image(x.detach().cpu().numpy().astype("float32"), tmpl.grid), overwrite=args.overwrite)
-    _record(out, "backward", {"sino": args.sino, "image_template": args.image_template, "out": str(out),
-                              "device": str(device), "geometry": sino.geometry.describe(),
-                              "image_grid": tmpl.grid.to_dict()},
-            {"project": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite, args)
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+    """``sirf-ddip backward``: ``Aᵀ y`` of SINO on the image template's grid."""
+    return _project(args, adjoint=True)
 
 
 class _SaveEvery:
@@ -199,7 +194,7 @@ class _SaveEvery:
 def run_osem(args) -> int:
     from ..errors import ConfigError
     from ..io import read_image, write_image
-    from ..physics.model import EngineDataStep
+    from ..physics.model import EngineLogLikelihood
     from ..recon.callbacks import ProgressCallback
     from ..recon.osem import OSEMReconstructor
     from ..utils.device import resolve_device
@@ -220,7 +215,7 @@ def run_osem(args) -> int:
     t0 = time.perf_counter()
     device = resolve_device(args.device)
     init = read_image(args.init)
-    ds = EngineDataStep.from_files(args.prompts, args.mult, args.additive, image_template=args.init,
+    ds = EngineLogLikelihood.from_files(args.prompts, args.mult, args.additive, image_template=args.init,
                                    device=device, num_subsets=1)
     try:
         ds.set_num_subsets(args.subsets)

@@ -72,13 +72,13 @@ def resolve_config(config: str | None, overrides: list[str], seed: int | None, d
 
 def build_data_step(args, grid, device, num_subsets: int):
     """The physics for ``args`` on ``grid`` (the built-in engine)."""
-    from ..physics.model import EngineDataStep
+    from ..physics.model import EngineLogLikelihood
     from ..io import read_projdata
 
     y = read_projdata(args.prompts)
     m = read_projdata(args.mult) if args.mult else None
     a = read_projdata(args.additive) if args.additive else None
-    return EngineDataStep(y, m, a, grid=grid, device=device, num_subsets=num_subsets)
+    return EngineLogLikelihood(y, m, a, grid=grid, device=device, num_subsets=num_subsets)
 
 
 def _recon(args) -> int:

@@ -17,7 +17,7 @@ with the same settings — otherwise the run stops with a :class:`ConfigError` (
 folder), so a study never mixes results of different configurations silently.
 
 Methods (all through the same :class:`~sirf_ddip.recon.base.IterativeReconstructor` API on the same
-:class:`~sirf_ddip.recon.datastep.DataStep`): ``osem``, ``map_rdp``, ``diffusion_no_finetune``, ``ddip_no_mr``,
+:class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`): ``osem``, ``map_rdp``, ``diffusion_no_finetune``, ``ddip_no_mr``,
 ``ddip`` (see :data:`METHODS`).  The OSEM iteration and MAP-RDP β are chosen by PSNR against the truth: an
 *oracle* choice, in the baselines' favour, which the report states.
 """
@@ -242,7 +242,7 @@ def _read_mask(path: Path) -> np.ndarray:
 def load_case(case_dir: str | Path, name: str | None = None, device: str | None = None) -> CaseData:
     """Read a PETRIC-layout case folder (as written by ``simulate_study``) into :class:`CaseData`."""
     from ..io import read_image
-    from ..physics.model import EngineDataStep
+    from ..physics.model import EngineLogLikelihood
 
     d = Path(case_dir)
     for f in ("prompts.hs", "mult_factors.hs", "additive_term.hs", "truth.hv", "mask_brain.hv", "mask_gm.hv",
@@ -251,7 +251,7 @@ def load_case(case_dir: str | Path, name: str | None = None, device: str | None 
             raise InputFileError(d / f, "file missing from the study case folder")
     info = json.loads((d / "case.json").read_text()) if (d / "case.json").is_file() else {}
     truth = read_image(d / "truth.hv")
-    ds = EngineDataStep.from_files(d / "prompts.hs", d / "mult_factors.hs", d / "additive_term.hs",
+    ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult_factors.hs", d / "additive_term.hs",
                                    image_template=d / "truth.hv", device=device)
     lesion = _read_mask(d / "mask_lesion.hv") if (d / "mask_lesion.hv").is_file() else None
     regions = Regions(_read_mask(d / "mask_brain.hv"), _read_mask(d / "mask_gm.hv"), _read_mask(d / "mask_wm.hv"),
