@@ -16,7 +16,7 @@ from sirf_ddip.physics.model import EngineDataStep
 from sirf_ddip.physics.projector import Projector
 from sirf_ddip.recon.osem import OSEMReconstructor
 
-from _dense_projector import tiny_geometry
+from toy_physics import tiny_geometry
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from sirf_ddip.io.header import InterfileHeader
 from sirf_ddip.io.interfile import file_to_memory_order, memory_to_file_order
 
 from conftest import stir_case_dir
-from _dense_projector import tiny_geometry
+from toy_physics import tiny_geometry
 
 IMAGE_HEADER = """!INTERFILE  :=
 name of data file := {data}

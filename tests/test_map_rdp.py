@@ -10,81 +10,10 @@ import torch
 
 from sirf_ddip.errors import ConfigError
 from sirf_ddip.geometry.image import ImageGrid
-from sirf_ddip.recon.datastep import DataStep
+from sirf_ddip.recon.em import em_update
 from sirf_ddip.recon.map_rdp import (MAPRDPReconstructor, RelativeDifferencePrior, neighbourhood_offsets,
                                      penalty_sweep)
-
-
-class DenseDataStep(DataStep):
-    """Tiny dense-matrix Poisson model y ~ Poisson(m (A x + a)); subsets = bins i with i % S == s."""
-
-    def __init__(self, A, y, m, a, shape, voxel_size=(2.0, 2.0, 2.0), dtype=torch.float64):
-        self.dtype = dtype
-        self.device = torch.device("cpu")
-        self.A = torch.as_tensor(A, dtype=dtype)
-        self.y = torch.as_tensor(y, dtype=dtype)
-        self.m = torch.as_tensor(m, dtype=dtype)
-        self.a = torch.as_tensor(a, dtype=dtype)
-        self.image_shape = tuple(shape)
-        self.grid = ImageGrid(shape, voxel_size)
-        self._S = 1
-
-    @property
-    def num_subsets(self):
-        return self._S
-
-    def set_num_subsets(self, n):
-        self._S = int(n)
-
-    def _rows(self, subset):
-        idx = torch.arange(self.A.shape[0])
-        return idx if subset is None else idx[idx % self._S == subset]
-
-    def forward(self, x, subset=None):
-        r = self._rows(subset)
-        return self.m[r] * (self.A[r] @ x.reshape(-1) + self.a[r])
-
-    def backward(self, y, subset=None):
-        r = self._rows(subset)
-        return (self.A[r].T @ (self.m[r] * y)).reshape(self.image_shape)
-
-    def sensitivity(self, subset=None):
-        r = self._rows(subset)
-        return (self.A[r].T @ self.m[r]).reshape(self.image_shape)
-
-    def backproject_ratio(self, x, subset=None):
-        r = self._rows(subset)
-        yb = self.forward(x, subset)
-        return self.backward(torch.where(yb > 0, self.y[r] / yb, torch.zeros_like(yb)), subset)
-
-    def log_likelihood(self, x):
-        yb = self.forward(x)
-        return float((self.y * torch.log(yb) - yb).sum())
-
-    def to_tensor(self, image):
-        if hasattr(image, "array"):
-            image = image.array
-        return torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image,
-                               dtype=self.dtype).reshape(self.image_shape).clone()
-
-    def from_tensor(self, tensor, template=None):
-        return tensor.detach().clone()
-
-
-def make_problem(shape=(3, 5, 5), n_bins=120, counts=50.0, seed=0, truth=None):
-    rng = np.random.default_rng(seed)
-    nv = int(np.prod(shape))
-    A = rng.uniform(0, 1, (n_bins, nv)) * (rng.uniform(0, 1, (n_bins, nv)) < 0.3)
-    if truth is None:
-        truth = rng.uniform(0.5, 2.0, shape)
-    m = rng.uniform(0.5, 1.0, n_bins)
-    a = np.full(n_bins, 0.1)
-    ybar = m * (A @ truth.reshape(-1) + a)
-    ybar *= counts / ybar.mean()
-    scale = counts / (m * (A @ truth.reshape(-1) + a)).mean()
-    y = rng.poisson(ybar).astype(float)
-    ds = DenseDataStep(A * scale, y, m, a * scale, shape)
-    return ds, truth
+from toy_physics import dense_problem as make_problem
 
 
 def stir_rdp_value(x, w3, gamma, eps):
@@ -170,7 +99,7 @@ def test_sgp_objective_increases_monotonically_and_beta_smooths():
     assert h[-1] > h[0] + 1.0
     # compare with direct evaluation of the objective
     x = rec.x
-    assert rec.objective(x) == pytest.approx(ds.log_likelihood(x) - 0.5 * rec.prior.value(x), rel=1e-12)
+    assert rec.objective(x) == pytest.approx(ds.value(x) - 0.5 * rec.prior.value(x), rel=1e-12)
     assert float(x.min()) >= 0
     # a stronger prior gives a smoother image (smaller RDP value)
     rec2 = MAPRDPReconstructor(beta=20.0, epsilon=0.01)
@@ -191,7 +120,7 @@ def test_beta_zero_first_step_is_mlem():
     rec.set_current_estimate(init)
     rec.update_current_estimate()
     assert rec.last_step == 1.0
-    assert torch.allclose(rec.x, ds.em_update(init), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(rec.x, em_update(ds, init), rtol=1e-10, atol=1e-12)
 
 
 def test_sgp_converges_to_stationary_point():

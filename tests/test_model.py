@@ -12,7 +12,7 @@ from sirf_ddip.geometry.image import ImageGrid
 from sirf_ddip.physics.likelihood import MAX_QUOTIENT, stir_log_likelihood, stir_quotient
 from sirf_ddip.physics.model import AcquisitionModel, EngineDataStep, build_additive
 
-from _dense_projector import DenseProjector, tiny_geometry
+from toy_physics import DenseProjector, tiny_geometry
 
 GRID = ImageGrid((3, 4, 4), (2.0, 4.0, 4.0))
 
