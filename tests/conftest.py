@@ -1,11 +1,15 @@
 """Shared pytest fixtures.
 
 Tests that read the STIR reference data in ``../shared/stir-reference`` skip with a reason when it is absent
-(a user's clone); everything else must pass alone.
+(a user's clone); everything else must pass alone. In CI (``CI=true``) the data are required: the run fails at
+start-up instead of skipping every STIR comparison. Every test whose code mentions ``stir_case`` (the fixture or
+:func:`stir_case_dir`) is marked ``stir_reference`` automatically, so ``-m "not stir_reference"`` selects the
+tests that need nothing but the repository.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -43,3 +47,23 @@ def rng() -> np.random.Generator:
 def _torch_threads_and_seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_configure(config):
+    if os.environ.get("CI", "").lower() == "true" and not STIR_REF.is_dir():
+        raise pytest.UsageError(f"CI=true but the STIR reference data are missing at {STIR_REF}: the STIR "
+                                "comparisons would all be skipped. Provide ../shared/stir-reference (or set "
+                                "SIRF_DDIP_SHARED).")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or item.get_closest_marker("stir_reference") is not None:
+            continue
+        try:
+            src = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        if "stir_case" in src or "stir_case" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.stir_reference)

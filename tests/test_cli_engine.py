@@ -12,7 +12,7 @@ from sirf_ddip.cli import main
 from sirf_ddip.data import Image, ProjData
 from sirf_ddip.geometry.image import ImageGrid
 from sirf_ddip.io import read_image, read_projdata, write_image, write_projdata
-from sirf_ddip.physics.model import EngineDataStep
+from sirf_ddip.physics.model import EngineLogLikelihood
 from sirf_ddip.physics.projector import Projector
 from sirf_ddip.recon.osem import OSEMReconstructor
 
@@ -91,7 +91,7 @@ def test_osem_cli_matches_library(tiny):
             "--out", str(d / "osem.hv"), "--device", "cpu", "--save-interval", "2"]
     assert main(args) == 0
     out = read_image(d / "osem.hv")
-    ds = EngineDataStep.from_files(d / "prompts.hs", d / "mult.hs", d / "add.hs", image_template=d / "init.hv",
+    ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult.hs", d / "add.hs", image_template=d / "init.hv",
                                    device="cpu")
     init = read_image(d / "init.hv")
     r = OSEMReconstructor(ds, num_subsets=2, num_iterations=2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sirf_ddip.data import Image
-from sirf_ddip.recon.datastep import em_multiplicative_update
+from sirf_ddip.recon.em import em_multiplicative_update
 from sirf_ddip.recon.osem import OSEMReconstructor, gaussian_filter_mm, threshold_min_to_small_positive_value
 
 from test_model import GRID, make_problem
@@ -33,7 +33,7 @@ def test_osem_matches_manual_updates_in_stir_subset_order():
     x = torch.ones(GRID.shape, dtype=torch.float64)
     for k in range(6):
         s = k % 2
-        x = em_multiplicative_update(x, ds.backproject_ratio(x, s), ds.sensitivity(s))
+        x = em_multiplicative_update(x, ds.backprojected_ratio(x, s), ds.sensitivity(s))
     out = recon.get_output()
     assert isinstance(out, Image)
     np.testing.assert_allclose(out.array, x.numpy(), rtol=1e-5)
@@ -46,10 +46,10 @@ def test_osem_likelihood_increases_with_iterations():
     recon = OSEMReconstructor(ds, num_subsets=1, num_iterations=1)
     recon.set_up(init)
     recon.set_current_estimate(init)
-    vals = [ds.log_likelihood(recon.x)]
+    vals = [ds.value(recon.x)]
     for _ in range(10):
         recon.update_current_estimate()
-        vals.append(ds.log_likelihood(recon.x))
+        vals.append(ds.value(recon.x))
     assert np.all(np.diff(vals) > -1e-9 * abs(vals[-1]))
 
 
@@ -97,30 +97,27 @@ def _rois(phantom: np.ndarray) -> dict[str, np.ndarray]:
 @pytest.mark.stir_reference
 @pytest.mark.parametrize("case", ["mmr_2d", "mmr_3d6"])
 def test_osem_agrees_with_stir_osmaposl(case):
-    import os
-
+    """Sensitivity, image and ROI means vs STIR 6.5 OSMAPOSL; tolerances ~3x what is reached (2-core CPU):
+    sensitivity 1.2e-4 (both cases), image rel. L2 9.6e-4 (2-D) / 6.9e-4 (3-D), ROI means 1.7e-5."""
     from conftest import stir_case_dir
-
-    if case == "mmr_3d6" and os.environ.get("SIRF_DDIP_QUICK", "0") == "1":
-        pytest.skip("SIRF_DDIP_QUICK=1: 3-D STIR OSEM comparison (full matrix build) skipped")
     from sirf_ddip.io import read_image
-    from sirf_ddip.physics.model import EngineDataStep
+    from sirf_ddip.physics.model import EngineLogLikelihood
 
     d = stir_case_dir(case)
     info = json.loads((d / "case.json").read_text())
     it, S = min(info["iters"]), info["subsets"]
-    ds = EngineDataStep.from_files(d / "prompts.hs", d / "mult_factors.hs", d / "additive_term.hs",
-                                   image_template=d / "init.hv", device="cpu")
+    ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult_factors.hs", d / "additive_term.hs",
+                                        image_template=d / "init.hv", device="cpu")
     init = read_image(d / "init.hv")
     # sensitivity A^T m against STIR's
     sens, ref_sens = ds.sensitivity().numpy(), read_image(d / "sensitivity.hv").array
-    assert np.linalg.norm(sens - ref_sens) / np.linalg.norm(ref_sens) < 0.01
+    assert np.linalg.norm(sens - ref_sens) / np.linalg.norm(ref_sens) < 4e-4
     recon = OSEMReconstructor(ds, num_subsets=S, num_iterations=it)
     recon.reconstruct(init)
     out = recon.get_output().array
     ref = read_image(d / f"osem_{it}it{S}ss_{it * S}.hv").array
     rel_l2 = np.linalg.norm(out - ref) / np.linalg.norm(ref)
-    assert rel_l2 < 0.05, rel_l2
+    assert rel_l2 < 3e-3, rel_l2
     for name, roi in _rois(read_image(d / "phantom.hv").array).items():
         ours, stirs = out[roi].mean(), ref[roi].mean()
-        assert ours == pytest.approx(stirs, rel=0.05), (name, ours, stirs)
+        assert ours == pytest.approx(stirs, rel=1e-4), (name, ours, stirs)

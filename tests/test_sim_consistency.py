@@ -6,7 +6,7 @@ With the built-in projector (not a stand-in matrix):
   checked against exact chords of a uniform cylinder;
 - every sinogram's attenuation factor through a water cylinder is ``exp(−0.096 cm⁻¹ · chord)``, including the
   edge direct sinograms whose LOR tube reaches beyond the slab (they saw 3/4 of the μ path before the fix);
-- the simulator's noise-free mean equals ``EngineDataStep.forward(truth)`` on the written arrays, and
+- the simulator's noise-free mean equals ``EngineLogLikelihood.forward(truth)`` on the written arrays, and
   noise-free MLEM recovers the truth's regional means.
 """
 
@@ -20,7 +20,7 @@ from sirf_ddip.data import ProjData
 from sirf_ddip.geometry.image import ImageGrid
 from sirf_ddip.geometry.scanner import get_scanner
 from sirf_ddip.geometry.sinogram import SinogramGeometry
-from sirf_ddip.physics.model import EngineDataStep
+from sirf_ddip.physics.model import EngineLogLikelihood
 from sirf_ddip.physics.projector import Projector
 from sirf_ddip.sim import simulate as sim
 
@@ -119,7 +119,7 @@ def _two_region_phantom(grid: ImageGrid) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def test_noise_free_model_consistency_and_mlem():
-    """Simulator mean == EngineDataStep.forward(truth); noise-free MLEM recovers GM, WM and their contrast."""
+    """Simulator mean == EngineLogLikelihood.forward(truth); noise-free MLEM recovers GM, WM and their contrast."""
     torch.set_num_threads(1)
     g = _geometry(rings=2, num_tang=40)
     grid = g.default_image_grid(xy=32)
@@ -128,7 +128,7 @@ def test_noise_free_model_consistency_and_mlem():
     mu = (truth > 0).astype(np.float32) * MU_WATER
     d = sim.simulate_data(truth, mu, g, _numpy_fwd(proj), 1e7, np.random.default_rng(1),
                           length_unit_mm=grid.voxel_size[2])
-    ds = EngineDataStep(ProjData(d.prompts, g, {}), ProjData(d.mult, g, {}), ProjData(d.additive, g, {}),
+    ds = EngineLogLikelihood(ProjData(d.prompts, g, {}), ProjData(d.mult, g, {}), ProjData(d.additive, g, {}),
                         grid=grid, device="cpu", projector=proj)
     with torch.no_grad():
         fwd = ds.forward(torch.as_tensor(truth)).numpy().astype(np.float64)
@@ -139,7 +139,7 @@ def test_noise_free_model_consistency_and_mlem():
     x = torch.where(sens > 0, torch.ones_like(sens), torch.zeros_like(sens))
     with torch.no_grad():
         for _ in range(150):
-            x = torch.where(sens > 0, x * ds.backproject_ratio(x) / torch.where(sens > 0, sens, 1.0), 0.0)
+            x = torch.where(sens > 0, x * ds.backprojected_ratio(x) / torch.where(sens > 0, sens, 1.0), 0.0)
     xr = x.numpy()
     gm_t, wm_t, gm_r, wm_r = truth[gm].mean(), truth[wm].mean(), xr[gm].mean(), xr[wm].mean()
     cr = (gm_r / wm_r - 1.0) / (gm_t / wm_t - 1.0)
@@ -166,7 +166,7 @@ def test_simulate_study_attenuation_uses_head_beyond_slab(tmp_path, monkeypatch)
                                efficiency_sd=0.0, write_nifti=False)
     out = sim.simulate_study(cfg, tmp_path / "case")
     d = cap["d"]
-    ds = EngineDataStep.from_files(out / "prompts.hs", out / "mult_factors.hs", out / "additive_term.hs",
+    ds = EngineLogLikelihood.from_files(out / "prompts.hs", out / "mult_factors.hs", out / "additive_term.hs",
                                    image_template=out / "truth.hv", device="cpu")
     truth = read_image(out / "truth.hv").array
     with torch.no_grad():
