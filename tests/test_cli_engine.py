@@ -46,7 +46,6 @@ def test_forward_and_backward(tiny, capsys):
                  "--out", str(d / "fwd.hs"), "--device", "cpu"]) == 0
     fwd = read_projdata(d / "fwd.hs")
     np.testing.assert_allclose(fwd.array, proj.forward(torch.as_tensor(phantom)).numpy(), rtol=1e-6)
-    assert fwd.array.sum() > 0
     rec = json.loads((d / "fwd_run_record.json").read_text())
     assert rec["config"]["command"] == "forward" and "torch" in rec["versions"]
     assert main(["backward", str(d / "fwd.hs"), "--image-template", str(d / "init.hv"),
@@ -91,8 +90,8 @@ def test_osem_cli_matches_library(tiny):
             "--out", str(d / "osem.hv"), "--device", "cpu", "--save-interval", "2"]
     assert main(args) == 0
     out = read_image(d / "osem.hv")
-    ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult.hs", d / "add.hs", image_template=d / "init.hv",
-                                   device="cpu")
+    ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult.hs", d / "add.hs",
+                                        image_template=d / "init.hv", device="cpu")
     init = read_image(d / "init.hv")
     r = OSEMReconstructor(ds, num_subsets=2, num_iterations=2)
     r.reconstruct(init)
@@ -113,4 +112,9 @@ def test_osem_nifti_output(tiny):
     assert main(["osem", "--prompts", str(d / "prompts.hs"), "--init", str(d / "init.hv"), "--iterations", "1",
                  "--subsets", "1", "--out", str(d / "o.nii.gz")]) == 0
     img = read_image(d / "o.nii.gz")
-    assert img.array.shape == read_image(d / "init.hv").array.shape and img.array.max() > 0
+    init = read_image(d / "init.hv")
+    assert img.grid.matches(init.grid)
+    r = OSEMReconstructor(EngineLogLikelihood.from_files(d / "prompts.hs", image_template=d / "init.hv",
+                                                         device="cpu"), num_subsets=1, num_iterations=1)
+    r.reconstruct(init)
+    np.testing.assert_allclose(img.array, r.get_output().array, rtol=1e-6)

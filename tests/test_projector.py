@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import stir_case_dir
+from sirf_ddip.errors import GeometryMismatchError
 from sirf_ddip.geometry import ImageGrid, SinogramGeometry, get_scanner
 from sirf_ddip.io.header import InterfileHeader
 from sirf_ddip.io.sinogram_header import geometry_from_header
@@ -98,15 +99,23 @@ def test_line_integral_scale_and_norm():
     centre = np.abs(s) < 4.0
     expected = 2 * np.sqrt(R ** 2 - s[centre] ** 2) / grid.voxel_size[2]
     np.testing.assert_allclose(y[:, centre].mean(0), expected, rtol=0.03)
-    n = P.norm(num_iter=8)
-    xx = torch.rand(grid.shape, dtype=torch.float64)
-    assert float(torch.linalg.vector_norm(P.forward(xx))) <= n * float(torch.linalg.vector_norm(xx)) * 1.0001
+    # ||A|| by power iteration vs ARPACK's largest singular value (an independent algorithm); 1e-16 reached
+    import scipy.sparse.linalg as sla
+
+    n, m = grid.num_voxels, int(np.prod(g.shape))
+    op = sla.LinearOperator((m, n), dtype=np.float64,
+                            matvec=lambda v: P.forward(torch.as_tensor(v.reshape(grid.shape))).numpy().ravel(),
+                            rmatvec=lambda u: P.adjoint(torch.as_tensor(u.reshape(g.shape))).numpy().ravel())
+    ref = float(sla.svds(op, k=1, return_singular_vectors=False, tol=1e-10)[0])
+    assert P.norm(num_iter=20) == pytest.approx(ref, rel=1e-9)
 
 
 def test_shape_errors():
     g, grid, P = tiny()
-    with pytest.raises(Exception, match="shape"):
+    with pytest.raises(GeometryMismatchError, match=r"image shape \(1, 2, 3\) does not match expected \(7, 24, 24\)"):
         P.forward(np.zeros((1, 2, 3)))
+    with pytest.raises(GeometryMismatchError, match="projection data shape"):
+        P.adjoint(np.zeros((2, 2, 2)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -167,19 +176,30 @@ def test_backprojection_of_ones_matches_stir(case):
     assert rel_l2(b, ref) < 1e-3
 
 
+@pytest.mark.slow
 def test_subset_backprojection_matches_stir_3d():
-    """Sum of subset back projections of ones equals STIR's A^T 1 (mmr_3d6, one subset checked against a
-    second projector traced independently)."""
+    """Subset back projections of ones on mmr_3d6: together they are STIR's ``Aᵀ 1``; each one is 1/7 of it
+    (STIR's subsets keep whole 90/180-degree symmetry groups, so each subset samples all directions).
+
+    Reached (2-core CPU): sum vs STIR rel. L2 1.1e-4 (1.2e-5 inside the FOV); per subset, total within 9e-6 of
+    1/7 and per voxel in the FOV within 4.7e-3 of ``ref / 7``. Tolerances are ~3x these."""
     d = stir_case_dir("mmr_3d6")
     g = geometry_from_header(InterfileHeader.read(d / "forward.hs"))
     _, grid = read_image(d / "phantom.hv")
     P = Projector(g, grid, device="cpu")
-    views = g.subset_views(7, 0, grid=grid)
-    b = P.adjoint_numpy(np.ones((g.num_sinograms, len(views), g.num_tangential), np.float32), subset=0,
-                        num_subsets=7)
     ref, _ = read_image(d / "ones_bp.hv")
-    # by the 90/180-degree symmetry of the subset, its back projection is ~1/7 of the full one
-    assert abs(b.sum() / ref.sum() - len(views) / g.num_views) < 1e-3
+    yy, xx = np.meshgrid(grid.coords(1), grid.coords(2), indexing="ij")
+    fov = (yy ** 2 + xx ** 2) < (0.95 * 63 * grid.voxel_size[2]) ** 2
+    total = np.zeros_like(ref)
+    for s in range(7):
+        views = g.subset_views(7, s, grid=grid)
+        b = P.adjoint_numpy(np.ones((g.num_sinograms, len(views), g.num_tangential), np.float32), subset=s,
+                            num_subsets=7)
+        assert abs(b.sum() / ref.sum() - 1 / 7) < 3e-5, s
+        assert rel_l2(7 * b[:, fov], ref[:, fov]) < 1.5e-2, s
+        total += b
+    assert rel_l2(total, ref) < 3e-4
+    assert rel_l2(total[:, fov], ref[:, fov]) < 4e-5
 
 
 def test_fast_tracer_equals_reference_3d_siddon():
