@@ -98,6 +98,7 @@ def _runw(w, args, use_mr=True):
     return _run(["--weights", w[use_mr], *args])
 
 
+@pytest.mark.slow
 def test_recon_writes_image_record_png_and_checkpoint(files):
     d, mr, prompts, w = files
     out = d / "res" / "x.hv"
@@ -117,6 +118,7 @@ def test_recon_writes_image_record_png_and_checkpoint(files):
     np.testing.assert_array_equal(read_image(out).array, img.array)     # same seed, same result
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_result(files, monkeypatch):
     from sirf_ddip.recon.ddip import DDIPReconstructor
 

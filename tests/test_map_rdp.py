@@ -123,6 +123,7 @@ def test_beta_zero_first_step_is_mlem():
     assert torch.allclose(rec.x, em_update(ds, init), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_sgp_converges_to_stationary_point():
     ds, _ = make_problem(shape=(2, 3, 3), n_bins=80, counts=200.0, seed=4)
     init = torch.ones(ds.image_shape, dtype=torch.float64)
@@ -140,6 +141,7 @@ def test_sgp_converges_to_stationary_point():
     assert bool((g[~pos] <= 1e-6).all())
 
 
+@pytest.mark.slow
 def test_bsrem_with_subsets_approaches_sgp_solution():
     ds, _ = make_problem(shape=(2, 3, 3), n_bins=80, counts=200.0, seed=5)
     init = torch.ones(ds.image_shape, dtype=torch.float64)

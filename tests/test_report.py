@@ -35,6 +35,7 @@ def _case(name, rng):
     return rc, cm
 
 
+@pytest.mark.slow
 def test_report_builds_with_all_sections(tmp_path):
     rng = np.random.default_rng(0)
     c1, m1 = _case("fdg_d10", rng)

@@ -147,10 +147,10 @@ def test_noise_free_model_consistency_and_mlem():
     assert 0.95 < cr < 1.05, cr
 
 
+@pytest.mark.slow
 def test_simulate_study_attenuation_uses_head_beyond_slab(tmp_path, monkeypatch):
     """Built-in projector: files reproduce the simulator's mean, and edge direct sinograms are not under-attenuated."""
-    pytest.importorskip("nilearn")
-    from sirf_ddip.io import read_image
+        from sirf_ddip.io import read_image
 
     cap = {}
     orig = sim.simulate_data

@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("nilearn")
-
-from sirf_ddip.errors import ConfigError, InputFileError  # noqa: E402
-from sirf_ddip.sim import phantoms as ph  # noqa: E402
+from sirf_ddip.errors import ConfigError, InputFileError
+from sirf_ddip.sim import phantoms as ph
 
 NZ = 24  # a central slab keeps the tests fast; in-plane the grid is the real mMR one
 
@@ -60,6 +58,7 @@ def test_deterministic(grid, fdg):
     assert again.meta == fdg.meta
 
 
+@pytest.mark.slow
 def test_seeds_and_splits_differ(grid, fdg):
     other = ph.make_subject(grid, "fdg", seed=4, lesions=True)
     rel = np.abs(other.activity.array - fdg.activity.array).mean() / fdg.activity.array.mean()
@@ -120,6 +119,7 @@ def test_lesions_hot_for_fdg(grid, fdg):
                                   plain.activity.array[fdg.fractions["lesion"] == 0])
 
 
+@pytest.mark.slow
 def test_poses(grid):
     train = [ph.make_subject(grid, "fdg", seed=s, lesions=False).meta["pose"] for s in range(3)]
     assert all(abs(p["pitch"]) <= 10 and abs(p["yaw"]) <= 5 and abs(p["roll"]) <= 5 for p in train)
@@ -146,6 +146,7 @@ def test_errors(grid):
         ph.load_templates("/nonexistent/templates.npz")
 
 
+@pytest.mark.slow
 def test_template_cache_round_trip(tmp_path):
     nil = ph.load_templates()
     assert nil["t1"].shape == (197, 233, 189) and nil["affine"][0, 0] == 1.0

@@ -14,7 +14,7 @@ from sirf_ddip.errors import ConfigError
 from sirf_ddip.study.metrics import Regions
 from sirf_ddip.study.study import (METHODS, CaseData, format_metrics_table, load_study_config, run_study)
 
-from test_map_rdp import make_problem
+from toy_physics import dense_problem as make_problem
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +73,7 @@ def _fakes(counter):
     return sim, load, fns
 
 
+@pytest.mark.slow
 def test_study_end_to_end_resume_and_report(tmp_path):
     cnt = Counter()
     sim, load, fns = _fakes(cnt)
@@ -190,6 +191,7 @@ def test_cli_registers_commands():
     assert a.func is not None
 
 
+@pytest.mark.slow
 def test_study_runs_real_ddip_variants_with_tiny_priors(tmp_path):
     """The DDIP glue (config merge, prior path, MR, output conversion) with the real DDIPReconstructor."""
     from sirf_ddip.prior.weights import save_prior
