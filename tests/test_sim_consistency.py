@@ -150,7 +150,7 @@ def test_noise_free_model_consistency_and_mlem():
 @pytest.mark.slow
 def test_simulate_study_attenuation_uses_head_beyond_slab(tmp_path, monkeypatch):
     """Built-in projector: files reproduce the simulator's mean, and edge direct sinograms are not under-attenuated."""
-        from sirf_ddip.io import read_image
+    from sirf_ddip.io import read_image
 
     cap = {}
     orig = sim.simulate_data

@@ -129,7 +129,7 @@ def test_config_validation():
 
 @pytest.fixture(scope="module")
 def small_study(tmp_path_factory):
-        cfg = sim.SimulationConfig(num_rings=2, max_ring_diff=1, view_mashing=21, num_tangential=24, image_xy=12,
+    cfg = sim.SimulationConfig(num_rings=2, max_ring_diff=1, view_mashing=21, num_tangential=24, image_xy=12,
                                dose_fraction=0.5, seed=1)
     g = sim.build_geometry(cfg)
     _, fwd = dense_forward(g, (3, 12, 12), seed=9, density=0.03)
