@@ -81,3 +81,70 @@ def test_em_multiplicative_update_zero_sensitivity():
     x = torch.tensor([1.0, 2.0, 3.0])
     out = em_multiplicative_update(x, torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 2.0]))
     assert torch.equal(out, torch.tensor([2.0, 0.0, 1.5]))
+
+
+class _FakeBar:
+    """Records what ProgressCallback does with its bar."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.n, self.postfixes, self.closed = total, desc, 0, [], False
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, info, refresh=True):
+        self.postfixes.append(dict(info))
+
+    def close(self):
+        self.closed = True
+
+
+class InfoEM(PlainEM):
+    def progress_info(self):
+        return {"it": self.iteration}
+
+
+def test_progress_callback_drives_one_bar_per_run(monkeypatch):
+    import sirf_ddip.utils.progress as progress_module
+    from sirf_ddip.recon.callbacks import ProgressCallback
+
+    bars = []
+
+    def fake_progress(iterable=None, total=None, desc=None, enabled=None):
+        bars.append(_FakeBar(total, desc))
+        return bars[-1]
+
+    monkeypatch.setattr(progress_module, "progress", fake_progress)
+    ds = DenseDataStep()
+    r = InfoEM()
+    r.set_objective_function(ds)
+    r.set_num_subsets(1)
+    r.set_up(np.ones(ds.image_shape))
+    r.set_current_estimate(np.ones(ds.image_shape))
+    r.run(3, callbacks=[ProgressCallback(desc="EM")])
+    (bar,) = bars
+    assert (bar.total, bar.desc, bar.n, bar.closed) == (3, "EM", 3, True)
+    assert bar.postfixes == [{"it": 1}, {"it": 2}, {"it": 3}]
+    r.run(2, callbacks=[ProgressCallback()])   # a second run gets its own bar, named after the algorithm
+    assert len(bars) == 2 and bars[1].desc == "InfoEM" and bars[1].n == 2 and bars[1].closed
+
+
+def test_early_stopping_max_seconds_on_a_fake_clock(monkeypatch):
+    import sirf_ddip.recon.callbacks as cb
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: clock["t"])
+
+    class Ticking(PlainEM):
+        def _update(self, x):
+            clock["t"] += 1.5          # each sub-iteration "takes" 1.5 s
+            return super()._update(x)
+
+    ds = DenseDataStep()
+    r = Ticking()
+    r.set_objective_function(ds)
+    r.set_num_subsets(1)
+    r.set_up(np.ones(ds.image_shape))
+    r.set_current_estimate(np.ones(ds.image_shape))
+    r.run(100, callbacks=[cb.EarlyStopping(max_seconds=4.0)])
+    assert r.iteration == 3            # 1.5, 3.0 s: go on; 4.5 s > 4 s: stop after the third
