@@ -395,7 +395,7 @@ class EngineLogLikelihood(PoissonLogLikelihood):
     # -------------------------------------------------------------- operators
     def _image(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape) != self.image_shape:
-            raise ValueError(f"image shape {tuple(x.shape)} != data step image shape {self.image_shape}")
+            raise ValueError(f"image shape {tuple(x.shape)} != the likelihood's image shape {self.image_shape}")
         return x.to(device=self.device, dtype=self.dtype)
 
     def forward(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
@@ -437,7 +437,7 @@ class EngineLogLikelihood(PoissonLogLikelihood):
         if isinstance(image, Image):
             if not image.grid.matches(self.grid):
                 raise GeometryMismatchError(f"image {image.meta.get('source', '')} grid {image.grid.describe()} "
-                                            f"does not match the data step grid {self.grid.describe()}")
+                                            f"does not match the likelihood's grid {self.grid.describe()}")
             arr = image.array
         elif isinstance(image, torch.Tensor):
             return self._image(image)
