@@ -93,7 +93,7 @@ class Scanner:
     def axial_fov_mm(self) -> float:
         return self.num_rings * self.ring_spacing_mm
 
-    # ------------------------------------------------------------------ Interfile (writing; reading: io.sinogram_header)
+    # ---------------------------------------------------------- Interfile (writing; reading: io.sinogram_header)
     def header_lines(self) -> list[str]:
         """The ``Scanner parameters :=`` block of a STIR ``.hs`` header (STIR 6 key names)."""
         lines = [

@@ -440,7 +440,7 @@ class SinogramGeometry:
         return hash((self.scanner.name, self.num_views, self.num_tangential,
                      tuple((s.min_ring_diff, s.max_ring_diff, s.num_axial) for s in self.segments)))
 
-    # ------------------------------------------------------------------ Interfile (writing; reading: io.sinogram_header)
+    # ---------------------------------------------------------- Interfile (writing; reading: io.sinogram_header)
     def header_dict(self, storage: str | None = None) -> dict[str, str]:
         """Interfile keys (STIR spelling) describing this geometry, except the scanner block and data file."""
         storage = storage or self.storage

@@ -264,7 +264,8 @@ class EngineLogLikelihood(PoissonLogLikelihood):
                  num_subsets: int = 1, randoms: SinoLike | None = None, scatter: SinoLike | None = None,
                  projector: Any = None, dtype: torch.dtype = torch.float32):
         if not isinstance(prompts, ProjData):
-            raise TypeError(f"EngineLogLikelihood: prompts must be a sirf_ddip.data.ProjData, got {type(prompts).__name__}")
+            raise TypeError(f"EngineLogLikelihood: prompts must be a sirf_ddip.data.ProjData, "
+                            f"got {type(prompts).__name__}")
         if additive is not None and (randoms is not None or scatter is not None):
             raise ValueError("EngineLogLikelihood: give either 'additive' (a = (randoms + scatter) / m) or "
                              "'randoms'/'scatter', not both")

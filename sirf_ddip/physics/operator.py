@@ -4,8 +4,8 @@ The style follows parallelproj's ``LinearOperator`` (``parallelproj/operators.py
 ``__call__`` = forward, ``adjoint``, ``norm`` by power iteration, ``adjointness_test``, composition), written
 for sirf_ddip's conventions: images are ``(nz, ny, nx)`` tensors, sinograms ``(n_sino, n_views, n_tang)``.
 
-- :class:`LinearOperator` — the base: subclasses give ``in_shape``, ``out_shape``, :meth:`~LinearOperator.forward`
-  and :meth:`~LinearOperator.adjoint`; the base adds ``__call__``, :meth:`~LinearOperator.norm`,
+- :class:`LinearOperator` — the base: subclasses give ``in_shape``, ``out_shape``,
+  :meth:`~LinearOperator.forward` and :meth:`~LinearOperator.adjoint`; the base adds ``__call__``, :meth:`~LinearOperator.norm`,
   :meth:`~LinearOperator.adjointness_test` and ``@`` (composition).
 - :class:`MultiplicativeFactors` — ``y ↦ m ⊙ y`` (detection efficiency × attenuation on a sinogram); self-adjoint.
 - :class:`ComposedOperator` — ``A_1 A_2 … A_n`` (applied right to left), e.g. ``M @ A`` for ``m ⊙ A x``.

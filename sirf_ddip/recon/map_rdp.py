@@ -1,4 +1,6 @@
-"""MAP reconstruction with the relative difference prior (RDP), on any :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
+"""MAP reconstruction with the relative difference prior (RDP), on any Poisson log-likelihood.
+
+The data term is a :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
 
 Objective (maximised)
 ---------------------

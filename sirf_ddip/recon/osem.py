@@ -1,9 +1,12 @@
-"""OSEM with STIR OSMAPOSL semantics (no prior), on any :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
+"""OSEM with STIR OSMAPOSL semantics (no prior), on any Poisson log-likelihood.
+
+The data term is a :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
 
 What STIR's ``OSMAPOSLReconstruction`` does, and this class does too:
 
 - view subsets in STIR's order: sub-iteration ``k`` uses subset ``k mod S`` (``0, 1, …, S−1, 0, …``), the
-  views of a subset being those of the likelihood (:class:`~sirf_ddip.physics.subsets.ViewSubsets`, STIR's symmetry-aware subsets);
+  views of a subset being those of the likelihood (:class:`~sirf_ddip.physics.subsets.ViewSubsets`, STIR's
+  symmetry-aware subsets);
 - subset sensitivities ``A_sᵀ m_s`` (``use subset sensitivities := 1``), computed once at :meth:`set_up`;
 - ``enforce initial positivity condition := 1`` (the default): at set-up of the initial estimate, STIR calls
   ``threshold_min_to_small_positive_value(image, 1e-6)`` (``OSMAPOSLReconstruction::set_up``,
