@@ -11,8 +11,9 @@ Names are imported lazily so that ``import sirf_ddip.physics`` stays cheap.
 
 from __future__ import annotations
 
-__all__ = ["Projector", "AcquisitionModel", "EngineLogLikelihood", "EngineDataStep", "LinearOperator",
-           "MultiplicativeFactors", "ComposedOperator", "ViewSubsets", "PoissonLogLikelihood"]
+__all__ = ["Projector", "AcquisitionModel", "EngineLogLikelihood", "LinearOperator", "MultiplicativeFactors",
+           "ComposedOperator", "ViewSubsets", "PoissonLogLikelihood",
+           "EngineDataStep"]  # TEMP-ALIAS: EngineDataStep
 
 _WHERE = {"Projector": "projector", "AcquisitionModel": "model", "EngineLogLikelihood": "model",
           "EngineDataStep": "model",  # TEMP-ALIAS

@@ -28,8 +28,8 @@ from .likelihood import PoissonLogLikelihood, em_numerator_ratio, stir_log_likel
 from .operator import LinearOperator, MultiplicativeFactors
 from .subsets import ViewSubsets, validate_num_subsets
 
-__all__ = ["AcquisitionModel", "SubsetOperator", "EngineLogLikelihood", "EngineDataStep", "validate_sinogram",
-           "build_additive"]
+__all__ = ["AcquisitionModel", "SubsetOperator", "EngineLogLikelihood", "validate_sinogram", "build_additive",
+           "EngineDataStep"]  # TEMP-ALIAS: EngineDataStep
 
 SinoLike = Any  # ProjData | np.ndarray | torch.Tensor
 
