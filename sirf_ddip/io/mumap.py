@@ -83,7 +83,11 @@ def read_siemens_mu_map(path: str | os.PathLike) -> Image:
     yo = hdr.get_float("%y-offset (mm)", 0.0)
     origin = (0.0, -(ny - 1) / 2.0 * vy + yo, -(nx - 1) / 2.0 * vx + xo)
     grid = ImageGrid((nz, ny, nx), (vz, vy, vx), origin)
-    arr = _read_raw(hdr, nx * ny * nz).reshape(nz, ny, nx)
+    order = hdr.get("image data byte order")  # Siemens spelling of STIR's "imagedata byte order"
+    raw_hdr = hdr
+    if order is not None and hdr.get("imagedata byte order") is None:
+        raw_hdr = InterfileHeader(hdr.path, list(hdr.entries) + [("imagedata byte order", order)])
+    arr = _read_raw(raw_hdr, nx * ny * nz).reshape(nz, ny, nx)
     meta = {"source": str(hdr.path), "units": (hdr.get("quantification units") or "").strip()}
     return Image(arr, grid, meta)
 
