@@ -367,8 +367,13 @@ def run_prepare(args) -> int:
     eff, norm, comps = _efficiencies(args.norm, geom)
     t2 = time.perf_counter()
     att, mu = _attenuation(args, geom)
+    att_meta = dict(att.meta)
     t3 = time.perf_counter()
-    mult = (eff.astype(np.float32) * att.array).astype(np.float32)
+    k = _figure_sinogram(geom)
+    eff_k, att_k = eff[k].copy(), att.array[k].copy()  # for the figure; the full arrays are freed below
+    mult = eff.astype(np.float32, copy=False)
+    mult *= att.array  # mult = efficiencies x attenuation, in place (memory: a full mMR span-11 array is 290 MB)
+    del eff, att
     background = np.zeros(geom.shape, dtype=np.float32)
     if randoms is not None:
         background += randoms.array
@@ -376,6 +381,7 @@ def run_prepare(args) -> int:
         background += scatter.array
     add = additive_term(background, mult)
     lost = float(background[mult == 0].sum())
+    del background
     if lost > 0:
         notes.append(f"{lost:.6g} background counts fall in bins with mult_factors = 0 (detector gaps); "
                      "their additive term is set to 0")
@@ -388,14 +394,15 @@ def run_prepare(args) -> int:
     if not args.no_png:
         png = outdir / "prepare.png"
         check_output(png, args.overwrite)
-        _figure(png, geom, prompts.array, eff, att.array, mult, add, notes)
+        _figure(png, geom, k, prompts.array[k], eff_k, att_k, mult[k], add[k], notes)
     params = {
         "prompts": args.prompts, "listmode": args.listmode, "start_s": args.start, "end_s": args.end,
         "template": args.template, "norm": args.norm, "norm_scanner": norm.scanner.name,
         "norm_version": norm.version, "norm_components": comps.__dict__, "mu": args.mu, "mu_units": args.mu_units,
         "mu_max_cm-1": float(mu.array.max()), "image_template": args.image_template, "randoms": randoms_src,
+        "attenuation": att_meta,
         "scatter": args.scatter, "outputs": [str(outdir / n) for n in names] + ([str(png)] if png else []),
-        "geometry": geom.describe(), "attenuation": att.meta, "notes": notes,
+        "geometry": geom.describe(), "notes": notes,
         "totals": {"prompts": float(prompts.array.sum()),
                    "randoms": float(randoms.array.sum()) if randoms is not None else None,
                    "scatter": float(scatter.array.sum()) if scatter is not None else None},
@@ -411,21 +418,25 @@ def run_prepare(args) -> int:
     return 0
 
 
-def _figure(png: Path, geom, prompts, eff, att, mult, add, notes: list[str]) -> None:
-    """Central direct sinogram of each quantity, and a tangential profile (written atomically)."""
+def _figure_sinogram(geom) -> int:
+    """The sinogram shown in the PNG: the central one of segment 0."""
+    s0 = geom.segment_slice(0)
+    return s0.start + (s0.stop - s0.start) // 2
+
+
+def _figure(png: Path, geom, k: int, prompts, eff, att, mult, add, notes: list[str]) -> None:
+    """Sinogram ``k`` (views x tangential) of each quantity, and tangential profiles (written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    s0 = geom.segment_slice(0)
-    k = s0.start + (s0.stop - s0.start) // 2
     panels = [("prompts", prompts), ("norm efficiencies", eff), ("attenuation factors", att),
               ("mult_factors", mult), ("additive_term", add)]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (title, a) in zip(axes.flat, panels):
-        im = ax.imshow(np.asarray(a[k]), aspect="auto", cmap="gray" if title != "additive_term" else "magma")
+        im = ax.imshow(np.asarray(a), aspect="auto", cmap="gray" if title != "additive_term" else "magma")
         ax.set_title(f"{title} (sinogram {k}, segment 0)")
         ax.set_xlabel("tangential")
         ax.set_ylabel("view")
@@ -433,7 +444,7 @@ def _figure(png: Path, geom, prompts, eff, att, mult, add, notes: list[str]) -> 
     ax = axes.flat[5]
     v = geom.num_views // 2
     for title, a in panels[1:]:
-        prof = np.asarray(a[k, v], dtype=float)
+        prof = np.asarray(a[v], dtype=float)
         ax.plot(prof / max(prof.max(), 1e-30), label=title)
     ax.set_title(f"profiles (view {v}, normalised to max)")
     ax.legend(fontsize=7)

@@ -7,8 +7,8 @@ its x voxel size in cm, because the ray-tracing projector returns line integrals
 exponentiated: ``att = exp(-A (μ vx / 10))``, so ``att <= 1``.
 
 Memory: the projector's sparse matrix for the full mMR span-11 template on the 57 × 57 × 127 μ-map grid is
-built view subset by view subset (``max_views_per_chunk`` views at a time), so that only one chunk's matrix is
-alive; each chunk's projector is discarded after use.
+built view subset by view subset (a STIR view subset per chunk, sized by :func:`max_views_for_memory`), so that
+only one chunk's matrix is alive; each chunk's projector is discarded after use.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ..geometry.image import ImageGrid
 from ..geometry.sinogram import SinogramGeometry
 from ..io.mumap import resample_to_grid
 
-__all__ = ["attenuation_factors", "attenuation_factors_subset", "projector_grid_for", "view_chunks"]
+__all__ = ["attenuation_factors", "attenuation_factors_subset", "projector_grid_for", "view_chunks",
+           "max_views_for_memory"]
 
 
 def projector_grid_for(mu: Image, geometry: SinogramGeometry) -> ImageGrid:
@@ -38,10 +39,25 @@ def projector_grid_for(mu: Image, geometry: SinogramGeometry) -> ImageGrid:
                      (0.0, g.origin[1], g.origin[2]))
 
 
-def view_chunks(geometry: SinogramGeometry, grid: ImageGrid, max_views: int = 12) -> list[np.ndarray]:
+#: Measured: the matrices of 12 views of the full mMR span-11 template (11 segments, 344 bins) on the 57 x 57
+#: μ-map grid take ~600 MB, i.e. ~230 bytes per (view, segment, bin, voxel along x).
+_BYTES_PER_VIEW_SEGMENT_BIN_VOXEL = 240
+
+
+def max_views_for_memory(geometry: SinogramGeometry, grid: ImageGrid, budget_bytes: float = 768e6) -> int:
+    """Views per projector chunk so that one chunk's sparse matrix stays under ``budget_bytes`` (estimate)."""
+    per_view = (_BYTES_PER_VIEW_SEGMENT_BIN_VOXEL * geometry.num_segments * geometry.num_tangential
+                * max(grid.shape[1], grid.shape[2]))
+    return int(max(1, min(geometry.num_views, budget_bytes // max(per_view, 1))))
+
+
+def view_chunks(geometry: SinogramGeometry, grid: ImageGrid, max_views: int | None = None) -> list[np.ndarray]:
     """Disjoint view sets covering all views, each a balanced STIR subset of at most ``max_views`` views
-    (so each chunk is one ``Projector.forward(x, subset, num_subsets)`` call)."""
+    (default :func:`max_views_for_memory`), so that each chunk is one ``Projector.forward(x, subset,
+    num_subsets)`` call."""
     n = geometry.num_views
+    if max_views is None:
+        max_views = max_views_for_memory(geometry, grid)
     for S in range(max(1, -(-n // max_views)), n + 1):
         try:
             subsets = [geometry.subset_views(S, s, grid=grid) for s in range(S)]
@@ -79,7 +95,7 @@ def attenuation_factors_subset(mu: Image, geometry: SinogramGeometry, subset: in
 
 
 def attenuation_factors(mu: Image, geometry: SinogramGeometry, grid: ImageGrid | None = None,
-                        num_tangential_lors: int = 3, max_views_per_chunk: int = 12, device=None,
+                        num_tangential_lors: int = 3, max_views_per_chunk: int | None = None, device=None,
                         progress=None) -> ProjData:
     """``exp(-∫ μ)`` on ``geometry`` (STIR ``BinNormalisationFromAttenuationImage`` with the ray-tracing matrix).
 
@@ -93,8 +109,8 @@ def attenuation_factors(mu: Image, geometry: SinogramGeometry, grid: ImageGrid |
         projector cannot use it).
     num_tangential_lors : int
         Rays per bin (STIR's default 1; SIRF / the shared reference use 3).
-    max_views_per_chunk : int
-        Views per projector chunk (memory bound).
+    max_views_per_chunk : int, optional
+        Views per projector chunk (default: :func:`max_views_for_memory`, ~768 MB of matrix per chunk).
     device : optional
         Torch device for the projector (default: :func:`sirf_ddip.utils.device.resolve_device`).
     progress : callable, optional
