@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import InputFileError, UnsupportedDataError
 from ..geometry.scanner import Scanner, get_scanner
+from ..geometry.sinogram import span_segments
 from .header import InterfileHeader
 
 __all__ = ["ECAT8Norm", "read_ecat8_norm", "SUPPORTED_NORM_VERSIONS"]
@@ -155,8 +156,6 @@ def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
                                  key=f"%normalization component [{i}]")
     span = hdr.get_int("%axial compression", required=True)
     mrd = hdr.get_int("%maximum ring difference", required=True)
-    from ..geometry.sinogram import span_segments  # geometry < io
-
     try:
         n_axial_sinos = sum(n for (_, _, n) in span_segments(nrings, span, mrd))
     except ValueError as exc:
