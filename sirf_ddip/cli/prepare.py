@@ -137,11 +137,18 @@ def _stem(p: Path) -> str:
     return p.name[:-len(p.suffix)] if p.suffix else p.name
 
 
-def _check_hs(out: Path) -> None:
+def _check_hs(out: Path, overwrite: bool) -> Path:
+    """Check an output ``.hs`` (suffix; it, its ``.s`` and its run record absent unless ``overwrite``) before any
+    work is done; returns the run-record path."""
     from ..errors import InputFileError
+    from ..utils.provenance import check_output
 
     if out.suffix.lower() != ".hs":
         raise InputFileError(out, "output projection data must end in .hs")
+    record = out.parent / f"{_stem(out)}_run_record.json"
+    for p in (out, out.with_suffix(".s"), record):
+        check_output(p, overwrite)
+    return record
 
 
 # ------------------------------------------------------------------------------------------- register
@@ -255,13 +262,13 @@ def run_norm(args) -> int:
     from ..data import ProjData
 
     out = Path(args.out)
-    _check_hs(out)
+    record = _check_hs(out, args.overwrite)
     t0 = time.perf_counter()
     geom = _template(args.template)
     eff, norm, comps = _efficiencies(args.norm, geom, args.no, args.plain_mashing)
     t1 = time.perf_counter()
     write_projdata_atomic(out, ProjData(eff, geom), overwrite=args.overwrite)
-    _record(out.parent / f"{_stem(out)}_run_record.json", "norm",
+    _record(record, "norm",
             {"norm": args.norm, "template": args.template, "out": str(out), "components": comps.__dict__,
              "stir_mashing": not args.plain_mashing, "scanner": norm.scanner.name, "norm_version": norm.version,
              "geometry": geom.describe(), "zero_fraction": float(np.mean(eff == 0))},
@@ -273,16 +280,13 @@ def run_norm(args) -> int:
 
 def run_attenuation(args) -> int:
     out = Path(args.out)
-    _check_hs(out)
-    from ..utils.provenance import check_output
-
-    check_output(out, args.overwrite)  # fail before the long computation
+    record = _check_hs(out, args.overwrite)  # fail before the long computation
     t0 = time.perf_counter()
     geom = _template(args.template)
     att, mu = _attenuation(args, geom)
     t1 = time.perf_counter()
     write_projdata_atomic(out, att, overwrite=args.overwrite)
-    _record(out.parent / f"{_stem(out)}_run_record.json", "attenuation",
+    _record(record, "attenuation",
             {"mu": args.mu, "mu_units": args.mu_units, "mu_max_cm-1": float(mu.array.max()),
              "template": args.template, "out": str(out), "geometry": geom.describe(), **att.meta},
             {"compute": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite)
@@ -324,6 +328,9 @@ def run_prepare(args) -> int:
     for n in names:
         check_output(outdir / n, args.overwrite)
         check_output(outdir / n.replace(".hs", ".s"), args.overwrite)
+    check_output(outdir / "prepare_record.json", args.overwrite)
+    if not args.no_png:
+        check_output(outdir / "prepare.png", args.overwrite)
     t0 = time.perf_counter()
     notes: list[str] = []
     randoms = None
