@@ -116,6 +116,10 @@ def test_nifti_and_siemens_mu_maps(tmp_path, mu):
     (tmp_path / "ffs.v.hdr").write_text(hdr.replace("{xo}", "0").replace(":=HFS", ":=FFS"))
     with pytest.raises(UnsupportedDataError, match="ffs.v.hdr.*patient orientation.*FFS"):
         read_mu_map(tmp_path / "ffs.v.hdr")
+    (tmp_path / "sl.v.hdr").write_text(hdr.replace("{xo}", "0") + "%image slope:=0.5\n%image intercept:=0.0\n")
+    np.testing.assert_allclose(read_mu_map(tmp_path / "sl.v.hdr").array, 0.5 * mu.array, rtol=1e-6)
+    with pytest.raises(DataValueError, match="header says the μ-map is in 'cm-1'.*'mm-1' was asked"):
+        read_mu_map(tmp_path / "u.v.hdr", units="mm-1")
 
 
 def test_resample_to_grid():

@@ -5,11 +5,15 @@ Formats
 - STIR Interfile ``.hv`` (:func:`sirf_ddip.io.interfile.read_image`);
 - NIfTI ``.nii`` / ``.nii.gz`` (:func:`sirf_ddip.io.nifti.read_nifti`, STIR's gantry ⇄ RAS convention);
 - the Siemens μ-map export ``.v.hdr`` (``%SMS-MI header name space := image subheader``): Interfile 3.3 keys
-  ``matrix size [i]``, ``scale factor (mm/pixel) [i]``, ``%image zoom``, ``%x-offset (mm)`` / ``%y-offset (mm)``
-  and ``%patient orientation``. Siemens reconstructs images centred on the scanner axis, moved transaxially by
+  ``matrix size [i]``, ``scale factor (mm/pixel) [i]``, ``%x-offset (mm)`` / ``%y-offset (mm)``,
+  ``%image slope`` / ``%image intercept``, ``quantification units`` (``1/cm``), ``%patient orientation`` and
+  ``%image orientation`` (as Siemens e7 tools and the scanner write them; ``%image zoom`` is already in the voxel
+  size). Siemens reconstructs images centred on the scanner axis, moved transaxially by
   the x/y offsets, axially centred on the scanner (as STIR's default placement): voxel ``[k, j, i]`` is at
   ``x = (i - (nx - 1) / 2) vx + x_offset``, ``y = (j - (ny - 1) / 2) vy + y_offset``. Only head-first supine
-  (``HFS``) images are accepted (others would need a flip that STIR does not apply either).
+  (``HFS``), axis-aligned images are accepted. No real ``.v.hdr`` export was available to validate the
+  transaxial placement and axis directions: they are assumed to be those of STIR's Interfile images (the shared
+  ``mu_map.hv``, converted from such an export, has no offsets).
 
 Units
 -----
@@ -41,11 +45,19 @@ MU_UNITS = {"cm-1": 1.0, "mm-1": 10.0, "1e-4cm-1": 1e-4}
 MU_MAX_RANGE_CM = (0.02, 0.6)
 
 
+#: Siemens ``quantification units`` -> our unit names
+_SIEMENS_UNITS = {"1/cm": "cm-1", "1/mm": "mm-1", "cm-1": "cm-1", "mm-1": "mm-1"}
+
+
 def _siemens_orientation(hdr: InterfileHeader) -> None:
     ori = (hdr.get("%patient orientation") or "HFS").strip().upper()
     if ori != "HFS":
         raise UnsupportedDataError(hdr.path, f"patient orientation {ori!r}: only HFS μ-maps are supported "
                                    "(reorient the image to HFS first)", key="%patient orientation")
+    io = hdr.get_list("%image orientation")
+    if io is not None and [round(v, 6) for v in io] != [1, 0, 0, 0, 1, 0]:
+        raise UnsupportedDataError(hdr.path, f"image orientation {hdr.get('%image orientation')}: only axis-aligned "
+                                   "images ({1,0,0,0,1,0}) are supported", key="%image orientation")
 
 
 def read_siemens_mu_map(path: str | os.PathLike) -> Image:
@@ -88,7 +100,14 @@ def read_siemens_mu_map(path: str | os.PathLike) -> Image:
     if order is not None and hdr.get("imagedata byte order") is None:
         raw_hdr = InterfileHeader(hdr.path, list(hdr.entries) + [("imagedata byte order", order)])
     arr = _read_raw(raw_hdr, nx * ny * nz).reshape(nz, ny, nx)
-    meta = {"source": str(hdr.path), "units": (hdr.get("quantification units") or "").strip()}
+    slope = hdr.get_float("%image slope", 1.0)
+    intercept = hdr.get_float("%image intercept", 0.0)
+    if slope != 1.0 or intercept != 0.0:
+        arr = (arr.astype(np.float64) * slope + intercept).astype(np.float32)
+    meta = {"source": str(hdr.path)}
+    declared = " ".join((hdr.get("quantification units") or "").lower().split())
+    if declared:
+        meta["declared_units"] = _SIEMENS_UNITS.get(declared, declared)
     return Image(arr, grid, meta)
 
 
@@ -122,6 +141,10 @@ def read_mu_map(path: str | os.PathLike, units: str = "cm-1") -> Image:
     else:
         raise InputFileError(path, "unknown μ-map format: expected .hv (STIR Interfile), .nii/.nii.gz or a Siemens "
                              ".v.hdr")
+    declared = img.meta.get("declared_units")
+    if declared is not None and declared != units:
+        raise DataValueError(f"{path}: the header says the μ-map is in {declared!r} ('quantification units'), but "
+                             f"{units!r} was asked for; pass the units the values are in (--mu-units)")
     arr = check_mu_units(img.array, units, path)
     out = img.with_array(arr)
     out.meta["units"] = "cm-1"
