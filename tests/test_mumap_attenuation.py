@@ -12,7 +12,6 @@ from sirf_ddip.data import Image
 from sirf_ddip.errors import DataValueError, GeometryMismatchError, UnsupportedDataError
 from sirf_ddip.geometry.image import ImageGrid
 from sirf_ddip.geometry.sinogram import SinogramGeometry
-from sirf_ddip.io import read_image
 from sirf_ddip.io.header import InterfileHeader
 from sirf_ddip.io.mumap import check_mu_units, read_mu_map, resample_to_grid
 from sirf_ddip.io.nifti import write_nifti
