@@ -255,9 +255,20 @@ def write_image(path: str | os.PathLike, image: Image, overwrite: bool = False) 
 # ----------------------------------------------------------------------------------------------- proj data
 
 def _is_tof(hdr: InterfileHeader) -> bool:
-    """True if the header describes TOF data (more than one TOF bin, or a timing axis)."""
+    """True if the header describes TOF *data* (a timing axis, 5 dimensions, or more than one TOF bin).
+
+    Only data keys count: the ``Scanner parameters`` block of a TOF-capable scanner (mCT, Vision, Discovery
+    690/MI) carries scanner properties such as ``Maximum number of (unmashed) TOF time bins := 55`` or
+    ``Size of unmashed TOF time bins (ps)`` even for non-TOF sinograms, and must not make them TOF
+    (STIR ``InterfileHeader.cxx`` reads those into the ``Scanner``, and the data's TOF-ness from the
+    ``timing positions`` axis / ``%TOF mashing factor``).
+    """
+    if (hdr.get_int("number of dimensions", 4) or 4) > 4:
+        return True
     for k in hdr.keys():
-        if "tof" in k and ("number of" in k or "bins" in k):
+        if "tof" not in k or "maximum" in k or "unmashed" in k or "(ps)" in k or "resolution" in k:
+            continue  # scanner properties, not data properties
+        if "number of" in k and "bins" in k:
             try:
                 v = hdr.get_int(k)
             except InputFileError:
