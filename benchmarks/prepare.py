@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from sirf_ddip.io.sinogram_header import geometry_from_header
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,7 +39,6 @@ def _reference(geom, npz: Path):
 
 
 def main(argv=None) -> int:
-    from sirf_ddip.geometry.sinogram import SinogramGeometry
     from sirf_ddip.io.header import InterfileHeader
     from sirf_ddip.io.mumap import read_mu_map
     from sirf_ddip.io.siemens_norm import read_ecat8_norm
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if not (mmr / "norm.n.hdr").is_file():
         print(f"real mMR material not found under {mmr}", file=sys.stderr)
         return 1
-    geom = SinogramGeometry.from_header(InterfileHeader.read(mmr / "templates" / "template_span11.hs"))
+    geom = geometry_from_header(InterfileHeader.read(mmr / "templates" / "template_span11.hs"))
     print(f"geometry: {geom.describe()}")
     t0 = time.perf_counter()
     eff = ecat8_efficiencies(read_ecat8_norm(mmr / "norm.n.hdr"), geom)

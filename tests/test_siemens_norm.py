@@ -15,6 +15,7 @@ from sirf_ddip.io.siemens_norm import read_ecat8_norm
 from sirf_ddip.physics.normalisation import NormComponents, ecat8_efficiencies, ring_pairs
 
 from conftest import SHARED
+from sirf_ddip.io.sinogram_header import geometry_from_header
 
 MMR = SHARED / "real-mmr"
 
@@ -34,7 +35,7 @@ def norm():
 
 def _geom(name: str) -> SinogramGeometry:
     _need(f"templates/{name}")
-    return SinogramGeometry.from_header(InterfileHeader.read(MMR / "templates" / name))
+    return geometry_from_header(InterfileHeader.read(MMR / "templates" / name))
 
 
 def _stir_reference(geom: SinogramGeometry, npz: Path) -> tuple[np.ndarray, np.ndarray]:

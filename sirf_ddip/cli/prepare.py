@@ -218,13 +218,13 @@ def _add_mu_args(p: argparse.ArgumentParser, positional: bool) -> None:
 # ------------------------------------------------------------------------------------------- pieces
 def _template(path: str):
     """Geometry of a template ``.hs`` (its data file may be empty or absent)."""
-    from ..geometry.sinogram import SinogramGeometry
     from ..io.header import InterfileHeader
     from ..io.interfile import segment_layout_from_header
+    from ..io.sinogram_header import geometry_from_header
 
     hdr = InterfileHeader.read(path)
     segment_layout_from_header(hdr)  # TOF / layout checks with named errors
-    return SinogramGeometry.from_header(hdr)
+    return geometry_from_header(hdr)
 
 
 def _efficiencies(norm_path: str, geometry, off=(), plain_mashing=False):
