@@ -18,7 +18,7 @@ What STIR does per event (UCL/STIR ``src/listmode_buildblock/LmToProjData.cxx``,
 Because the target bin of a span-1 offset ``o = z * (V * T) + r`` depends on the sinogram ``z`` only through
 its ring pair and on ``r`` only through the crystal pair, two small lookup tables give the flat bin of every
 event (``lut_z[kind, z, keep] + lut_r[r]``) in a handful of numpy passes; counts are accumulated with
-``torch.Tensor.index_add_`` into one int32 array (no per-chunk allocation), in the "sinogram" layout of
+``torch.Tensor.scatter_add_`` into one int32 array (no per-chunk allocation), in the "sinogram" layout of
 :mod:`sirf_ddip.geometry.detectors`, and re-ordered in place, segment by segment, to STIR's view-by-view file
 order at the end. Memory: the accumulator (4 bytes per bin) plus one chunk of words.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time as _time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -264,24 +265,25 @@ class ListmodeHistogrammer:
         rings1, rings2 = header.sinogram_rings()
         nz = header.num_sinograms
         self._zmax = OFFSET_MASK // header.sinogram_size + 1
-        base = np.full((2, self._zmax), 2 * self.size, dtype=np.int64)  # beyond the sinogram: invalid
+        self._invalid_base = 3 * self.size  # offsets beyond the sinogram: flat index >= 3 * size
+        base = np.full((2, self._zmax), self._invalid_base, dtype=np.int64)
         for k in (0, 1):  # keep = 0: rings swap
             ra, rb = (rings1, rings2) if k else (rings2, rings1)
             s = b.ring_pair_sinogram[ra, rb]
             base[k, :nz] = np.where(s >= 0, s * sino_stride, self.size)
         self._base = base  # [keep, z]
-        self._invalid_base = 2 * self.size
 
     def _lut_z(self, events: str) -> np.ndarray:
-        """``lut[((kind * zmax) + z) * 2 + keep]`` for the selected event kinds (kind 0 delayed, 1 prompt,
-        2-3 tags: never counted)."""
+        """``lut[(z * 8 + (word >> 29)) * 2 + keep]`` for the selected event kinds: ``word >> 29`` is 0-1 for
+        a delayed, 2-3 for a prompt (bit 29 belongs to the offset), 4-7 for a tag (never counted)."""
         if events not in EVENT_TYPES:
             raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
         trash = np.full((2, self._zmax), self.size, dtype=np.int64)
         use = {"prompts": (False, True), "delayeds": (True, False), "trues": (True, True)}[events]
-        parts = [self._base if use[0] else trash, self._base if use[1] else trash, trash, trash]
-        lut = np.stack(parts)  # kind, keep, z
-        return np.ascontiguousarray(lut.transpose(0, 2, 1)).reshape(-1).astype(np.int32)
+        d = self._base if use[0] else trash
+        p = self._base if use[1] else trash
+        lut = np.stack([d, d, p, p, trash, trash, trash, trash])  # top3, keep, z
+        return np.ascontiguousarray(lut.transpose(2, 0, 1)).reshape(-1)  # z, top3, keep
 
     def flat_indices(self, words: np.ndarray, lut_z: np.ndarray) -> tuple[np.ndarray, int]:
         """Bin index per word (``size`` for words not counted) and the number of event offsets that lie
@@ -291,10 +293,13 @@ class ListmodeHistogrammer:
         z = off // S
         r = off - z * S
         lr = self._lut_r[r]
-        zi = (((words >> np.uint32(30)).astype(np.int32) * self._zmax + z.astype(np.int32)) << 1) | (lr & 1)
-        base = lut_z[zi]
-        bad = int(np.count_nonzero(base >= self._invalid_base))
-        flat = base + (lr >> 1)
+        zi = (z << np.uint32(4)) | ((words >> np.uint32(29)) << np.uint32(1))
+        zi |= (lr & 1).view(np.uint32)
+        flat = lut_z[zi]
+        flat += lr >> 1
+        bad = 0
+        if flat.size and int(flat.max()) >= self._invalid_base:
+            bad = int(np.count_nonzero(flat >= self._invalid_base))
         np.minimum(flat, self.size, out=flat)
         return flat, bad
 
@@ -317,19 +322,31 @@ class ListmodeHistogrammer:
         sel = FrameSelector(start, end)
         nbad = 0
         nrec = 0
+
+        def decode(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+            flat, bad = self.flat_indices(w, lut_z)
+            src = ones[:w.size] if sign is None else sign[torch.from_numpy((w >> np.uint32(30)).astype(np.int64))]
+            return torch.from_numpy(flat), src, bad
+
         t0 = _time.perf_counter()
-        for words in iter_frame_words(self.header, chunk_words=chunk_words, show_progress=show_progress,
-                                      selector=sel):
-            nrec += words.size
-            for i in range(0, words.size, _SUB_CHUNK):
-                w = words[i:i + _SUB_CHUNK]
-                flat, bad = self.flat_indices(w, lut_z)
+        # two-stage pipeline: a worker thread decodes the next block while this one accumulates (numpy and
+        # torch release the GIL in these loops, so the stages run on separate cores)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for words in iter_frame_words(self.header, chunk_words=chunk_words, show_progress=show_progress,
+                                          selector=sel):
+                nrec += words.size
+                for i in range(0, words.size, _SUB_CHUNK):
+                    fut = pool.submit(decode, words[i:i + _SUB_CHUNK])
+                    if pending is not None:
+                        idx, src, bad = pending.result()
+                        nbad += bad
+                        acc.scatter_add_(0, idx, src)
+                    pending = fut
+            if pending is not None:
+                idx, src, bad = pending.result()
                 nbad += bad
-                idx = torch.from_numpy(flat)
-                if sign is None:
-                    acc.index_add_(0, idx, ones[:w.size])
-                else:
-                    acc.index_add_(0, idx, sign[torch.from_numpy((w >> np.uint32(30)).astype(np.int64))])
+                acc.scatter_add_(0, idx, src)
         elapsed = _time.perf_counter() - t0
         if nbad:
             raise DataValueError(f"{self.header.data_path}: {nbad} events have offsets beyond the span-1 sinogram "
