@@ -13,7 +13,7 @@ import sys
 from ..errors import SirfDdipError
 
 #: sub-modules that register commands (each is imported lazily only to build the parser)
-_COMMAND_MODULES = ("engine", "prior", "recon", "study")
+_COMMAND_MODULES = ("engine", "prior", "recon", "study", "exports")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from ..data import ProjData
 from ..errors import GeometryMismatchError, InputFileError
@@ -313,6 +312,8 @@ class ListmodeHistogrammer:
         DataValueError
             If event offsets lie outside the listmode's sinogram (a corrupt file).
         """
+        import torch
+
         from ..errors import DataValueError
 
         lut_z = self._lut_z(events)
@@ -323,7 +324,7 @@ class ListmodeHistogrammer:
         nbad = 0
         nrec = 0
 
-        def decode(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+        def decode(w: np.ndarray) -> tuple:
             flat, bad = self.flat_indices(w, lut_z)
             src = ones[:w.size] if sign is None else sign[torch.from_numpy((w >> np.uint32(30)).astype(np.int64))]
             return torch.from_numpy(flat), src, bad
@@ -359,7 +360,7 @@ class ListmodeHistogrammer:
                  "last_time_tag_in_file_s": sel.last_tag_in_file_s}
         return Histogram(data, self.geometry, events, float(start or 0.0), end, stats)
 
-    def _to_file_order(self, acc: torch.Tensor) -> np.ndarray:
+    def _to_file_order(self, acc) -> np.ndarray:
         """Reorder the int32 accumulator (sinogram layout) to float32 view-by-view file order, in place."""
         a = acc.numpy()[: self.size]
         out = a.view(np.float32)

@@ -163,16 +163,20 @@ def randoms_from_singles(singles: np.ndarray, geometry: SinogramGeometry) -> Pro
     v = np.arange(geometry.num_views * m)[:, None]
     t = (np.arange(geometry.num_tangential) + geometry.min_tangential_pos)[None, :]
     c1, c2 = crystals_for_view_tangential(v, t, sc.detectors_per_ring)
-    E1 = e[:, c1]  # ring, uncompressed view, tangential
-    E2 = e[:, c2]
+    E1 = e[:, c1].astype(np.float32)  # ring, uncompressed view, tangential (float32 products, as STIR)
+    E2 = e[:, c2].astype(np.float32)
     out = np.zeros(geometry.shape, dtype=np.float32)
+    acc = np.empty(c1.shape, dtype=np.float32)
+    tmp = np.empty(c1.shape, dtype=np.float32)
     for s, pairs in enumerate(b.ring_pairs_of_sinograms("memory")):
         if not pairs:
             continue
-        ra = np.fromiter((p[0] for p in pairs), dtype=np.int64)
-        rb = np.fromiter((p[1] for p in pairs), dtype=np.int64)
-        val = np.einsum("pvt,pvt->vt", E1[ra], E2[rb])
-        out[s] = val.reshape(geometry.num_views, m, geometry.num_tangential).sum(axis=1)
+        ra, rb = pairs[0]
+        np.multiply(E1[ra], E2[rb], out=acc)
+        for ra, rb in pairs[1:]:
+            np.multiply(E1[ra], E2[rb], out=tmp)
+            acc += tmp
+        out[s] = acc.reshape(geometry.num_views, m, geometry.num_tangential).sum(axis=1)
     return ProjData(out, geometry, {"content": "randoms (ML singles from delayeds)"})
 
 
