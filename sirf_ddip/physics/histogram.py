@@ -25,6 +25,7 @@ order at the end. Memory: the accumulator (4 bytes per bin) plus one chunk of wo
 
 from __future__ import annotations
 
+import math
 import os
 import time as _time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,8 @@ from ..io.siemens_listmode import (OFFSET_MASK, TIME_MASK, SiemensListmodeHeader
 from ..utils.progress import progress
 
 __all__ = ["EVENT_TYPES", "FrameSelector", "ListmodeHistogrammer", "Histogram", "histogram_listmode",
-           "check_same_scanner", "iter_frame_words"]
+           "check_same_scanner", "iter_frame_words", "histogram_petsird", "sinogram_to_file_order",
+           "write_flat_projdata"]
 
 #: event selections, as STIR's ``store prompts`` / ``store delayeds`` pairs
 EVENT_TYPES = ("prompts", "delayeds", "trues")
@@ -53,9 +55,10 @@ _TAG_TIME = 0b100  # top three bits of a time tag: bit 31 = 1, bits 29-30 = 0
 _SUB_CHUNK = 1 << 18  # words per vectorised pass (fits the CPU caches)
 
 
-def check_same_scanner(header: SiemensListmodeHeader, geometry: SinogramGeometry, template: str | os.PathLike
-                       ) -> None:
+def check_same_scanner(header, geometry: SinogramGeometry, template: str | os.PathLike) -> None:
     """Refuse a template of another scanner than the listmode's (STIR's ``LmToProjData`` does too).
+
+    ``header`` is anything with ``scanner`` and ``path`` attributes (a listmode header).
 
     Raises
     ------
@@ -353,26 +356,102 @@ class ListmodeHistogrammer:
             raise DataValueError(f"{self.header.data_path}: {nbad} events have offsets beyond the span-1 sinogram "
                                  f"of {self.header.num_sinograms} x {self.header.sinogram_size} bins described by "
                                  f"{self.header.path} (corrupt listmode?)")
-        data = self._to_file_order(acc)
+        data = sinogram_to_file_order(acc.numpy(), self.geometry)
         stats = {"listmode": str(self.header.path), "records_in_frame": int(nrec),
                  "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed,
                  "first_time_tag_s": sel.first_tag_s, "last_time_tag_s": sel.last_tag_s,
                  "last_time_tag_in_file_s": sel.last_tag_in_file_s}
         return Histogram(data, self.geometry, events, float(start or 0.0), end, stats)
 
-    def _to_file_order(self, acc) -> np.ndarray:
-        """Reorder the int32 accumulator (sinogram layout) to float32 view-by-view file order, in place."""
-        a = acc.numpy()[: self.size]
-        out = a.view(np.float32)
-        g = self.geometry
-        nv, nt = g.num_views, g.num_tangential
-        pos = 0
-        for sg in g.segments:
-            n = sg.num_axial * nv * nt
-            blk = a[pos:pos + n].reshape(sg.num_axial, nv, nt).transpose(1, 0, 2).astype(np.float32)
-            out[pos:pos + n] = blk.reshape(-1)
-            pos += n
-        return out
+def sinogram_to_file_order(acc: np.ndarray, geometry: SinogramGeometry) -> np.ndarray:
+    """Reorder an int32 accumulator in the "sinogram" layout (segments ascending, axial, view, tangential;
+    possibly with a trailing trash bin) to float32 view-by-view file order, in place (one segment of scratch)."""
+    g = geometry
+    nv, nt = g.num_views, g.num_tangential
+    size = g.num_sinograms * nv * nt
+    a = acc[:size]
+    if a.dtype != np.int32:
+        raise ValueError(f"accumulator must be int32, got {a.dtype}")
+    out = a.view(np.float32)
+    pos = 0
+    for sg in g.segments:
+        n = sg.num_axial * nv * nt
+        blk = a[pos:pos + n].reshape(sg.num_axial, nv, nt).transpose(1, 0, 2).astype(np.float32)
+        out[pos:pos + n] = blk.reshape(-1)
+        pos += n
+    return out
+
+
+def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start: float | None = None,
+                      end: float | None = None, events: str = "prompts", template: str = "template",
+                      show_progress: bool | None = None, module_type: int = 0) -> Histogram:
+    """Histogram a PETSIRD listmode whose scanner is a cylinder of detectors (see
+    :mod:`sirf_ddip.io.petsird_listmode`) onto ``geometry``, with the same binning as the Siemens listmode.
+
+    Time blocks are in the frame when ``start <= block start < end`` (ms from the scan start); TOF indices
+    and energy bins are summed over.
+    """
+    import torch
+
+    from ..io.petsird_listmode import PetsirdCylinder, iter_petsird_events, read_petsird_header
+
+    if events not in EVENT_TYPES:
+        raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
+    path = Path(path)
+    info = read_petsird_header(path).scanner
+    cyl = PetsirdCylinder.from_scanner_information(info, path, module_type)
+    a, b = cyl.scanner, geometry.scanner
+    if (a.num_rings, a.detectors_per_ring) != (b.num_rings, b.detectors_per_ring):
+        raise GeometryMismatchError(f"{path}: PETSIRD scanner {a.name!r} has {a.num_rings} rings x "
+                                    f"{a.detectors_per_ring} crystals, template {template} is for {b.name} "
+                                    f"({b.num_rings} x {b.detectors_per_ring})")
+    binner = DetectorPairBinner(geometry)
+    size = binner.size
+    acc = torch.zeros(size + 1, dtype=torch.int32)
+    lo_ms = 1000.0 * (start or 0.0)
+    hi_ms = 1000.0 * end if end is not None else math.inf
+    pending: list[tuple[np.ndarray, int]] = []
+    npend = 0
+    stats = {"listmode": str(path), "format": "PETSIRD", "time_blocks_in_frame": 0, "records_in_frame": 0,
+             "tof_bins_summed": True, "first_time_tag_s": None, "last_time_tag_s": None}
+
+    def flush():
+        nonlocal npend
+        for flat, w in pending:
+            idx = torch.from_numpy(np.where(flat >= 0, flat, size))
+            acc.scatter_add_(0, idx, torch.full((flat.size,), w, dtype=torch.int32))
+        pending.clear()
+        npend = 0
+
+    bar = progress(desc=f"PETSIRD {path.name}", unit="block", enabled=show_progress)
+    try:
+        for blk in iter_petsird_events(path, (module_type, module_type)):
+            bar.update(1)
+            if not lo_ms <= blk.start_ms < hi_ms:
+                if blk.start_ms >= hi_ms:
+                    break
+                continue
+            stats["time_blocks_in_frame"] += 1
+            if stats["first_time_tag_s"] is None:
+                stats["first_time_tag_s"] = blk.start_ms / 1000.0
+            stats["last_time_tag_s"] = blk.start_ms / 1000.0
+            for arr, w, use in ((blk.prompts, 1, events in ("prompts", "trues")),
+                                (blk.delayeds, -1 if events == "trues" else 1, events in ("delayeds", "trues"))):
+                stats["records_in_frame"] += int(arr.shape[0])
+                if not use or arr.shape[0] == 0:
+                    continue
+                r1, c1 = cyl.detectors(arr[:, 0])
+                r2, c2 = cyl.detectors(arr[:, 1])
+                pending.append((binner.bin_index(r1, c1, r2, c2, order="sinogram"), w))
+                npend += arr.shape[0]
+            if npend > (1 << 22):
+                flush()
+        flush()
+    finally:
+        bar.close()
+    data = sinogram_to_file_order(acc.numpy(), geometry)
+    stats["counted"] = float(data.sum(dtype=np.float64))
+    return Histogram(data, geometry, events, float(start or 0.0), end, stats)
 
 
 def histogram_listmode(listmode: str | os.PathLike, geometry: SinogramGeometry, start: float | None = None,
