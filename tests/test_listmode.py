@@ -245,3 +245,40 @@ def test_truncated_and_inconsistent_files_are_refused(tmp_path):
     corrupt = read_listmode_header(_write_lm(tmp_path, [(1 << 30) | (4084 * 252 * 344 + 5)], name="c"))
     with pytest.raises(DataValueError, match="beyond the span-1 sinogram"):
         ListmodeHistogrammer(corrupt, SinogramGeometry("Siemens mMR", span=11, max_ring_diff=60)).histogram()
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _template(tmp_path, geo, name="tmpl"):
+    """A STIR-style template: header only, its data file absent."""
+    p = tmp_path / f"{name}.hs"
+    p.write_text("\n".join(geo.header_lines(data_file=f"{name}.s")) + "\n")
+    return p
+
+
+def test_cli_listmode_writes_the_histogram_atomically(tmp_path, capsys):
+    from sirf_ddip.cli import main
+    from sirf_ddip.io import read_projdata
+
+    words = [1 << 31, _event(3, 10, -5), _event(5, 7, 1, prompt=False), (1 << 31) | 20, _event(7, 0, 0)]
+    lm = _write_lm(tmp_path, words)
+    geo = SinogramGeometry("Siemens mMR", span=1, max_ring_diff=0)
+    tmpl = _template(tmp_path, geo)
+    out = tmp_path / "out" / "p.hs"
+    assert main(["listmode", str(lm), "--template", str(tmpl), "--out", str(out), "--events", "trues",
+                 "--no-progress"]) == 0
+    got = read_projdata(out)
+    expect = np.zeros(geo.shape, np.float32)
+    expect[3, 10, 167], expect[5, 7, 173], expect[7, 0, 172] = 1, -1, 1
+    assert got.geometry == geo and np.array_equal(got.array, expect)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p.hs", "p.s", "p_run_record.json",
+                                                            "p_run_record_config.yaml"]
+    before = out.read_bytes()
+    assert main(["listmode", str(lm), "--template", str(tmpl), "--out", str(out), "--start", "0.02"]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["listmode", str(lm), "--template", str(tmpl), "--out", str(out), "--start", "0.02",
+                 "--overwrite", "--no-progress"]) == 0
+    assert read_projdata(out).array.sum() == 1  # only the event after the 20 ms tag
+    mct = _template(tmp_path, SinogramGeometry("Siemens mCT", span=11), "mct")
+    assert main(["listmode", str(lm), "--template", str(mct), "--out", str(tmp_path / "m.hs")]) == 2
+    err = capsys.readouterr().err
+    assert "Siemens mCT" in err and "Traceback" not in err and not (tmp_path / "m.hs").exists()

@@ -90,3 +90,22 @@ def test_not_a_petsird_file(tmp_path):
     bad.write_bytes(b"not petsird at all")
     with pytest.raises(InputFileError, match="PETSIRD"):
         read_petsird_header(bad)
+
+
+def test_cli_listmode_reads_petsird(tmp_path):
+    from test_listmode import _template
+
+    from sirf_ddip.cli import main
+    from sirf_ddip.io import read_projdata
+
+    sc = get_scanner("Siemens mMR").with_rings(2)
+    geo = SinogramGeometry(sc, span=1, max_ring_diff=1)
+    ev = np.array([[0, 0, 1, 252], [1, 10, 1, 262], [1, 10, 1, 262]])
+    path = write_petsird_cylinder(tmp_path / "e.petsird", sc, [(0, 5, ev, ev[:0])])
+    out = tmp_path / "p.hs"
+    assert main(["listmode", str(path), "--template", str(_template(tmp_path, geo)), "--out", str(out),
+                 "--no-progress"]) == 0
+    got = read_projdata(out).array
+    assert np.array_equal(got, histogram_petsird(path, geo).to_projdata().array) and got.sum() == 3
+    # ring 1 - ring 1, crystals 10 and 262 (opposite): view 10, tangential position 0, twice
+    assert got[geo.segment_offset(0) + 1, 10, geo.num_tangential // 2] == 2
