@@ -52,7 +52,7 @@ __all__ = ["EVENT_TYPES", "FrameSelector", "ListmodeHistogrammer", "Histogram", 
 EVENT_TYPES = ("prompts", "delayeds", "trues")
 
 _TAG_TIME = 0b100  # top three bits of a time tag: bit 31 = 1, bits 29-30 = 0
-_SUB_CHUNK = 1 << 18  # words per vectorised pass (fits the CPU caches)
+_SUB_CHUNK = 1 << 20  # words per vectorised pass
 
 
 def check_same_scanner(header, geometry: SinogramGeometry, template: str | os.PathLike) -> None:
@@ -292,8 +292,7 @@ class ListmodeHistogrammer:
         beyond the listmode's sinogram (corrupt data)."""
         S = np.uint32(self.header.sinogram_size)
         off = words & np.uint32(OFFSET_MASK)
-        z = off // S
-        r = off - z * S
+        z, r = np.divmod(off, S)
         lr = self._lut_r[r]
         zi = (z << np.uint32(4)) | ((words >> np.uint32(29)) << np.uint32(1))
         zi |= (lr & 1).view(np.uint32)
