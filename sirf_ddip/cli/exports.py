@@ -83,8 +83,17 @@ def _record(out: Path, command: str, params: dict, timing: dict, args) -> None:
 
 
 def _is_siemens(path: str) -> bool:
-    name = path.lower()
-    return name.endswith(".hdr")
+    """An Interfile header (Siemens ``.l.hdr``) rather than a PETSIRD stream."""
+    from ..errors import InputFileError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(p, "listmode file not found")
+    if p.suffix.lower() == ".l" and p.with_name(p.name + ".hdr").is_file():
+        raise InputFileError(p, f"this is the listmode data file; give its header {p.name}.hdr")
+    with open(p, "rb") as f:
+        head = f.read(64).lstrip().upper().replace(b" ", b"")
+    return head.startswith(b"!INTERFILE") or p.name.lower().endswith(".hdr")
 
 
 def run_listmode(args) -> int:
