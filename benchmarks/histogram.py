@@ -62,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--words", type=float, default=50e6, help="listmode words to write (default 5e7, 200 MB)")
     ap.add_argument("--span1", action="store_true", help="also histogram into full span 1 (1.4 GB sinogram)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=2, help="decoding threads and torch threads (default 2)")
     args = ap.parse_args()
     import torch
 
@@ -84,7 +84,7 @@ def main() -> None:
         for name, geo in cases:
             t = time.perf_counter()
             c = time.process_time()
-            hist = ListmodeHistogrammer(header, geo).histogram(events="prompts")
+            hist = ListmodeHistogrammer(header, geo).histogram(events="prompts", threads=args.threads)
             total = time.perf_counter() - t
             cpu = time.process_time() - c
             loop = hist.stats["seconds"]

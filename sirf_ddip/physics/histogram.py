@@ -17,7 +17,7 @@ What STIR does per event (UCL/STIR ``src/listmode_buildblock/LmToProjData.cxx``,
 
 Because the target bin of a span-1 offset ``o = z * (V * T) + r`` depends on the sinogram ``z`` only through
 its ring pair and on ``r`` only through the crystal pair, two small lookup tables give the flat bin of every
-event (``lut_z[kind, z, keep] + lut_r[r]``) in a handful of numpy passes; counts are accumulated with
+event (``lut_z[z, keep] + lut_r[r]``) in a handful of numpy passes; counts are accumulated with
 ``torch.Tensor.scatter_add_`` into one int32 array (no per-chunk allocation), in the "sinogram" layout of
 :mod:`sirf_ddip.geometry.detectors`, and re-ordered in place, segment by segment, to STIR's view-by-view file
 order at the end. Memory: the accumulator (4 bytes per bin) plus one chunk of words.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import time as _time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,40 +264,45 @@ class ListmodeHistogrammer:
         c1, c2 = header.view_tangential_crystals()
         vt, keep = b.view_tangential_index(c1, c2)
         self._lut_r = (np.where(vt >= 0, vt, self.size) * 2 + keep).astype(np.int32)
-        # axial table over (kind, z, keep): flat index of the first bin of the target sinogram
+        # axial table over (z, keep) for every 32-bit word: flat index of the first bin of the target
+        # sinogram. Words are first transformed so that the selected events keep their top two bits at 0 (a
+        # pure offset) while other events and tags get z >= 2^30 / S, which these rows send to the trash bin.
         rings1, rings2 = header.sinogram_rings()
         nz = header.num_sinograms
-        self._zmax = OFFSET_MASK // header.sinogram_size + 1
+        S = header.sinogram_size
+        self._zrows = ((1 << 32) - 1) // S + 1
+        full_rows = (1 << 30) // S  # rows holding only 30-bit offsets (the last partial row is not checked)
         self._invalid_base = 3 * self.size  # offsets beyond the sinogram: flat index >= 3 * size
-        base = np.full((2, self._zmax), self._invalid_base, dtype=np.int64)
+        base = np.full((self._zrows, 2), self.size, dtype=np.int64)
+        base[nz:full_rows, :] = self._invalid_base
         for k in (0, 1):  # keep = 0: rings swap
             ra, rb = (rings1, rings2) if k else (rings2, rings1)
             s = b.ring_pair_sinogram[ra, rb]
-            base[k, :nz] = np.where(s >= 0, s * sino_stride, self.size)
-        self._base = base  # [keep, z]
+            base[:nz, k] = np.where(s >= 0, s * sino_stride, self.size)
+        self._lut_z = base.reshape(-1)  # [z * 2 + keep]
 
-    def _lut_z(self, events: str) -> np.ndarray:
-        """``lut[(z * 8 + (word >> 29)) * 2 + keep]`` for the selected event kinds: ``word >> 29`` is 0-1 for
-        a delayed, 2-3 for a prompt (bit 29 belongs to the offset), 4-7 for a tag (never counted)."""
-        if events not in EVENT_TYPES:
-            raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
-        trash = np.full((2, self._zmax), self.size, dtype=np.int64)
-        use = {"prompts": (False, True), "delayeds": (True, False), "trues": (True, True)}[events]
-        d = self._base if use[0] else trash
-        p = self._base if use[1] else trash
-        lut = np.stack([d, d, p, p, trash, trash, trash, trash])  # top3, keep, z
-        return np.ascontiguousarray(lut.transpose(2, 0, 1)).reshape(-1)  # z, top3, keep
+    @staticmethod
+    def _select(words: np.ndarray, events: str) -> np.ndarray:
+        """Words with bits 30-31 cleared for the selected events only (prompt bit 30 = 1, delayed 0, tags
+        have bit 31 = 1)."""
+        if events == "prompts":
+            return words ^ np.uint32(1 << 30)
+        if events == "delayeds":
+            return words
+        if events == "trues":
+            return words & np.uint32(0xFFFFFFFF ^ (1 << 30))
+        raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
 
-    def flat_indices(self, words: np.ndarray, lut_z: np.ndarray) -> tuple[np.ndarray, int]:
+    def flat_indices(self, words: np.ndarray, events: str = "prompts") -> tuple[np.ndarray, int]:
         """Bin index per word (``size`` for words not counted) and the number of event offsets that lie
         beyond the listmode's sinogram (corrupt data)."""
         S = np.uint32(self.header.sinogram_size)
-        off = words & np.uint32(OFFSET_MASK)
-        z, r = np.divmod(off, S)
+        x = self._select(words, events)
+        z = x // S
+        r = x - z * S
         lr = self._lut_r[r]
-        zi = (z << np.uint32(4)) | ((words >> np.uint32(29)) << np.uint32(1))
-        zi |= (lr & 1).view(np.uint32)
-        flat = lut_z[zi]
+        zi = (z << np.uint32(1)) | (lr & 1).view(np.uint32)
+        flat = self._lut_z[zi]
         flat += lr >> 1
         bad = 0
         if flat.size and int(flat.max()) >= self._invalid_base:
@@ -305,9 +311,10 @@ class ListmodeHistogrammer:
         return flat, bad
 
     def histogram(self, start: float | None = None, end: float | None = None, events: str = "prompts",
-                  chunk_words: int = 1 << 22, show_progress: bool | None = None) -> Histogram:
+                  chunk_words: int = 1 << 22, show_progress: bool | None = None,
+                  threads: int | None = None) -> Histogram:
         """Histogram the frame ``[start, end)`` (s from the scan start) of ``events`` (prompts, delayeds or
-        trues = prompts - delayeds).
+        trues = prompts - delayeds); ``threads`` decoding threads (default: 2, or 1 on a 1-core machine).
 
         Raises
         ------
@@ -318,7 +325,7 @@ class ListmodeHistogrammer:
 
         from ..errors import DataValueError
 
-        lut_z = self._lut_z(events)
+        self._select(words=np.zeros(0, np.uint32), events=events)  # validates ``events``
         acc = torch.zeros(self.size + 1, dtype=torch.int32)
         sign = torch.tensor([-1, 1, 0, 0], dtype=torch.int32) if events == "trues" else None
         ones = torch.ones(_SUB_CHUNK, dtype=torch.int32)
@@ -327,27 +334,27 @@ class ListmodeHistogrammer:
         nrec = 0
 
         def decode(w: np.ndarray) -> tuple:
-            flat, bad = self.flat_indices(w, lut_z)
+            flat, bad = self.flat_indices(w, events)
             src = ones[:w.size] if sign is None else sign[torch.from_numpy((w >> np.uint32(30)).astype(np.int64))]
             return torch.from_numpy(flat), src, bad
 
         t0 = _time.perf_counter()
-        # two-stage pipeline: a worker thread decodes the next block while this one accumulates (numpy and
-        # torch release the GIL in these loops, so the stages run on separate cores)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = None
+        # pipeline: ``workers`` threads decode the next blocks while this one accumulates (numpy and torch
+        # release the GIL in these loops, so decoding and accumulation share the cores)
+        workers = max(1, int(threads if threads is not None else min(2, os.cpu_count() or 1)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
             for words in iter_frame_words(self.header, chunk_words=chunk_words, show_progress=show_progress,
                                           selector=sel):
                 nrec += words.size
                 for i in range(0, words.size, _SUB_CHUNK):
-                    fut = pool.submit(decode, words[i:i + _SUB_CHUNK])
-                    if pending is not None:
-                        idx, src, bad = pending.result()
+                    pending.append(pool.submit(decode, words[i:i + _SUB_CHUNK]))
+                    while len(pending) > workers:
+                        idx, src, bad = pending.popleft().result()
                         nbad += bad
                         acc.scatter_add_(0, idx, src)
-                    pending = fut
-            if pending is not None:
-                idx, src, bad = pending.result()
+            while pending:
+                idx, src, bad = pending.popleft().result()
                 nbad += bad
                 acc.scatter_add_(0, idx, src)
         elapsed = _time.perf_counter() - t0
