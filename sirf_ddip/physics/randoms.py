@@ -90,8 +90,12 @@ def fan_sums_from_listmode(header: SiemensListmodeHeader, start: float | None = 
         ev = words[(words >> np.uint32(30)) == want]
         off = (ev & np.uint32(OFFSET_MASK)).astype(np.int64)
         z = off // S
-        good = z < header.num_sinograms
-        off, z = off[good], z[good]
+        if z.size and int(z.max()) >= header.num_sinograms:
+            from ..errors import DataValueError
+
+            raise DataValueError(f"{header.data_path}: {int(np.count_nonzero(z >= header.num_sinograms))} events "
+                                 f"have offsets beyond the span-1 sinogram described by {header.path} "
+                                 "(corrupt listmode?)")
         r = off - z * S
         _, n = fan_sums_from_detector_pairs(rings1[z], cr1[r], rings2[z], cr2[r], sc.num_rings,
                                             sc.detectors_per_ring, mrd, half, out=out)
