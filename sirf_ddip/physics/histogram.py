@@ -41,7 +41,7 @@ from ..errors import GeometryMismatchError, InputFileError
 from ..geometry.detectors import DetectorPairBinner
 from ..geometry.sinogram import SinogramGeometry
 from ..io.interfile import file_to_memory_order
-from ..io.siemens_listmode import (OFFSET_MASK, TIME_MASK, SiemensListmodeHeader, iter_listmode_words,
+from ..io.siemens_listmode import (TIME_MASK, SiemensListmodeHeader, iter_listmode_words,
                                    read_listmode_header)
 from ..utils.progress import progress
 
