@@ -282,3 +282,17 @@ def test_cli_listmode_writes_the_histogram_atomically(tmp_path, capsys):
     assert main(["listmode", str(lm), "--template", str(mct), "--out", str(tmp_path / "m.hs")]) == 2
     err = capsys.readouterr().err
     assert "Siemens mCT" in err and "Traceback" not in err and not (tmp_path / "m.hs").exists()
+
+
+def test_real_mmr_headers_parse_and_a_short_data_file_is_truncated(tmp_path):
+    for name, words in (("list.l.hdr", 4891028), ("sample_mMR_listmode.l.hdr", 331257106)):
+        src = SHARED / "real-mmr" / name
+        if not src.is_file():
+            pytest.skip(f"{src} not found")
+        text = src.read_text(encoding="latin-1")
+        data = next(ln.split(":=", 1)[1].strip() for ln in text.splitlines() if "name of data file" in ln)
+        hdr = tmp_path / name
+        hdr.write_text(text)
+        np.zeros(1000, dtype="<u4").tofile(tmp_path / data)
+        with pytest.raises(InputFileError, match=f"truncated: 1000 words, header says {words}"):
+            read_listmode_header(hdr)
