@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time as _time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -280,6 +281,7 @@ class ListmodeHistogrammer:
             s = b.ring_pair_sinogram[ra, rb]
             base[:nz, k] = np.where(s >= 0, s * sino_stride, self.size)
         self._lut_z = base.reshape(-1)  # [z * 2 + keep]
+        self._tls = threading.local()  # per-thread work buffers of flat_indices
 
     @staticmethod
     def _select(words: np.ndarray, events: str) -> np.ndarray:
@@ -295,17 +297,38 @@ class ListmodeHistogrammer:
 
     def flat_indices(self, words: np.ndarray, events: str = "prompts") -> tuple[np.ndarray, int]:
         """Bin index per word (``size`` for words not counted) and the number of event offsets that lie
-        beyond the listmode's sinogram (corrupt data)."""
+        beyond the listmode's sinogram (corrupt data).
+
+        Every pass writes into per-thread work buffers (``out=``), so that blocks cost no page faults for
+        temporaries; only the returned int64 index array is new.
+        """
+        n = words.size
+        buf = getattr(self._tls, "buf", None)
+        if buf is None or buf[0].size < n:
+            buf = (np.empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, np.int32))
+            self._tls.buf = buf
+        x, z, r, lr = (b_[:n] for b_ in buf)
         S = np.uint32(self.header.sinogram_size)
-        x = self._select(words, events)
-        z = x // S
-        r = x - z * S
-        lr = self._lut_r[r]
-        zi = (z << np.uint32(1)) | (lr & 1).view(np.uint32)
-        flat = self._lut_z[zi]
-        flat += lr >> 1
+        if events == "prompts":
+            np.bitwise_xor(words, np.uint32(1 << 30), out=x)
+        elif events == "delayeds":
+            np.copyto(x, words)
+        elif events == "trues":
+            np.bitwise_and(words, np.uint32(0xFFFFFFFF ^ (1 << 30)), out=x)
+        else:
+            raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
+        np.floor_divide(x, S, out=z)
+        np.multiply(z, S, out=r)
+        np.subtract(x, r, out=r)
+        np.take(self._lut_r, r, out=lr, mode="clip")  # always in range: r < S
+        np.left_shift(z, np.uint32(1), out=z)
+        np.bitwise_and(lr.view(np.uint32), np.uint32(1), out=x)  # keep bit
+        np.bitwise_or(z, x, out=z)
+        flat = np.take(self._lut_z, z, mode="clip")  # z * 2 + keep < 2 * zrows by construction
+        np.right_shift(lr, 1, out=lr)
+        np.add(flat, lr, out=flat)
         bad = 0
-        if flat.size and int(flat.max()) >= self._invalid_base:
+        if n and int(flat.max()) >= self._invalid_base:
             bad = int(np.count_nonzero(flat >= self._invalid_base))
         np.minimum(flat, self.size, out=flat)
         return flat, bad
