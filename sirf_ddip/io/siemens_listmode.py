@@ -197,9 +197,11 @@ def read_listmode_header(path: str | os.PathLike) -> SiemensListmodeHeader:
         raise InputFileError(hdr.path, f"{nviews} views, but the {scanner.name} has "
                              f"{scanner.detectors_per_ring // 2} (listmode offsets are never view-mashed)",
                              key="%number of views")
-    if not 0 < ntang <= scanner.detectors_per_ring:
-        raise InputFileError(hdr.path, f"{ntang} projections is not possible for {scanner.detectors_per_ring} "
-                             "detectors per ring", key="%number of projections")
+    if ntang != scanner.max_num_non_arc_corrected_bins:
+        # STIR decodes offsets with the scanner's uncompressed sinogram (CListEventECAT8_32bit uses
+        # get_uncompressed_proj_data_info_sptr()), so any other value would be decoded wrongly
+        raise InputFileError(hdr.path, f"{ntang} projections, but the {scanner.name}'s listmode sinogram has "
+                             f"{scanner.max_num_non_arc_corrected_bins}", key="%number of projections")
     nseg = hdr.get_int("%number of segments")
     table = hdr.get_int_list("%segment table", required=True)
     expected = [scanner.num_rings - abs(d) for d in ecat_segment_sequence(mrd)]
