@@ -111,15 +111,27 @@ def test_prepare_command(tmp_path, material, small, capsys):
     assert list(out3.iterdir()) == []
 
 
-def test_prepare_listmode_adapter(tmp_path, material, small, capsys):
+def test_prepare_from_listmode(tmp_path, material, small, capsys):
+    """``prepare --listmode``: prompts equal the histogrammer's, the additive term is the randoms estimate / mult."""
+    from sirf_ddip.physics.histogram import histogram_listmode
+    from sirf_ddip.physics.randoms import estimate_randoms
+
+    lm = MMR / "listmode" / "synthetic.l.hdr"
+    if not (MMR / "listmode" / "synthetic.l").is_file():
+        pytest.skip(f"synthetic mMR listmode not found next to {lm}")
     geom, t = small
-    try:
-        import sirf_ddip.physics.histogram  # noqa: F401
-        import sirf_ddip.physics.randoms  # noqa: F401
-        pytest.skip("listmode modules present: the adapter is exercised by the listmode tests")
-    except ImportError:
-        pass
-    rc = main(["prepare", "--listmode", str(tmp_path / "x.l.hdr"), "--template", str(t), "--norm",
-               str(MMR / "norm.n.hdr"), "--mu", str(MMR / "mu_map.hv"), "--out-dir", str(tmp_path / "o")])
-    assert rc == 2
-    assert "physics.histogram" in capsys.readouterr().err
+    out = tmp_path / "study"
+    assert main(["prepare", "--listmode", str(lm), "--template", str(t), "--start", "0", "--end", "15",
+                 "--norm", str(MMR / "norm.n.hdr"), "--mu", str(MMR / "mu_map.hv"), "--out-dir", str(out),
+                 "--no-png"]) == 0
+    assert "NO SCATTER" in capsys.readouterr().err
+    prompts = read_projdata(out / "prompts.hs").array
+    want = histogram_listmode(lm, geom, start=0, end=15, events="prompts").to_projdata().array
+    np.testing.assert_array_equal(prompts, want)
+    assert 0 < prompts.sum() < histogram_listmode(lm, geom, events="prompts").to_projdata().array.sum()
+    randoms = estimate_randoms(lm, geom, start=0, end=15)[0].array
+    mult = read_projdata(out / "mult_factors.hs").array
+    add = read_projdata(out / "additive_term.hs").array
+    ok = mult > 0
+    np.testing.assert_allclose(add[ok], randoms[ok] / mult[ok], rtol=1e-5)
+    assert np.all(add[~ok] == 0)

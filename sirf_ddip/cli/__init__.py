@@ -13,8 +13,7 @@ import sys
 from ..errors import SirfDdipError
 
 #: sub-modules that register commands (each is imported lazily only to build the parser)
-_COMMAND_MODULES = ("engine", "prior", "recon", "study",
-                    "prepare")  # prepare: norm, attenuation, prepare (issue 10)
+_COMMAND_MODULES = ("engine", "prior", "recon", "study", "exports", "prepare")
 
 
 def build_parser() -> argparse.ArgumentParser:

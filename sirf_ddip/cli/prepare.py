@@ -28,46 +28,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import SirfDdipError
+from ..io.template import read_template_geometry
 
-__all__ = ["register", "ListmodeSupportMissingError", "listmode_to_prompts_and_randoms", "write_projdata_atomic"]
+__all__ = ["register", "listmode_to_prompts_and_randoms", "write_projdata_atomic"]
 
 _COMPONENT_NAMES = ("geometric", "crystal_interference", "detector_efficiencies", "axial_effects", "gaps")
 
 
-class ListmodeSupportMissingError(SirfDdipError):
-    """The listmode histogrammer / randoms estimator (``physics.histogram``, ``physics.randoms``) is absent."""
-
-
-# ------------------------------------------------------------------------------------------- LM ADAPTER
+# ------------------------------------------------------------------------------------------- listmode
 def listmode_to_prompts_and_randoms(listmode: str | os.PathLike, geometry, start: float | None = None,
                                     end: float | None = None):
-    """ADAPTER to the listmode modules (wired by the lead at merge): prompts and randoms from a listmode file.
+    """Prompts and the randoms estimate on ``geometry`` from a Siemens listmode file, frame ``[start, end)``.
 
-    Expected (``lm`` helper): ``sirf_ddip.physics.histogram.histogram_listmode(path, geometry, start=, end=,
-    events="prompts") -> ProjData`` and ``sirf_ddip.physics.randoms.randoms_from_listmode(path, geometry,
-    start=, end=) -> ProjData`` (STIR ML singles from the delayeds' fan sums, then singles-product randoms).
+    Prompts: :func:`sirf_ddip.physics.histogram.histogram_listmode` (STIR ``lm_to_projdata``); randoms:
+    :func:`sirf_ddip.physics.randoms.estimate_randoms` (STIR's ML singles from the delayeds' fan sums, then
+    singles-product randoms, as SIRF's ``ListmodeToSinograms.estimate_randoms``).
 
     Returns
     -------
     (ProjData, ProjData)
         Prompts and the randoms estimate on ``geometry``.
-
-    Raises
-    ------
-    ListmodeSupportMissingError
-        If those modules are not in this build.
     """
-    try:
-        from ..physics.histogram import histogram_listmode
-        from ..physics.randoms import randoms_from_listmode
-    except ImportError as exc:
-        raise ListmodeSupportMissingError(
-            f"{listmode}: listmode input needs sirf_ddip.physics.histogram and sirf_ddip.physics.randoms, which "
-            f"this build lacks ({exc}); histogram it first (sirf-ddip listmode / STIR lm_to_projdata) and pass "
-            "--prompts P.hs --randoms R.hs") from None
-    prompts = histogram_listmode(listmode, geometry, start=start, end=end, events="prompts")
-    randoms = randoms_from_listmode(listmode, geometry, start=start, end=end)
+    from ..physics.histogram import histogram_listmode
+    from ..physics.randoms import estimate_randoms
+
+    prompts = histogram_listmode(listmode, geometry, start=start, end=end, events="prompts").to_projdata()
+    randoms, _, _ = estimate_randoms(listmode, geometry, start=start, end=end)
     return prompts, randoms
 
 
@@ -216,17 +202,6 @@ def _add_mu_args(p: argparse.ArgumentParser, positional: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- pieces
-def _template(path: str):
-    """Geometry of a template ``.hs`` (its data file may be empty or absent)."""
-    from ..io.header import InterfileHeader
-    from ..io.interfile import segment_layout_from_header
-    from ..io.sinogram_header import geometry_from_header
-
-    hdr = InterfileHeader.read(path)
-    segment_layout_from_header(hdr)  # TOF / layout checks with named errors
-    return geometry_from_header(hdr)
-
-
 def _efficiencies(norm_path: str, geometry, off=(), plain_mashing=False):
     from ..io.siemens_norm import read_ecat8_norm
     from ..physics.normalisation import NormComponents, ecat8_efficiencies
@@ -264,7 +239,7 @@ def run_norm(args) -> int:
     out = Path(args.out)
     record = _check_hs(out, args.overwrite)
     t0 = time.perf_counter()
-    geom = _template(args.template)
+    geom = read_template_geometry(args.template)
     eff, norm, comps = _efficiencies(args.norm, geom, args.no, args.plain_mashing)
     t1 = time.perf_counter()
     write_projdata_atomic(out, ProjData(eff, geom), overwrite=args.overwrite)
@@ -282,7 +257,7 @@ def run_attenuation(args) -> int:
     out = Path(args.out)
     record = _check_hs(out, args.overwrite)  # fail before the long computation
     t0 = time.perf_counter()
-    geom = _template(args.template)
+    geom = read_template_geometry(args.template)
     att, mu = _attenuation(args, geom)
     t1 = time.perf_counter()
     write_projdata_atomic(out, att, overwrite=args.overwrite)
@@ -337,7 +312,7 @@ def run_prepare(args) -> int:
     if args.listmode:
         if not args.template:
             raise ConfigError("--listmode needs --template T.hs (the sinogram geometry to histogram into)")
-        geom = _template(args.template)
+        geom = read_template_geometry(args.template)
         prompts, randoms = listmode_to_prompts_and_randoms(args.listmode, geom, args.start, args.end)
         randoms_src = f"estimated from the delayeds of {args.listmode}"
     else:
@@ -346,7 +321,7 @@ def run_prepare(args) -> int:
         prompts = read_projdata(args.prompts)
         geom = prompts.geometry
         if args.template:
-            tg = _template(args.template)
+            tg = read_template_geometry(args.template)
             if not tg.matches(geom):
                 from ..errors import GeometryMismatchError
 

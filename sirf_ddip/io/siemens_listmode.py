@@ -1,0 +1,258 @@
+"""Siemens PETLINK 32-bit listmode (``.l.hdr`` + ``.l``, as the Biograph mMR writes it).
+
+Follows STIR's ``CListModeDataECAT8_32bit`` / ``CListRecordECAT8_32bit`` (UCL/STIR
+``src/listmode_buildblock/CListRecordECAT8_32bit.cxx``, ``src/include/stir/listmode/CListRecordECAT8_32bit.h``)
+and its header parser ``InterfileListmodeHeaderSiemens`` (``src/IO/InterfileHeaderSiemens.cxx``):
+
+- the data file is a stream of 32-bit little-endian words (``!data offset in bytes`` skipped);
+- bit 31 = 0: a coincidence event; bit 30 = 1 prompt, 0 delayed; bits 0-29 the offset into the span-1
+  sinogram the header describes, ordered (sinogram, view, tangential), sinograms by segment in the ECAT
+  sequence ``0, -1, +1, -2, +2, ...`` (``ecat::find_segment_sequence``), axial positions ascending; the
+  tangential index runs from ``-(n // 2)``;
+- bit 31 = 1 and bits 29-30 = 0: a time tag, bits 0-28 the time in ms since the scan start; bit 31 = 1 with
+  other bits 29-30: other tags (dead time, gating, ...), ignored as STIR does.
+
+Only the uncompressed, non-TOF 32-bit format is supported (as STIR's class); the header is checked for it
+and the data file for its length, so that bad input fails with a message naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import InputFileError, UnsupportedDataError
+from ..geometry.detectors import crystals_for_view_tangential
+from ..geometry.scanner import Scanner, get_scanner
+from .header import InterfileHeader
+
+__all__ = ["SiemensListmodeHeader", "read_listmode_header", "iter_listmode_words", "ecat_segment_sequence",
+           "EVENT_TAG_BIT", "PROMPT_BIT", "OFFSET_MASK", "TIME_MASK"]
+
+#: word layout (STIR ``CListEventDataECAT8_32bit`` / ``CListTimeDataECAT8_32bit``, little-endian bit fields)
+EVENT_TAG_BIT = 31
+PROMPT_BIT = 30
+OFFSET_MASK = (1 << 30) - 1
+TIME_MASK = (1 << 29) - 1
+
+
+def ecat_segment_sequence(max_segment: int) -> list[int]:
+    """ECAT/Siemens segment order ``0, -1, +1, -2, +2, ...`` (STIR ``ecat::find_segment_sequence``)."""
+    seq = [0]
+    for k in range(1, max_segment + 1):
+        seq += [-k, k]
+    return seq
+
+
+@dataclass(frozen=True)
+class SiemensListmodeHeader:
+    """What the histogrammer needs from a PETLINK ``.l.hdr``.
+
+    Attributes
+    ----------
+    path, data_path : Path
+        Header and data file.
+    scanner : Scanner
+        The preset named by ``!originating system`` (STIR refuses unknown scanners too).
+    num_views, num_tangential : int
+        ``%number of views`` and ``%number of projections`` of the span-1 sinogram the offsets index.
+    max_ring_diff : int
+        ``%maximum ring difference``.
+    segment_table : tuple of int
+        Axial positions per segment in the ECAT order (``%segment table``).
+    data_offset : int
+        Bytes before the first word.
+    num_words : int
+        Words in the data file (from its size).
+    duration_s : float or None
+        ``image duration (sec)``.
+    """
+
+    path: Path
+    data_path: Path
+    scanner: Scanner
+    num_views: int
+    num_tangential: int
+    max_ring_diff: int
+    segment_table: tuple
+    data_offset: int
+    num_words: int
+    duration_s: float | None = None
+    header_word_count: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def segment_sequence(self) -> list[int]:
+        """Segment (= ring difference ``ring2 - ring1``) of each block of sinograms, in file order."""
+        return ecat_segment_sequence(self.max_ring_diff)
+
+    @property
+    def num_sinograms(self) -> int:
+        return int(sum(self.segment_table))
+
+    @property
+    def sinogram_size(self) -> int:
+        """Offsets per sinogram (views x tangential positions)."""
+        return self.num_views * self.num_tangential
+
+    def sinogram_rings(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ring1, ring2)`` of each span-1 sinogram of the offset space, in file order.
+
+        For ring difference ``d = ring2 - ring1`` the axial position ``a`` holds ``ring1 = a + (|d| - d) / 2``
+        (STIR ``get_ring_pair_for_segment_axial_pos_num`` for span 1).
+        """
+        r1, r2 = [], []
+        for d, n in zip(self.segment_sequence, self.segment_table):
+            a = np.arange(n)
+            r1.append(a + (abs(d) - d) // 2)
+            r2.append(a + (abs(d) + d) // 2)
+        return np.concatenate(r1), np.concatenate(r2)
+
+    def view_tangential_crystals(self) -> tuple[np.ndarray, np.ndarray]:
+        """Crystals ``(c1, c2)`` of each (view, tangential index) of a sinogram, flat ``view * n_tang + i``."""
+        v = np.repeat(np.arange(self.num_views), self.num_tangential)
+        t = np.tile(np.arange(self.num_tangential) - self.num_tangential // 2, self.num_views)
+        return crystals_for_view_tangential(v, t, self.scanner.detectors_per_ring)
+
+    def decode_offsets(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Detector pairs ``(ring1, crystal1, ring2, crystal2)`` of event offsets (all must be valid)."""
+        off = np.asarray(offsets, dtype=np.int64)
+        z = off // self.sinogram_size
+        r = off - z * self.sinogram_size
+        rings1, rings2 = self.sinogram_rings()
+        c1, c2 = self.view_tangential_crystals()
+        return rings1[z], c1[r], rings2[z], c2[r]
+
+
+def _find_data_file(hdr: InterfileHeader) -> Path:
+    name = hdr.require("name of data file").strip()
+    p = Path(name)
+    cand = [p if p.is_absolute() else hdr.path.parent / p]
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if base != name:  # Siemens consoles write Windows paths: try the file next to the header
+        cand.append(hdr.path.parent / base)
+    for c in cand:
+        if c.is_file():
+            return c
+    raise InputFileError(hdr.path, f"listmode data file {str(cand[0])!r} not found", key="name of data file")
+
+
+def read_listmode_header(path: str | os.PathLike) -> SiemensListmodeHeader:
+    """Parse and check a Siemens PETLINK listmode header (``.l.hdr``).
+
+    Raises
+    ------
+    InputFileError
+        Missing keys, an unknown scanner, an inconsistent segment table, a missing data file, or a data file
+        that is shorter than the header's word count or not a whole number of words (truncated ``.l``).
+    UnsupportedDataError
+        TOF listmode (more than one TOF bin), compressed listmode, an event word size other than 32 bits,
+        axial compression other than 1 (STIR's ``CListEventECAT8_32bit`` refuses it as well).
+    """
+    hdr = InterfileHeader.read(path)
+    fmt = (hdr.get("data format") or "").strip().lower()
+    if fmt and fmt != "coincidencelist":
+        raise UnsupportedDataError(hdr.path, f"data format {hdr.get('data format')!r} is not listmode "
+                                   "(expected CoincidenceList)", key="data format")
+    system = (hdr.get("originating system") or "").strip()
+    if not system:
+        raise InputFileError(hdr.path, "required key missing (the scanner)", key="!originating system")
+    try:
+        scanner = get_scanner(system)
+    except KeyError as exc:
+        raise UnsupportedDataError(hdr.path, f"unknown scanner {system!r}: {exc.args[0]}",
+                                   key="!originating system") from None
+    bits = hdr.get_int("%lm event and tag words format (bits)", 32)
+    if bits != 32:
+        raise UnsupportedDataError(hdr.path, f"{bits}-bit listmode words are not supported (only the 32-bit "
+                                   "PETLINK format of the mMR)", key="%LM event and tag words format (bits)")
+    ntof = hdr.get_int("%number of tof time bins", 1)
+    if ntof is not None and ntof > 1:
+        raise UnsupportedDataError(hdr.path, f"TOF listmode ({ntof} TOF bins) is not supported (non-TOF only)",
+                                   key="%number of TOF time bins")
+    comp = (hdr.get("%compression") or "").strip().lower()
+    compressor = (hdr.get("%compressor version") or "").strip()
+    if comp not in ("", "off", "none", "0") or compressor:
+        raise UnsupportedDataError(hdr.path, "compressed listmode is not supported; decompress it with the "
+                                   "vendor tools first", key="%compression" if comp else "%compressor version")
+    span = hdr.get_int("%axial compression", required=True)
+    if span != 1:
+        raise UnsupportedDataError(hdr.path, f"axial compression {span}: only uncompressed (span-1) listmode "
+                                   "offsets are supported (as in STIR)", key="%axial compression")
+    num_rings = hdr.get_int("number of rings")
+    if num_rings is not None and num_rings != scanner.num_rings:
+        raise InputFileError(hdr.path, f"{num_rings} rings, but the {scanner.name} has {scanner.num_rings}",
+                             key="number of rings")
+    mrd = hdr.get_int("%maximum ring difference", required=True)
+    if not 0 <= mrd <= scanner.num_rings - 1:
+        raise InputFileError(hdr.path, f"maximum ring difference {mrd} outside 0..{scanner.num_rings - 1}",
+                             key="%maximum ring difference")
+    nviews = hdr.get_int("%number of views", required=True)
+    ntang = hdr.get_int("%number of projections", required=True)
+    if nviews != scanner.detectors_per_ring // 2:
+        raise InputFileError(hdr.path, f"{nviews} views, but the {scanner.name} has "
+                             f"{scanner.detectors_per_ring // 2} (listmode offsets are never view-mashed)",
+                             key="%number of views")
+    if ntang != scanner.max_num_non_arc_corrected_bins:
+        # STIR decodes offsets with the scanner's uncompressed sinogram (CListEventECAT8_32bit uses
+        # get_uncompressed_proj_data_info_sptr()), so any other value would be decoded wrongly
+        raise InputFileError(hdr.path, f"{ntang} projections, but the {scanner.name}'s listmode sinogram has "
+                             f"{scanner.max_num_non_arc_corrected_bins}", key="%number of projections")
+    nseg = hdr.get_int("%number of segments")
+    table = hdr.get_int_list("%segment table", required=True)
+    expected = [scanner.num_rings - abs(d) for d in ecat_segment_sequence(mrd)]
+    if nseg is not None and nseg != len(table):
+        raise InputFileError(hdr.path, f"'%number of segments' is {nseg} but the segment table has {len(table)} "
+                             "entries", key="%segment table")
+    if list(table) != expected:
+        raise InputFileError(hdr.path, f"segment table does not describe a span-1 sinogram with maximum ring "
+                             f"difference {mrd} (expected {expected[:5]}...)", key="%segment table")
+    offset = hdr.get_int("data offset in bytes", 0) or 0
+    if offset < 0:
+        raise InputFileError(hdr.path, f"negative data offset {offset}", key="!data offset in bytes")
+    data_path = _find_data_file(hdr)
+    nbytes = data_path.stat().st_size - offset
+    words_hdr = hdr.get_int("%total listmode word counts")
+    if nbytes < 0 or nbytes % 4:
+        raise InputFileError(data_path, f"listmode file is truncated: {nbytes} bytes after the offset is not a whole "
+                             f"number of 32-bit words (header {hdr.path})", key="%total listmode word counts")
+    nwords = nbytes // 4
+    if words_hdr is not None and nwords < words_hdr:
+        raise InputFileError(data_path, f"listmode file is truncated: {nwords} words, header says {words_hdr} "
+                             f"(header {hdr.path})", key="%total listmode word counts")
+    if words_hdr is not None:
+        nwords = words_hdr  # STIR reads to the end; a longer file has trailing bytes we do not interpret
+    return SiemensListmodeHeader(
+        path=hdr.path, data_path=data_path, scanner=scanner, num_views=nviews, num_tangential=ntang,
+        max_ring_diff=mrd, segment_table=tuple(table), data_offset=offset, num_words=int(nwords),
+        duration_s=hdr.get_float("image duration (sec)"), header_word_count=words_hdr,
+        extra={"time_sync": hdr.get("%time_sync"), "study_time": hdr.get("%study time (hh:mm:ss gmt+00:00)")})
+
+
+def iter_listmode_words(header: SiemensListmodeHeader, chunk_words: int = 1 << 22,
+                        start_word: int = 0) -> Iterator[np.ndarray]:
+    """Yield the data file's words as ``uint32`` arrays of at most ``chunk_words`` (bounded memory).
+
+    Raises
+    ------
+    InputFileError
+        If the file shrinks while being read.
+    """
+    if chunk_words < 1:
+        raise ValueError(f"chunk_words must be positive, got {chunk_words}")
+    dt = np.dtype("<u4")
+    pos = int(start_word)
+    with open(header.data_path, "rb") as f:
+        f.seek(header.data_offset + 4 * pos)
+        while pos < header.num_words:
+            n = min(chunk_words, header.num_words - pos)
+            buf = np.fromfile(f, dtype=dt, count=n)
+            if buf.size != n:
+                raise InputFileError(header.data_path, f"listmode file ended after {pos + buf.size} words, "
+                                     f"expected {header.num_words}", key="%total listmode word counts")
+            pos += n
+            yield buf if buf.dtype.isnative else buf.astype(np.uint32)
