@@ -5,10 +5,15 @@ What STIR's ``OSMAPOSLReconstruction`` does, and this class does too:
 - view subsets in STIR's order: sub-iteration ``k`` uses subset ``k mod S`` (``0, 1, …, S−1, 0, …``), the
   views of a subset being those of the data step (``geometry.subset_views``, STIR's symmetry-aware subsets);
 - subset sensitivities ``A_sᵀ m_s`` (``use subset sensitivities := 1``), computed once at :meth:`set_up`;
-- ``enforce initial positivity condition := 1`` (the default): at set-up of the initial estimate, STIR calls
-  ``threshold_min_to_small_positive_value(image, 1e-6)`` (``OSMAPOSLReconstruction::set_up``,
-  ``static const float small_num = 0.000001F``; OSSPS uses 10e-6): every value below
-  ``min(positive values) · 1e-6`` is raised to it (all values become 1e-6 if none is positive);
+- ``enforce initial positivity condition := 1`` (the default): ``OSMAPOSLReconstruction::set_up(image)`` calls
+  ``threshold_min_to_small_positive_value(image, 1e-6)`` on the set-up image itself
+  (``OSMAPOSLReconstruction.cxx:291-292``, ``static const float small_num = 0.000001F``; OSSPS uses 10e-6):
+  every value below ``min(positive values) · 1e-6`` is raised to it (all values become 1e-6 if none is
+  positive). Here: in place on a SIRF set-up image (anything with ``fill``), and on the first estimate after
+  ``set_up`` (later ``set_current_estimate`` calls are not thresholded, as in STIR);
+- ``set_maximum_relative_change`` / ``set_minimum_relative_change``: from sub-iteration 2 on, the
+  multiplicative update is clipped to ``[min, max]`` (``OSMAPOSLReconstruction.cxx:491-507``; defaults 0 and
+  FLT_MAX, lines 98-99, which change nothing);
 - the multiplicative update ``x ← x ⊙ A_sᵀ q / A_sᵀ m_s`` (``DataStep.em_update``), 0 where the
   sensitivity is 0 (outside the projector's field of view);
 - an optional Gaussian post-filter (FWHM in mm; STIR's ``SeparableGaussianImageFilter``, normalised
@@ -24,7 +29,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import IterativeReconstructor
+from .base import FLT_MAX, IterativeReconstructor, fill_in_place
 
 __all__ = ["OSEMReconstructor", "threshold_min_to_small_positive_value", "gaussian_filter_mm"]
 
@@ -96,6 +101,8 @@ class OSEMReconstructor(IterativeReconstructor):
     >>> recon.set_up(init); recon.set_current_estimate(init); recon.process()  # doctest: +SKIP
     >>> out = recon.get_output()  # doctest: +SKIP
     """
+
+    _APPLIES_RELATIVE_CHANGE = True
 
     def __init__(self, objective_function: Any = None, num_subsets: int = 1, num_iterations: int | None = None,
                  num_subiterations: int | None = None, postfilter_fwhm: float | Sequence[float] | None = None,
@@ -177,15 +184,31 @@ class OSEMReconstructor(IterativeReconstructor):
             if not bool((sens > 0).any()):
                 raise ValueError(f"subset {s}: the sensitivity image is zero everywhere (no data reach the image)")
         self._voxel_size = self._voxel_sizes(self._template)
+        self._positivity_pending = self.enforce_initial_positivity
+        if self.enforce_initial_positivity and hasattr(self._template, "fill"):
+            # STIR thresholds the set-up image itself (OSMAPOSLReconstruction.cxx:291-292)
+            fill_in_place(self._template, threshold_min_to_small_positive_value(template))
+            self._positivity_pending = False
 
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enforce_initial_positivity:
+        if getattr(self, "_positivity_pending", False):
+            self._positivity_pending = False
             return threshold_min_to_small_positive_value(x)
         return x
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         s = self.get_subset_num()
-        return self.data_step.em_update(x, s if self._num_subsets > 1 else None)
+        subset = s if self._num_subsets > 1 else None
+        clip = self.iteration > 0 and (self._min_relative_change > 0 or self._max_relative_change < FLT_MAX)
+        if not clip:  # the defaults (0, FLT_MAX) cannot change a non-negative update
+            return self.data_step.em_update(x, subset)
+        ds = self.data_step
+        sens = ds.sensitivity(subset)
+        num = ds.backproject_ratio(x, subset)
+        safe = torch.where(sens > 0, sens, torch.ones_like(sens))
+        update = torch.where(sens > 0, num / safe, torch.zeros_like(num))
+        update = update.clamp(self._min_relative_change, self._max_relative_change)
+        return x * update
 
     def progress_info(self) -> dict[str, Any]:
         return {"subset": self.get_subset_num(max(self.iteration - 1, 0))}
@@ -199,14 +222,10 @@ class OSEMReconstructor(IterativeReconstructor):
             raise ValueError("post-filter: voxel sizes unknown (set_up with an image that has a grid)")
         return gaussian_filter_mm(x, self._postfilter_fwhm, self._voxel_size)
 
+    def _output_tensor(self) -> torch.Tensor:
+        """The (post-filtered) current estimate: what :meth:`get_output` and ``reconstruct`` give."""
+        return self.postfilter(super()._output_tensor())
+
     def get_output_tensor(self) -> torch.Tensor:
         """The (post-filtered) current estimate as a tensor."""
-        if self.x is None:
-            from .base import NotSetUpError
-
-            raise NotSetUpError(f"{type(self).__name__}: no current estimate (call set_current_estimate)")
-        return self.postfilter(self.x.detach())
-
-    def get_output(self) -> Any:
-        """A copy of the result: the current estimate, post-filtered if a post-filter is set."""
-        return self.data_step.from_tensor(self.get_output_tensor(), self._template)
+        return self._output_tensor()
