@@ -8,7 +8,7 @@ import torch
 
 import sirf_standin as sirf
 from sirf_ddip.backends.sirf import (SirfDataStep, SirfFeatureError, SirfNotReadyError, SirfObjectError,
-                                     make_acquisition_model, sirf_kind)
+                                     make_acquisition_model, objective_prior, set_image_data_processor, sirf_kind)
 from sirf_ddip.errors import GeometryMismatchError, UnsupportedDataError
 from sirf_ddip.recon.base import as_datastep
 
@@ -376,3 +376,76 @@ def test_drop_in_example_fails_clearly_without_sirf(tmp_path):
     assert r.returncode != 0
     assert "cannot import sirf.STIR" in r.stderr and "conda-forge" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------- SIRF's edges
+def test_origin_is_part_of_the_image_geometry(problem):
+    """STIR compares has_same_characteristics (origin included): a shifted image of the same size is refused."""
+    ds = SirfDataStep.from_objective(_objective(problem), acq_model=problem["am"])
+    shifted = problem["image"].clone()
+    shifted.initialise(problem["image"].shape, problem["image"].voxel_sizes(), (0.0, 6.0, 0.0))
+    with pytest.raises(GeometryMismatchError, match="different positions"):
+        ds.to_tensor(shifted)
+
+
+def test_model_never_set_up_works_for_em_and_refuses_projections(problem):
+    """SIRF's objective sets up STIR's projectors, not the model's templates (stir_x.cpp:641-649)."""
+    am = make_acquisition_model("ray_tracing", 3, stir=sirf)
+    am.set_acquisition_sensitivity(sirf.AcquisitionSensitivityModel(problem["mult"]))
+    am.set_additive_term(problem["add"])
+    obj = sirf.make_Poisson_loglikelihood(problem["prompts"], acq_model=am)
+    with pytest.raises(sirf.error, match="null handle"):
+        am.domain_geometry().voxel_sizes()
+    ds = SirfDataStep.from_objective(obj, acq_model=am, image_template=problem["image"], num_subsets=S)
+    ref = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
+    x = torch.from_numpy(_phantom(problem["image"]) + 0.5)
+    np.testing.assert_allclose(ds.backproject_ratio(x, 3).numpy(), ref.backproject_ratio(x, 3).numpy(), rtol=1e-6)
+    assert am.acq_templ is None and am.img_templ is None  # still not set up
+    with pytest.raises(SirfNotReadyError, match="never set up.*acq_model.set_up"):
+        ds.forward(x)
+
+
+def test_listmode_objective_is_rejected_by_class(problem, tmp_path):
+    path = str(tmp_path / "lm.l.hdr")
+    sirf.standin_write_listmode(path, problem["prompts"], np.array([0, 1]), np.array([0.0, 1.0]),
+                                np.array([True, True]))
+    obj = sirf.make_Poisson_loglikelihood(sirf.ListmodeData(path),
+                                          "LinearModelForMeanAndListModeDataWithProjMatrixByBin", problem["am"])
+    with pytest.raises(SirfObjectError, match="listmode objectives are not supported.*ListmodeToSinograms"):
+        SirfDataStep.from_objective(obj)
+    with pytest.raises(SirfObjectError, match="listmode"):
+        as_datastep(obj)
+
+
+def test_prior_set_on_the_cpp_side_is_seen_through_get_prior(problem):
+    obj = _objective(problem)
+    obj.set_prior(sirf.QuadraticPrior().set_penalisation_factor(0.5))
+    del obj.prior  # as for a prior that reached the C++ objective without SIRF's Python set_prior
+    with pytest.warns(UserWarning, match="prior"):
+        ds = SirfDataStep.from_objective(obj, image_template=problem["image"])
+    x = torch.from_numpy(_phantom(problem["image"]) + 0.5)
+    img = ds.from_tensor(x)
+    assert ds.log_likelihood(x) == pytest.approx(obj.value(img) + obj.get_prior().value(img), rel=1e-9)
+    assert objective_prior(_objective(problem)) is None  # null handle: no prior
+
+
+def test_parallelproj_subsets_warn(problem, monkeypatch):
+    class AcquisitionModelUsingParallelproj(sirf.AcquisitionModelUsingMatrix):
+        _symmetric_views = False
+
+    am = AcquisitionModelUsingParallelproj()
+    am.set_up(problem["prompts"], problem["image"])
+    obj = sirf.make_Poisson_loglikelihood(problem["prompts"], acq_model=am)
+    with pytest.warns(UserWarning, match="projects every view for every subset.*get_subset"):
+        SirfDataStep.from_objective(obj, acq_model=am, num_subsets=4)
+    with pytest.warns(UserWarning, match="SIRF#1324"), pytest.raises(sirf.error, match="not implemented"):
+        set_image_data_processor(am, object())
+
+
+def test_set_input_before_objective_is_an_error(problem):
+    from sirf_ddip import OSEMReconstructor
+    from sirf_ddip.recon.base import NotSetUpError
+
+    for rec in (OSEMReconstructor(), sirf.OSMAPOSLReconstructor()):
+        with pytest.raises((NotSetUpError, sirf.error), match="objective function needs to be set before"):
+            rec.set_input(problem["prompts"])
