@@ -121,3 +121,93 @@ def test_em_multiplicative_update_zero_sensitivity():
     x = torch.tensor([1.0, 2.0, 3.0])
     out = em_multiplicative_update(x, torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 2.0]))
     assert torch.equal(out, torch.tensor([2.0, 0.0, 1.5]))
+
+
+def _plain_em(ds, n_sub=4, subsets=2):
+    r = PlainEM()
+    r.set_objective_function(ds)
+    r.set_num_subsets(subsets)
+    r.set_num_subiterations(n_sub)
+    r.set_up(np.ones(ds.image_shape))
+    return r
+
+
+def _em_by_hand(ds, x, n, subsets):
+    """n sub-iterations of EM written out independently: x ← x · A_sᵀ(y_s / (A_s x + a_s)) / A_sᵀ 1."""
+    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
+    rows = torch.arange(ds.A.shape[0])
+    for k in range(n):
+        r = rows[rows % subsets == k % subsets]
+        A = ds.A[r]
+        x = x * (A.T @ (ds.y[r] / (A @ x + ds.a[r]))) / (A.T @ torch.ones(len(r), dtype=torch.float64))
+    return x.reshape(ds.image_shape)
+
+
+def test_process_always_runs_all_subiterations_from_subiteration_one():
+    """SIRF/STIR: process() loops sub-iterations 1..N whatever ran before (IterativeReconstruction.cxx:414)."""
+    ds = DenseDataStep()
+    r = _plain_em(ds)
+    start = np.ones(ds.image_shape)
+    r.set_current_estimate(start)
+    r.update_current_estimate()                  # one update before process(): process still runs 4, from subset 0
+    r.set_current_estimate(start)
+    r.process(progress=False)
+    first = r.x.clone()
+    torch.testing.assert_close(first, _em_by_hand(ds, start, 4, 2), rtol=1e-12, atol=0)
+    assert r.get_subiteration_num() == 5
+    r.set_current_estimate(start)                # the next frame from the same start: the same image again
+    r.process(progress=False)
+    torch.testing.assert_close(r.x, first, rtol=0, atol=0)
+
+
+def test_update_changes_the_image_in_place_and_numbers_follow_stir():
+    ds = DenseDataStep()
+    r = _plain_em(ds)
+    assert r.get_subiteration_num() == 1
+    x = np.ones(ds.image_shape)
+    for k in range(3):
+        assert r.update(x) is x
+        assert r.get_subiteration_num() == k + 2
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 3, 2).numpy(), rtol=1e-12)
+    r.update_current_estimate()                  # the held image keeps being updated
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 4, 2).numpy(), rtol=1e-12)
+    r.set_current_estimate(np.ones(ds.image_shape))  # ends the hold
+    r.update_current_estimate()
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 4, 2).numpy(), rtol=1e-12)
+
+
+def test_reconstruct_fills_the_image_and_returns_none():
+    ds = DenseDataStep()
+    r = _plain_em(ds, n_sub=3)
+    x = np.ones(ds.image_shape)
+    assert r.reconstruct(x) is None
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 3, 2).numpy(), rtol=1e-12)
+
+
+def test_set_input_needs_the_objective_and_subset_bookkeeping():
+    from sirf_ddip.errors import ConfigError
+
+    r = PlainEM()
+    with pytest.raises(NotSetUpError, match="objective function needs to be set before calling set_input"):
+        r.set_input(object())
+    r.set_objective_function(DenseDataStep())
+    with pytest.raises(ConfigError, match="does not accept new measured data"):
+        r.set_input(object())
+    r.set_num_subsets(2)
+    r.set_current_subset_num(1)
+    with pytest.raises(ValueError, match="out of range"):
+        r.set_current_subset_num(2)
+    with pytest.warns(UserWarning, match="recorded only"):
+        r.set_maximum_relative_change(2.0)
+
+
+def test_recon_base_does_not_import_the_sirf_backend():
+    """Layering: recon/base.py reaches backends/ only inside as_datastep (no import at module level)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sirf_ddip.recon.base, sirf_ddip.recon.osem, sirf_ddip.recon.cil; "
+            "print([m for m in sys.modules if m.startswith('sirf_ddip.backends')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

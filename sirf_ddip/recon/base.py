@@ -450,14 +450,16 @@ def fill_in_place(image: Any, tensor: torch.Tensor) -> None:
     TypeError
         ``image`` cannot be written in place.
     """
-    arr = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
-    if hasattr(image, "fill"):
-        image.fill(arr)
-    elif isinstance(image, np.ndarray):
-        image[...] = arr.reshape(image.shape)
-    elif isinstance(image, torch.Tensor):
+    if isinstance(image, np.ndarray):  # before ``fill``: numpy's fill takes a scalar only
+        image[...] = tensor.detach().cpu().numpy().reshape(image.shape)
+        return
+    if isinstance(image, torch.Tensor):
         with torch.no_grad():
             image.copy_(tensor.reshape(image.shape))
+        return
+    arr = np.ascontiguousarray(tensor.detach().to("cpu", torch.float32).numpy())
+    if hasattr(image, "fill"):  # SIRF DataContainer.fill(ndarray)
+        image.fill(arr)
     elif isinstance(getattr(image, "array", None), np.ndarray):
         image.array[...] = arr.reshape(image.array.shape)
     else:
