@@ -948,9 +948,12 @@ class PoissonLogLikelihoodWithLinearModelForMeanAndProjData:
         self.set_up_count = 0
 
     def set_acquisition_data(self, ad):
+        """New data: the objective must be set up again (``already_set_up = false``,
+        PoissonLogLikelihoodWithLinearModelForMeanAndProjData.cxx:471-475)."""
         if not isinstance(ad, AcquisitionData):
             raise error("set_acquisition_data needs AcquisitionData")
         self._ad = ad
+        self._sens = None
 
     def set_acquisition_model(self, am):
         """Copies the model's projector, terms and normalisation *now* (stir_x.cpp:641-649, 611-639): the additive
@@ -1219,6 +1222,7 @@ class OSMAPOSLReconstructor:
     def set_input(self, acq):
         if self._obj is None:
             raise error("objective function needs to be set before calling set_input_data")
+        self._set_up_done = False  # IterativeReconstruction.cxx:611-616: _already_set_up = false
         self._obj.set_acquisition_data(acq)
 
     def set_up(self, image):

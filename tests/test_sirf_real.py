@@ -14,7 +14,6 @@ a Poisson phantom on its "StandIn Small" scanner. The STIR-made files are compar
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

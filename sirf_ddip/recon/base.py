@@ -171,7 +171,7 @@ class IterativeReconstructor(abc.ABC):
                               f"{type(self._data_step).__name__} does not accept new measured data")
         setter(acq)
         self._input = acq
-        self.configured = False
+        self.configured = False  # STIR: set_input_data sets _already_set_up = false (IterativeReconstruction.cxx:613)
 
     # ------------------------------------------------------------------ subsets / sub-iterations
     def set_num_subsets(self, n: int) -> None:
