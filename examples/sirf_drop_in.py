@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     z = ref.shape[0] // 2
-    panels = [("STIR OSMAPOSL", ref), ("sirf_ddip OSEM", osem.as_array()), ("sirf_ddip DDIP", ddip_img.as_array())]
+    panels = [("OSMAPOSL (stand-in)" if args.standin else "STIR OSMAPOSL", ref), ("sirf_ddip OSEM", osem.as_array()), ("sirf_ddip DDIP", ddip_img.as_array())]
     vmax = max(float(a[z].max()) for _, a in panels)
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
     for ax, (title, a) in zip(axes, panels):

@@ -67,7 +67,8 @@ def cil_algorithm_class(base: type | None = None) -> type:
             An ``OSEMReconstructor`` or ``DDIPReconstructor`` with its objective function set (and, optionally,
             already ``set_up``; otherwise it is set up on ``initial``).
         initial : sirf.STIR.ImageData
-            Initial estimate (and geometry template); copied, so the caller's image is left alone.
+            Initial estimate (and geometry template); copied, so the caller's image is left alone. For DDIP it
+            seeds the warm start (PETRIC passes its ``OSEM_image``), as ``set_current_estimate`` before step 1.
         update_objective_interval : int
             CIL's interval of :meth:`update_objective` (0: never).
         """

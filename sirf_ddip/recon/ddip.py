@@ -463,6 +463,7 @@ class DDIPReconstructor(IterativeReconstructor):
             raise StopIteration(f"DDIP: all {len(self._timesteps)} diffusion steps are done")
         self.x = self._update(self.x)
         self.iteration += 1
+        self._after_update()  # SIRF surface: the image held by update(image), save-interval files
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
