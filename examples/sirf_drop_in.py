@@ -14,10 +14,10 @@ Listmode (``--listmode FILE --template T.hs``): the prompts and the randoms are 
 ``ListmodeToSinograms`` (randoms from delayeds/singles via ``estimate_randoms()``); the additive term is then
 ``randoms / mult`` (no scatter in this example) and the rest of the script is unchanged.
 
-MR: the mmr_2d reference case has no MR image. The default prior of sirf_ddip is MR-conditioned; here either give
-``--mr MR.hv`` (an MR on the PET grid), or a prior trained without MR (``--prior``) with ``use_mr=false``; with
-``--mr-phantom`` the script uses the reference ``phantom.hv`` as a stand-in "anatomical" image (a demonstration
-only: it is the true activity, so it flatters the prior).
+MR: the mmr_2d reference case has no MR image. The default prior of sirf_ddip is MR-conditioned; without ``--mr``
+the script uses the shipped prior trained without MR (``no-mr``, or ``--prior``); ``--mr MR.hv`` gives an MR on the
+PET grid; with ``--mr-phantom`` the script uses the reference ``phantom.hv`` as a stand-in "anatomical" image (a
+demonstration only: it is the true activity, so it flatters the prior).
 
 Needs a real SIRF (conda-forge / SyneRBI Docker); exits with a clear message when ``sirf.STIR`` is missing.
 
@@ -211,7 +211,8 @@ def main(argv=None) -> int:
     cfg = cfg.replace(use_mr=use_mr, device=args.device)
     obj, _ = build_objective(stir, args, prompts, mult, additive, image)
     ddip = sirf_ddip.DDIPReconstructor(cfg)
-    ddip.set_prior(args.prior)
+    # without an MR image the shipped MR-conditioned prior cannot run: use the shipped prior trained without MR
+    ddip.set_prior(args.prior if (args.prior is not None or use_mr) else "no-mr")
     if use_mr:
         ddip.set_anatomical_image(stir.ImageData(str(args.mr if args.mr else args.data / "phantom.hv")))
     ddip.set_objective_function(obj)

@@ -461,8 +461,8 @@ def test_drop_in_example_runs_end_to_end_on_the_standin(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "sirf_drop_in.py"
-    fast = ["--device", "cpu", "--mr-phantom", "--set", "num_steps=2", "--set", "n_init=7", "--set", "num_finetune=1",
-            "--set", "num_em=1"]
+    fast = ["--device", "cpu", "--set", "num_steps=2", "--set", "n_init=7", "--set", "num_finetune=1",
+            "--set", "num_em=1"]  # no MR: the shipped no-MR prior
     r = subprocess.run([sys.executable, str(script), "--standin", "--out", str(tmp_path / "o"), *fast],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -476,6 +476,7 @@ def test_drop_in_example_runs_end_to_end_on_the_standin(tmp_path):
     tiny = tmp_path / "tiny.hs"
     sirf.AcquisitionData("StandIn Tiny").write(str(tiny))
     r = subprocess.run([sys.executable, str(script), "--standin", "--out", str(tmp_path / "lm"), "--data",
-                        str(out / "standin_data"), "--listmode", str(tiny), "--template", str(tiny), *fast],
+                        str(out / "standin_data"), "--listmode", str(tiny), "--template", str(tiny), "--mr-phantom",
+                        *fast],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "bin the listmode on the geometry of the mult factors" in r.stderr
