@@ -170,6 +170,9 @@ def build_objective(stir, args, prompts, mult, additive, image):
 def run(recon, obj, prompts, image, subsets, subiterations=None):
     """SIRF's order (examples/Python/PET/osem_reconstruction.py): objective, subsets, input, set_up, estimate."""
     recon.set_objective_function(obj)
+    # STIR writes <prefix>_<k>.hv after every sub-iteration by default, even with an empty prefix
+    # (IterativeReconstruction.cxx:568-571): this script writes its own outputs
+    recon.disable_output()
     recon.set_num_subsets(subsets)
     if subiterations is not None:
         recon.set_num_subiterations(subiterations)

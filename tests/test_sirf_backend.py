@@ -25,6 +25,13 @@ def _phantom(img: sirf.ImageData) -> np.ndarray:
     return np.repeat(arr[None], nz, 0).astype(np.float32)
 
 
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path, monkeypatch):
+    """The stand-in's OSMAPOSL writes ``_<k>.hv`` files as STIR does with an empty prefix: keep them out of the
+    working folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def problem():
     """Prompts, mult factors, additive term, acquisition model and initial image on 'StandIn Small'."""

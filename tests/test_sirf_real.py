@@ -31,6 +31,18 @@ def _is_real(stir) -> bool:
     return getattr(stir, "__name__", "") == "sirf.STIR"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _in_a_scratch_folder(tmp_path_factory):
+    """STIR writes ``<prefix>_<k>.hv`` after every sub-iteration unless output is disabled, with an empty prefix
+    too (IterativeReconstruction.cxx:568-571; Reconstruction.cxx:53-57 defaults): run where that is harmless."""
+    import os
+
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("stir_output"))
+    yield
+    os.chdir(old)
+
+
 @pytest.fixture(scope="module",
                 params=["standin", pytest.param("sirf.STIR", marks=[pytest.mark.sirf, pytest.mark.stir_reference])])
 def stir(request):
