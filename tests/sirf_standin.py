@@ -1,37 +1,47 @@
-"""A small numpy **stand-in** for the part of ``sirf.STIR`` that :mod:`sirf_ddip.backends.sirf` uses.
+"""A small numpy **stand-in** for the part of ``sirf.STIR`` that sirf_ddip uses — behaving as SIRF does.
 
-This is *not* SIRF and computes nothing STIR computes; it exists so that the SIRF adapter's logic (subsets,
-sensitivities, EM numerators, conversions, errors) can be tested in CI where SIRF cannot be installed
-(SIRF is distributed through conda-forge and Docker only). The real check is ``tests/test_sirf_real.py``, which
-runs only where ``import sirf.STIR`` works.
+This is *not* SIRF and its projector is not STIR's; it exists so that the SIRF adapter and the SIRF-style
+reconstructor surface can be tested in CI where SIRF cannot be installed (SIRF is distributed through conda-forge
+and Docker only). The rule: wherever SIRF 3.10 / STIR 6.4 define a behaviour the adapter or a script can see, the
+stand-in does the same, with the source file and line in a comment, so that a test passing here means the same for
+real SIRF. ``tests/test_sirf_real.py`` runs the same test bodies against ``sirf.STIR`` where it is installed.
 
-What is faithful to SIRF 3.10 / STIR 6.x (``SyneRBI/SIRF: src/xSTIR/pSTIR/STIR.py``, ``src/common/SIRF.py``):
+Sources (read through the project's search/fetch tools): ``SyneRBI/SIRF`` tag v3.10.0 — ``src/xSTIR/pSTIR/STIR.py``
+("STIR.py"), ``src/common/SIRF.py`` ("SIRF.py"), ``src/xSTIR/cSTIR/cstir.cpp``, ``cstir_p.cpp``, ``stir_x.cpp``,
+``include/sirf/STIR/stir_x.h``, ``include/sirf/STIR/stir_data_containers.h``; ``UCL/STIR`` tag rel_6.4.0 —
+``src/recon_buildblock/IterativeReconstruction.cxx``, ``src/iterative/OSMAPOSL/OSMAPOSLReconstruction.cxx``,
+``src/buildblock/recon_array_functions.cxx``, ``src/include/stir/numerics/divide.inl``,
+``src/recon_buildblock/find_basic_vs_nums_in_subset.cxx``, ``ForwardProjectorByBin.cxx``,
+``DataSymmetriesForBins_PET_CartesianGrid.{cxx,inl}``, ``GeneralisedObjectiveFunction.cxx``.
 
-- array layouts: ``ImageData`` ``(nz, ny, nx)``, ``AcquisitionData`` ``(n_tof, n_sinograms, n_views, n_tang)``;
-- ``clone()`` (deep copy), ``fill()`` (array of exactly the shape, or scalar; returns ``self``), ``as_array()``
-  (always a copy), ``asarray()`` (a view; ``supports_array_view`` is True), ``get_uniform_copy``;
-- ``AcquisitionData(file)`` is **read-only** under the default ``'file'`` storage scheme (``fill`` raises;
-  ``clone()`` gives writable memory data); ``AcquisitionData(other)`` is a template whose values are *not*
-  initialised (NaN here, garbage in SIRF); ``get_subset`` needs the ``'memory'`` scheme;
-- acquisition model ``y = S (G x + a) + b``; ``forward/backward(..., subset_num, num_subsets, out=None)``
-  (**return None when ``out`` is given**); ``direct``/``adjoint`` raise on an affine model;
-- subsets are over views: subset ``s`` of ``S`` = views ``s, s+S, s+2S, …`` (STIR's order for these geometries);
-- ``PoissonLogLikelihoodWithLinearModelForMeanAndProjData``: ``set_num_subsets`` requires a new ``set_up``
-  (the stand-in raises if an objective is used with a subset count it was not set up for);
-  ``get_subset_sensitivity(s) = G_sᵀ S_s 1``; ``get_backprojection_of_acquisition_ratio(x, s) =
-  G_sᵀ S_s (y_s / ŷ_s)``; ``gradient(x, subset=-1)`` (−1 = all subsets); ``value(x) = Σ y log ŷ − ŷ − prior``;
-- ``OSMAPOSLReconstructor`` follows STIR's ``OSMAPOSLReconstruction::update_estimate`` without prior:
-  subset ``(subiteration_num − 1) mod S``; multiplicative update ``divide(num, sens, 1e-6)`` (STIR's
-  ``numerics/divide.inl``: 0 where both ``|num|`` and ``|sens|`` ≤ 1e-6·max(num), else ``num/sens``);
-  from the 2nd sub-iteration on, the update is thresholded to ``[minimum, maximum relative change]``
-  (defaults 0, FLT_MAX); ``set_up(image)`` enforces initial positivity **in place on ``image``**
-  (``threshold_min_to_small_positive_value``: values below ``1e-6 · min positive`` are raised to it; all ≤ 0 →
-  1e-6).
+Faithful to SIRF/STIR
+---------------------
+- layouts ``ImageData (nz, ny, nx)``, ``AcquisitionData (n_tof, n_sinograms, n_views, n_tang)``; ``clone``,
+  ``fill`` (returns ``self``), ``as_array`` (copy), ``asarray`` (a view when ``supports_array_view``, else a copy,
+  SIRF.py:93-106); ``supports_array_view`` is True for images and in-memory acquisition data (STIR ≥ 6.2,
+  stir_data_containers.h:1001-1004 and 1255-1262) and False for file-backed acquisition data;
+- ``AcquisitionData(file)`` is read-only under the ``'file'`` scheme; ``AcquisitionData(other)`` is a template with
+  uninitialised values (NaN here); ``get_subset`` needs ``'memory'``;
+- acquisition model ``y = S (G x + a) + b``; ``set_up`` keeps the templates themselves as ``acq_templ`` /
+  ``img_templ`` (STIR.py:1623-1624), ``range_geometry``/``domain_geometry`` alias them (stir_x.cpp:497-498,
+  cstir_p.cpp:570-573) and are null handles before ``set_up``; a subset ``forward`` leaves ``S a + b`` in the other
+  views (stir_x.cpp:520-566); ``forward/backward(..., out=)`` return None; ``direct``/``adjoint`` raise if affine;
+- subsets: views ``v ≡ s (mod S)`` that are basic for the ray-tracing matrix's symmetries, each with its related
+  views (find_basic_vs_nums_in_subset.cxx:45-53; 90°/180° symmetries as in DataSymmetriesForBins_PET_CartesianGrid);
+- objective: ``set_acquisition_model`` copies the model's terms then (``a + b/S`` as additive term,
+  stir_x.cpp:611-649); ``set_up`` sets up its own projector, not the model's templates; the EM ratio uses STIR's
+  ``divide_and_truncate`` and ``value`` STIR's ``accumulate_loglikelihood`` per viewgram
+  (recon_array_functions.cxx:172-260, 336-377); ``value = data term − penalty`` and ``gradient`` subtracts the
+  prior's gradient (``/ S`` per subset, GeneralisedObjectiveFunction.cxx:128-157, 240-251);
+- ``OSMAPOSLReconstructor`` (no prior): STIR's loop and numbering (module docstring of the class below).
 
-What is *not* STIR: the projector ``G`` is a small pixel-driven 2-D parallel-beam matrix (scipy.sparse) per
-direct plane (one sinogram per image plane, segment 0 only), restricted to the inscribed cylinder; the
-log-likelihood treats ``ŷ ≤ 0`` bins by skipping them (STIR truncates the quotient instead); files written by
-``write`` are ``.npz``, not Interfile. Scanners are stand-in presets (see :data:`SCANNERS`).
+Not STIR
+--------
+The projector ``G`` is a pixel-driven 2-D parallel-beam matrix (scipy.sparse) per direct plane (one sinogram per
+image plane, segment 0 only) restricted to the inscribed cylinder; files are ``.npz`` archives written under the
+exact name given (``.hv``, ``.hs``), not Interfile; listmode files are a stand-in format (see
+:func:`standin_write_listmode`) and ``estimate_randoms`` is a delayeds average, not STIR's singles fit; scanners are
+stand-in presets (:data:`SCANNERS`). OSMAPOSL with a prior is not implemented.
 """
 
 from __future__ import annotations
@@ -44,7 +54,10 @@ import numpy as np
 import scipy.sparse as sp
 
 FLT_MAX = float(np.finfo(np.float32).max)
+#: STIR's SMALL_NUM (recon_array_functions.cxx) and OSMAPOSL's small_num (OSMAPOSLReconstruction.cxx:270, 378)
 SMALL_NUM = 1e-6
+#: STIR's max_quotient (recon_array_functions.cxx:235, 357)
+MAX_QUOTIENT = 10000.0
 
 #: stand-in of ``sirf.config`` (build-time feature flags)
 config = types.SimpleNamespace(SIRF_HAS_Parallelproj=False, SIRF_HAS_NiftyPET=False, STIR_WITH_CUDA=False)
@@ -52,6 +65,21 @@ config = types.SimpleNamespace(SIRF_HAS_Parallelproj=False, SIRF_HAS_NiftyPET=Fa
 
 class error(Exception):
     """Stand-in of ``sirf.Utilities.error`` (what SIRF raises)."""
+
+
+def set_verbosity(v):
+    """``sirf.STIR.set_verbosity`` (no-op here)."""
+
+
+class MessageRedirector:
+    """``sirf.STIR.MessageRedirector`` (no-op here)."""
+
+    def __init__(self, info=None, warn="stdout", errr="stderr"):
+        pass
+
+
+def get_STIR_version_string():
+    return "stand-in (follows STIR 6.4)"
 
 
 @dataclass(frozen=True)
@@ -85,14 +113,116 @@ def scanner_names() -> str:
     return "\n".join(SCANNERS)
 
 
-def subset_views(n_views: int, subset_num: int, num_subsets: int) -> np.ndarray:
-    """Views of subset ``subset_num`` of ``num_subsets``: ``subset_num, subset_num + S, …``."""
+def _related_views(v: int, n: int) -> list[int]:
+    """Views related to basic view ``v`` by the ray-tracing matrix's view symmetries.
+
+    ``DataSymmetriesForBins_PET_CartesianGrid`` uses the 90° symmetry when ``n % 4 == 0`` (and square pixels,
+    no transaxial shift: true for the stand-in's centred images) and the 180° one when ``n % 2 == 0``
+    (DataSymmetriesForBins_PET_CartesianGrid.cxx:250-310); basic views are ``0..n/4`` resp. ``0..n/2``
+    (DataSymmetriesForBins_PET_CartesianGrid.inl:149-174, 824-838), related ones ``v, n/2 − v, n/2 + v, n − v``.
+    """
+    if n % 4 == 0:
+        cand = [v, n // 2 - v, n // 2 + v, n - v]
+    elif n % 2 == 0:
+        cand = [v, n - v]
+    else:
+        cand = [v]
+    return sorted({c for c in cand if 0 <= c < n})
+
+
+def _basic_views(n: int) -> range:
+    if n % 4 == 0:
+        return range(0, n // 4 + 1)
+    if n % 2 == 0:
+        return range(0, n // 2 + 1)
+    return range(n)
+
+
+def subset_views(n_views: int, subset_num: int, num_subsets: int, symmetries: bool = True) -> np.ndarray:
+    """Views of subset ``subset_num`` of ``num_subsets`` as STIR forms them.
+
+    STIR loops ``view = subset_num, subset_num + S, …``, keeps the basic ones and processes each with its related
+    views (find_basic_vs_nums_in_subset.cxx:45-53, used by the forward projector, ForwardProjectorByBin.cxx:193,
+    and the objective, distributable.cxx:394). ``symmetries=False`` (parallelproj's trivial symmetries): plain
+    ``v ≡ s (mod S)``.
+    """
     if num_subsets < 1 or not 0 <= subset_num < num_subsets:
         raise error(f"subset {subset_num} out of range for {num_subsets} subsets")
-    return np.arange(subset_num, n_views, num_subsets)
+    if num_subsets == 1:
+        return np.arange(n_views)
+    if not symmetries:
+        return np.arange(subset_num, n_views, num_subsets)
+    vs: set[int] = set()
+    for v in _basic_views(n_views):
+        if v % num_subsets == subset_num:
+            vs.update(_related_views(v, n_views))
+    return np.asarray(sorted(vs), dtype=np.int64)
+
+
+def subsets_are_balanced(n_views: int, num_subsets: int) -> bool:
+    """STIR's OSMAPOSL refuses unbalanced subsets (OSMAPOSLReconstruction.cxx:281-289)."""
+    sizes = {len(subset_views(n_views, s, num_subsets)) for s in range(num_subsets)}
+    return len(sizes) == 1
+
+
+def _viewgram_small_values(y: np.ndarray) -> np.ndarray:
+    """Per viewgram (one segment, one view: here all sinograms at one view) ``max(max(y) · SMALL_NUM, 0)``."""
+    mx = y.max(axis=(1, 3), keepdims=True) if y.size else y
+    return np.maximum(mx * SMALL_NUM, 0.0)
+
+
+def _divide_and_truncate(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """STIR's ``divide_and_truncate`` (recon_array_functions.cxx:185-257): per viewgram ``small`` threshold;
+    ``num ≤ small`` → 0 (includes 0/0 and num < 0); otherwise ``min(num/den, 10000)`` (via ``num > 10000·den``,
+    which also covers den ≤ 0)."""
+    small = _viewgram_small_values(num)
+    out = np.zeros_like(num)
+    pos = num > small
+    big = pos & (num > MAX_QUOTIENT * den)
+    ok = pos & ~big
+    out[big] = MAX_QUOTIENT
+    out[ok] = num[ok] / den[ok]
+    return out
+
+
+def _accumulate_loglikelihood(y: np.ndarray, yhat: np.ndarray) -> float:
+    """STIR's ``accumulate_loglikelihood`` (recon_array_functions.cxx:356-372): ``ŷ' = max(ŷ, y/10000)``;
+    ``y log ŷ' − ŷ'``, or ``−ŷ'`` where ``y ≤ small`` (per viewgram), in double precision."""
+    small = _viewgram_small_values(y)
+    new = np.maximum(yhat, y / MAX_QUOTIENT)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        term = np.where(y <= small, -new, y * np.log(np.where(y <= small, 1.0, new)) - new)
+    return float(term.sum())
+
+
+class _NullHandle:
+    """What SIRF returns for a C++ null pointer (e.g. ``range_geometry()`` of a model that was never set up):
+    any use raises (SIRF: ``check_status`` on a null handle)."""
+
+    def __init__(self, what):
+        self._what = what
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise error(f"{self._what}: null handle (the object was never set up)")
 
 
 # ---------------------------------------------------------------------------------------------------- containers
+def _save(filename: str, arr: np.ndarray, meta: dict) -> None:
+    """Write the stand-in's file format under exactly ``filename`` (SIRF writes Interfile under the name given)."""
+    with open(filename, "wb") as f:
+        np.savez(f, arr=arr, meta=np.array(repr(meta), dtype=object))
+
+
+def _load(filename: str):
+    try:
+        with np.load(filename, allow_pickle=True) as f:
+            return np.ascontiguousarray(f["arr"], dtype=np.float32), eval(str(f["meta"]))  # noqa: S307 - own format
+    except (OSError, ValueError, KeyError) as exc:
+        raise error(f"cannot read {filename!r}: {exc}") from None
+
+
 class DataContainer:
     """Common container behaviour (``sirf.SIRF.DataContainer``)."""
 
@@ -141,6 +271,11 @@ class DataContainer:
         return True
 
     def asarray(self, xp=np, copy=None):
+        """A view when ``supports_array_view``, else a copy (``copy=False`` then raises), SIRF.py:93-106."""
+        if not self.supports_array_view:
+            if copy is False:
+                raise error("views not supported, please consider using `asarray()` or `as_array()`")
+            return self._arr.copy()
         if copy:
             return self._arr.copy()
         arr = self._arr.view()
@@ -216,7 +351,7 @@ class DataContainer:
         out.fill(r)
 
     def write(self, filename):
-        np.savez(filename, arr=self._arr, meta=np.array(repr(self._meta()), dtype=object), allow_pickle=True)
+        _save(filename, self._arr, self._meta())
 
     def _meta(self):  # pragma: no cover - overridden
         return {}
@@ -231,9 +366,7 @@ class ImageData(DataContainer):
         self._origin = (0.0, 0.0, 0.0)
         self._arr = np.zeros((0, 0, 0), np.float32)
         if isinstance(arg, str):
-            with np.load(arg, allow_pickle=True) as f:
-                meta = eval(str(f["meta"]))  # noqa: S307 - stand-in's own file format
-                self._arr = np.ascontiguousarray(f["arr"], dtype=np.float32)
+            self._arr, meta = _load(arg)
             self._vsize, self._origin, self._modality = meta["vsize"], meta["origin"], meta["modality"]
         elif isinstance(arg, AcquisitionData):
             info = arg._info
@@ -258,6 +391,14 @@ class ImageData(DataContainer):
     def spacing(self):
         return self._vsize
 
+    def transf_matrix(self):
+        """4×4 index → mm matrix (STIR.py:506-510; here axis-aligned, the origin as first-voxel offset)."""
+        tm = np.eye(4, dtype=np.float32)
+        for i in range(3):
+            tm[i, i] = self._vsize[i]
+            tm[i, 3] = self._origin[i]
+        return tm
+
     @property
     def modality(self):
         return self._modality
@@ -279,14 +420,15 @@ class AcquisitionData(DataContainer):
     def __init__(self, src=None, span=1, max_ring_diff=-1, view_mash_factor=1, tof_mash_factor=1):
         self._info: ProjInfo | None = None
         self._arr = np.zeros((0, 0, 0, 0), np.float32)
+        self._in_file = False
         if src is None:
             return
         if isinstance(src, str) and "." in src:
-            with np.load(src, allow_pickle=True) as f:
-                meta = eval(str(f["meta"]))  # noqa: S307 - stand-in's own file format
-                self._arr = np.ascontiguousarray(f["arr"], dtype=np.float32)
+            self._arr, meta = _load(src)
             self._info = ProjInfo(**meta)
-            self._readonly = AcquisitionData._storage_scheme == "file"
+            # file scheme: STIRAcquisitionDataInFile, read-only (cstir.cpp:399-404)
+            self._in_file = AcquisitionData._storage_scheme == "file"
+            self._readonly = self._in_file
         elif isinstance(src, str):
             if src not in SCANNERS:
                 raise error(f"unknown scanner {src!r} (stand-in scanners: {list(SCANNERS)})")
@@ -300,6 +442,16 @@ class AcquisitionData(DataContainer):
             self._arr = np.full(src._arr.shape, np.nan, np.float32)
         else:
             raise error("wrong source in AcquisitionData constructor")
+
+    def _new(self, arr):
+        out = super()._new(arr)
+        out._in_file = False  # clones and results live in memory
+        return out
+
+    @property
+    def supports_array_view(self) -> bool:
+        """In-memory data: True (STIR ≥ 6.2, stir_data_containers.h:1001-1004); file-backed: False."""
+        return not self._in_file
 
     def _meta(self):
         return {k: getattr(self._info, k) for k in ProjInfo.__dataclass_fields__}
@@ -341,6 +493,109 @@ class AcquisitionData(DataContainer):
         out = AcquisitionData()
         out._info = replace(self._info, n_views=len(views))
         out._arr = np.ascontiguousarray(self._arr[:, :, views, :])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- listmode
+def standin_write_listmode(filename: str, template: "AcquisitionData", bins: np.ndarray, times_ms: np.ndarray,
+                           prompt: np.ndarray) -> None:
+    """Test helper (not SIRF): write a stand-in listmode file of events ``bins`` (flat indices into the template's
+    data), ``times_ms`` and ``prompt`` flags (True = prompt, False = delayed)."""
+    meta = {"template": template._meta(), "duration_ms": float(np.max(times_ms, initial=0.0))}
+    with open(filename, "wb") as f:
+        np.savez(f, bins=np.asarray(bins, np.int64), times=np.asarray(times_ms, np.float64),
+                 prompt=np.asarray(prompt, bool), meta=np.array(repr(meta), dtype=object))
+
+
+class ListmodeData:
+    """``sirf.STIR.ListmodeData(filename)`` (stand-in format, :func:`standin_write_listmode`)."""
+
+    def __init__(self, filename=None):
+        self._ev = None
+        if filename is not None:
+            self.read_from_file(filename)
+
+    def read_from_file(self, filename):
+        try:
+            with np.load(filename, allow_pickle=True) as f:
+                self._ev = {k: f[k] for k in ("bins", "times", "prompt")}
+                self._meta = eval(str(f["meta"]))  # noqa: S307 - own format
+        except (OSError, ValueError, KeyError) as exc:
+            raise error(f"cannot read listmode {filename!r}: {exc}") from None
+
+    def acquisition_data_template(self):
+        out = AcquisitionData()
+        out._info = ProjInfo(**self._meta["template"])
+        out._arr = np.zeros(out._info.shape, np.float32)
+        return out
+
+
+class ListmodeToSinograms:
+    """``sirf.STIR.ListmodeToSinograms``: bin prompts (``store_prompts`` on by default) in a time interval."""
+
+    def __init__(self, file=None):
+        self._lm = None
+        self._template = None
+        self._interval = None
+        self._flags = {"store_prompts": True, "store_delayeds": False}
+        self._prefix = None
+        self._out = None
+        self._setup = False
+
+    def set_input(self, lm):
+        self._lm = lm if isinstance(lm, ListmodeData) else ListmodeData(str(lm))
+
+    def set_output_prefix(self, prefix):
+        self._prefix = str(prefix)
+
+    def set_template(self, templ):
+        self._template = templ if isinstance(templ, AcquisitionData) else AcquisitionData(str(templ))
+
+    def set_time_interval(self, start, stop):
+        self._interval = (float(start), float(stop))
+
+    def flag_on(self, flag):
+        self._flags[flag] = True
+
+    def flag_off(self, flag):
+        self._flags[flag] = False
+
+    def set_up(self):
+        if self._lm is None or self._template is None:
+            raise error("ListmodeToSinograms: set_input and set_template before set_up")
+        self._setup = True
+
+    def _histogram(self, prompts: bool) -> np.ndarray:
+        ev = self._lm._ev
+        keep = ev["prompt"] == prompts
+        if self._interval is not None:
+            t0, t1 = self._interval
+            keep &= (ev["times"] >= 1000 * t0) & (ev["times"] < 1000 * t1)
+        shape = self._template._info.shape
+        h = np.bincount(ev["bins"][keep], minlength=int(np.prod(shape)))
+        if h.size != int(np.prod(shape)):
+            raise error("listmode events do not fit the template (different geometry)")
+        return h.reshape(shape).astype(np.float32)
+
+    def process(self):
+        if not self._setup:
+            raise error("ListmodeToSinograms: set_up() call missing")
+        if tuple(ProjInfo(**self._lm._meta["template"]).shape) != tuple(self._template._info.shape):
+            raise error("ListmodeToSinograms: the template does not describe the listmode's scanner geometry")
+        self._out = self._template._new(self._histogram(prompts=bool(self._flags["store_prompts"])))
+        self._out._info = self._template._info
+
+    def get_output(self):
+        if self._out is None:
+            raise error("ListmodeToSinograms: process() call missing")
+        return self._out
+
+    def estimate_randoms(self):
+        """Stand-in (not STIR's ML singles fit): the delayeds' mean per sinogram, spread over its bins."""
+        d = self._histogram(prompts=False)
+        mean = d.mean(axis=(2, 3), keepdims=True)
+        out = self._template._new(np.broadcast_to(mean, d.shape).copy())
+        out._info = self._template._info
         return out
 
 
@@ -432,7 +687,11 @@ def _system_matrix(info: ProjInfo, image: ImageData, n_lors: int, restrict: bool
 class AcquisitionModel:
     """``y = S (G x + a) + b`` (stand-in of ``sirf.STIR.AcquisitionModel``)."""
 
+    #: the projector's view symmetries (the ray-tracing matrix has them; parallelproj's are trivial)
+    _symmetric_views = True
+
     def __init__(self):
+        # STIR.py:1588-1601: the Python side keeps these references
         self.at = None
         self.bt = None
         self.asm = None
@@ -455,32 +714,38 @@ class AcquisitionModel:
             raise error("set_acquisition_sensitivity needs an AcquisitionSensitivityModel")
         self.asm = asm
 
-    def _build_matrix(self, acq_templ, img_templ):  # pragma: no cover - overridden
+    def set_image_data_processor(self, processor):
+        raise error("stand-in: image data processors are not implemented")
+
+    def _build_matrix(self, info, img_templ):  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def set_up(self, acq_templ, img_templ):
+    def _check_templates(self, acq_templ, img_templ):
         if not isinstance(acq_templ, AcquisitionData) or not isinstance(img_templ, ImageData):
             raise error("AcquisitionModel.set_up(acq_templ: AcquisitionData, img_templ: ImageData)")
         if img_templ.shape[0] != acq_templ._info.n_rings:
             raise error(f"image has {img_templ.shape[0]} planes, the scanner {acq_templ._info.n_rings} rings")
+
+    def set_up(self, acq_templ, img_templ):
+        self._check_templates(acq_templ, img_templ)
         for name, term in (("additive", self.at), ("background", self.bt)):
             if term is not None and term.shape != acq_templ.shape:
                 raise error(f"{name} term shape {term.shape} != acquisition data {acq_templ.shape}")
         if self.asm is not None:
             self.asm.set_up(acq_templ)
+        self._G = self._build_matrix(acq_templ._info, img_templ)
+        # the templates themselves, not copies (STIR.py:1623-1624; C++ keeps the same shared pointers,
+        # stir_x.cpp:497-498)
         self.acq_templ = acq_templ
-        self.img_templ = img_templ.clone()
-        self._G = self._build_matrix(acq_templ, img_templ)
+        self.img_templ = img_templ
 
     def get_additive_term(self):
-        if self.at is None:
-            return self.acq_templ.get_uniform_copy(0.0)
-        return self.at
+        self._check_ready()
+        return self.at if self.at is not None else self.acq_templ.get_uniform_copy(0.0)
 
     def get_background_term(self):
-        if self.bt is None:
-            return self.acq_templ.get_uniform_copy(0.0)
-        return self.bt
+        self._check_ready()
+        return self.bt if self.bt is not None else self.acq_templ.get_uniform_copy(0.0)
 
     def get_constant_term(self):
         a = self.get_additive_term()
@@ -500,10 +765,12 @@ class AcquisitionModel:
         return lin
 
     def range_geometry(self):
-        return self.acq_templ.get_uniform_copy(0.0)
+        """The set-up data template itself (cstir_p.cpp:570-571); a null handle before ``set_up``."""
+        return self.acq_templ if self.acq_templ is not None else _NullHandle("AcquisitionData (range geometry)")
 
     def domain_geometry(self):
-        return self.img_templ.get_uniform_copy(0.0)
+        """The set-up image template itself (cstir_p.cpp:572-573); a null handle before ``set_up``."""
+        return self.img_templ if self.img_templ is not None else _NullHandle("ImageData (domain geometry)")
 
     @property
     def num_subsets(self):
@@ -525,57 +792,46 @@ class AcquisitionModel:
     # --- projection
     def _check_ready(self):
         if self._G is None:
-            raise error("AcquisitionModel: set_up() call missing")
+            # stir_x.cpp:561-562 "acquisition template not set"
+            raise error("Fatal error in PETAcquisitionModel::forward: acquisition template not set")
 
     def _views(self, subset_num, num_subsets):
         s = self._subset_num if subset_num is None else subset_num
         n = self._num_subsets if num_subsets is None else num_subsets
-        return subset_views(self.acq_templ._info.n_views, s, n)
+        return subset_views(self.acq_templ._info.n_views, s, n, self._symmetric_views)
 
     def forward(self, image, subset_num=None, num_subsets=None, out=None):
-        """Full-size data; the subset's views hold ``S (G x + a) + b``, the other views 0."""
+        """Full-size data: ``G x`` in the subset's views (0 elsewhere), then ``+ a``, ``× S``, ``+ b`` over **all**
+        views, so the other views hold ``S a + b`` (stir_x.cpp:520-566)."""
         self._check_ready()
         if not isinstance(image, ImageData):
             raise error("forward needs an ImageData")
         if image.shape != self.img_templ.shape:
             raise error(f"forward: image shape {image.shape} != set-up template {self.img_templ.shape}")
-        info = self.acq_templ._info
-        views = self._views(subset_num, num_subsets)
-        res = np.zeros(info.shape, np.float32)
-        x = image._arr
-        for z in range(x.shape[0]):
-            res[0, z] = (self._G @ x[z].ravel().astype(np.float64)).reshape(info.n_views, info.n_tang)
-        mask = np.zeros(info.n_views, bool)
-        mask[views] = True
-        res[:, :, ~mask, :] = 0
+        res = _project(self._G, image._arr, self.acq_templ._info, self._views(subset_num, num_subsets))
         if not self._linear_only and self.at is not None:
-            res[:, :, mask, :] += self.at._arr[:, :, mask, :]
+            res += self.at._arr
         if self.asm is not None:
-            res[:, :, mask, :] *= self.asm._factors[:, :, mask, :]
+            res *= self.asm._factors
         if not self._linear_only and self.bt is not None:
-            res[:, :, mask, :] += self.bt._arr[:, :, mask, :]
+            res += self.bt._arr
         if out is None:
-            ad = self.acq_templ._new(res)
-            return ad
+            return self.acq_templ._new(res)
         out.fill(res)
         return None
 
     def backward(self, ad, subset_num=None, num_subsets=None, out=None):
-        """``Gᵀ Sᵀ y`` over the subset's views."""
+        """``Gᵀ S y`` over the subset's views (stir_x.cpp:583-600: unnormalise, then back-project the subset)."""
         self._check_ready()
         if not isinstance(ad, AcquisitionData):
             raise error("backward needs an AcquisitionData")
         info = self.acq_templ._info
         if ad.shape != info.shape:
             raise error(f"backward: data shape {ad.shape} != {info.shape}")
-        views = self._views(subset_num, num_subsets)
-        y = np.zeros(info.shape, np.float64)
-        y[:, :, views, :] = ad._arr[:, :, views, :]
+        y = ad._arr.astype(np.float64)
         if self.asm is not None:
-            y *= self.asm._factors
-        img = np.zeros(self.img_templ.shape, np.float32)
-        for z in range(img.shape[0]):
-            img[z] = (self._G.T @ y[0, z].ravel()).reshape(img.shape[1:])
+            y = y * self.asm._factors
+        img = _backproject(self._G, y, info, self.img_templ.shape, self._views(subset_num, num_subsets))
         if out is None:
             return self.img_templ._new(img)
         out.fill(img)
@@ -594,6 +850,25 @@ class AcquisitionModel:
         return self.backward(ad, self._subset_num, self._num_subsets, out)
 
 
+def _project(G, x: np.ndarray, info: ProjInfo, views: np.ndarray) -> np.ndarray:
+    res = np.zeros(info.shape, np.float64)
+    for z in range(x.shape[0]):
+        res[0, z] = (G @ x[z].ravel().astype(np.float64)).reshape(info.n_views, info.n_tang)
+    mask = np.zeros(info.n_views, bool)
+    mask[views] = True
+    res[:, :, ~mask, :] = 0
+    return res
+
+
+def _backproject(G, y: np.ndarray, info: ProjInfo, img_shape, views: np.ndarray) -> np.ndarray:
+    ys = np.zeros(info.shape, np.float64)
+    ys[:, :, views, :] = y[:, :, views, :]
+    img = np.zeros(img_shape, np.float32)
+    for z in range(img_shape[0]):
+        img[z] = (G.T @ ys[0, z].ravel()).reshape(img_shape[1:])
+    return img
+
+
 class AcquisitionModelUsingMatrix(AcquisitionModel):
     def __init__(self, matrix=None):
         super().__init__()
@@ -605,8 +880,8 @@ class AcquisitionModelUsingMatrix(AcquisitionModel):
     def get_matrix(self):
         return self._matrix
 
-    def _build_matrix(self, acq_templ, img_templ):
-        return _system_matrix(acq_templ._info, img_templ, self._matrix._n_lors, self._matrix._restrict)
+    def _build_matrix(self, info, img_templ):
+        return _system_matrix(info, img_templ, self._matrix._n_lors, self._matrix._restrict)
 
 
 class AcquisitionModelUsingRayTracingMatrix(AcquisitionModelUsingMatrix):
@@ -619,7 +894,7 @@ class AcquisitionModelUsingRayTracingMatrix(AcquisitionModelUsingMatrix):
 
 # ---------------------------------------------------------------------------------------------------- objective
 class QuadraticPrior:
-    """Minimal ``½ β Σ_neighbours (x_j − x_k)²`` along x and y (for the prior bookkeeping in the adapter)."""
+    """``½ β Σ_neighbours (x_j − x_k)²`` along x and y (a stand-in; STIR's weights differ)."""
 
     def __init__(self):
         self._beta = 0.0
@@ -631,6 +906,9 @@ class QuadraticPrior:
     def get_penalisation_factor(self):
         return self._beta
 
+    def set_up(self, image):
+        pass
+
     def value(self, image):
         x = image._arr.astype(np.float64)
         return 0.5 * self._beta * float((np.diff(x, axis=1) ** 2).sum() + (np.diff(x, axis=2) ** 2).sum())
@@ -638,9 +916,24 @@ class QuadraticPrior:
     def get_value(self, image):
         return self.value(image)
 
+    def get_gradient(self, image):
+        x = image._arr.astype(np.float64)
+        g = np.zeros_like(x)
+        for ax in (1, 2):
+            d = np.diff(x, axis=ax)
+            lo = [slice(None)] * 3
+            hi = [slice(None)] * 3
+            lo[ax] = slice(0, -1)
+            hi[ax] = slice(1, None)
+            g[tuple(lo)] -= d
+            g[tuple(hi)] += d
+        return image._new(self._beta * g)
+
+    gradient = get_gradient
+
 
 class PoissonLogLikelihoodWithLinearModelForMeanAndProjData:
-    """Stand-in of the SIRF objective (log-likelihood with ``ŷ = S (G x + a) + b``)."""
+    """Stand-in of the SIRF objective ``Σ y log ŷ − ŷ − penalty`` with ``ŷ = S (G x + a) + b``."""
 
     def __init__(self):
         self._ad = None
@@ -648,21 +941,46 @@ class PoissonLogLikelihoodWithLinearModelForMeanAndProjData:
         self._num_subsets = 1
         self._setup_subsets = None
         self._sens = None
-        self._img_templ = None
+        self._G = None
+        self._info = None
+        self._img_shape = None
+        self._prior_cpp = None  # the C++ side's prior (what get_prior() wraps)
         self.set_up_count = 0
 
     def set_acquisition_data(self, ad):
+        """New data: the objective must be set up again (``already_set_up = false``,
+        PoissonLogLikelihoodWithLinearModelForMeanAndProjData.cxx:471-475)."""
         if not isinstance(ad, AcquisitionData):
             raise error("set_acquisition_data needs AcquisitionData")
         self._ad = ad
+        self._sens = None
 
     def set_acquisition_model(self, am):
+        """Copies the model's projector, terms and normalisation *now* (stir_x.cpp:641-649, 611-639): the additive
+        term of the objective is ``a + S⁻¹ b`` when a background is set."""
         if not isinstance(am, AcquisitionModel):
             raise error("set_acquisition_model needs an AcquisitionModel")
         self._am = am
+        self._factors = None if am.asm is None else am.asm._factors.copy()
+        add = None if am.at is None else am.at._arr.astype(np.float64)
+        if am.bt is not None:
+            b = am.bt._arr.astype(np.float64)
+            if self._factors is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    b = np.where(self._factors != 0, b / self._factors, 0.0)
+            add = b if add is None else add + b
+        self._add = add
 
     def set_prior(self, prior):
-        self.prior = prior
+        self.prior = prior  # STIR.py:2379-2385: the Python attribute, and the C++ side's pointer
+        self._prior_cpp = prior
+
+    def get_prior(self):
+        """A wrapper of the C++ prior: a null handle when none was set (STIR.py:2387-2391)."""
+        return self._prior_cpp if self._prior_cpp is not None else _NullHandle("Prior")
+
+    def _prior(self):
+        return self._prior_cpp
 
     def set_num_subsets(self, n):
         self._num_subsets = int(n)
@@ -674,44 +992,54 @@ class PoissonLogLikelihoodWithLinearModelForMeanAndProjData:
         pass
 
     def set_up(self, image):
+        """STIR's set-up: its own projector for this data and image; the SIRF model's templates stay untouched."""
         if not isinstance(image, ImageData):
             raise error("set_up needs ImageData")
         if self._ad is None or self._am is None:
             raise error("objective function: acquisition data and model must be set before set_up")
-        am = self._am
-        if am._G is None or am.img_templ.shape != image.shape or am.acq_templ.shape != self._ad.shape:
-            am.set_up(self._ad, image)
-        if tuple(am.img_templ.voxel_sizes()) != tuple(image.voxel_sizes()):
-            raise error("objective set_up: image voxel sizes differ from the acquisition model's")
-        ones = self._ad.get_uniform_copy(1.0)
-        self._sens = [am.backward(ones, s, self._num_subsets) for s in range(self._num_subsets)]
+        self._am._check_templates(self._ad, image)
+        self._info = self._ad._info
+        self._G = self._am._build_matrix(self._info, image)
+        self._img_shape = image.shape
+        self._img = image.get_uniform_copy(0.0)
+        self._views = [subset_views(self._info.n_views, s, self._num_subsets, self._am._symmetric_views)
+                       for s in range(self._num_subsets)]
+        m = np.ones(self._info.shape) if self._factors is None else self._factors.astype(np.float64)
+        self._sens = [self._img._new(_backproject(self._G, m, self._info, self._img_shape, v)) for v in self._views]
         self._setup_subsets = self._num_subsets
-        self._img_templ = image.clone()
         self.set_up_count += 1
 
     def _require(self, subset=None):
         if self._sens is None:
-            raise error("objective function not set up: call set_up(image)")
+            raise error("Need to call set_up() for objective function first")
         if self._setup_subsets != self._num_subsets:
             raise error(f"objective was set up for {self._setup_subsets} subsets but num_subsets is now "
                         f"{self._num_subsets}: call set_up(image) again")
         if subset is not None and subset != -1 and not 0 <= subset < self._num_subsets:
-            raise error(f"subset {subset} out of range (num_subsets {self._num_subsets})")
+            raise error("compute_sub_gradient subset_num out-of-range error")
 
     def get_subset_sensitivity(self, subset):
         self._require(subset)
         return self._sens[subset].clone()
 
+    def _mean(self, x: np.ndarray, views) -> np.ndarray:
+        """``m (G x + a)`` in the views (STIR's model: normalisation applied to the projection plus additive)."""
+        yhat = _project(self._G, x, self._info, views)
+        if self._add is not None:
+            yhat = yhat + self._add
+        if self._factors is not None:
+            yhat = yhat * self._factors
+        return yhat
+
     def _ratio(self, image, subset):
-        am = self._am
-        yhat = am.forward(image, subset, self._num_subsets)._arr.astype(np.float64)
+        views = self._views[subset]
         y = self._ad._arr.astype(np.float64)
-        views = subset_views(self._ad._info.n_views, subset, self._num_subsets)
-        r = np.zeros_like(y)
-        ys, yh = y[:, :, views, :], yhat[:, :, views, :]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r[:, :, views, :] = np.where(yh > 0, ys / yh, 0.0)
-        return am.backward(self._ad._new(r), subset, self._num_subsets)
+        yhat = self._mean(image._arr, views)
+        q = np.zeros_like(y)
+        q[:, :, views, :] = _divide_and_truncate(y[:, :, views, :], yhat[:, :, views, :])
+        if self._factors is not None:  # back projection of the ratio includes the normalisation: Gᵀ S (y / ŷ)
+            q = q * self._factors
+        return self._img._new(_backproject(self._G, q, self._info, self._img_shape, views))
 
     def get_backprojection_of_acquisition_ratio(self, image, subset, out=None):
         self._require(subset)
@@ -722,12 +1050,11 @@ class PoissonLogLikelihoodWithLinearModelForMeanAndProjData:
         return out
 
     def value(self, image):
+        """``Σ_viewgrams accumulate_loglikelihood − penalty`` (GeneralisedObjectiveFunction.cxx:248-251)."""
         self._require()
-        yhat = self._am.forward(image, 0, 1)._arr.astype(np.float64)
-        y = self._ad._arr.astype(np.float64)
-        ok = yhat > 0
-        v = float(np.sum(np.where(ok & (y > 0), y * np.log(np.where(ok, yhat, 1.0)), 0.0)) - np.sum(yhat[ok]))
-        prior = getattr(self, "prior", None)
+        views = np.arange(self._info.n_views)
+        v = _accumulate_loglikelihood(self._ad._arr.astype(np.float64), self._mean(image._arr, views))
+        prior = self._prior()
         if prior is not None:
             v -= prior.value(image)
         return v
@@ -738,19 +1065,43 @@ class PoissonLogLikelihoodWithLinearModelForMeanAndProjData:
     __call__ = value
 
     def gradient(self, image, subset=-1, out=None):
+        """Sub-gradient ``BP(ratio) − sens − ∇prior / S`` (GeneralisedObjectiveFunction.cxx:128-157); −1: the sum."""
         self._require(subset)
         subsets = range(self._num_subsets) if subset == -1 else [subset]
-        g = sum((self._ratio(image, s) - self._sens[s] for s in subsets), start=image.get_uniform_copy(0.0))
+        g = np.zeros(self._img_shape, np.float64)
+        prior = self._prior()
+        pg = prior.get_gradient(image)._arr.astype(np.float64) / self._num_subsets if prior is not None else 0.0
+        for s in subsets:
+            g += self._ratio(image, s)._arr - self._sens[s]._arr - pg
+        res = image._new(g)
         if out is None:
-            return g
-        out.fill(g)
+            return res
+        out.fill(res)
         return out
 
 
+class PoissonLogLikelihoodWithLinearModelForMeanAndListModeDataWithProjMatrixByBin:
+    """Listmode objective (STIR.py:2609-2660): only what identifies it; its quantities are not in the stand-in."""
+
+    def set_acquisition_data(self, ad):
+        if not isinstance(ad, ListmodeData):
+            raise error("set_acquisition_data needs ListmodeData")
+        self._ad = ad
+
+    def set_acquisition_model(self, am):
+        self._am = am
+
+    def set_num_subsets(self, n):
+        self._num_subsets = int(n)
+
+
 def make_Poisson_loglikelihood(acq_data=None, likelihood_type=None, acq_model=None):
-    if likelihood_type not in (None, "LinearModelForMean"):
-        raise error("only PoissonLogLikelihoodWithLinearModelForMeanAndProjData is in the stand-in")
-    obj = PoissonLogLikelihoodWithLinearModelForMeanAndProjData()
+    if likelihood_type == "LinearModelForMeanAndListModeDataWithProjMatrixByBin":
+        obj = PoissonLogLikelihoodWithLinearModelForMeanAndListModeDataWithProjMatrixByBin()
+    elif likelihood_type in (None, "LinearModelForMean"):
+        obj = PoissonLogLikelihoodWithLinearModelForMeanAndProjData()
+    else:
+        raise error(f"unknown likelihood type {likelihood_type!r}")
     if acq_data is None:
         raise error("make_Poisson_loglikelihood: acq_data required")
     obj.set_acquisition_data(acq_data)
@@ -761,6 +1112,7 @@ def make_Poisson_loglikelihood(acq_data=None, likelihood_type=None, acq_model=No
 
 # ---------------------------------------------------------------------------------------------------- OSMAPOSL
 def _threshold_min_to_small_positive_value(a: np.ndarray, small_num: float = SMALL_NUM) -> None:
+    """STIR's ``threshold_min_to_small_positive_value``, in place."""
     pos = a[a > 0]
     if pos.size:
         np.maximum(a, pos.min() * small_num, out=a)
@@ -768,8 +1120,10 @@ def _threshold_min_to_small_positive_value(a: np.ndarray, small_num: float = SMA
         a[...] = small_num
 
 
-def _stir_divide(num: np.ndarray, den: np.ndarray, small_num: float = SMALL_NUM) -> np.ndarray:
-    """STIR ``numerics/divide.inl``."""
+def _stir_divide(num: np.ndarray, den: np.ndarray, small_num: float) -> np.ndarray:
+    """STIR ``numerics/divide.inl:26-47``: ``small = max(max(num) · small_num, 0)``; 0 where both ``|num|`` and
+    ``|den|`` are ≤ small, else ``num / den``. OSMAPOSL without a prior calls it with ``small_num = 0``
+    (OSMAPOSLReconstruction.cxx:402-408), so only 0/0 gives 0."""
     small_value = max(float(num.max()) * small_num, 0.0)
     out = np.empty_like(num)
     zero = (np.abs(den) <= small_value) & (np.abs(num) <= small_value)
@@ -780,7 +1134,25 @@ def _stir_divide(num: np.ndarray, den: np.ndarray, small_num: float = SMALL_NUM)
 
 
 class OSMAPOSLReconstructor:
-    """STIR's OSMAPOSL without a prior (= OSEM), following ``OSMAPOSLReconstruction::update_estimate``."""
+    """STIR's OSMAPOSL without a prior (= OSEM) behind SIRF's Python surface.
+
+    - ``set_input`` needs the objective first (IterativeReconstruction.cxx:615) and sets its data;
+    - ``set_up(image)``: ``num_subiterations ≥ 1`` and ``1 ≤ save_interval ≤ num_subiterations``
+      (IterativeReconstruction.cxx:459-475), the reconstructor's subset count into the objective and its
+      ``set_up`` (452-489), balanced subsets (OSMAPOSLReconstruction.cxx:281-289), initial positivity **in place
+      on ``image``** (291-292), then sub-iteration number 1 (cstir.cpp:1130);
+    - sub-iteration ``k`` uses subset ``(k − 1) mod S`` (IterativeReconstruction.cxx:638); update
+      ``divide(BP(ratio), sens, 0)`` (OSMAPOSLReconstruction.cxx:391-408), clipped to
+      ``[minimum, maximum relative change]`` from ``k = 2`` on (491-507), applied multiplicatively;
+    - after each update STIR's ``end_of_iteration_processing`` writes ``<prefix>_<k>.hv`` when
+      ``k % save_interval == 0`` or ``k == num_subiterations`` and output is enabled
+      (IterativeReconstruction.cxx:568-571, 335-340); ``update``/``update_current_estimate`` then increment
+      ``k`` (stir_x.h:1270-1273);
+    - ``process()`` / ``reconstruct(image)`` loop ``k = 1 … num_subiterations`` (IterativeReconstruction.cxx:414-419)
+      on the held image / on ``image`` in place; ``set_current_estimate`` clones, ``update(image)`` holds ``image``
+      itself (STIR.py:2868-2921); ``set_current_subset_num`` only sets the Python ``subset`` read by
+      ``get_subset_sensitivity`` (STIR.py:2898-2909).
+    """
 
     def __init__(self, filename=""):
         if filename:
@@ -789,10 +1161,14 @@ class OSMAPOSLReconstructor:
         self._num_subsets = 1
         self._num_subiterations = 1
         self._subiteration_num = 0
+        self._save_interval = 1
+        self._disable_output = False
+        self._prefix = ""
         self._max_rel = FLT_MAX
         self._min_rel = 0.0
-        self._input = None
+        self._set_up_done = False
         self.image = None
+        self.subset = 0
 
     def set_objective_function(self, obj):
         self._obj = obj
@@ -821,47 +1197,105 @@ class OSMAPOSLReconstructor:
     def set_minimum_relative_change(self, v):
         self._min_rel = float(v)
 
+    def set_output_filename_prefix(self, prefix):
+        self._prefix = str(prefix)
+
+    def disable_output(self):
+        self._disable_output = True
+
+    def enable_output(self):
+        self._disable_output = False
+
+    def set_save_interval(self, n):
+        if n > 0:
+            self.enable_output()
+        else:
+            self.disable_output()
+        self._save_interval = int(n)
+
+    def set_current_subset_num(self, subset):
+        self.subset = subset
+
+    def get_subset_sensitivity(self):
+        return self.get_objective_function().get_subset_sensitivity(self.subset)
+
     def set_input(self, acq):
-        self._input = acq
+        if self._obj is None:
+            raise error("objective function needs to be set before calling set_input_data")
+        self._set_up_done = False  # IterativeReconstruction.cxx:611-616: _already_set_up = false
+        self._obj.set_acquisition_data(acq)
 
     def set_up(self, image):
-        if self._input is not None:
-            self._obj.set_acquisition_data(self._input)
+        if self._obj is None:
+            raise error("You have to specify an objective function")
+        if self._num_subiterations < 1:
+            raise error("Range error in number of subiterations (has to be >= 1)")
+        if self._save_interval < 1 or self._save_interval > self._num_subiterations:
+            raise error("Range error in iteration save interval (has to be between 1 and num_subiterations-1)")
         self._obj.set_num_subsets(self._num_subsets)  # STIR writes the reconstructor's subset count
         self._obj.set_up(image)
+        if self._obj._prior() is not None and self._obj._prior().get_penalisation_factor() != 0:
+            raise error("stand-in: OSMAPOSL with a prior is not implemented")
+        if not subsets_are_balanced(self._obj._info.n_views, self._num_subsets):
+            raise error("OSMAPOSL\nsubsets are not balanced\nOSMAPOSL cannot handle this.")
         _threshold_min_to_small_positive_value(image._arr)  # in place, on the set-up image
-        self._subiteration_num = 0
+        self._subiteration_num = 1
+        self._set_up_done = True
 
     def set_current_estimate(self, image):
         self.image = image.clone()
 
     def get_current_estimate(self):
+        if self.image is None:
+            raise error("current estimate not set.")
         return self.image.clone()
 
-    def update_current_estimate(self):
-        self._subiteration_num += 1
-        subset = (self._subiteration_num - 1) % self._num_subsets
-        num = self._obj.get_backprojection_of_acquisition_ratio(self.image, subset)._arr
+    def _update_estimate(self, image):
+        if not self._set_up_done:
+            raise error("Need to call set_up() for objective function first")
+        k = self._subiteration_num
+        subset = (k - 1) % self._num_subsets
+        num = self._obj.get_backprojection_of_acquisition_ratio(image, subset)._arr
         sens = self._obj.get_subset_sensitivity(subset)._arr
-        update = _stir_divide(num, sens)
-        if self._subiteration_num != 1:
+        update = _stir_divide(num, sens, 0.0)
+        if k != 1:
             np.clip(update, self._min_rel, self._max_rel, out=update)
-        self.image._arr *= update
+        image._arr *= update
+
+    def _end_of_iteration_processing(self, image):
+        k = self._subiteration_num
+        if (not (k % self._save_interval) or k == self._num_subiterations) and not self._disable_output:
+            image.write(f"{self._prefix}_{k}.hv")
+
+    def update_current_estimate(self):
+        if self.image is None:
+            raise error("current estimate not set")
+        self._update_estimate(self.image)
+        self._end_of_iteration_processing(self.image)
+        self._subiteration_num += 1
 
     def update(self, image):
         self.image = image
         self.update_current_estimate()
         return image
 
+    def _reconstruct(self, image):
+        for k in range(1, self._num_subiterations + 1):
+            self._subiteration_num = k
+            self._update_estimate(image)
+            self._end_of_iteration_processing(image)
+        self._subiteration_num = self._num_subiterations + 1
+
     def process(self):
-        for _ in range(self._num_subiterations - self._subiteration_num):
-            self.update_current_estimate()
+        if self.image is None:
+            raise error("current estimate not set.")
+        self._reconstruct(self.image)
 
     def reconstruct(self, image):
-        self.set_current_estimate(image)
-        self.process()
-        image.fill(self.image)
+        self._reconstruct(image)
         self.image = image
 
     def get_output(self):
+        if self.image is None:
+            raise error("current estimate not set. Did you run a reconstruction already?")
         return self.image.clone()

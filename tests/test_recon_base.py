@@ -53,7 +53,7 @@ def test_surface_and_monotone_em(tmp_path):
     assert all(b >= a - 1e-9 for a, b in zip(lls, lls[1:]))
     out = r.get_output()
     out[:] = -1  # a copy: the held estimate is untouched
-    assert float(r.x.min()) > 0 and r.get_subiteration_num() == 5
+    assert float(r.x.min()) > 0 and r.get_subiteration_num() == 6  # SIRF: k + 1 after k updates
 
 
 def test_run_callbacks_stop_and_log(tmp_path):
@@ -148,3 +148,127 @@ def test_early_stopping_max_seconds_on_a_fake_clock(monkeypatch):
     r.set_current_estimate(np.ones(ds.image_shape))
     r.run(100, callbacks=[cb.EarlyStopping(max_seconds=4.0)])
     assert r.iteration == 3            # 1.5, 3.0 s: go on; 4.5 s > 4 s: stop after the third
+
+
+def _plain_em(ds, n_sub=4, subsets=2):
+    r = PlainEM()
+    r.set_objective_function(ds)
+    r.set_num_subsets(subsets)
+    r.set_num_subiterations(n_sub)
+    r.set_up(np.ones(ds.image_shape))
+    return r
+
+
+def _em_by_hand(ds, x, n, subsets):
+    """n sub-iterations of EM written out independently: x ← x · A_sᵀ(y_s / (A_s x + a_s)) / A_sᵀ 1."""
+    x = torch.as_tensor(x, dtype=torch.float64).reshape(-1)
+    rows = torch.arange(ds.A.shape[0])
+    for k in range(n):
+        r = rows[rows % subsets == k % subsets]
+        A = ds.A[r]
+        x = x * (A.T @ (ds.y[r] / (A @ x + ds.a[r]))) / (A.T @ torch.ones(len(r), dtype=torch.float64))
+    return x.reshape(ds.image_shape)
+
+
+def test_process_always_runs_all_subiterations_from_subiteration_one():
+    """SIRF/STIR: process() loops sub-iterations 1..N whatever ran before (IterativeReconstruction.cxx:414)."""
+    ds = DenseDataStep()
+    r = _plain_em(ds)
+    start = np.ones(ds.image_shape)
+    r.set_current_estimate(start)
+    r.update_current_estimate()                  # one update before process(): process still runs 4, from subset 0
+    r.set_current_estimate(start)
+    r.process(progress=False)
+    first = r.x.clone()
+    torch.testing.assert_close(first, _em_by_hand(ds, start, 4, 2), rtol=1e-12, atol=0)
+    assert r.get_subiteration_num() == 5
+    r.set_current_estimate(start)                # the next frame from the same start: the same image again
+    r.process(progress=False)
+    torch.testing.assert_close(r.x, first, rtol=0, atol=0)
+
+
+def test_update_changes_the_image_in_place_and_numbers_follow_stir():
+    ds = DenseDataStep()
+    r = _plain_em(ds)
+    assert r.get_subiteration_num() == 1
+    x = np.ones(ds.image_shape)
+    for k in range(3):
+        assert r.update(x) is x
+        assert r.get_subiteration_num() == k + 2
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 3, 2).numpy(), rtol=1e-12)
+    r.update_current_estimate()                  # the held image keeps being updated
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 4, 2).numpy(), rtol=1e-12)
+    r.set_current_estimate(np.ones(ds.image_shape))  # ends the hold
+    r.update_current_estimate()
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 4, 2).numpy(), rtol=1e-12)
+
+
+def test_reconstruct_fills_the_image_and_returns_none():
+    ds = DenseDataStep()
+    r = _plain_em(ds, n_sub=3)
+    x = np.ones(ds.image_shape)
+    assert r.reconstruct(x) is None
+    np.testing.assert_allclose(x, _em_by_hand(ds, np.ones(ds.image_shape), 3, 2).numpy(), rtol=1e-12)
+
+
+def test_set_input_needs_the_objective_and_subset_bookkeeping():
+    from sirf_ddip.errors import ConfigError
+
+    r = PlainEM()
+    with pytest.raises(NotSetUpError, match="objective function needs to be set before calling set_input"):
+        r.set_input(object())
+    r.set_objective_function(DenseDataStep())
+    with pytest.raises(ConfigError, match="does not accept new measured data"):
+        r.set_input(object())
+    r.set_num_subsets(2)
+    r.set_current_subset_num(1)
+    with pytest.raises(ValueError, match="out of range"):
+        r.set_current_subset_num(2)
+    with pytest.warns(UserWarning, match="recorded only"):
+        r.set_maximum_relative_change(2.0)
+
+
+def test_recon_base_does_not_import_the_sirf_backend():
+    """Layering: recon/base.py reaches backends/ only inside as_datastep (no import at module level)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sirf_ddip.recon.base, sirf_ddip.recon.osem, sirf_ddip.recon.cil; "
+            "print([m for m in sys.modules if m.startswith('sirf_ddip.backends')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_ddip_process_after_a_finished_run_starts_a_new_identical_run():
+    """DDIP: a finished run + process() = a new run with the same seeds; an image set after the run seeds it."""
+    from test_ddip_support import DenseDataStep as DDIPDense
+    from test_ddip_support import tiny_bundle
+
+    from sirf_ddip import DDIPReconstructor
+
+    ds = DDIPDense(shape=(2, 16, 16), nbins=800)
+    bundle = tiny_bundle(use_mr=False)
+
+    def make():
+        r = DDIPReconstructor(num_steps=2, t_start=20, n_init=2, num_finetune=1, num_em=1, use_mr=False,
+                              device="cpu", slab_batch=4, finetune_slabs=1)
+        r.set_prior(bundle)
+        r.set_objective_function(ds)
+        r.set_up(np.ones(ds.image_shape))
+        return r
+
+    r = make()
+    r.process(progress=False)
+    first = r.get_output().copy()
+    r.process(progress=False)
+    np.testing.assert_array_equal(r.get_output(), first)
+    seed = np.full(ds.image_shape, float(first.mean()))
+    r.set_current_estimate(seed)                    # after the run: seeds the next one
+    r.process(progress=False)
+    fresh = make()
+    fresh.set_current_estimate(seed)                # before the first step: seeds the warm start
+    fresh.process(progress=False)
+    np.testing.assert_array_equal(r.get_output(), fresh.get_output())
+    assert np.abs(r.get_output() - first).max() > 1e-4

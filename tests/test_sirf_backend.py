@@ -8,7 +8,7 @@ import torch
 
 import sirf_standin as sirf
 from sirf_ddip.backends.sirf import (SirfDataStep, SirfFeatureError, SirfNotReadyError, SirfObjectError,
-                                     make_acquisition_model, sirf_kind)
+                                     make_acquisition_model, objective_prior, set_image_data_processor, sirf_kind)
 from sirf_ddip.errors import GeometryMismatchError, UnsupportedDataError
 from sirf_ddip.recon.base import as_datastep
 
@@ -23,6 +23,13 @@ def _phantom(img: sirf.ImageData) -> np.ndarray:
     hot = (yy - c + 3) ** 2 + (xx - c - 2) ** 2 <= 9
     arr = body * 1.0 + hot * 3.0
     return np.repeat(arr[None], nz, 0).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path, monkeypatch):
+    """The stand-in's OSMAPOSL writes ``_<k>.hv`` files as STIR does with an empty prefix: keep them out of the
+    working folder."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -62,6 +69,26 @@ def _rows(views, n_tang):
     return np.concatenate([np.arange(v * n_tang, (v + 1) * n_tang) for v in views])
 
 
+def _stir_views(n_views: int, s: int, num_subsets: int) -> np.ndarray:
+    """STIR's subset ``s`` for the ray-tracing matrix with 90/180-degree view symmetries (n_views % 4 == 0):
+    basic views ``0..n/4`` with ``v % S == s``, each with ``n/2 - v, n/2 + v, n - v``
+    (find_basic_vs_nums_in_subset.cxx:45-53), written out here independently of the stand-in."""
+    out = set()
+    for v in range(n_views // 4 + 1):
+        if v % num_subsets == s:
+            out.update(w for w in (v, n_views // 2 - v, n_views // 2 + v, n_views - v) if 0 <= w < n_views)
+    return np.array(sorted(out))
+
+
+def test_subsets_are_stir_symmetry_aware():
+    """28 views, 7 subsets: subset 1 is {1, 13, 15, 27} (STIR), not {1, 8, 15, 22} (plain s mod S)."""
+    assert sirf.subset_views(28, 0, 7).tolist() == [0, 7, 14, 21]
+    assert sirf.subset_views(28, 1, 7).tolist() == [1, 13, 15, 27]
+    for s in range(7):
+        np.testing.assert_array_equal(sirf.subset_views(28, s, 7), _stir_views(28, s, 7))
+    assert sorted(np.concatenate([sirf.subset_views(28, s, 7) for s in range(7)]).tolist()) == list(range(28))
+
+
 # ------------------------------------------------------------------------------------------- EM quantities
 def test_subset_sensitivities_match_numpy_and_are_cached(problem):
     obj = _objective(problem)
@@ -70,7 +97,7 @@ def test_subset_sensitivities_match_numpy_and_are_cached(problem):
     G, m, *_rest, n_views, n_tang = _numpy_model(problem)
     total = np.zeros(G.shape[1])
     for s in range(S):
-        rows = _rows(np.arange(s, n_views, S), n_tang)
+        rows = _rows(_stir_views(n_views, s, S), n_tang)
         ref = G[rows].T @ m[0].ravel()[rows]
         got = ds.sensitivity(s).numpy()[0].ravel()
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * ref.max())
@@ -102,7 +129,7 @@ def test_em_numerator_matches_numpy(problem):
     G, m, a, y, n_views, n_tang = _numpy_model(problem)
     x = torch.from_numpy(_phantom(problem["image"]) * 0.9 + 0.1)
     for s in (0, 4):
-        rows = _rows(np.arange(s, n_views, S), n_tang)
+        rows = _rows(_stir_views(n_views, s, S), n_tang)
         mm, aa, yy = m[0].ravel()[rows], a[0].ravel()[rows], y[0].ravel()[rows]
         yhat = mm * (G[rows] @ x.numpy()[0].ravel().astype(np.float64) + aa)
         ref = G[rows].T @ (mm * yy / yhat)
@@ -183,15 +210,21 @@ def test_osem_reconstructor_equals_standin_osmaposl(problem):
 
 
 def test_osem_initial_positivity_matches_stir_osmaposl(problem):
+    """set_up(image) thresholds the set-up image in place, as OSMAPOSL (OSMAPOSLReconstruction.cxx:291-292)."""
     from sirf_ddip.recon.osem import OSEMReconstructor
 
     init = _phantom(problem["image"])  # zeros outside the body
     init[0, 0, 0] = -1.0
+    ours, theirs = problem["image"].clone().fill(init), problem["image"].clone().fill(init)
     rec = OSEMReconstructor()
-    got = rec._initialise_estimate(torch.from_numpy(init.copy())).numpy()
-    ref = init.copy()
-    sirf._threshold_min_to_small_positive_value(ref)
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    rec.set_objective_function(_objective(problem))
+    rec.set_up(ours)
+    ref = sirf.OSMAPOSLReconstructor()
+    ref.set_objective_function(_objective(problem))
+    ref.set_up(theirs)
+    np.testing.assert_array_equal(ours.as_array(), theirs.as_array())
+    floor = init[init > 0].min() * 1e-6
+    assert ours.as_array()[0, 0, 0] == pytest.approx(floor, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- conversion
@@ -241,8 +274,11 @@ def test_forward_backward_through_acquisition_model(problem):
     assert sirf_kind(ad) == "AcquisitionData"
     # backward of the subset data equals A_s^T m_s y_s computed in numpy
     G, m, _a, _y, n_views, n_tang = _numpy_model(problem)
-    rows = _rows(np.arange(2, n_views, S), n_tang)
+    rows = _rows(_stir_views(n_views, 2, S), n_tang)
     yv = ad.as_array()[0, 0].ravel().astype(np.float64)
+    # SIRF's subset forward leaves S a + b (here m a) in the other views (stir_x.cpp:520-566)
+    other = np.setdiff1d(np.arange(n_views * n_tang), rows)
+    np.testing.assert_allclose(yv[other], (m[0].ravel() * _a[0].ravel())[other], rtol=1e-6)
     ref_bp = G[rows].T @ (m[0].ravel()[rows] * yv[rows])
     np.testing.assert_allclose(ds.backward(ad, 2).numpy()[0].ravel(), ref_bp, rtol=1e-4, atol=1e-5 * ref_bp.max())
     np.testing.assert_allclose(ds.backward(torch.from_numpy(ad.as_array()), 2).numpy(),
@@ -347,3 +383,107 @@ def test_drop_in_example_fails_clearly_without_sirf(tmp_path):
     assert r.returncode != 0
     assert "cannot import sirf.STIR" in r.stderr and "conda-forge" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------- SIRF's edges
+def test_origin_is_part_of_the_image_geometry(problem):
+    """STIR compares has_same_characteristics (origin included): a shifted image of the same size is refused."""
+    ds = SirfDataStep.from_objective(_objective(problem), acq_model=problem["am"])
+    shifted = problem["image"].clone()
+    shifted.initialise(problem["image"].shape, problem["image"].voxel_sizes(), (0.0, 6.0, 0.0))
+    with pytest.raises(GeometryMismatchError, match="different positions"):
+        ds.to_tensor(shifted)
+
+
+def test_model_never_set_up_works_for_em_and_refuses_projections(problem):
+    """SIRF's objective sets up STIR's projectors, not the model's templates (stir_x.cpp:641-649)."""
+    am = make_acquisition_model("ray_tracing", 3, stir=sirf)
+    am.set_acquisition_sensitivity(sirf.AcquisitionSensitivityModel(problem["mult"]))
+    am.set_additive_term(problem["add"])
+    obj = sirf.make_Poisson_loglikelihood(problem["prompts"], acq_model=am)
+    with pytest.raises(sirf.error, match="null handle"):
+        am.domain_geometry().voxel_sizes()
+    ds = SirfDataStep.from_objective(obj, acq_model=am, image_template=problem["image"], num_subsets=S)
+    ref = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
+    x = torch.from_numpy(_phantom(problem["image"]) + 0.5)
+    np.testing.assert_allclose(ds.backproject_ratio(x, 3).numpy(), ref.backproject_ratio(x, 3).numpy(), rtol=1e-6)
+    assert am.acq_templ is None and am.img_templ is None  # still not set up
+    with pytest.raises(SirfNotReadyError, match="never set up.*acq_model.set_up"):
+        ds.forward(x)
+
+
+def test_listmode_objective_is_rejected_by_class(problem, tmp_path):
+    path = str(tmp_path / "lm.l.hdr")
+    sirf.standin_write_listmode(path, problem["prompts"], np.array([0, 1]), np.array([0.0, 1.0]),
+                                np.array([True, True]))
+    obj = sirf.make_Poisson_loglikelihood(sirf.ListmodeData(path),
+                                          "LinearModelForMeanAndListModeDataWithProjMatrixByBin", problem["am"])
+    with pytest.raises(SirfObjectError, match="listmode objectives are not supported.*ListmodeToSinograms"):
+        SirfDataStep.from_objective(obj)
+    with pytest.raises(SirfObjectError, match="listmode"):
+        as_datastep(obj)
+
+
+def test_prior_set_on_the_cpp_side_is_seen_through_get_prior(problem):
+    obj = _objective(problem)
+    obj.set_prior(sirf.QuadraticPrior().set_penalisation_factor(0.5))
+    del obj.prior  # as for a prior that reached the C++ objective without SIRF's Python set_prior
+    with pytest.warns(UserWarning, match="prior"):
+        ds = SirfDataStep.from_objective(obj, image_template=problem["image"])
+    x = torch.from_numpy(_phantom(problem["image"]) + 0.5)
+    img = ds.from_tensor(x)
+    assert ds.log_likelihood(x) == pytest.approx(obj.value(img) + obj.get_prior().value(img), rel=1e-9)
+    assert objective_prior(_objective(problem)) is None  # null handle: no prior
+
+
+def test_parallelproj_subsets_warn(problem, monkeypatch):
+    class AcquisitionModelUsingParallelproj(sirf.AcquisitionModelUsingMatrix):
+        _symmetric_views = False
+
+    am = AcquisitionModelUsingParallelproj()
+    am.set_up(problem["prompts"], problem["image"])
+    obj = sirf.make_Poisson_loglikelihood(problem["prompts"], acq_model=am)
+    with pytest.warns(UserWarning, match="projects every view for every subset.*get_subset"):
+        SirfDataStep.from_objective(obj, acq_model=am, num_subsets=4)
+    with pytest.warns(UserWarning, match="SIRF#1324"), pytest.raises(sirf.error, match="not implemented"):
+        set_image_data_processor(am, object())
+
+
+def test_set_input_before_objective_is_an_error(problem):
+    from sirf_ddip import OSEMReconstructor
+    from sirf_ddip.recon.base import NotSetUpError
+
+    for rec in (OSEMReconstructor(), sirf.OSMAPOSLReconstructor()):
+        with pytest.raises((NotSetUpError, sirf.error), match="objective function needs to be set before"):
+            rec.set_input(problem["prompts"])
+
+
+@pytest.mark.slow
+def test_drop_in_example_runs_end_to_end_on_the_standin(tmp_path):
+    """examples/sirf_drop_in.py --standin: the SIRF script (objective before set_input) to the end, and the
+    listmode template checked against the mult factors' geometry."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "sirf_drop_in.py"
+    fast = ["--device", "cpu", "--set", "num_steps=2", "--set", "n_init=7", "--set", "num_finetune=1",
+            "--set", "num_em=1"]  # no MR: the shipped no-MR prior
+    r = subprocess.run([sys.executable, str(script), "--standin", "--out", str(tmp_path / "o"), *fast],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "o"
+    rec = json.loads((out / "run_record.json").read_text())
+    assert rec["summary"]["osem_vs_osmaposl_rel_l2"] <= 2e-6
+    ddip = sirf.ImageData(str(out / "ddip.hv"))
+    assert ddip.shape == sirf.ImageData(str(out / "standin_data" / "init.hv")).shape
+    assert np.isfinite(ddip.as_array()).all() and ddip.as_array().max() > 0
+    # listmode on a template of another geometry than the mult factors: refused before binning
+    tiny = tmp_path / "tiny.hs"
+    sirf.AcquisitionData("StandIn Tiny").write(str(tiny))
+    r = subprocess.run([sys.executable, str(script), "--standin", "--out", str(tmp_path / "lm"), "--data",
+                        str(out / "standin_data"), "--listmode", str(tiny), "--template", str(tiny), "--mr-phantom",
+                        *fast],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "bin the listmode on the geometry of the mult factors" in r.stderr

@@ -15,9 +15,12 @@ DataStep                       SIRF call(s)
 ``backproject_ratio(x, s)``    ``obj.get_backprojection_of_acquisition_ratio(image, s)``
                                = ``G_sᵀ S_s (y_s / (S_s (G_s x + a_s) + b_s))``, prior **not** included
 ``em_update(x, s)``            the two above (shared :meth:`DataStep.em_update`)
-``log_likelihood(x)``          ``obj.value(image)`` (+ ``obj.prior.value(image)`` if a prior was set, so the
-                               result is the pure Poisson term)
-``forward(x, s)``              ``acq_model.forward(image, subset_num=s, num_subsets=S)`` → ``AcquisitionData``
+``log_likelihood(x)``          ``obj.value(image)`` (+ the prior's value if a prior was set, so the result is the
+                               pure Poisson term; STIR's value is ``Σ y log ŷ − ŷ − penalty``)
+``forward(x, s)``              ``acq_model.forward(image, subset_num=s, num_subsets=S)`` → ``AcquisitionData``:
+                               the subset's views hold ``S (G x + a) + b``, every other view ``S a + b``
+                               (SIRF zeroes, projects the subset, then adds ``a``, applies ``S``, adds ``b``
+                               over all views: ``stir_x.cpp:520-566``)
 ``backward(y, s)``             ``acq_model.backward(ad, subset_num=s, num_subsets=S)`` → tensor
 ``to_tensor(image)``           ``image.asarray()`` (zero-copy view) when ``image.supports_array_view``, else
                                ``image.as_array()``; then one copy onto the device
@@ -25,7 +28,31 @@ DataStep                       SIRF call(s)
 ``set_prompts(acq)``           ``obj.set_acquisition_data(acq)`` (what STIR's ``set_input`` does)
 ============================  ==========================================================================
 
-Subsets are SIRF's/STIR's own (over views); subset ``s`` of ``S`` is what STIR calls subset ``s``.
+Subsets are SIRF's/STIR's own (over views); subset ``s`` of ``S`` is what STIR calls subset ``s``: the views
+``v ≡ s (mod S)`` that are *basic* for the projector's symmetries, each with its symmetry-related views
+(``UCL/STIR: src/recon_buildblock/find_basic_vs_nums_in_subset.cxx:45-53``), so for the ray-tracing matrix a subset
+is not ``s, s+S, …`` (see ``tests/sirf_standin.py``).
+
+What SIRF does that the adapter checks (SIRF 3.10)
+--------------------------------------------------
+- An acquisition model keeps its set-up templates as Python attributes ``acq_templ``/``img_templ`` (None until
+  ``set_up``, ``STIR.py:1588-1624``); ``range_geometry()``/``domain_geometry()`` return the *same* C++ objects
+  (``stir_x.cpp:497-498``, ``cstir_p.cpp:570-573``) and, before ``set_up``, a null handle. The objective does not
+  set the model up: ``set_acquisition_model`` copies its projector pair, additive/background terms and
+  normalisation at that moment (``stir_x.cpp:611-649``), and ``objective.set_up`` sets up STIR's projectors only.
+  So OSEM/DDIP work with a model that was never set up; :meth:`SirfDataStep.forward`/``backward`` then raise
+  :class:`SirfNotReadyError`.
+- Image geometry: STIR compares images with ``has_same_characteristics`` (sizes, voxel sizes *and* origin); the
+  adapter compares dimensions, voxel sizes and the 4×4 ``transf_matrix()`` (``STIR.py:506-510``).
+- A prior set on the C++ side has no Python ``.prior`` attribute (that is set only by ``set_prior``,
+  ``STIR.py:2379-2385``); ``get_prior()`` wraps the C++ pointer, null when none (``STIR.py:2387-2391``).
+- Listmode objectives (``PoissonLogLikelihoodWithLinearModelForMeanAndListModeDataWithProjMatrixByBin``) are
+  rejected by class: their EM quantities are not those of sinograms; bin with ``ListmodeToSinograms``.
+- Parallelproj (``AcquisitionModelUsingParallelproj``, detected by class): STIR's parallelproj pair has trivial
+  symmetries and projects all views for every subset, so ``S`` subsets cost ``S``× a full projection; PETRIC
+  builds one model per subset on ``prompts.get_subset(views)`` instead (a warning says so). An image data
+  processor set on the model (``set_image_data_processor``) is not visible from Python; SIRF#1324: parallelproj
+  ignores it — use :func:`set_image_data_processor`, which warns.
 """
 
 from __future__ import annotations
@@ -53,10 +80,14 @@ __all__ = [
     "sirf_has_parallelproj",
     "make_acquisition_model",
     "sirf_kind",
+    "set_image_data_processor",
+    "model_is_set_up",
 ]
 
 #: voxel sizes are compared with this relative tolerance (STIR stores float32)
 VOXEL_RTOL = 1e-4
+#: image positions (transformation matrix offsets) are compared with this absolute tolerance in mm
+ORIGIN_ATOL_MM = 1e-3
 
 
 class SirfNotAvailableError(SirfDdipError, ImportError):
@@ -247,14 +278,31 @@ def _voxel_sizes(img: Any) -> tuple[float, ...] | None:
         return None
 
 
+def _transf_matrix(img: Any) -> np.ndarray | None:
+    try:
+        tm = np.asarray(img.transf_matrix(), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - not an image with geometry (or a SIRF without the method)
+        return None
+    return tm if tm.shape == (4, 4) else None
+
+
 def check_same_image_geometry(a: Any, b: Any, what_a: str, what_b: str) -> None:
-    """Raise :class:`GeometryMismatchError` unless images ``a`` and ``b`` have the same dims and voxel sizes."""
+    """Raise :class:`GeometryMismatchError` unless images ``a`` and ``b`` have the same dimensions, voxel sizes and
+    position (the 4×4 index → mm ``transf_matrix()``), as STIR's ``has_same_characteristics``."""
     da, db = _dims(a), _dims(b)
     if da != db:
         raise GeometryMismatchError(f"{what_a} has dimensions (z, y, x) {da} but {what_b} has {db}")
     va, vb = _voxel_sizes(a), _voxel_sizes(b)
     if va is not None and vb is not None and not np.allclose(va, vb, rtol=VOXEL_RTOL, atol=0):
         raise GeometryMismatchError(f"{what_a} has voxel sizes (z, y, x) {va} mm but {what_b} has {vb} mm")
+    ta, tb = _transf_matrix(a), _transf_matrix(b)
+    if ta is not None and tb is not None:
+        tol = ORIGIN_ATOL_MM + VOXEL_RTOL * float(np.abs(ta[:3, 3]).max(initial=0.0))
+        if not np.allclose(ta, tb, rtol=VOXEL_RTOL, atol=tol):
+            raise GeometryMismatchError(
+                f"{what_a} and {what_b} are at different positions (transformation matrices differ: first voxel at "
+                f"{np.round(ta[:3, 3], 3).tolist()} mm vs {np.round(tb[:3, 3], 3).tolist()} mm); resample one onto "
+                "the other's grid")
 
 
 def check_same_acq_geometry(a: Any, b: Any, what_a: str, what_b: str) -> None:
@@ -265,9 +313,20 @@ def check_same_acq_geometry(a: Any, b: Any, what_a: str, what_b: str) -> None:
                                     f"but {what_b} has {db}")
 
 
+def _is_listmode_objective(obj: Any) -> bool:
+    """SIRF's listmode objective, by class (``PoissonLogLikelihoodWithLinearModelForMeanAndListModeData…``,
+    ``STIR.py:2609``); its ``set_acquisition_data`` takes ``ListmodeData``."""
+    return any("ListModeData" in c.__name__ for c in type(obj).__mro__)
+
+
 def _require_objective(obj: Any) -> None:
+    if _is_listmode_objective(obj):
+        raise SirfObjectError(
+            f"{type(obj).__name__}: listmode objectives are not supported (their EM quantities are computed from "
+            "events, not from the sinograms sirf_ddip's updates use): bin the listmode with "
+            "sirf.STIR.ListmodeToSinograms and use make_Poisson_loglikelihood(prompts, acq_model=acq_model)")
     needed = ("get_subset_sensitivity", "get_backprojection_of_acquisition_ratio", "set_num_subsets",
-              "set_up", "value")
+              "set_up", "value", "set_acquisition_data")
     missing = [m for m in needed if not hasattr(obj, m)]
     if not missing:
         return
@@ -330,11 +389,8 @@ class SirfDataStep(DataStep):
             raise SirfObjectError(f"acq_model: expected a sirf.STIR AcquisitionModel, got a {sirf_kind(acq_model)}")
         if acq_data is not None:
             self._set_acq_data(acq_data, tell_objective=False)
-        if image_template is None and acq_model is not None and hasattr(acq_model, "domain_geometry"):
-            try:
-                image_template = acq_model.domain_geometry()
-            except Exception:  # noqa: BLE001 - model not set up yet: the template comes later
-                image_template = None
+        if image_template is None and acq_model is not None and model_is_set_up(acq_model):
+            image_template = acq_model.img_templ  # the set-up template (what domain_geometry() wraps)
         if image_template is not None:
             self.set_template(image_template)
         self.set_num_subsets(num_subsets)
@@ -379,13 +435,9 @@ class SirfDataStep(DataStep):
         check_pet(image, "image template")
         if len(_dims(image)) != 3:
             raise GeometryMismatchError(f"image template must be 3-D (z, y, x), got dimensions {_dims(image)}")
-        if self.acq_model is not None and hasattr(self.acq_model, "domain_geometry"):
-            try:
-                dom = self.acq_model.domain_geometry()
-            except Exception:  # noqa: BLE001 - not set up: nothing to compare with
-                dom = None
-            if dom is not None:
-                check_same_image_geometry(image, dom, "image template", "the acquisition model's image domain")
+        if self.acq_model is not None and model_is_set_up(self.acq_model):
+            check_same_image_geometry(image, self.acq_model.img_templ, "image template",
+                                      "the acquisition model's image domain (its set_up image)")
         self._template = image.clone()
         self._dirty = True
 
@@ -416,21 +468,19 @@ class SirfDataStep(DataStep):
         am = self.acq_model
         if am is None:
             return
-        for getter, what in (("range_geometry", "the acquisition model's data template"),
-                             ("get_additive_term", "the acquisition model's additive term"),
-                             ("get_background_term", "the acquisition model's background term")):
-            fn = getattr(am, getter, None)
-            if fn is None:
-                continue
-            try:
-                other = fn()
-            except Exception:  # noqa: BLE001 - model not set up / term absent
-                continue
+        # SIRF keeps Python references to the set-up template and the terms (STIR.py:1588-1598, 1623, 1639, 1653)
+        for attr, what in (("acq_templ", "the acquisition model's data template (its set_up data)"),
+                           ("at", "the acquisition model's additive term"),
+                           ("bt", "the acquisition model's background term")):
+            other = getattr(am, attr, None)
             if other is not None:
                 check_same_acq_geometry(acq, other, "prompts", what)
 
     def set_prompts(self, acq: Any) -> None:
-        """Use ``acq`` as measured data (``reconstructor.set_input``): ``objective.set_acquisition_data(acq)``."""
+        """Use ``acq`` as measured data (``reconstructor.set_input``): ``objective.set_acquisition_data(acq)``.
+
+        The objective is set up again before its next use (STIR's sensitivities and data pointers are made at
+        ``set_up``)."""
         self._set_acq_data(acq, tell_objective=True)
 
     # ------------------------------------------------------------------ subsets and set-up
@@ -443,6 +493,12 @@ class SirfDataStep(DataStep):
         if n != self._num_subsets:
             self._num_subsets = n
             self._dirty = True
+            if n > 1 and is_parallelproj(self.acq_model):
+                warnings.warn(
+                    f"{n} subsets with AcquisitionModelUsingParallelproj: STIR's parallelproj projector projects "
+                    f"every view for every subset (no view symmetries), so each sub-iteration costs a full "
+                    f"projection and one iteration costs {n}x; for subsets use one acquisition model per subset on "
+                    "prompts.get_subset(views), as PETRIC's main_OSEM.py does, or use 1 subset", stacklevel=2)
         self.objective.set_num_subsets(n)
 
     def _ensure_set_up(self) -> None:
@@ -516,12 +572,6 @@ class SirfDataStep(DataStep):
         out.fill(arr)
         return out
 
-    def acquisition_to_tensor(self, ad: Any) -> torch.Tensor:
-        """SIRF ``AcquisitionData`` → tensor ``(tof, sinograms, views, tangential)`` on the device."""
-        if not _is_acq(ad):
-            raise SirfObjectError(f"expected sirf.STIR AcquisitionData, got a {sirf_kind(ad)}")
-        return self._image_to_tensor(ad)
-
     # ------------------------------------------------------------------ EM quantities (objective)
     def sensitivity(self, subset: int | None = None) -> torch.Tensor:
         """``obj.get_subset_sensitivity(s)`` (cached until the subset count or data change); ``None``: the sum."""
@@ -545,13 +595,17 @@ class SirfDataStep(DataStep):
         return total  # type: ignore[return-value]
 
     def log_likelihood(self, x: torch.Tensor) -> float:
-        """``obj.value(image)`` plus the prior's value if the objective has one (so: the Poisson term only)."""
+        """``obj.value(image)`` plus the prior's value if the objective has one (so: the Poisson term only).
+
+        STIR's objective value is ``Σ y log ŷ − ŷ − penalty`` (``GeneralisedObjectiveFunction::
+        compute_objective_function``); the data term is computed with STIR's truncation (``accumulate_loglikelihood``,
+        ``recon_array_functions.cxx:336-377``)."""
         self._ensure_set_up()
         image = self.from_tensor(x)
         v = float(self.objective.value(image))
-        prior = getattr(self.objective, "prior", None)
+        prior = objective_prior(self.objective)
         if prior is not None:
-            v += float(prior.value(image))
+            v += float(prior.get_value(image) if hasattr(prior, "get_value") else prior.value(image))
         return v
 
     # ------------------------------------------------------------------ operators (acquisition model)
@@ -561,11 +615,19 @@ class SirfDataStep(DataStep):
                 "forward/backward need the acquisition model, which a SIRF objective does not expose: use "
                 "SirfDataStep.from_acquisition_model(acq_model, prompts) or SirfDataStep.from_objective(obj, "
                 "acq_model=acq_model)")
+        if not model_is_set_up(self.acq_model):
+            raise SirfNotReadyError(
+                "forward/backward: the acquisition model was never set up (its acq_templ/img_templ are None and "
+                "SIRF's range/domain geometries are null handles): call acq_model.set_up(prompts, image) first "
+                "(the objective function does not set the model up)")
         return self.acq_model
 
     def forward(self, x: torch.Tensor, subset: int | None = None) -> Any:
-        """``acq_model.forward(image, subset_num=s, num_subsets=S)``: a SIRF ``AcquisitionData``
-        ``S (G x + a) + b`` (for a subset, SIRF returns full-size data in which that subset's views are set)."""
+        """``acq_model.forward(image, subset_num=s, num_subsets=S)``: a full-size SIRF ``AcquisitionData``.
+
+        The subset's views hold ``S (G x + a) + b``; every other view holds ``S a + b`` (not 0): SIRF zeroes the
+        data, projects the subset's views, then adds ``a``, applies ``S`` and adds ``b`` over all views
+        (``SyneRBI/SIRF: src/xSTIR/cSTIR/stir_x.cpp:520-566``). Without a subset: ``S (G x + a) + b``."""
         am = self._model()
         image = self.from_tensor(x)
         if subset is None:
@@ -604,9 +666,54 @@ class SirfDataStep(DataStep):
                 f"num_subsets={self._num_subsets}, device={self.device})")
 
 
+def model_is_set_up(acq_model: Any) -> bool:
+    """Whether a SIRF acquisition model was ``set_up``: SIRF sets ``acq_templ``/``img_templ`` there
+    (``STIR.py:1623-1624``; None before, when ``range_geometry()``/``domain_geometry()`` are null handles)."""
+    return getattr(acq_model, "acq_templ", None) is not None and getattr(acq_model, "img_templ", None) is not None
+
+
+def is_parallelproj(acq_model: Any) -> bool:
+    """Whether ``acq_model`` is SIRF's ``AcquisitionModelUsingParallelproj`` (by class name, along its MRO)."""
+    return acq_model is not None and any(c.__name__ == "AcquisitionModelUsingParallelproj"
+                                         for c in type(acq_model).__mro__)
+
+
+def set_image_data_processor(acq_model: Any, processor: Any) -> None:
+    """``acq_model.set_image_data_processor(processor)`` with a warning for parallelproj.
+
+    SIRF puts the processor into both the forward and the back projector (``stir_x.cpp:510-517``), a matched
+    pair, except with parallelproj, which ignores it (SyneRBI/SIRF#1324, open in 3.10), so that model would
+    not include the resolution model at all. SIRF keeps no Python reference to the processor, which is why the
+    adapter cannot see one that was set directly.
+    """
+    if is_parallelproj(acq_model):
+        warnings.warn("AcquisitionModelUsingParallelproj ignores the image data processor (SyneRBI/SIRF#1324): the "
+                      "model has no resolution modelling; use AcquisitionModelUsingRayTracingMatrix for it",
+                      stacklevel=2)
+    acq_model.set_image_data_processor(processor)
+
+
+def objective_prior(objective: Any) -> Any:
+    """The prior of a SIRF objective, or None.
+
+    ``set_prior`` stores ``objective.prior`` (``STIR.py:2379-2385``); a prior set on the C++ side (a ``.par`` file,
+    another wrapper) is reached through ``get_prior()``, which wraps a null pointer when there is none
+    (``STIR.py:2387-2391``): a prior whose penalisation factor cannot be read, or is 0, counts as none.
+    """
+    prior = getattr(objective, "prior", None)
+    if prior is None and hasattr(objective, "get_prior"):
+        try:
+            prior = objective.get_prior()
+            if float(prior.get_penalisation_factor()) == 0.0:
+                prior = None
+        except Exception:  # noqa: BLE001 - null handle: no prior
+            prior = None
+    return prior
+
+
 def warn_if_prior(objective: Any) -> None:
     """Warn that sirf_ddip's EM steps ignore a prior set on the SIRF objective."""
-    prior = getattr(objective, "prior", None)
+    prior = objective_prior(objective)
     if prior is not None:
         warnings.warn("the SIRF objective has a prior: sirf_ddip's OSEM/DDIP data steps use the Poisson term only "
                       "(STIR's 'without penalty' quantities); the prior is ignored", stacklevel=2)

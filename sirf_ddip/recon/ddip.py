@@ -42,6 +42,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,8 @@ class DDIPReconstructor(IterativeReconstructor):
 
     Notes
     -----
-    ``set_num_subiterations(n)`` sets the number of diffusion steps; ``set_num_subsets(n)`` the view subsets of the
-    EM updates. ``self.x`` / :meth:`get_current_estimate` is the current x̂0 in activity units (after the warm
+    The number of diffusion steps is the config key ``num_steps`` (``set_num_subiterations`` from a SIRF script
+    does not change it, with a warning); ``set_num_subsets(n)`` sets the view subsets of the EM updates. ``self.x`` / :meth:`get_current_estimate` is the current x̂0 in activity units (after the warm
     start: the warm-start image). ``reconstruct(image)`` uses ``image`` only as geometry template and starts from
     the MLEM warm start unless :meth:`set_current_estimate` was called (unlike OSEM, a DDIP run from a uniform
     image is meaningless).
@@ -141,17 +142,23 @@ class DDIPReconstructor(IterativeReconstructor):
         self.config = self.config.replace(num_subsets=int(n))
 
     def set_num_subiterations(self, n: int) -> None:
-        """Number of diffusion steps (strided from ``t_start`` to 0)."""
+        """SIRF's sub-iteration count: recorded, but it does **not** change the diffusion schedule.
+
+        A SIRF/OSEM script sets ``set_num_subiterations(iterations × subsets)`` for OSMAPOSL; the number of
+        diffusion steps of DDIP is the config key ``num_steps`` (``DDIPReconstructor(num_steps=…)`` or the YAML),
+        so a differing count is reported with a warning instead of silently replacing the schedule.
+        :meth:`get_num_subiterations` returns the diffusion steps that ``process()`` runs.
+        """
         n = int(n)
-        if n < 1:
-            raise ValueError(f"DDIP: number of diffusion steps must be >= 1, got {n}")
-        super().set_num_subiterations(n)
-        self.config = self.config.replace(num_steps=n)
-        if self.configured and self.schedule is not None:
-            if self.iteration > 0:
-                raise RuntimeError("DDIP: cannot change the number of diffusion steps after the run has started")
-            self._timesteps = self.schedule.timesteps(self.config.t_start, n)
-            self._num_subiterations = len(self._timesteps)
+        if n < 0:
+            raise ValueError(f"num_subiterations must be >= 0, got {n}")
+        self._sirf_num_subiterations = n
+        steps = len(self._timesteps) if self.configured and getattr(self, "_timesteps", None) else \
+            self.config.num_steps
+        if n != steps:
+            warnings.warn(f"DDIPReconstructor.set_num_subiterations({n}) does not change the diffusion schedule: "
+                          f"DDIP runs num_steps = {steps} diffusion steps (set num_steps in the config or "
+                          "DDIPReconstructor(num_steps=...))", stacklevel=2)
 
     # ------------------------------------------------------------------ set-up
     def _load_bundle(self, device: torch.device):
@@ -245,15 +252,41 @@ class DDIPReconstructor(IterativeReconstructor):
 
     # ------------------------------------------------------------------ estimates
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
-        """``set_current_estimate``: restart the diffusion from this image (replaces the MLEM warm start)."""
+        """``set_current_estimate`` / ``update(image)``: what an image does depends on where the run is.
+
+        - before the first diffusion step: it seeds the warm start (replaces the MLEM warm start);
+        - during the run: it becomes the current estimate only; the diffusion state (``x_t`` and the HQS image)
+          and the schedule continue, so SIRF's canonical loop (``update_current_estimate``;
+          ``image.fill(get_current_estimate())``; ``set_current_estimate(image)``, SIRF's
+          ``examples/Python/PET/osem_reconstruction.py``) gives what ``process()`` gives;
+        - after the last step: it seeds the next run, which the next ``process()`` starts (next frame or gate).
+        """
         if not bool(torch.isfinite(x).all()):
             raise DataValueError("set_current_estimate: image contains NaN or Inf")
         if float(x.min()) < 0:
             raise DataValueError(f"set_current_estimate: image has negative values (min {float(x.min()):.4g})")
-        self._xt = None
-        self.iteration = 0
-        self._user_init = True
+        steps = len(getattr(self, "_timesteps", []) or [])
+        if self.iteration == 0:
+            self._xt = None
+            self._user_init = True
+            self._next_seed = None
+        elif self.iteration >= steps:
+            self._next_seed = x.clone()
         return x
+
+    def _prepare_process(self) -> None:
+        """``process()``: finish a run in progress (e.g. after ``load_checkpoint`` or ``run(k)``); after a
+        completed run start a new one (seeded by an image set since, else the MLEM warm start) with the same
+        seeds, so ``set_current_estimate(b); process()`` twice gives the same image twice."""
+        steps = len(getattr(self, "_timesteps", []) or [])
+        if self.iteration < steps:
+            return
+        seed = getattr(self, "_next_seed", None)
+        self._set_up(self._template_tensor)
+        self._next_seed = None
+        if seed is not None:
+            self.x = seed
+            self._user_init = True
 
     def warm_start(self) -> torch.Tensor:
         """The MLEM/OSEM warm start: ``ceil(n_init/S)`` OSEM iterations (S subsets) from a uniform image."""
@@ -430,6 +463,7 @@ class DDIPReconstructor(IterativeReconstructor):
             raise StopIteration(f"DDIP: all {len(self._timesteps)} diffusion steps are done")
         self.x = self._update(self.x)
         self.iteration += 1
+        self._after_update()  # SIRF surface: the image held by update(image), save-interval files
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -8,10 +8,15 @@ What STIR's ``OSMAPOSLReconstruction`` does, and this class does too:
   views of a subset being those of the likelihood (:class:`~sirf_ddip.physics.subsets.ViewSubsets`, STIR's
   symmetry-aware subsets);
 - subset sensitivities ``A_sᵀ m_s`` (``use subset sensitivities := 1``), computed once at :meth:`set_up`;
-- ``enforce initial positivity condition := 1`` (the default): at set-up of the initial estimate, STIR calls
-  ``threshold_min_to_small_positive_value(image, 1e-6)`` (``OSMAPOSLReconstruction::set_up``,
-  ``static const float small_num = 0.000001F``; OSSPS uses 10e-6): every value below
-  ``min(positive values) · 1e-6`` is raised to it (all values become 1e-6 if none is positive);
+- ``enforce initial positivity condition := 1`` (the default): ``OSMAPOSLReconstruction::set_up(image)`` calls
+  ``threshold_min_to_small_positive_value(image, 1e-6)`` on the set-up image itself
+  (``OSMAPOSLReconstruction.cxx:291-292``, ``static const float small_num = 0.000001F``; OSSPS uses 10e-6):
+  every value below ``min(positive values) · 1e-6`` is raised to it (all values become 1e-6 if none is
+  positive). Here: in place on a SIRF set-up image (anything with ``fill``), and on the first estimate after
+  ``set_up`` (later ``set_current_estimate`` calls are not thresholded, as in STIR);
+- ``set_maximum_relative_change`` / ``set_minimum_relative_change``: from sub-iteration 2 on, the
+  multiplicative update is clipped to ``[min, max]`` (``OSMAPOSLReconstruction.cxx:491-507``; defaults 0 and
+  FLT_MAX, lines 98-99, which change nothing);
 - the multiplicative update ``x ← x ⊙ A_sᵀ q / A_sᵀ m_s`` (:func:`sirf_ddip.recon.em.em_update`), 0 where the
   sensitivity is 0 (outside the projector's field of view);
 - an optional Gaussian post-filter (FWHM in mm; STIR's ``SeparableGaussianImageFilter``, normalised
@@ -28,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..physics.subsets import subset_of_iteration
-from .base import IterativeReconstructor
-from .em import em_update
+from .base import FLT_MAX, IterativeReconstructor, fill_in_place
+from .em import em_multiplicative_update, em_update
 
 __all__ = ["OSEMReconstructor", "threshold_min_to_small_positive_value", "gaussian_filter_mm"]
 
@@ -101,6 +106,8 @@ class OSEMReconstructor(IterativeReconstructor):
     >>> recon.set_up(init); recon.set_current_estimate(init); recon.process()  # doctest: +SKIP
     >>> out = recon.get_output()  # doctest: +SKIP
     """
+
+    _APPLIES_RELATIVE_CHANGE = True
 
     def __init__(self, objective_function: Any = None, num_subsets: int = 1, num_iterations: int | None = None,
                  num_subiterations: int | None = None, postfilter_fwhm: float | Sequence[float] | None = None,
@@ -183,14 +190,26 @@ class OSEMReconstructor(IterativeReconstructor):
             if not bool((sens > 0).any()):
                 raise ValueError(f"subset {k}: the sensitivity image is zero everywhere (no data reach the image)")
         self._voxel_size = self._voxel_sizes(self._template)
+        self._positivity_pending = self.enforce_initial_positivity
+        if self.enforce_initial_positivity and hasattr(self._template, "fill"):
+            # STIR thresholds the set-up image itself (OSMAPOSLReconstruction.cxx:291-292)
+            fill_in_place(self._template, threshold_min_to_small_positive_value(template))
+            self._positivity_pending = False
 
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enforce_initial_positivity:
+        if getattr(self, "_positivity_pending", False):
+            self._positivity_pending = False
             return threshold_min_to_small_positive_value(x)
         return x
 
     def _update(self, x: torch.Tensor) -> torch.Tensor:
-        return em_update(self.data_step, x, subset_of_iteration(self.iteration, self._num_subsets))
+        subset = subset_of_iteration(self.iteration, self._num_subsets)
+        clip = self.iteration > 0 and (self._min_relative_change > 0 or self._max_relative_change < FLT_MAX)
+        if not clip:  # the defaults (0, FLT_MAX) cannot change a non-negative update
+            return em_update(self.data_step, x, subset)
+        ds = self.data_step
+        ratio = em_multiplicative_update(torch.ones_like(x), ds.backprojected_ratio(x, subset), ds.sensitivity(subset))
+        return x * ratio.clamp(self._min_relative_change, self._max_relative_change)
 
     def progress_info(self) -> dict[str, Any]:
         return {"subset": self.get_subset_num(max(self.iteration - 1, 0))}
@@ -204,14 +223,10 @@ class OSEMReconstructor(IterativeReconstructor):
             raise ValueError("post-filter: voxel sizes unknown (set_up with an image that has a grid)")
         return gaussian_filter_mm(x, self._postfilter_fwhm, self._voxel_size)
 
+    def _output_tensor(self) -> torch.Tensor:
+        """The (post-filtered) current estimate: what :meth:`get_output` and ``reconstruct`` give."""
+        return self.postfilter(super()._output_tensor())
+
     def get_output_tensor(self) -> torch.Tensor:
         """The (post-filtered) current estimate as a tensor."""
-        if self.x is None:
-            from .base import NotSetUpError
-
-            raise NotSetUpError(f"{type(self).__name__}: no current estimate (call set_current_estimate)")
-        return self.postfilter(self.x.detach())
-
-    def get_output(self) -> Any:
-        """A copy of the result: the current estimate, post-filtered if a post-filter is set."""
-        return self.data_step.from_tensor(self.get_output_tensor(), self._template)
+        return self._output_tensor()
