@@ -83,22 +83,50 @@ def _outputs_of(path: Path) -> list[Path]:
     return [path]
 
 
-def _check_outputs(paths: list[Path], overwrite: bool) -> None:
-    from ..utils.provenance import check_output
+#: output suffixes each command accepts
+_IMAGE_SUFFIXES = (".hv", ".nii", ".nii.gz")
+_PROJ_SUFFIXES = (".hs",)
 
-    if overwrite:  # the writers note each replaced file
-        return
-    for p in paths:
-        for f in _outputs_of(p):
-            check_output(f, overwrite)
+
+def check_out_suffix(path: Path, allowed: tuple[str, ...], option: str = "--out") -> None:
+    """Refuse an output name whose suffix the writer cannot produce (before any work)."""
+    from ..errors import OutputPathError
+
+    if _suffix(path).lower() not in allowed:
+        raise OutputPathError(path, f"unsupported output suffix {_suffix(path) or '(none)'!r}; use "
+                              + " or ".join(allowed), option)
+
+
+def _run_record_files(out: Path) -> list[Path]:
+    from ..utils.provenance import run_record_paths
+
+    return run_record_paths(out.parent, f"{_stem(out)}_run_record")
+
+
+def _check_outputs(paths: list[Path], overwrite: bool, inputs: list[str | None] = ()) -> None:
+    """Every file the command will write (outputs, their data files, the run record) can be written: no folder
+    in the way, no existing file without ``--overwrite``, no output that is also an input. Runs before any work."""
+    from ..errors import OutputPathError
+    from ..utils.provenance import check_output_path
+
+    files = [f for p in paths for f in _outputs_of(p)] + _run_record_files(paths[0])
+    seen: dict[Path, Path] = {}
+    srcs = {Path(i).resolve(): i for i in inputs if i}
+    for f in files:
+        key = f.resolve()
+        if key in seen:
+            raise OutputPathError(f, f"written twice (also the data file or record of {seen[key]})")
+        seen[key] = f
+        if key in srcs:
+            raise OutputPathError(f, f"is also an input ({srcs[key]}); choose another output name")
+        check_output_path(f, overwrite)
 
 
 def _record(out: Path, command: str, params: dict[str, Any], timing: dict[str, float], overwrite: bool,
             args: argparse.Namespace | None = None) -> Path:
-    from ..utils.provenance import check_output, write_run_record
+    from ..utils.provenance import write_run_record
 
-    name = f"{_stem(out)}_run_record"
-    check_output(out.parent / f"{name}.json", overwrite)
+    name = f"{_stem(out)}_run_record"  # checked with the outputs, before any work (_check_outputs)
     argv = ["sirf-ddip", command]
     if args is not None:
         argv += [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("func", "command")]
@@ -125,12 +153,16 @@ def run_forward(args) -> int:
     from ..io import read_image, read_projdata, write_projdata
     from ..utils.device import resolve_device
 
+    from ..utils.checks import require_finite
+
     out = Path(args.out)
-    _check_outputs([out], args.overwrite)
+    check_out_suffix(out, _PROJ_SUFFIXES)
+    _check_outputs([out], args.overwrite, [args.image, args.template])
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     img = read_image(args.image)
+    require_finite(img.array, args.image, "image")
     tmpl = read_projdata(args.template)
-    device = resolve_device(args.device)
     proj = _projector(tmpl.geometry, img.grid, device, args.image, args.template)
     with torch.no_grad():
         y = proj.forward(torch.as_tensor(img.array, device=device))
@@ -151,12 +183,16 @@ def run_backward(args) -> int:
     from ..io import read_image, read_projdata, write_image
     from ..utils.device import resolve_device
 
+    from ..utils.checks import require_finite
+
     out = Path(args.out)
-    _check_outputs([out], args.overwrite)
+    check_out_suffix(out, _IMAGE_SUFFIXES)
+    _check_outputs([out], args.overwrite, [args.sino, args.image_template])
+    device = resolve_device(args.device)
     t0 = time.perf_counter()
     sino = read_projdata(args.sino)
+    require_finite(sino.array, args.sino, "projection data")
     tmpl = read_image(args.image_template)
-    device = resolve_device(args.device)
     proj = _projector(sino.geometry, tmpl.grid, device, args.image_template, args.sino)
     with torch.no_grad():
         x = proj.adjoint(torch.as_tensor(sino.array, device=device))
@@ -204,22 +240,30 @@ def run_osem(args) -> int:
     from ..recon.osem import OSEMReconstructor
     from ..utils.device import resolve_device
 
+    import math
+
+    from ..utils.checks import require_finite
+
     if args.iterations < 0:
         raise ConfigError(f"--iterations must be >= 0, got {args.iterations}")
     if args.subsets < 1:
         raise ConfigError(f"--subsets must be >= 1, got {args.subsets}")
     if args.save_interval < 0:
         raise ConfigError(f"--save-interval must be >= 0, got {args.save_interval}")
+    if args.postfilter_fwhm is not None and not (math.isfinite(args.postfilter_fwhm) and args.postfilter_fwhm >= 0):
+        raise ConfigError(f"--postfilter-fwhm must be a number of mm >= 0, got {args.postfilter_fwhm}")
     out = Path(args.out)
+    check_out_suffix(out, _IMAGE_SUFFIXES)
     nsub = args.iterations * args.subsets
     saves = []
     if args.save_interval:
         saver = _SaveEvery(out, args.save_interval, args.overwrite)
         saves = [saver.path(k) for k in range(args.save_interval, nsub + 1, args.save_interval)]
-    _check_outputs([out, *saves], args.overwrite)
-    t0 = time.perf_counter()
+    _check_outputs([out, *saves], args.overwrite, [args.prompts, args.mult, args.additive, args.init])
     device = resolve_device(args.device)
+    t0 = time.perf_counter()
     init = read_image(args.init)
+    require_finite(init.array, args.init, "initial image")
     ds = EngineDataStep.from_files(args.prompts, args.mult, args.additive, image_template=args.init,
                                    device=device, num_subsets=1)
     try:

@@ -136,7 +136,7 @@ def _check_byte_order(hdr: InterfileHeader, raw: np.ndarray) -> None:
     bad, n = absurd(raw)
     if n == 0 or bad <= 0.5 * n:
         return
-    swapped = raw.byteswap().view(raw.dtype.newbyteorder())
+    swapped = raw.view(raw.dtype.newbyteorder())  # the same bytes, read in the other order
     bad_s, n_s = absurd(swapped)
     if n_s and bad_s <= 0.01 * n_s:
         order = "LITTLEENDIAN" if raw.dtype.byteorder == ">" or (raw.dtype.byteorder == "=" and

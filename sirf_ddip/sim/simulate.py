@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..data import Image, ProjData
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError, OutputExistsError, OutputPathError
 from ..geometry.image import ImageGrid
 from . import phantoms as ph
 
@@ -391,16 +391,18 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
     """
     from ..config import from_dict
     from ..io import write_image, write_projdata
+    from ..utils.atomic import ensure_folder, write_text
     from ..utils.provenance import write_run_record
 
     cfg = from_dict(SimulationConfig, config, source="simulation config") if isinstance(config, dict) else config
     cfg.validate()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(out, "is a file; the simulation writes a folder", "--out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    geometry = build_geometry(cfg)
+    geometry = build_geometry(cfg)  # every config error before the folder is made
+    ensure_folder(out)
     grid = geometry.default_image_grid(xy=cfg.image_xy)
     nz = grid.shape[0]
     nz_full = _full_head_planes(nz, grid.voxel_size[0])
@@ -490,6 +492,6 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         "model": "prompts ~ Poisson(mult_factors * (A truth + additive_term)); "
                  "additive_term = (randoms + scatter) / mult_factors",
     }
-    (out / "case.json").write_text(json.dumps(case, indent=1, default=float))
+    write_text(out / "case.json", json.dumps(case, indent=1, default=float))
     write_run_record(out, config=cfg, seed=cfg.seed, extra={"noise_seed": int(noise_seed)})
     return out

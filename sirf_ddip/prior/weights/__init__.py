@@ -171,13 +171,56 @@ def _resolve(path_or_dir: str | Path) -> tuple[Path, Path]:
     return p, card
 
 
+def resolve_weights(path_or_dir: str | Path | None) -> tuple[Path, Path]:
+    """(weights file, card file) of a prior given by path, folder, shipped name or ``None`` (the default).
+
+    Raises
+    ------
+    InputFileError
+        No such weights file or no card next to it.
+    """
+    return _resolve(default_weights_path() if path_or_dir is None else path_or_dir)
+
+
 def read_card(path_or_dir: str | Path) -> dict[str, Any]:
     """The JSON card of a prior (no weights loaded)."""
     _, card = _resolve(path_or_dir)
     try:
-        return json.loads(card.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputFileError(card, f"not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise InputFileError(card, f"cannot read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise InputFileError(card, f"a weights card is a JSON object, got {type(data).__name__}")
+    return data
+
+
+def verified_card(path_or_dir: str | Path | None) -> tuple[Path, dict[str, Any], str]:
+    """The card of a prior whose weights it describes: (weights path, card, SHA-256 of the weights).
+
+    Unlike :func:`read_card` the card must be one of ours (``format``), list the weights' SHA-256, and that must
+    be the SHA-256 of the weights file next to it; so a card never vouches for weights it does not describe.
+
+    Raises
+    ------
+    InputFileError
+        A card of another format, no ``weights_sha256`` (unknown weights), or a SHA-256 mismatch.
+    """
+    wpath, cpath = resolve_weights(path_or_dir)
+    card = read_card(wpath)
+    if card.get("format") != FORMAT:
+        raise InputFileError(cpath, f"not a sirf_ddip prior card: format {card.get('format')!r} (expected "
+                             f"{FORMAT!r}); these weights are unknown", key="format")
+    want = card.get("weights_sha256")
+    if not isinstance(want, str) or len(want) != 64:
+        raise InputFileError(cpath, f"the card does not record the weights' SHA-256 (got {want!r}): unknown "
+                             "weights, refusing to describe them", key="weights_sha256")
+    got = sha256_file(wpath)
+    if got != want.lower():
+        raise InputFileError(wpath, f"SHA-256 {got[:16]}… does not match the card's {want[:16]}… (corrupt or "
+                             "replaced weights file, or a card of other weights)", key="weights_sha256")
+    return wpath, card, got
 
 
 def load_prior(path_or_dir: str | Path, device=None, check_hash: bool = True) -> PriorBundle:
