@@ -88,13 +88,20 @@ INPUTS_RECORD = "inputs.json"
 
 def _input_files(path: str | None) -> list[Path] | None:
     """The files that hold an input: an Interfile header and its data file, or the one file (NIfTI)."""
+    from ..errors import InputFileError
     from ..io.header import InterfileHeader
 
     if not path:
         return None
     p = Path(path)
+    if not p.is_file():
+        raise InputFileError(p, "input file not found")
     if p.name.lower().endswith((".hs", ".hv")):
-        return [p, InterfileHeader.read(p).data_file()]
+        try:
+            data = InterfileHeader.read(p).data_file()
+        except InputFileError:  # no data file named: the reader reports it with its own message
+            return [p]
+        return [p, data] if data.is_file() else [p]
     return [p]
 
 
