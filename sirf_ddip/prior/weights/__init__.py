@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from ...errors import InputFileError
+from ...errors import ConfigError, InputFileError
+from ...utils.atomic import atomic_path, write_text
 from ...utils.provenance import check_output, versions
 from ..network import ScoreNetwork, build_network
 from ..scaling import MRScaler, PETScaler
@@ -113,9 +114,11 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
 
     path = Path(path)
     if not path.name.endswith(".safetensors"):
-        raise ValueError(f"save_prior: {path}: weights file name must end with .safetensors")
+        raise ConfigError(f"save_prior: {path}: weights file name must end with .safetensors")
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"save_prior: dtype must be 'float16' or 'float32', got {dtype!r}")
+        raise ConfigError(f"save_prior: dtype must be 'float16' or 'float32', got {dtype!r}")
+    if network.uses_mr and mr_scaling is None:  # before anything is written
+        raise ConfigError("save_prior: the network uses MR but no MR scaling was given")
     card_path = card_path_for(path)
     check_output(path, overwrite)
     check_output(card_path, overwrite)
@@ -126,7 +129,8 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
         sd = base_state_dict(network) if state_dict is None else {k: v for k, v in sd.items() if "lora_" not in k}
     tdt = torch.float16 if dtype == "float16" else torch.float32
     tensors = {k: v.detach().to("cpu", tdt if v.is_floating_point() else v.dtype).contiguous() for k, v in sd.items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT})
+    with atomic_path(path) as tmp:  # a temporary name, renamed when complete
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
     card = {
         "format": FORMAT,
         "architecture": dict(network.arch),
@@ -141,9 +145,7 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    if network.uses_mr and mr_scaling is None:
-        raise ValueError("save_prior: the network uses MR but no MR scaling was given")
-    card_path.write_text(json.dumps(card, indent=2, default=str))
+    write_text(card_path, json.dumps(card, indent=2, default=str))
     return card_path
 
 
