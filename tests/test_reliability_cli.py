@@ -249,6 +249,23 @@ CASES: list[Case] = [
     Case("sim-span-even", SIM + ["--set", "span=2"], None, "span"),
     Case("sim-out-is-file", _sub(SIM, "{d}/simout", "{d}/afile"), _w("afile", "x"), "afile"),
     Case("sim-set-bad-type", SIM + ["--set", "seed=abc"], None, "seed"),
+    Case("sim-seed-negative", SIM + ["--set", "seed=-1"], None, "seed"),
+    Case("sim-image-xy-zero", SIM + ["--set", "image_xy=0"], None, "image_xy"),
+    Case("sim-config-is-folder", _sub(SIM, "{d}/sim.yaml", "{d}/cfgdir"), lambda d: (d / "cfgdir").mkdir(), "cfgdir"),
+    # ------------------------------------------------------------------ more of each kind
+    Case("fwd-image-offset-nan", FWD, lambda d: edit_header(d / "img.hv", r"first pixel offset \(mm\) \[1\]", "nan"),
+         r"first pixel offset"),
+    Case("fwd-template-missing-data", FWD, lambda d: (d / "prompts.s").unlink(), "prompts"),
+    Case("fwd-template-rings-zero", FWD, lambda d: edit_header(d / "prompts.hs", "number of rings", "0"),
+         r"rings"),
+    Case("bwd-out-is-input", _sub(BWD, "{d}/bp.hv", "{d}/init.hv") + ["--overwrite"], None, "input"),
+    Case("osem-out-is-input", _sub(OSEM, "{d}/osem.hv", "{d}/init.hv") + ["--overwrite"], None, "input"),
+    Case("recon-out-is-mr", _sub(RECON, "{d}/ddip.hv", "{d}/mr.hv") + ["--overwrite"], None, "input"),
+    Case("recon-stale-checkpoint", RECON, lambda d: (d / "ddip_checkpoint").mkdir() or
+         (d / "ddip_checkpoint" / "ddip_checkpoint.pt").write_bytes(b"old"), "ddip_checkpoint.pt"),
+    Case("prior-check-out-is-image", _sub(CHECK, "{d}/den.hv", "{d}/img.hv") + ["--overwrite"], None, "input"),
+    Case("prior-info-card-not-json", ["prior", "info", "--weights", "{d}/rand.safetensors"],
+         lambda d: (random_safetensors(d), (d / "rand.card.json").write_text("{nope")), "JSON"),
 ]
 
 

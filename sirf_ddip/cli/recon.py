@@ -252,7 +252,10 @@ def _recon(args) -> int:
             for stale in (ck_dir / CHECKPOINT_FILE, ck_dir / INPUTS_RECORD):
                 stale.unlink(missing_ok=True)
         write_text(ck_dir / INPUTS_RECORD, json.dumps(identity, indent=2))
-    cbs: list[Any] = [ProgressCallback(desc="DDIP"), LoggingCallback(folder / f"{output_stem(out)}_log.jsonl")]
+    log = folder / f"{output_stem(out)}_log.jsonl"
+    if not args.resume:
+        log.unlink(missing_ok=True)  # checked above: absent, or replaced under --overwrite (the log appends)
+    cbs: list[Any] = [ProgressCallback(desc="DDIP"), LoggingCallback(log)]
     if checkpointing:
         cbs.append(CheckpointCallback(ck_dir, every=cfg.checkpoint_every, at_end=False))
     recon.run(recon.remaining(), callbacks=cbs)

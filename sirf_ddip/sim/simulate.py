@@ -124,6 +124,16 @@ class SimulationConfig:
             raise ConfigError(f"simulation: key 'split' must be one of {sorted(ph.SPLITS)}, got {self.split!r}")
         if self.pose is not None and self.pose not in ph.POSES:
             raise ConfigError(f"simulation: key 'pose' must be one of {sorted(ph.POSES)}, got {self.pose!r}")
+        for key in ("seed", "noise_seed"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v < 2 ** 63:
+                raise ConfigError(f"simulation: key '{key}' must be an integer >= 0, got {v}")
+        if not self.image_xy >= 8:
+            raise ConfigError(f"simulation: key 'image_xy' must be >= 8 voxels, got {self.image_xy}")
+        if not math.isfinite(self.axial_offset_mm):
+            raise ConfigError(f"simulation: key 'axial_offset_mm' must be a finite number, got {self.axial_offset_mm}")
+        if not (math.isfinite(self.reference_prompts) and math.isfinite(self.efficiency_sd)):
+            raise ConfigError("simulation: keys 'reference_prompts' and 'efficiency_sd' must be finite numbers")
 
 
 @dataclass
@@ -254,7 +264,8 @@ def axial_count_fraction(geometry, slab_profile: np.ndarray, full_profile: np.nd
     mrd = full.num_rings - 1 if full_max_ring_diff is None else int(full_max_ring_diff)
     f_full = f(full.num_rings, mrd, np.asarray(full_profile, dtype=float), offset)
     if f_full <= 0:
-        raise ValueError("no activity in the full scanner's field of view")
+        raise ConfigError("simulation: no activity in the full scanner's field of view (check the keys "
+                          "'axial_offset_mm' and 'num_rings')")
     return float(f_sim / f_full)
 
 
