@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data import Image, ProjData
-from ..errors import GeometryError, InputFileError, UnsupportedDataError
+from ..errors import GeometryError, GeometryMismatchError, InputFileError, UnsupportedDataError
 from ..geometry.image import ImageGrid
 from ..utils.atomic import atomic_paths
 from ..utils.provenance import check_output
@@ -574,7 +574,8 @@ def write_projdata(path: str | os.PathLike, projdata: ProjData, overwrite: bool 
     geometry = projdata.geometry
     arr = np.asarray(projdata.array, dtype=np.float32)
     if tuple(arr.shape) != tuple(geometry.shape):
-        raise ValueError(f"write_projdata: array shape {arr.shape} != geometry shape {tuple(geometry.shape)}")
+        raise GeometryMismatchError(f"write_projdata {path}: array shape {arr.shape} != geometry shape "
+                                    f"{tuple(geometry.shape)}")
     numbers, axial = _segment_layout_of_geometry(geometry)
     flat = memory_to_file_order(arr, numbers, axial, order="view")
     lines = geometry.header_lines(data_file=data_path.name, storage="view",

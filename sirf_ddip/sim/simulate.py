@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..data import Image, ProjData
-from ..errors import ConfigError, OutputExistsError, OutputPathError
+from ..errors import ConfigError, GeometryMismatchError, OutputExistsError, OutputPathError
 from ..geometry.image import ImageGrid
 from . import phantoms as ph
 
@@ -326,11 +326,11 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     shape = tuple(geometry.shape)
     ax = np.asarray(forward(np.asarray(truth, dtype=np.float32)), dtype=np.float64)
     if ax.shape != shape:
-        raise ValueError(f"forward projection shape {ax.shape} != geometry shape {shape}")
+        raise GeometryMismatchError(f"forward projection shape {ax.shape} != geometry shape {shape}")
     mu_fwd = forward if mu_forward is None else mu_forward
     mu_proj = np.asarray(mu_fwd(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64)
     if mu_proj.shape != shape:
-        raise ValueError(f"μ-map forward projection shape {mu_proj.shape} != geometry shape {shape}")
+        raise GeometryMismatchError(f"μ-map forward projection shape {mu_proj.shape} != geometry shape {shape}")
     att = np.exp(-0.1 * float(length_unit_mm) * mu_proj)
     eff = detector_efficiencies(geometry, rng, efficiency_sd)
     norm_att = eff * att
