@@ -255,6 +255,9 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ more of each kind
     Case("fwd-image-offset-nan", FWD, lambda d: edit_header(d / "img.hv", r"first pixel offset \(mm\) \[1\]", "nan"),
          r"first pixel offset"),
+    Case("fwd-image-scale-nan", FWD, lambda d: open(d / "img.hv", "a").write("image scaling factor [1] := nan\n"),
+         "scaling factor"),
+    Case("sim-template-cache-missing", SIM + ["--set", "template_cache={d}/none.npz"], None, "none.npz"),
     Case("fwd-template-missing-data", FWD, lambda d: (d / "prompts.s").unlink(), "prompts"),
     Case("fwd-template-rings-zero", FWD, lambda d: edit_header(d / "prompts.hs", "number of rings", "0"),
          r"rings"),
@@ -297,6 +300,7 @@ def prepare(case: Case, base: Path, d: Path) -> None:
 
 def _argv(case: Case, d: Path) -> list[str]:
     return [a.replace("{d}", str(d)) for a in case.argv]
+
 
 
 def outcome(d: Path, before: dict[str, str], rc: int, err: str, traceback: bool) -> Outcome:

@@ -94,6 +94,9 @@ def _scale_factor(hdr: InterfileHeader) -> float:
     for key in ("image scaling factor [1]", "image scaling factor"):
         v = hdr.get_float(key)
         if v is not None:
+            if not (np.isfinite(v) and v != 0):
+                raise InputFileError(hdr.path, f"image scaling factor must be a finite non-zero number, got {v!r}",
+                                     key=key)
             return float(v)
     return 1.0
 

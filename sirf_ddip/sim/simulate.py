@@ -402,7 +402,7 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
     """
     from ..config import from_dict
     from ..io import write_image, write_projdata
-    from ..utils.atomic import ensure_folder, write_text
+    from ..utils.atomic import write_text
     from ..utils.provenance import write_run_record
 
     cfg = from_dict(SimulationConfig, config, source="simulation config") if isinstance(config, dict) else config
@@ -412,8 +412,7 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         raise OutputPathError(out, "is a file; the simulation writes a folder", "--out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(out)
-    geometry = build_geometry(cfg)  # every config error before the folder is made
-    ensure_folder(out)
+    geometry = build_geometry(cfg)  # config errors before anything is made; the writers create the folder
     grid = geometry.default_image_grid(xy=cfg.image_xy)
     nz = grid.shape[0]
     nz_full = _full_head_planes(nz, grid.voxel_size[0])

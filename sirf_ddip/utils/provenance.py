@@ -58,7 +58,7 @@ def check_output_path(path: str | Path, overwrite: bool = False, option: str | N
     Raises
     ------
     OutputPathError
-        ``path`` is a folder, or a part of its folder is a file.
+        ``path`` is a folder, a part of its folder is a file, or its folder is not writable.
     OutputExistsError
         The file exists and ``overwrite`` is False.
     """
@@ -69,6 +69,8 @@ def check_output_path(path: str | Path, overwrite: bool = False, option: str | N
         if parent.exists():
             if not parent.is_dir():
                 raise OutputPathError(path, f"cannot be created: {parent} is a file, not a folder", option)
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputPathError(path, f"cannot be created: no permission to write in {parent}", option)
             break
     if path.exists() and not overwrite:
         raise OutputExistsError(path)
