@@ -184,6 +184,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 
 def dump_yaml(obj, path: str | Path) -> None:
-    """Write a dataclass or mapping as YAML."""
+    """Write a dataclass or mapping as YAML (UTF-8, atomically)."""
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    from .utils.atomic import write_text
+
+    write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
