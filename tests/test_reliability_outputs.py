@@ -21,7 +21,7 @@ from sirf_ddip.cli import main
 from sirf_ddip.data import Image, ProjData
 from sirf_ddip.errors import OutputWriteError, ResumeMismatchError
 from sirf_ddip.geometry.image import ImageGrid
-from sirf_ddip.io import read_image, write_image, write_projdata
+from sirf_ddip.io import write_image, write_projdata
 
 from _dense_projector import tiny_geometry
 

@@ -7,12 +7,15 @@
   --out OUT.hv``: STIR-OSMAPOSL-equivalent OSEM; ``--init`` fixes the image grid.
 
 Every command writes ``<out stem>_run_record.json`` next to its output (resolved parameters, versions, timing)
-and refuses to overwrite unless ``--overwrite``. Errors in the inputs exit with code 2 and one line.
+and refuses to overwrite unless ``--overwrite``. Every output is checked (suffix, folder, existing files, the
+run record, no output that is an input) before any input is read, inputs with NaN/Inf are refused, and outputs
+are written atomically. Errors in the inputs exit with code 2 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -84,8 +87,8 @@ def _outputs_of(path: Path) -> list[Path]:
 
 
 #: output suffixes each command accepts
-_IMAGE_SUFFIXES = (".hv", ".nii", ".nii.gz")
-_PROJ_SUFFIXES = (".hs",)
+IMAGE_SUFFIXES = (".hv", ".nii", ".nii.gz")
+PROJ_SUFFIXES = (".hs",)
 
 
 def check_out_suffix(path: Path, allowed: tuple[str, ...], option: str = "--out") -> None:
@@ -151,12 +154,11 @@ def run_forward(args) -> int:
 
     from ..data import ProjData
     from ..io import read_image, read_projdata, write_projdata
+    from ..utils.checks import require_finite
     from ..utils.device import resolve_device
 
-    from ..utils.checks import require_finite
-
     out = Path(args.out)
-    check_out_suffix(out, _PROJ_SUFFIXES)
+    check_out_suffix(out, PROJ_SUFFIXES)
     _check_outputs([out], args.overwrite, [args.image, args.template])
     device = resolve_device(args.device)
     t0 = time.perf_counter()
@@ -181,12 +183,11 @@ def run_backward(args) -> int:
 
     from ..data import Image
     from ..io import read_image, read_projdata, write_image
+    from ..utils.checks import require_finite
     from ..utils.device import resolve_device
 
-    from ..utils.checks import require_finite
-
     out = Path(args.out)
-    check_out_suffix(out, _IMAGE_SUFFIXES)
+    check_out_suffix(out, IMAGE_SUFFIXES)
     _check_outputs([out], args.overwrite, [args.sino, args.image_template])
     device = resolve_device(args.device)
     t0 = time.perf_counter()
@@ -238,11 +239,8 @@ def run_osem(args) -> int:
     from ..physics.model import EngineDataStep
     from ..recon.callbacks import ProgressCallback
     from ..recon.osem import OSEMReconstructor
-    from ..utils.device import resolve_device
-
-    import math
-
     from ..utils.checks import require_finite
+    from ..utils.device import resolve_device
 
     if args.iterations < 0:
         raise ConfigError(f"--iterations must be >= 0, got {args.iterations}")
@@ -253,7 +251,7 @@ def run_osem(args) -> int:
     if args.postfilter_fwhm is not None and not (math.isfinite(args.postfilter_fwhm) and args.postfilter_fwhm >= 0):
         raise ConfigError(f"--postfilter-fwhm must be a number of mm >= 0, got {args.postfilter_fwhm}")
     out = Path(args.out)
-    check_out_suffix(out, _IMAGE_SUFFIXES)
+    check_out_suffix(out, IMAGE_SUFFIXES)
     nsub = args.iterations * args.subsets
     saves = []
     if args.save_interval:

@@ -159,9 +159,9 @@ def _check_recon_outputs(args, out: Path, ck_dir: Path | None, checkpointing: bo
     from ..errors import OutputExistsError, OutputPathError
     from ..recon.ddip import CHECKPOINT_FILE
     from ..utils.provenance import check_output_path, run_record_paths
-    from .engine import _IMAGE_SUFFIXES, check_out_suffix
+    from .engine import IMAGE_SUFFIXES, check_out_suffix
 
-    check_out_suffix(out, _IMAGE_SUFFIXES)
+    check_out_suffix(out, IMAGE_SUFFIXES)
     stem, folder = output_stem(out), out.parent
     files = [out] + ([out.with_suffix(".v")] if out.name.lower().endswith(".hv") else [])
     files += run_record_paths(folder, f"{stem}_run_record")
