@@ -118,6 +118,14 @@ def _w(name: str, text: str | bytes) -> Callable[[Path], None]:
     return f
 
 
+def _truncated_nifti(d: Path) -> None:
+    from sirf_ddip.io import read_image, write_image
+
+    write_image(d / "cut.nii", read_image(d / "img.hv"))
+    data = (d / "cut.nii").read_bytes()
+    (d / "cut.nii").write_bytes(data[: len(data) - 100])
+
+
 def _both(*fs: Callable[[Path], None]) -> Callable[[Path], None]:
     def f(d: Path) -> None:
         for g in fs:
@@ -152,6 +160,7 @@ CASES: list[Case] = [
          "folder.hv"),
     Case("fwd-image-garbage-nifti", _sub(FWD, "{d}/img.hv", "{d}/junk.nii"), _w("junk.nii", b"\x00junk" * 50),
          "junk.nii"),
+    Case("fwd-image-truncated-nifti", _sub(FWD, "{d}/img.hv", "{d}/cut.nii"), lambda d: _truncated_nifti(d), "cut.nii"),
     Case("fwd-image-unknown-suffix", _sub(FWD, "{d}/img.hv", "{d}/img.png"), _w("img.png", b"x"), r"\.hv"),
     # ------------------------------------------------------------------ forward: the template and outputs
     Case("fwd-template-views-half", FWD, lambda d: edit_header(d / "prompts.hs", r"matrix size \[3\]", "4"),

@@ -103,7 +103,11 @@ def read_nifti(path: str | os.PathLike) -> Image:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types
         raise InputFileError(path, f"cannot read NIfTI: {exc}") from None
-    data = np.asanyarray(img.dataobj)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt data block (EOFError, ValueError, OSError...)
+        raise InputFileError(path, f"cannot read the image data (truncated or corrupt file?): {exc}", key="dim") \
+            from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
