@@ -160,7 +160,8 @@ def test_require_finite_names_source_and_index():
     a = np.ones((2, 3), np.float32)
     require_finite(a, "x.hv")
     a[1, 2] = np.inf
-    with pytest.raises(DataValueError, match=r"x\.hv: the image contain 0 NaN and 1 Inf.*\[1, 2\]"):
+    with pytest.raises(DataValueError, match=r"x\.hv: 0 NaN and 1 Inf value\(s\) in the image \(first at "
+                                             r"index \[1, 2\]\)"):
         require_finite(a, "x.hv", "image")
 
 

@@ -29,5 +29,5 @@ def require_finite(array, source: str, what: str = "values") -> None:
     n_nan = int(np.count_nonzero(np.isnan(a)))
     n_inf = int(np.count_nonzero(bad)) - n_nan
     first = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise DataValueError(f"{source}: the {what} contain {n_nan} NaN and {n_inf} Inf value(s) (first at index "
+    raise DataValueError(f"{source}: {n_nan} NaN and {n_inf} Inf value(s) in the {what} (first at index "
                          f"{list(first)}); no valid PET input has them: fix or regenerate the file")
