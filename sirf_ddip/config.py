@@ -142,11 +142,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with clear errors naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -180,6 +184,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 
 def dump_yaml(obj, path: str | Path) -> None:
-    """Write a dataclass or mapping as YAML."""
+    """Write a dataclass or mapping as YAML (UTF-8, atomically)."""
     data = to_dict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    from .utils.atomic import write_text
+
+    write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

@@ -51,6 +51,57 @@ class ConfigError(SirfDdipError, ValueError):
     """An unknown, missing or ill-typed configuration key."""
 
 
+class UnknownScannerError(ConfigError, KeyError):
+    """A scanner name that is not one of the presets (also a ``KeyError``, as a failed look-up)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class GeometryError(SirfDdipError, ValueError):
+    """Impossible geometry parameters: a non-positive voxel size, an odd detector count, a span that is even."""
+
+
+class DeviceError(SirfDdipError, ValueError):
+    """A compute device that does not exist on this machine (``cuda`` without a GPU) or is not a device name."""
+
+
+class OutputPathError(SirfDdipError, ValueError):
+    """An output path that cannot be used: wrong suffix, a folder that is a file, the same file twice.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output at fault.
+    message : str
+        What is wrong.
+    option : str, optional
+        The command-line option or argument that named it (``--out``).
+    """
+
+    def __init__(self, path: str | Path, message: str, option: str | None = None):
+        self.path = str(path)
+        self.option = option
+        where = f"{option} {self.path}" if option else self.path
+        super().__init__(f"{where}: {message}")
+
+
+class OutputWriteError(SirfDdipError, OSError):
+    """Writing an output failed (disk full, file-size limit, permissions); the previous file is unchanged."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: cannot write ({reason}); any previous file of that name is unchanged "
+                         "and no partial file was left")
+
+    def __str__(self) -> str:  # OSError would format (errno, strerror)
+        return str(self.args[0])
+
+
+class ResumeMismatchError(SirfDdipError, ValueError):
+    """A checkpoint resumed with inputs (data, MR, prior) other than those it was made from, or of unknown origin."""
+
+
 class OutputExistsError(SirfDdipError, FileExistsError):
     """Refusing to overwrite an existing output without an explicit ``overwrite``."""
 

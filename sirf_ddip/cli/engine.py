@@ -7,12 +7,15 @@
   --out OUT.hv``: STIR-OSMAPOSL-equivalent OSEM; ``--init`` fixes the image grid.
 
 Every command writes ``<out stem>_run_record.json`` next to its output (resolved parameters, versions, timing)
-and refuses to overwrite unless ``--overwrite``. Errors in the inputs exit with code 2 and one line.
+and refuses to overwrite unless ``--overwrite``. Every output is checked (suffix, folder, existing files, the
+run record, no output that is an input) before any input is read, inputs with NaN/Inf are refused, and outputs
+are written atomically. Errors in the inputs exit with code 2 and one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -83,22 +86,50 @@ def _outputs_of(path: Path) -> list[Path]:
     return [path]
 
 
-def _check_outputs(paths: list[Path], overwrite: bool) -> None:
-    from ..utils.provenance import check_output
+#: output suffixes each command accepts
+IMAGE_SUFFIXES = (".hv", ".nii", ".nii.gz")
+PROJ_SUFFIXES = (".hs",)
 
-    if overwrite:  # the writers note each replaced file
-        return
-    for p in paths:
-        for f in _outputs_of(p):
-            check_output(f, overwrite)
+
+def check_out_suffix(path: Path, allowed: tuple[str, ...], option: str = "--out") -> None:
+    """Refuse an output name whose suffix the writer cannot produce (before any work)."""
+    from ..errors import OutputPathError
+
+    if _suffix(path).lower() not in allowed:
+        raise OutputPathError(path, f"unsupported output suffix {_suffix(path) or '(none)'!r}; use "
+                              + " or ".join(allowed), option)
+
+
+def _run_record_files(out: Path) -> list[Path]:
+    from ..utils.provenance import run_record_paths
+
+    return run_record_paths(out.parent, f"{_stem(out)}_run_record")
+
+
+def _check_outputs(paths: list[Path], overwrite: bool, inputs: list[str | None] = ()) -> None:
+    """Every file the command will write (outputs, their data files, the run record) can be written: no folder
+    in the way, no existing file without ``--overwrite``, no output that is also an input. Runs before any work."""
+    from ..errors import OutputPathError
+    from ..utils.provenance import check_output_path
+
+    files = [f for p in paths for f in _outputs_of(p)] + _run_record_files(paths[0])
+    seen: dict[Path, Path] = {}
+    srcs = {Path(i).resolve(): i for i in inputs if i}
+    for f in files:
+        key = f.resolve()
+        if key in seen:
+            raise OutputPathError(f, f"written twice (also the data file or record of {seen[key]})")
+        seen[key] = f
+        if key in srcs:
+            raise OutputPathError(f, f"is also an input ({srcs[key]}); choose another output name")
+        check_output_path(f, overwrite)
 
 
 def _record(out: Path, command: str, params: dict[str, Any], timing: dict[str, float], overwrite: bool,
             args: argparse.Namespace | None = None) -> Path:
-    from ..utils.provenance import check_output, write_run_record
+    from ..utils.provenance import write_run_record
 
-    name = f"{_stem(out)}_run_record"
-    check_output(out.parent / f"{name}.json", overwrite)
+    name = f"{_stem(out)}_run_record"  # checked with the outputs, before any work (_check_outputs)
     argv = ["sirf-ddip", command]
     if args is not None:
         argv += [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("func", "command")]
@@ -125,20 +156,26 @@ def _project(args, adjoint: bool) -> int:
 
     from ..data import Image, ProjData
     from ..io import read_image, read_projdata, write_image, write_projdata
+    from ..utils.checks import require_finite
     from ..utils.device import resolve_device
 
     out = Path(args.out)
-    _check_outputs([out], args.overwrite)
-    t0 = time.perf_counter()
     if adjoint:
         command, inputs = "backward", {"sino": args.sino, "image_template": args.image_template}
-        sino, img = read_projdata(args.sino), read_image(args.image_template)
-        src, img_name, sino_name = sino.array, args.image_template, args.sino
+        check_out_suffix(out, IMAGE_SUFFIXES)
     else:
         command, inputs = "forward", {"image": args.image, "template": args.template}
-        img, sino = read_image(args.image), read_projdata(args.template)
-        src, img_name, sino_name = img.array, args.image, args.template
+        check_out_suffix(out, PROJ_SUFFIXES)
+    _check_outputs([out], args.overwrite, list(inputs.values()))
     device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    if adjoint:
+        sino, img = read_projdata(args.sino), read_image(args.image_template)
+        src, img_name, sino_name, what = sino.array, args.image_template, args.sino, "projection data"
+    else:
+        img, sino = read_image(args.image), read_projdata(args.template)
+        src, img_name, sino_name, what = img.array, args.image, args.template, "image"
+    require_finite(src, sino_name if adjoint else img_name, what)
     proj = _projector(sino.geometry, img.grid, device, img_name, sino_name)
     with torch.no_grad():
         t = torch.as_tensor(src, device=device)
@@ -197,6 +234,7 @@ def run_osem(args) -> int:
     from ..physics.model import EngineLogLikelihood
     from ..recon.callbacks import ProgressCallback
     from ..recon.osem import OSEMReconstructor
+    from ..utils.checks import require_finite
     from ..utils.device import resolve_device
 
     if args.iterations < 0:
@@ -205,16 +243,20 @@ def run_osem(args) -> int:
         raise ConfigError(f"--subsets must be >= 1, got {args.subsets}")
     if args.save_interval < 0:
         raise ConfigError(f"--save-interval must be >= 0, got {args.save_interval}")
+    if args.postfilter_fwhm is not None and not (math.isfinite(args.postfilter_fwhm) and args.postfilter_fwhm >= 0):
+        raise ConfigError(f"--postfilter-fwhm must be a number of mm >= 0, got {args.postfilter_fwhm}")
     out = Path(args.out)
+    check_out_suffix(out, IMAGE_SUFFIXES)
     nsub = args.iterations * args.subsets
     saves = []
     if args.save_interval:
         saver = _SaveEvery(out, args.save_interval, args.overwrite)
         saves = [saver.path(k) for k in range(args.save_interval, nsub + 1, args.save_interval)]
-    _check_outputs([out, *saves], args.overwrite)
-    t0 = time.perf_counter()
+    _check_outputs([out, *saves], args.overwrite, [args.prompts, args.mult, args.additive, args.init])
     device = resolve_device(args.device)
+    t0 = time.perf_counter()
     init = read_image(args.init)
+    require_finite(init.array, args.init, "initial image")
     ds = EngineLogLikelihood.from_files(args.prompts, args.mult, args.additive, image_template=args.init,
                                    device=device, num_subsets=1)
     try:

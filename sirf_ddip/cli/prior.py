@@ -71,10 +71,9 @@ def _check(args) -> int:
 
 
 def _info(args) -> int:
-    from ..prior.weights import default_weights_path, read_card
+    from ..prior.weights import verified_card
 
-    path = args.weights or default_weights_path()
-    card = read_card(path)
+    path, card, sha = verified_card(args.weights)  # unknown or mismatched weights are refused, never described
     if args.json:
         print(json.dumps(card, indent=2))
         return 0
@@ -91,7 +90,7 @@ def _info(args) -> int:
         f"  training: {tr.get('steps')} steps, batch {tr.get('batch_size')}, {tr.get('seconds')} s on "
         f"{tr.get('device')}",
         f"  data: {json.dumps(tr.get('data'))}",
-        f"  sha256: {card.get('weights_sha256')}",
+        f"  sha256: {sha} (matches the card)",
     ]
     print("\n".join(lines))
     return 0

@@ -6,6 +6,7 @@ Parsing and file handling only; the algorithm is :class:`sirf_ddip.recon.ddip.DD
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -81,30 +82,149 @@ def build_data_step(args, grid, device, num_subsets: int):
     return EngineLogLikelihood(y, m, a, grid=grid, device=device, num_subsets=num_subsets)
 
 
+#: the identity record of a run's inputs, next to its checkpoints (see :func:`inputs_identity_of`)
+INPUTS_RECORD = "inputs.json"
+
+
+def _input_files(path: str | None) -> list[Path] | None:
+    """The files that hold an input: an Interfile header and its data file, or the one file (NIfTI)."""
+    from ..errors import InputFileError
+    from ..io.header import InterfileHeader
+
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(p, "input file not found")
+    if p.name.lower().endswith((".hs", ".hv")):
+        try:
+            data = InterfileHeader.read(p).data_file()
+        except InputFileError:  # no data file named: the reader reports it with its own message
+            return [p]
+        return [p, data] if data.is_file() else [p]
+    return [p]
+
+
+def inputs_identity_of(args) -> dict[str, Any]:
+    """Size + SHA-256 of every input of a ``recon`` run (prompts, factors, additive term, MR, image template) and
+    the prior's SHA-256: what a checkpoint must have been made from to be resumed by this run."""
+    from ..errors import InputFileError
+    from ..prior.weights import resolve_weights, sha256_file
+    from ..utils.fingerprint import inputs_identity
+
+    files = {"prompts": args.prompts, "mult": args.mult, "additive": args.additive,
+             "mr": None if args.no_mr else args.mr, "image_template": args.image_template}
+    try:
+        wpath, _ = resolve_weights(args.weights)
+    except InputFileError:
+        wpath = None  # reported with its own message when the prior is loaded
+    prior = {"path": str(wpath), "sha256": sha256_file(wpath)} if wpath is not None else None
+    try:
+        resolved = {k: _input_files(v) for k, v in files.items()}
+        return inputs_identity(resolved, extra={"prior": prior})
+    except OSError as exc:
+        raise InputFileError(getattr(exc, "filename", None) or "input", f"cannot read: {exc.strerror or exc}") \
+            from None
+
+
+def check_resume(resume: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume from ``resume`` unless its checkpoint was made from the same inputs as this run.
+
+    Raises
+    ------
+    InputFileError
+        ``resume`` is not a folder or holds no checkpoint.
+    ResumeMismatchError
+        No identity record (a checkpoint of unknown inputs) or an input whose content changed, named.
+    """
+    from ..errors import InputFileError, ResumeMismatchError
+    from ..recon.ddip import CHECKPOINT_FILE
+    from ..utils.fingerprint import compare_identities, read_identity
+
+    if not resume.is_dir():
+        raise InputFileError(resume, "--resume: not a folder with a DDIP checkpoint")
+    if not (resume / CHECKPOINT_FILE).is_file():
+        raise InputFileError(resume / CHECKPOINT_FILE, "--resume: no DDIP checkpoint in this folder")
+    saved = read_identity(resume / INPUTS_RECORD)
+    if saved is None:
+        raise ResumeMismatchError(f"{resume}: the checkpoint has no record of its inputs ({INPUTS_RECORD}), so "
+                                  "resuming could mix data; start a new run (or resume with the version that made it)")
+    diff = compare_identities(saved, identity)
+    if diff:
+        raise ResumeMismatchError(f"{resume}: cannot resume with other inputs than the checkpoint's: " + "; ".join(diff))
+
+
+def _check_recon_outputs(args, out: Path, ck_dir: Path | None, checkpointing: bool) -> None:
+    """Every output of the run can be written, checked before anything is read or reconstructed."""
+    from ..errors import OutputExistsError, OutputPathError
+    from ..recon.ddip import CHECKPOINT_FILE
+    from ..utils.provenance import check_output_path, run_record_paths
+    from .engine import IMAGE_SUFFIXES, check_out_suffix
+
+    check_out_suffix(out, IMAGE_SUFFIXES)
+    stem, folder = output_stem(out), out.parent
+    files = [out] + ([out.with_suffix(".v")] if out.name.lower().endswith(".hv") else [])
+    files += run_record_paths(folder, f"{stem}_run_record")
+    if not args.no_png:
+        files.append(folder / f"{stem}.png")
+    if not args.resume:  # a resumed run appends to its log
+        files.append(folder / f"{stem}_log.jsonl")
+    inputs = {Path(p).resolve(): p for p in (args.prompts, args.mult, args.additive, args.mr, args.image_template)
+              if p}
+    for f in files:
+        if f.resolve() in inputs:
+            raise OutputPathError(f, f"is also an input ({inputs[f.resolve()]}); choose another --out", "--out")
+        check_output_path(f, args.overwrite)
+    if ck_dir is None or not checkpointing:
+        return
+    opt = "--checkpoint-dir" if args.checkpoint_dir else "checkpoint folder"
+    if ck_dir.exists() and not ck_dir.is_dir():
+        raise OutputPathError(ck_dir, "is a file, not a folder", opt)
+    for parent in ck_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(ck_dir, f"cannot be created: {parent} is a file", opt)
+            break
+    resuming_here = args.resume and Path(args.resume).resolve() == ck_dir.resolve()
+    if not resuming_here and (ck_dir / CHECKPOINT_FILE).exists() and not args.overwrite:
+        raise OutputExistsError(ck_dir / CHECKPOINT_FILE)
+
+
 def _recon(args) -> int:
     from ..errors import ConfigError, GeometryMismatchError
     from ..io import read_image, write_image
     from ..recon.callbacks import CheckpointCallback, LoggingCallback, ProgressCallback
-    from ..recon.ddip import DDIPReconstructor
+    from ..recon.ddip import CHECKPOINT_FILE, DDIPReconstructor
+    from ..utils.atomic import ensure_folder, write_text
+    from ..utils.checks import require_finite
     from ..utils.device import resolve_device
-    from ..utils.provenance import check_output, write_run_record
+    from ..utils.provenance import write_run_record
 
     out = Path(args.out)
-    if not args.resume:
-        check_output(out, args.overwrite)          # fail before hours of work, not after
-    elif out.exists() and not args.overwrite:
-        check_output(out, False)
-    cfg, cfg_path = resolve_config(args.config, args.overrides, args.seed, args.device, args.no_mr)
     if args.no_mr and args.mr:
         raise ConfigError("--no-mr and --mr given together; drop one")
+    cfg, cfg_path = resolve_config(args.config, args.overrides, args.seed, args.device, args.no_mr)
+    checkpointing = cfg.checkpoint_every > 0
+    if args.checkpoint_dir:
+        ck_dir = Path(args.checkpoint_dir)
+    elif args.resume:
+        ck_dir = Path(args.resume)
+    else:
+        ck_dir = out.parent / (output_stem(out) + "_checkpoint")
+    _check_recon_outputs(args, out, ck_dir, checkpointing)   # fail before hours of work, not after
+    device = resolve_device(cfg.device)
+    identity = inputs_identity_of(args)
+    if args.resume:
+        check_resume(Path(args.resume), identity)
     mr = read_image(args.mr) if (args.mr and not args.no_mr) else None
+    if mr is not None:
+        require_finite(mr.array, args.mr, "MR image")
     template = read_image(args.image_template) if args.image_template else mr
     if mr is not None and template is not mr and not template.grid.matches(mr.grid):
         raise GeometryMismatchError(
             f"MR {args.mr} grid (shape {mr.grid.shape}, voxel {mr.grid.voxel_size} mm, origin {mr.grid.origin} mm) "
             f"differs from the image template {args.image_template} (shape {template.grid.shape}, voxel "
             f"{template.grid.voxel_size} mm, origin {template.grid.origin} mm); resample the MR onto the PET grid")
-    device = resolve_device(cfg.device)
     if cfg.num_threads > 0:
         import torch
 
@@ -119,21 +239,29 @@ def _recon(args) -> int:
         recon.set_anatomical_image(mr)
     t0 = time.perf_counter()
     recon.set_up(template)
-    ck_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.parent / (output_stem(out) + "_checkpoint")
     if args.resume:
         recon.load_checkpoint(args.resume)
-        ck_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.resume)
         print(f"recon: resumed from {args.resume} at diffusion step {recon.iteration}/"
               f"{len(recon.timesteps)}", file=sys.stderr)
-    folder = out.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    cbs: list[Any] = [ProgressCallback(desc="DDIP"), LoggingCallback(folder / f"{output_stem(out)}_log.jsonl")]
-    if cfg.checkpoint_every > 0:
+    folder = ensure_folder(out.parent)
+    if checkpointing:
+        ensure_folder(ck_dir)
+        if not (args.resume and Path(args.resume).resolve() == ck_dir.resolve()):
+            # a fresh checkpoint folder (or one replaced under --overwrite): never leave an old checkpoint next to
+            # this run's identity record, or a later --resume would continue it with these inputs
+            for stale in (ck_dir / CHECKPOINT_FILE, ck_dir / INPUTS_RECORD):
+                stale.unlink(missing_ok=True)
+        write_text(ck_dir / INPUTS_RECORD, json.dumps(identity, indent=2))
+    log = folder / f"{output_stem(out)}_log.jsonl"
+    if not args.resume:
+        log.unlink(missing_ok=True)  # checked above: absent, or replaced under --overwrite (the log appends)
+    cbs: list[Any] = [ProgressCallback(desc="DDIP"), LoggingCallback(log)]
+    if checkpointing:
         cbs.append(CheckpointCallback(ck_dir, every=cfg.checkpoint_every, at_end=False))
     recon.run(recon.remaining(), callbacks=cbs)
     seconds = time.perf_counter() - t0
     result = recon.get_output()
-    write_image(out, result, overwrite=True if args.resume else args.overwrite)
+    write_image(out, result, overwrite=args.overwrite)
     stem = output_stem(out)
     timing = recon.timing_report()
     bundle = recon.bundle
@@ -142,6 +270,7 @@ def _recon(args) -> int:
                    "image_template": args.image_template, "weights": str(getattr(bundle, "path", None) or
                                                                          args.weights or "default"),
                    "config_file": str(cfg_path) if cfg_path else None, "resume": args.resume},
+        "input_identity": identity["inputs"],
         "output": str(out), "device": str(device), "seconds": round(seconds, 2),
         "seconds_per_step": timing, "pet_scale": float(recon.pet_scaler.scale),
         "beta_activity_units": recon.beta_activity, "timesteps": recon.timesteps,
@@ -184,6 +313,11 @@ def save_slices_png(array, voxel_size_zyx, path: Path, title: str = "", units: s
     cb.set_label(units)
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    from ..utils.atomic import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:  # a temporary name with the same suffix, renamed when complete
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GeometryMismatchError
+from ..errors import GeometryError, GeometryMismatchError
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class ImageGrid:
     voxel_size : (vz, vy, vx) in mm
     origin : (oz, oy, ox) in mm, the centre of voxel [0, 0, 0]. If None, the STIR default for the
         shape is used: ``oz = 0`` and transaxially ``-(n // 2) * v`` (STIR's index ``-n//2 .. ``).
+
+    Raises
+    ------
+    GeometryError
+        A shape that is not 3 positive integers, a voxel size that is not 3 positive numbers, a non-finite origin.
     """
 
     shape: tuple[int, int, int]
@@ -38,18 +43,25 @@ class ImageGrid:
     origin: tuple[float, float, float] | None = field(default=None)
 
     def __post_init__(self):
-        shape = tuple(int(s) for s in self.shape)
-        vs = tuple(float(v) for v in self.voxel_size)
+        try:
+            shape = tuple(int(s) for s in self.shape)
+            vs = tuple(float(v) for v in self.voxel_size)
+        except (TypeError, ValueError):
+            raise GeometryError(f"ImageGrid: shape must be 3 positive ints and voxel_size 3 numbers (mm), got "
+                                f"{self.shape!r}, {self.voxel_size!r}") from None
         if len(shape) != 3 or any(s < 1 for s in shape):
-            raise ValueError(f"ImageGrid: shape must be 3 positive ints (z, y, x), got {self.shape}")
+            raise GeometryError(f"ImageGrid: shape must be 3 positive ints (z, y, x), got {self.shape}")
         if len(vs) != 3 or any(not np.isfinite(v) or v <= 0 for v in vs):
-            raise ValueError(f"ImageGrid: voxel_size must be 3 positive numbers (z, y, x) in mm, got {self.voxel_size}")
+            raise GeometryError(f"ImageGrid: voxel_size must be 3 positive numbers (z, y, x) in mm, got {self.voxel_size}")
         if self.origin is None:
             org = (0.0, -(shape[1] // 2) * vs[1], -(shape[2] // 2) * vs[2])
         else:
-            org = tuple(float(o) for o in self.origin)
-            if len(org) != 3:
-                raise ValueError(f"ImageGrid: origin must be 3 numbers (z, y, x), got {self.origin}")
+            try:
+                org = tuple(float(o) for o in self.origin)
+            except (TypeError, ValueError):
+                org = ()
+            if len(org) != 3 or not all(np.isfinite(org)):
+                raise GeometryError(f"ImageGrid: origin must be 3 finite numbers (z, y, x) in mm, got {self.origin}")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "voxel_size", vs)
         object.__setattr__(self, "origin", org)

@@ -15,8 +15,10 @@ The effective ring radius used by every geometric formula is ``inner radius + av
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 
+from ..errors import GeometryError, UnknownScannerError
 
 __all__ = ["Scanner", "get_scanner", "scanner_names"]
 
@@ -67,13 +69,29 @@ class Scanner:
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        """Raises :class:`GeometryError` for impossible parameters (rings, detectors, radius, spacing, bins)."""
+        for k in ("num_rings", "detectors_per_ring", "max_num_non_arc_corrected_bins",
+                  "default_num_arc_corrected_bins"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not (isinstance(v, numbers.Integral)
+                                           or (isinstance(v, numbers.Real) and float(v).is_integer())):
+                raise GeometryError(f"Scanner {self.name!r}: {k} must be an integer, got {v!r}")
+            object.__setattr__(self, k, int(v))
+        for k in ("inner_ring_radius_mm", "average_doi_mm", "ring_spacing_mm", "default_bin_size_mm",
+                  "view_offset_deg"):
+            try:
+                object.__setattr__(self, k, float(getattr(self, k)))
+            except (TypeError, ValueError):
+                raise GeometryError(f"Scanner {self.name!r}: {k} must be a number, got {getattr(self, k)!r}") from None
+        if not (math.isfinite(self.average_doi_mm) and math.isfinite(self.view_offset_deg)):
+            raise GeometryError(f"Scanner {self.name!r}: average_doi_mm and view_offset_deg must be finite")
         if self.num_rings < 1 or self.detectors_per_ring < 2 or self.detectors_per_ring % 2:
-            raise ValueError(f"Scanner {self.name!r}: need num_rings >= 1 and an even detectors_per_ring >= 2, "
+            raise GeometryError(f"Scanner {self.name!r}: need num_rings >= 1 and an even detectors_per_ring >= 2, "
                              f"got {self.num_rings}, {self.detectors_per_ring}")
         for k in ("inner_ring_radius_mm", "ring_spacing_mm", "default_bin_size_mm"):
             v = getattr(self, k)
             if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"Scanner {self.name!r}: {k} must be positive, got {v}")
+                raise GeometryError(f"Scanner {self.name!r}: {k} must be positive, got {v}")
         if self.max_num_non_arc_corrected_bins <= 0:
             object.__setattr__(self, "max_num_non_arc_corrected_bins", self.detectors_per_ring // 2)
         if self.default_num_arc_corrected_bins <= 0:
@@ -184,11 +202,17 @@ def scanner_names() -> list[str]:
 
 
 def get_scanner(name: str) -> Scanner:
-    """Preset by (case-insensitive) name or alias; raises ``KeyError`` listing the known names."""
+    """Preset by (case-insensitive) name or alias.
+
+    Raises
+    ------
+    UnknownScannerError
+        (a :class:`ConfigError` and a ``KeyError``) listing the known names.
+    """
     key = _norm(name)
     for aliases, sc in _PRESETS:
         if key in {_norm(a) for a in aliases}:
             return replace(sc, extra=dict(sc.extra))
     known = "; ".join(f"{sc.name} (aliases: {', '.join(a for a in aliases if a != sc.name)})"
                       for aliases, sc in _PRESETS)
-    raise KeyError(f"unknown scanner {name!r}; known scanners: {known}")
+    raise UnknownScannerError(f"unknown scanner {name!r}; known scanners: {known}")

@@ -16,6 +16,18 @@ from ..errors import InputFileError
 
 _WS = re.compile(r"\s+")
 
+#: encoding of the headers we write; STIR copies header bytes into file names unchanged, so UTF-8 names
+#: written here are the names STIR opens on a UTF-8 file system
+HEADER_ENCODING = "utf-8"
+
+
+def decode_header(raw: bytes) -> str:
+    """Header text: UTF-8 (what we write) when it decodes, else latin-1 (older headers with 8-bit bytes)."""
+    try:
+        return raw.decode(HEADER_ENCODING)
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
 
 def normalise_key(key: str) -> str:
     """Normalise an Interfile key: strip ``!``, lower case, collapse white space."""
@@ -50,13 +62,15 @@ class InterfileHeader:
     def read(cls, path: str | Path) -> "InterfileHeader":
         """Read and parse ``path``; raises :class:`InputFileError` if missing or not Interfile."""
         path = Path(path)
+        if path.is_dir():
+            raise InputFileError(path, "is a folder, not an Interfile header")
         if not path.is_file():
             raise InputFileError(path, "header file not found")
         try:
-            text = path.read_text(encoding="latin-1")
+            raw = path.read_bytes()
         except OSError as exc:
-            raise InputFileError(path, f"cannot read header: {exc}") from None
-        return cls.parse(text, path)
+            raise InputFileError(path, f"cannot read header: {exc.strerror or exc}") from None
+        return cls.parse(decode_header(raw), path)
 
     @classmethod
     def parse(cls, text: str, path: str | Path = "<string>") -> "InterfileHeader":

@@ -27,10 +27,11 @@ from typing import Sequence
 import numpy as np
 
 from ..data import Image, ProjData
-from ..errors import InputFileError, UnsupportedDataError
+from ..errors import GeometryError, GeometryMismatchError, InputFileError, UnsupportedDataError
 from ..geometry.image import ImageGrid
+from ..utils.atomic import atomic_paths
 from ..utils.provenance import check_output
-from .header import InterfileHeader
+from .header import HEADER_ENCODING, InterfileHeader
 
 __all__ = ["read_image", "write_image", "read_projdata", "write_projdata", "read_header_and_array",
            "segment_layout_from_header", "file_to_memory_order", "memory_to_file_order"]
@@ -93,26 +94,109 @@ def _scale_factor(hdr: InterfileHeader) -> float:
     for key in ("image scaling factor [1]", "image scaling factor"):
         v = hdr.get_float(key)
         if v is not None:
+            if not (np.isfinite(v) and v != 0):
+                raise InputFileError(hdr.path, f"image scaling factor must be a finite non-zero number, got {v!r}",
+                                     key=key)
             return float(v)
     return 1.0
 
 
-def _read_raw(hdr: InterfileHeader, count: int) -> np.ndarray:
-    """Read ``count`` values from the data file, checking its size; returns float32 (scaled)."""
+def _size_diagnosis(hdr: InterfileHeader, found: int, offset: int, count: int, itemsize: int,
+                    dims: dict[str, int] | None) -> str:
+    """Which header key would make the header describe a data file of ``found`` bytes (empty if none)."""
+    hints = []
+    payload = found - offset
+    if payload > 0 and payload % count == 0 and payload // count in (1, 2, 4, 8) and payload // count != itemsize:
+        hints.append(f"it holds {payload // count} bytes per value, not {itemsize} "
+                     "(keys '!number format', '!number of bytes per pixel')")
+    if payload > 0 and payload % itemsize == 0 and dims:
+        n = payload // itemsize
+        for key, v in dims.items():
+            rest = count // v if v else 0
+            if rest and n % rest == 0 and n // rest != v:
+                hints.append(f"it would fit '{key} := {n // rest}' (header: {v})")
+    return "; ".join(hints)
+
+
+def _byte_order_symptoms(a: np.ndarray) -> tuple[float, float, int]:
+    """(fraction of non-zero values that are absurd, p5..p95 spread of log10|v| in decades, non-zero count).
+
+    Absurd: NaN, Inf, ``|v| < 1e-30`` or ``|v| > 1e30``. Sane PET numbers span a few decades; floats read with the
+    wrong byte order take their exponent from a mantissa byte, so they spread over ~70 decades.
+    """
+    a = a[a != 0]
+    if a.size == 0:
+        return 0.0, 0.0, 0
+    with np.errstate(all="ignore"):
+        m = np.abs(a.astype(np.float64))
+        absurd = ~np.isfinite(m) | (m < 1e-30) | (m > 1e30)
+        ok = m[np.isfinite(m) & (m > 0)]
+        spread = float(np.subtract(*np.percentile(np.log10(ok), [95, 5]))) if ok.size else 0.0
+    return float(np.count_nonzero(absurd)) / a.size, spread, int(a.size)
+
+
+def _check_byte_order(hdr: InterfileHeader, raw: np.ndarray) -> None:
+    """Refuse float data whose values only make sense byte-swapped (the header's byte order is wrong).
+
+    Wrong when the values as read are absurd (most of them, or spread over more than 20 decades) while the same
+    bytes read in the other order are sane (under 1 % absurd, within 20 decades).
+    """
+    if raw.dtype.kind != "f" or raw.size == 0:
+        return
+    sample = raw if raw.size <= 1_000_000 else raw[:: raw.size // 1_000_000 + 1]
+    bad, spread, n = _byte_order_symptoms(sample)
+    if n == 0 or (bad <= 0.5 and spread <= 20):
+        return
+    bad_s, spread_s, _ = _byte_order_symptoms(sample.view(sample.dtype.newbyteorder()))  # same bytes, other order
+    if bad_s <= 0.01 and spread_s <= 20:
+        big = raw.dtype.byteorder == ">" or (raw.dtype.byteorder == "=" and not np.little_endian)
+        said = hdr.get("imagedata byte order") or "BIGENDIAN (the Interfile default: key absent)"
+        raise InputFileError(hdr.path, f"wrong byte order: read as {said} the values are absurd ({100 * bad:.0f} % "
+                             f"outside 1e-30..1e30, spread over {spread:.0f} decades); read in the other order they "
+                             f"are sane. Set 'imagedata byte order := {'LITTLEENDIAN' if big else 'BIGENDIAN'}'",
+                             key="imagedata byte order")
+
+
+def _read_raw(hdr: InterfileHeader, count: int, dims: dict[str, int] | None = None,
+              exact: bool = True) -> np.ndarray:
+    """Read ``count`` values from the data file, checking its size; returns float32 (scaled).
+
+    Parameters
+    ----------
+    hdr : InterfileHeader
+    count : int
+        Number of values the header describes.
+    dims : dict, optional
+        Header key -> size of each factor of ``count`` (for a message that names the key that is off).
+    exact : bool
+        Require the data file to be exactly ``data offset + count x bytes per value`` long (STIR writes exactly
+        that; a longer file means the header does not describe it). ``False`` for formats that allow trailing data.
+    """
     dt = _dtype(hdr)
     path = hdr.data_file()
+    if path.is_dir():
+        raise InputFileError(hdr.path, f"data file {str(path)!r} is a folder", key="name of data file")
     if not path.is_file():
         raise InputFileError(hdr.path, f"data file {str(path)!r} not found", key="name of data file")
     offset = _data_offset(hdr)
     expected = offset + count * dt.itemsize
     found = path.stat().st_size
-    if found < expected:
-        raise InputFileError(path, f"data file too short: expected at least {expected} bytes "
-                             f"({count} values x {dt.itemsize} bytes + offset {offset}), found {found} bytes "
-                             f"(header {hdr.path})", key="name of data file")
-    with open(path, "rb") as f:
-        f.seek(offset)
-        arr = np.fromfile(f, dtype=dt, count=count)
+    if found < expected or (exact and found != expected):
+        hint = _size_diagnosis(hdr, found, offset, count, dt.itemsize, dims)
+        if found < expected:
+            what = f"data file too short: expected at least {expected} bytes"
+        else:
+            what = f"data file longer than its header describes: expected exactly {expected} bytes"
+        raise InputFileError(path, f"{what} ({count} values x {dt.itemsize} bytes + offset {offset}), found {found} "
+                             f"bytes (header {hdr.path})" + (f"; {hint}" if hint else "; check the header's "
+                             "matrix sizes and number format"), key="name of data file")
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            arr = np.fromfile(f, dtype=dt, count=count)
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read data file: {exc.strerror or exc}", key="name of data file") from None
+    _check_byte_order(hdr, arr)
     scale = _scale_factor(hdr)
     out = arr.astype(np.float32) if dt.kind != "f" or dt.itemsize != 4 else arr.astype(np.float32, copy=False)
     if not out.dtype.isnative:
@@ -122,10 +206,14 @@ def _read_raw(hdr: InterfileHeader, count: int) -> np.ndarray:
     return out
 
 
-def read_header_and_array(path: str | os.PathLike, count: int) -> tuple[InterfileHeader, np.ndarray]:
-    """Low-level: the parsed header of ``path`` and ``count`` float32 values of its data file."""
+def read_header_and_array(path: str | os.PathLike, count: int, exact: bool = True
+                          ) -> tuple[InterfileHeader, np.ndarray]:
+    """Low-level: the parsed header of ``path`` and ``count`` float32 values of its data file.
+
+    ``exact=False`` accepts a data file longer than ``count`` values (formats with trailing data).
+    """
     hdr = InterfileHeader.read(path)
-    return hdr, _read_raw(hdr, count)
+    return hdr, _read_raw(hdr, count, exact=exact)
 
 
 def _fmt(v: float) -> str:
@@ -136,8 +224,13 @@ def _fmt(v: float) -> str:
     return repr(v)
 
 
-def _write_data(path: Path, array: np.ndarray) -> None:
-    np.ascontiguousarray(array, dtype="<f4").tofile(path)
+def _write_pair(data_path: Path, header_path: Path, array: np.ndarray, lines: list[str]) -> None:
+    """Write the data file and its header atomically (temporary names, data renamed first, header last)."""
+    with atomic_paths(data_path, header_path) as (tmp_data, tmp_header):
+        with open(tmp_data, "wb") as f:
+            f.write(np.ascontiguousarray(array, dtype="<f4").tobytes())
+        with open(tmp_header, "wb") as f:
+            f.write(("\n".join(lines) + "\n").encode(HEADER_ENCODING))
 
 
 def _data_path_for(header_path: Path, suffix: str) -> Path:
@@ -176,7 +269,15 @@ def read_image(path: str | os.PathLike) -> Image:
         sizes.append(n)
     nx, ny, nz = sizes
     vox = [hdr.get_float(f"scaling factor (mm/pixel) [{i}]", 1.0) for i in (1, 2, 3)]
+    for i, v in zip((1, 2, 3), vox):
+        if not (np.isfinite(v) and v > 0):
+            raise InputFileError(hdr.path, f"voxel size must be a positive number of mm, got {v!r}",
+                                 key=f"scaling factor (mm/pixel) [{i}]")
     offsets = [hdr.get_float(f"first pixel offset (mm) [{i}]") for i in (1, 2, 3)]
+    for i, o in zip((1, 2, 3), offsets):
+        if o is not None and not np.isfinite(o):
+            raise InputFileError(hdr.path, f"first pixel offset must be a finite number of mm, got {o!r}",
+                                 key=f"first pixel offset (mm) [{i}]")
     vx, vy, vz = vox
     if any(o is None for o in offsets):
         if any(o is not None for o in offsets):
@@ -186,8 +287,12 @@ def read_image(path: str | os.PathLike) -> Image:
         origin = None  # STIR default placement
     else:
         origin = (offsets[2], offsets[1], offsets[0])
-    grid = ImageGrid((nz, ny, nx), (vz, vy, vx), origin)
-    arr = _read_raw(hdr, nx * ny * nz).reshape(nz, ny, nx)
+    try:
+        grid = ImageGrid((nz, ny, nx), (vz, vy, vx), origin)
+    except GeometryError as exc:
+        raise InputFileError(hdr.path, str(exc), key="matrix size / scaling factor (mm/pixel)") from None
+    dims = {"!matrix size [1]": nx, "!matrix size [2]": ny, "!matrix size [3]": nz}
+    arr = _read_raw(hdr, nx * ny * nz, dims).reshape(nz, ny, nx)
     meta = {"source": str(hdr.path)}
     for k in ("originating system", "patient name", "process status"):
         v = hdr.get(k)
@@ -199,7 +304,9 @@ def read_image(path: str | os.PathLike) -> Image:
 def write_image(path: str | os.PathLike, image: Image, overwrite: bool = False) -> Path:
     """Write ``image`` as STIR Interfile: ``path`` (``.hv``) and its data file (same stem, ``.v``).
 
-    Data are float32 little endian. Refuses to overwrite either file unless ``overwrite``.
+    Data are float32 little endian, the header UTF-8. Both are written to temporary names and renamed into place
+    when complete (a failure leaves any previous files intact). Refuses to overwrite either file unless
+    ``overwrite``.
     """
     path = Path(path)
     if path.suffix.lower() != ".hv":
@@ -247,8 +354,7 @@ def write_image(path: str | os.PathLike, image: Image, overwrite: bool = False) 
         "number of time frames := 1",
         "!END OF INTERFILE :=",
     ]
-    _write_data(data_path, arr.reshape(nz, ny, nx))
-    path.write_text("\n".join(lines) + "\n")
+    _write_pair(data_path, path, arr.reshape(nz, ny, nx), lines)
     return path
 
 
@@ -390,6 +496,30 @@ def _geometry_from_header(hdr: InterfileHeader):
     return geometry_from_header(hdr)
 
 
+def _check_against_scanner(hdr: InterfileHeader, geometry, order: str) -> None:
+    """Each segment's ring differences and axial positions must be possible on the header's scanner.
+
+    A segment holding ring differences ``a..b`` has one axial position per distinct ring sum ``r1 + r2`` of the
+    ring pairs ``(r1, r2)``, ``r2 - r1`` in ``a..b``, both rings on the scanner (STIR's
+    ``ProjDataInfoCylindrical``: ``m`` runs between the rings in steps of half the ring spacing).
+    """
+    rings = geometry.scanner.num_rings
+    ax_key = "!matrix size [2]" if order == "view" else "!matrix size [3]"
+    for seg in geometry.segments:
+        a, b = seg.min_ring_diff, seg.max_ring_diff
+        worst = max(abs(a), abs(b))
+        if worst > rings - 1:
+            key = "maximum ring difference per segment" if abs(b) >= abs(a) else "minimum ring difference per segment"
+            raise InputFileError(hdr.path, f"segment {seg.number} holds ring differences {a}..{b}, impossible on a "
+                                 f"scanner with {rings} ring(s) (|ring difference| <= {rings - 1}; key 'Number of "
+                                 "rings' in the scanner block)", key=key)
+        sums = {2 * r1 + d for d in range(a, b + 1) for r1 in range(rings) if 0 <= r1 + d < rings}
+        if len(sums) != seg.num_axial:
+            raise InputFileError(hdr.path, f"segment {seg.number} (ring differences {a}..{b}) has {seg.num_axial} "
+                                 f"axial positions, but a scanner with {rings} rings gives {len(sums)} (check "
+                                 f"'{ax_key}' and the scanner's 'Number of rings')", key=ax_key)
+
+
 def read_projdata(path: str | os.PathLike) -> ProjData:
     """Read STIR Interfile projection data (``.hs``) into a :class:`ProjData` (float32, in-memory layout).
 
@@ -407,8 +537,13 @@ def read_projdata(path: str | os.PathLike) -> ProjData:
     num_views = hdr.get_int(nview_key, required=True)
     num_tang = hdr.get_int("matrix size [1]", required=True)
     geometry = _geometry_from_header(hdr)
+    _check_against_scanner(hdr, geometry, order)
     count = sum(axial) * num_views * num_tang
-    flat = _read_raw(hdr, count)
+    ax_key = "!matrix size [2]" if order == "view" else "!matrix size [3]"
+    dims = {"!matrix size [1] (tangential positions)": num_tang,
+            f"!{nview_key} (views)": num_views,
+            f"{ax_key} (axial positions, all segments)": sum(axial)}
+    flat = _read_raw(hdr, count, dims)
     arr = file_to_memory_order(flat, numbers, axial, num_views, num_tang, order)
     if tuple(arr.shape) != tuple(geometry.shape):
         raise InputFileError(hdr.path, f"data shape {arr.shape} (sinograms, views, tangential) does not match the "
@@ -453,13 +588,13 @@ def write_projdata(path: str | os.PathLike, projdata: ProjData, overwrite: bool 
     geometry = projdata.geometry
     arr = np.asarray(projdata.array, dtype=np.float32)
     if tuple(arr.shape) != tuple(geometry.shape):
-        raise ValueError(f"write_projdata: array shape {arr.shape} != geometry shape {tuple(geometry.shape)}")
+        raise GeometryMismatchError(f"write_projdata {path}: array shape {arr.shape} != geometry shape "
+                                    f"{tuple(geometry.shape)}")
     numbers, axial = _segment_layout_of_geometry(geometry)
     flat = memory_to_file_order(arr, numbers, axial, order="view")
     lines = geometry.header_lines(data_file=data_path.name, storage="view",
                                   extra={"number of time frames": "1",
                                          "start vertical bed position (mm)": "0",
                                          "start horizontal bed position (mm)": "0"})
-    _write_data(data_path, flat)
-    path.write_text("\n".join(lines) + "\n")
+    _write_pair(data_path, path, flat, lines)
     return path

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Image
-from ..errors import InputFileError, UnsupportedDataError
+from ..errors import GeometryError, InputFileError, UnsupportedDataError
 from ..geometry.image import ImageGrid
+from ..utils.atomic import atomic_path
 from ..utils.provenance import check_output
 
 __all__ = ["read_nifti", "write_nifti", "stir_affine", "NIFTI_AXCODES"]
@@ -62,7 +63,7 @@ def stir_affine(grid: ImageGrid) -> np.ndarray:
 
 
 def write_nifti(path: str | os.PathLike, image: Image, overwrite: bool = False) -> Path:
-    """Write ``image`` (float32) to ``path`` (``.nii`` or ``.nii.gz``) with the STIR→RAS affine."""
+    """Write ``image`` (float32) to ``path`` (``.nii`` or ``.nii.gz``) with the STIR→RAS affine, atomically."""
     import nibabel as nib
 
     path = Path(path)
@@ -77,7 +78,8 @@ def write_nifti(path: str | os.PathLike, image: Image, overwrite: bool = False) 
     g = image.grid
     ext = json.dumps({_EXT_KEY: {"shape": list(g.shape), "voxel_size": list(g.voxel_size), "origin": list(g.origin)}})
     img.header.extensions.append(nib.nifti1.Nifti1Extension(6, ext.encode()))  # 6 = comment
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp:  # same suffix, so nibabel compresses .nii.gz; renamed when complete
+        nib.save(img, str(tmp))
     return path
 
 
@@ -101,7 +103,11 @@ def read_nifti(path: str | os.PathLike) -> Image:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several types
         raise InputFileError(path, f"cannot read NIfTI: {exc}") from None
-    data = np.asanyarray(img.dataobj)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt data block (EOFError, ValueError, OSError...)
+        raise InputFileError(path, f"cannot read the image data (truncated or corrupt file?): {exc}", key="dim") \
+            from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -119,7 +125,10 @@ def read_nifti(path: str | os.PathLike) -> Image:
                                    "axis-aligned grid first", key="sform/qform")
     vx, vy, vz = -np.diag(lin)
     ox, oy, oz = -aff[:3, 3]
-    grid = ImageGrid((data.shape[2], data.shape[1], data.shape[0]), (vz, vy, vx), (oz + 0.0, oy + 0.0, ox + 0.0))
+    try:
+        grid = ImageGrid((data.shape[2], data.shape[1], data.shape[0]), (vz, vy, vx), (oz + 0.0, oy + 0.0, ox + 0.0))
+    except GeometryError as exc:
+        raise InputFileError(path, f"the affine does not give a usable voxel grid: {exc}", key="sform/qform") from None
     grid = _exact_grid(img, grid)
     arr = np.ascontiguousarray(np.asarray(data, dtype=np.float32).transpose(2, 1, 0))
     return Image(arr, grid, {"source": str(path)})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import InputFileError, UnsupportedDataError
+from ..errors import GeometryError, InputFileError, UnsupportedDataError
 from ..geometry.scanner import _INT_OPTIONAL, _OPTIONAL_KEYS, Scanner, get_scanner
 from ..geometry.sinogram import SinogramGeometry
 from .header import InterfileHeader
@@ -59,21 +59,24 @@ def scanner_from_header(hdr: InterfileHeader) -> Scanner:
         v = hdr.get_int(key) if attr in _INT_OPTIONAL else hdr.get_float(key)
         if v is not None:
             extra[attr] = v
-    return Scanner(
-        name=name.strip(),
-        num_rings=num("number of rings", "num_rings", integer=True),
-        detectors_per_ring=num("number of detectors per ring", "detectors_per_ring", integer=True),
-        inner_ring_radius_mm=inner_r,
-        average_doi_mm=num("average depth of interaction (cm)", "average_doi_mm", 10.0),
-        ring_spacing_mm=num("distance between rings (cm)", "ring_spacing_mm", 10.0),
-        default_bin_size_mm=num("default bin size (cm)", "default_bin_size_mm", 10.0),
-        view_offset_deg=num("view offset (degrees)", "view_offset_deg"),
-        max_num_non_arc_corrected_bins=num("maximum number of non-arc-corrected bins",
-                                           "max_num_non_arc_corrected_bins", integer=True),
-        default_num_arc_corrected_bins=(hdr.get_int("default number of arc-corrected bins")
-                                        or (base.default_num_arc_corrected_bins if base else 0)),
-        extra=extra,
-    )
+    try:
+        return Scanner(
+            name=name.strip(),
+            num_rings=num("number of rings", "num_rings", integer=True),
+            detectors_per_ring=num("number of detectors per ring", "detectors_per_ring", integer=True),
+            inner_ring_radius_mm=inner_r,
+            average_doi_mm=num("average depth of interaction (cm)", "average_doi_mm", 10.0),
+            ring_spacing_mm=num("distance between rings (cm)", "ring_spacing_mm", 10.0),
+            default_bin_size_mm=num("default bin size (cm)", "default_bin_size_mm", 10.0),
+            view_offset_deg=num("view offset (degrees)", "view_offset_deg"),
+            max_num_non_arc_corrected_bins=num("maximum number of non-arc-corrected bins",
+                                               "max_num_non_arc_corrected_bins", integer=True),
+            default_num_arc_corrected_bins=(hdr.get_int("default number of arc-corrected bins")
+                                            or (base.default_num_arc_corrected_bins if base else 0)),
+            extra=extra,
+        )
+    except GeometryError as exc:
+        raise InputFileError(hdr.path, str(exc), key="Scanner parameters") from None
 
 
 def geometry_from_header(hdr: InterfileHeader) -> SinogramGeometry:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import GeometryMismatchError
+from ..errors import ConfigError, GeometryMismatchError, OutputPathError
 from .slabs import predict_x0
 
 
@@ -60,22 +60,54 @@ class CheckResult:
                 + (f", MR scale {self.mr_scale:.4g})" if self.mr_scale is not None else ")"))
 
 
+def check_step(bundle, t: int) -> int:
+    """``t`` as an int, refused with :class:`ConfigError` unless it is one of the prior's diffusion steps."""
+    n = bundle.schedule.num_train_steps
+    if isinstance(t, bool) or not float(t).is_integer() or not 0 <= int(t) < n:
+        raise ConfigError(f"--t {t}: the diffusion step t must be an integer in 0..{n - 1} for this prior")
+    return int(t)
+
+
+def _check_outputs(out: Path, noisy_out: Path | None, inputs: list, overwrite: bool) -> None:
+    """Every output name usable (suffix, folder, no clash with --out or an input), before any work."""
+    from ..utils.provenance import check_output_path
+
+    outs = [(out, "--out")] + ([(noisy_out, "--noisy-out")] if noisy_out is not None else [])
+    if noisy_out is not None and noisy_out.resolve() == out.resolve():
+        raise OutputPathError(noisy_out, "is the same file as --out; give the noisy image another name", "--noisy-out")
+    srcs = {Path(i).resolve(): i for i in inputs if i}
+    for p, opt in outs:
+        name = p.name.lower()
+        if not name.endswith((".hv", ".nii", ".nii.gz")):
+            raise OutputPathError(p, "unsupported image suffix; use .hv, .nii or .nii.gz", opt)
+        files = [p, p.with_suffix(".v")] if name.endswith(".hv") else [p]
+        for f in files:
+            if f.resolve() in srcs:
+                raise OutputPathError(f, f"is also an input ({srcs[f.resolve()]}); choose another name", opt)
+            check_output_path(f, overwrite, opt)
+    if noisy_out is not None and noisy_out.name.lower().endswith(".hv") and out.name.lower().endswith(".hv") \
+            and noisy_out.with_suffix(".v").resolve() == out.with_suffix(".v").resolve():
+        raise OutputPathError(noisy_out, "shares its data file with --out", "--noisy-out")
+
+
 def check_prior(bundle, image: np.ndarray, mr: np.ndarray | None, t: int, seed: int = 0,
                 mask: np.ndarray | None = None, device=None, batch_size: int = 16) -> CheckResult:
     """Noise ``image`` to step ``t`` and denoise it with one Tweedie step (arrays ``[z, y, x]``, image units)."""
+    from ..utils.checks import require_finite
     from ..utils.device import resolve_device
 
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
-        raise ValueError(f"check_prior: image must be [z, y, x], got shape {image.shape}")
+        raise GeometryMismatchError(f"check_prior: image must be [z, y, x], got shape {image.shape}")
+    require_finite(image, "check_prior: image", "image")
     if bundle.uses_mr:
         if mr is None:
-            raise ValueError("check_prior: this prior is MR-conditioned; give the co-registered MR (--mr)")
+            raise ConfigError("check_prior: this prior is MR-conditioned; give the co-registered MR (--mr)")
         mr = np.asarray(mr, dtype=np.float32)
         if mr.shape != image.shape:
             raise GeometryMismatchError(f"check_prior: MR shape {mr.shape} != image shape {image.shape}")
-    if not 0 <= int(t) < bundle.schedule.num_train_steps:
-        raise ValueError(f"check_prior: t={t} outside [0, {bundle.schedule.num_train_steps - 1}]")
+        require_finite(mr, "check_prior: MR", "MR image")
+    check_step(bundle, t)
     dev = resolve_device(device)
     pet_s = bundle.pet_scaling.fit(image)
     x0 = torch.from_numpy(pet_s.to_net(image).astype(np.float32)).to(dev)
@@ -106,18 +138,27 @@ def run_check(image_path: str | Path, mr_path: str | Path | None, t: int, seed: 
               overwrite: bool = False, mask_path: str | Path | None = None) -> CheckResult:
     """File-level check (the CLI): read, :func:`check_prior`, write the outputs in the input's grid and units."""
     from ..io import read_image, write_image
-    from ..utils.provenance import check_output
     from .weights import load_default, load_prior
 
-    check_output(out, overwrite)
-    if noisy_out is not None:
-        check_output(noisy_out, overwrite)
+    from ..utils.checks import require_finite
+    from ..utils.device import resolve_device
+
+    out = Path(out)
+    noisy_out = Path(noisy_out) if noisy_out is not None else None
+    _check_outputs(out, noisy_out, [image_path, mr_path, mask_path], overwrite)
+    device = resolve_device(device)
     bundle = load_prior(weights, device=device) if weights else load_default(device=device)
+    check_step(bundle, t)
+    if bundle.uses_mr and mr_path is None:
+        raise ConfigError(f"prior {getattr(bundle, 'path', '') or 'default'} is MR-conditioned; give the "
+                          "co-registered MR with --mr")
     img = read_image(image_path)
+    require_finite(img.array, str(image_path), "image")
     mr_arr = None
     if mr_path is not None:
         mr_img = read_image(mr_path)
         img.grid.check_matches(mr_img.grid, what=f"MR {mr_path}", other_what=f"PET image {image_path}")
+        require_finite(mr_img.array, str(mr_path), "MR image")
         mr_arr = mr_img.array
     mask = None
     if mask_path is not None:

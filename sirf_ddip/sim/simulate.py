@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..data import Image, ProjData
-from ..errors import ConfigError, OutputExistsError
+from ..errors import ConfigError, GeometryMismatchError, OutputExistsError, OutputPathError
 from ..geometry.image import ImageGrid
 from . import phantoms as ph
 
@@ -124,6 +124,16 @@ class SimulationConfig:
             raise ConfigError(f"simulation: key 'split' must be one of {sorted(ph.SPLITS)}, got {self.split!r}")
         if self.pose is not None and self.pose not in ph.POSES:
             raise ConfigError(f"simulation: key 'pose' must be one of {sorted(ph.POSES)}, got {self.pose!r}")
+        for key in ("seed", "noise_seed"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v < 2 ** 63:
+                raise ConfigError(f"simulation: key '{key}' must be an integer >= 0, got {v}")
+        if not self.image_xy >= 8:
+            raise ConfigError(f"simulation: key 'image_xy' must be >= 8 voxels, got {self.image_xy}")
+        if not math.isfinite(self.axial_offset_mm):
+            raise ConfigError(f"simulation: key 'axial_offset_mm' must be a finite number, got {self.axial_offset_mm}")
+        if not (math.isfinite(self.reference_prompts) and math.isfinite(self.efficiency_sd)):
+            raise ConfigError("simulation: keys 'reference_prompts' and 'efficiency_sd' must be finite numbers")
 
 
 @dataclass
@@ -254,7 +264,8 @@ def axial_count_fraction(geometry, slab_profile: np.ndarray, full_profile: np.nd
     mrd = full.num_rings - 1 if full_max_ring_diff is None else int(full_max_ring_diff)
     f_full = f(full.num_rings, mrd, np.asarray(full_profile, dtype=float), offset)
     if f_full <= 0:
-        raise ValueError("no activity in the full scanner's field of view")
+        raise ConfigError("simulation: no activity in the full scanner's field of view (check the keys "
+                          "'axial_offset_mm' and 'num_rings')")
     return float(f_sim / f_full)
 
 
@@ -315,11 +326,11 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     shape = tuple(geometry.shape)
     ax = np.asarray(forward(np.asarray(truth, dtype=np.float32)), dtype=np.float64)
     if ax.shape != shape:
-        raise ValueError(f"forward projection shape {ax.shape} != geometry shape {shape}")
+        raise GeometryMismatchError(f"forward projection shape {ax.shape} != geometry shape {shape}")
     mu_fwd = forward if mu_forward is None else mu_forward
     mu_proj = np.asarray(mu_fwd(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64)
     if mu_proj.shape != shape:
-        raise ValueError(f"μ-map forward projection shape {mu_proj.shape} != geometry shape {shape}")
+        raise GeometryMismatchError(f"μ-map forward projection shape {mu_proj.shape} != geometry shape {shape}")
     att = np.exp(-0.1 * float(length_unit_mm) * mu_proj)
     eff = detector_efficiencies(geometry, rng, efficiency_sd)
     norm_att = eff * att
@@ -391,16 +402,17 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
     """
     from ..config import from_dict
     from ..io import write_image, write_projdata
+    from ..utils.atomic import write_text
     from ..utils.provenance import write_run_record
 
     cfg = from_dict(SimulationConfig, config, source="simulation config") if isinstance(config, dict) else config
     cfg.validate()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(out, "is a file; the simulation writes a folder", "--out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    geometry = build_geometry(cfg)
+    geometry = build_geometry(cfg)  # config errors before anything is made; the writers create the folder
     grid = geometry.default_image_grid(xy=cfg.image_xy)
     nz = grid.shape[0]
     nz_full = _full_head_planes(nz, grid.voxel_size[0])
@@ -490,6 +502,6 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         "model": "prompts ~ Poisson(mult_factors * (A truth + additive_term)); "
                  "additive_term = (randoms + scatter) / mult_factors",
     }
-    (out / "case.json").write_text(json.dumps(case, indent=1, default=float))
+    write_text(out / "case.json", json.dumps(case, indent=1, default=float))
     write_run_record(out, config=cfg, seed=cfg.seed, extra={"noise_seed": int(noise_seed)})
     return out

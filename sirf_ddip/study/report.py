@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..utils.atomic import write_bytes, write_text
 from ..utils.provenance import check_output
 from .metrics import METRIC_LABELS
 
@@ -87,8 +88,7 @@ def _png(fig, save_to: Path | None) -> str:
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     data = buf.getvalue()
     if save_to is not None:
-        save_to.parent.mkdir(parents=True, exist_ok=True)
-        save_to.write_bytes(data)
+        write_bytes(save_to, data)  # atomic: a temporary name, renamed when complete
     _plt().close(fig)
     return base64.b64encode(data).decode("ascii")
 
@@ -388,5 +388,5 @@ def build_report(out_path: str | Path, metrics: Mapping[str, Any], cases: Sequen
                        for k, pts in ablations.items() for p in pts)
         parts.append(f"<table><tr><th>setting</th><th>case</th><th>value</th><th>PSNR (dB)</th><th>SSIM</th></tr>{rows}</table>")
     parts.append("</body></html>")
-    out_path.write_text("\n".join(parts), encoding="utf-8")
+    write_text(out_path, "\n".join(parts))  # atomic, UTF-8
     return out_path

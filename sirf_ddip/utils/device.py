@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DeviceError
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """Resolve ``device``; ``None`` or ``"auto"`` picks CUDA when available, else CPU.
 
     Raises
     ------
-    ValueError
-        If a CUDA device is requested but unavailable.
+    DeviceError
+        If ``device`` is not a torch device name, or names a CUDA device this machine does not have.
     """
-    if device is None or (isinstance(device, str) and device.lower() == "auto"):
+    if device is None or (isinstance(device, str) and device.strip().lower() in ("", "auto")):
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' requested but torch reports no CUDA device")
+    try:
+        dev = torch.device(device.strip() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"--device {device!r}: not a device name (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: this machine has no CUDA GPU that torch can use "
+                              "(use --device cpu or auto)")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"--device {device}: only {n} CUDA device(s) here (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {device}: this machine has no Apple GPU (MPS) that torch can use")
+    elif dev.type not in ("cpu", "mps"):
+        raise DeviceError(f"--device {device}: device type {dev.type!r} is not supported (use auto, cpu or cuda)")
     return dev

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import OutputExistsError
+from ..errors import OutputExistsError, OutputPathError
+from .atomic import ensure_folder, write_text
 
 
 def versions() -> dict[str, str]:
@@ -43,20 +44,53 @@ def versions() -> dict[str, str]:
     return out
 
 
+def check_output_path(path: str | Path, overwrite: bool = False, option: str | None = None) -> Path:
+    """Check, without creating anything, that ``path`` can be written as a new file.
+
+    Parameters
+    ----------
+    path : path
+    overwrite : bool
+        Allow an existing file of that name.
+    option : str, optional
+        The option that named it (``--out``), for the message.
+
+    Raises
+    ------
+    OutputPathError
+        ``path`` is a folder, a part of its folder is a file, or its folder is not writable.
+    OutputExistsError
+        The file exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(path, "is a folder, not a file name", option)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(path, f"cannot be created: {parent} is a file, not a folder", option)
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputPathError(path, f"cannot be created: no permission to write in {parent}", option)
+            break
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    return path
+
+
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """Return ``path`` as a Path, refusing an existing file unless ``overwrite``.
+    """Return ``path`` as a Path, refusing an existing file unless ``overwrite``; creates its folder.
 
     Raises
     ------
     OutputExistsError
         If the file exists and ``overwrite`` is False.
+    OutputPathError
+        If ``path`` is a folder or a part of its folder is a file.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
+    path = check_output_path(path, overwrite)
     if path.exists() and overwrite:
         print(f"note: overwriting existing {path}", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_folder(path.parent)
     return path
 
 
@@ -84,15 +118,14 @@ def _jsonable(obj: Any) -> Any:
 def write_run_record(folder: str | Path, config: Any = None, seed: int | None = None,
                      command: list[str] | None = None, extra: Mapping[str, Any] | None = None,
                      name: str = "run_record") -> Path:
-    """Write ``<folder>/<name>.json`` (config, seed, versions, command, time) and ``<name>.yaml`` config.
+    """Write ``<folder>/<name>.json`` (config, seed, versions, command, time) and ``<name>_config.yaml``, atomically.
 
     Returns
     -------
     Path
         The JSON file written.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ensure_folder(folder)
     record = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else sys.argv,
@@ -104,9 +137,17 @@ def write_run_record(folder: str | Path, config: Any = None, seed: int | None = 
     if extra:
         record.update({k: _jsonable(v) for k, v in extra.items()})
     out = folder / f"{name}.json"
-    out.write_text(json.dumps(record, indent=2, default=str))
+    text = json.dumps(record, indent=2, default=str)
     if config is not None:
         import yaml
 
-        (folder / f"{name}_config.yaml").write_text(yaml.safe_dump(_jsonable(config), sort_keys=False))
+        write_text(folder / f"{name}_config.yaml", yaml.safe_dump(_jsonable(config), sort_keys=False,
+                                                                   allow_unicode=True))
+    write_text(out, text)  # atomically (a temporary name, renamed when complete), the record last
     return out
+
+
+def run_record_paths(folder: str | Path, name: str = "run_record", with_config: bool = True) -> list[Path]:
+    """The files :func:`write_run_record` writes, so that a command can check them before any work."""
+    folder = Path(folder)
+    return [folder / f"{name}.json"] + ([folder / f"{name}_config.yaml"] if with_config else [])

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from ...errors import InputFileError
+from ...errors import ConfigError, InputFileError
+from ...utils.atomic import atomic_path, write_text
 from ...utils.provenance import check_output, versions
 from ..network import ScoreNetwork, build_network
 from ..scaling import MRScaler, PETScaler
@@ -113,9 +114,11 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
 
     path = Path(path)
     if not path.name.endswith(".safetensors"):
-        raise ValueError(f"save_prior: {path}: weights file name must end with .safetensors")
+        raise ConfigError(f"save_prior: {path}: weights file name must end with .safetensors")
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"save_prior: dtype must be 'float16' or 'float32', got {dtype!r}")
+        raise ConfigError(f"save_prior: dtype must be 'float16' or 'float32', got {dtype!r}")
+    if network.uses_mr and mr_scaling is None:  # before anything is written
+        raise ConfigError("save_prior: the network uses MR but no MR scaling was given")
     card_path = card_path_for(path)
     check_output(path, overwrite)
     check_output(card_path, overwrite)
@@ -126,7 +129,8 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
         sd = base_state_dict(network) if state_dict is None else {k: v for k, v in sd.items() if "lora_" not in k}
     tdt = torch.float16 if dtype == "float16" else torch.float32
     tensors = {k: v.detach().to("cpu", tdt if v.is_floating_point() else v.dtype).contiguous() for k, v in sd.items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT})
+    with atomic_path(path) as tmp:  # a temporary name, renamed when complete
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
     card = {
         "format": FORMAT,
         "architecture": dict(network.arch),
@@ -141,9 +145,7 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
     }
-    if network.uses_mr and mr_scaling is None:
-        raise ValueError("save_prior: the network uses MR but no MR scaling was given")
-    card_path.write_text(json.dumps(card, indent=2, default=str))
+    write_text(card_path, json.dumps(card, indent=2, default=str))
     return card_path
 
 
@@ -171,13 +173,56 @@ def _resolve(path_or_dir: str | Path) -> tuple[Path, Path]:
     return p, card
 
 
+def resolve_weights(path_or_dir: str | Path | None) -> tuple[Path, Path]:
+    """(weights file, card file) of a prior given by path, folder, shipped name or ``None`` (the default).
+
+    Raises
+    ------
+    InputFileError
+        No such weights file or no card next to it.
+    """
+    return _resolve(default_weights_path() if path_or_dir is None else path_or_dir)
+
+
 def read_card(path_or_dir: str | Path) -> dict[str, Any]:
     """The JSON card of a prior (no weights loaded)."""
     _, card = _resolve(path_or_dir)
     try:
-        return json.loads(card.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(card.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputFileError(card, f"not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise InputFileError(card, f"cannot read: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise InputFileError(card, f"a weights card is a JSON object, got {type(data).__name__}")
+    return data
+
+
+def verified_card(path_or_dir: str | Path | None) -> tuple[Path, dict[str, Any], str]:
+    """The card of a prior whose weights it describes: (weights path, card, SHA-256 of the weights).
+
+    Unlike :func:`read_card` the card must be one of ours (``format``), list the weights' SHA-256, and that must
+    be the SHA-256 of the weights file next to it; so a card never vouches for weights it does not describe.
+
+    Raises
+    ------
+    InputFileError
+        A card of another format, no ``weights_sha256`` (unknown weights), or a SHA-256 mismatch.
+    """
+    wpath, cpath = resolve_weights(path_or_dir)
+    card = read_card(wpath)
+    if card.get("format") != FORMAT:
+        raise InputFileError(cpath, f"not a sirf_ddip prior card: format {card.get('format')!r} (expected "
+                             f"{FORMAT!r}); these weights are unknown", key="format")
+    want = card.get("weights_sha256")
+    if not isinstance(want, str) or len(want) != 64:
+        raise InputFileError(cpath, f"the card does not record the weights' SHA-256 (got {want!r}): unknown "
+                             "weights, refusing to describe them", key="weights_sha256")
+    got = sha256_file(wpath)
+    if got != want.lower():
+        raise InputFileError(wpath, f"SHA-256 {got[:16]}… does not match the card's {want[:16]}… (corrupt or "
+                             "replaced weights file, or a card of other weights)", key="weights_sha256")
+    return wpath, card, got
 
 
 def load_prior(path_or_dir: str | Path, device=None, check_hash: bool = True) -> PriorBundle:
