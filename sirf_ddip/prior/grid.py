@@ -120,7 +120,8 @@ def support_radius_mm(mask: Any, grid: ImageGrid) -> float:
 
 @dataclass(frozen=True)
 class _Axis:
-    """One in-plane axis of the map: PET voxels ``n`` of ``v`` mm from ``first``; prior ``N`` of ``V`` from ``First``."""
+    """One in-plane axis of the map: ``n`` PET voxels of ``v`` mm from ``first``, ``N`` prior voxels of ``V`` mm
+    from ``First`` (voxel-0 centres, mm)."""
 
     n: int
     v: float

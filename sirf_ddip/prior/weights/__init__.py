@@ -241,7 +241,8 @@ DEFAULT_TRAINING_SHAPE_YX = (128, 128)
 DEFAULT_TRAINING_VOXEL_YX_MM = (2.08626, 2.08626)
 
 
-def training_grid_yx(card: dict[str, Any], path: str | Path = "<card>") -> tuple[tuple[int, int], tuple[float, float], bool]:
+def training_grid_yx(card: dict[str, Any], path: str | Path = "<card>"
+                     ) -> tuple[tuple[int, int], tuple[float, float], bool]:
     """The in-plane grid a prior was trained on, from its card.
 
     Reads ``training.data.grid.shape`` (``[nz, ny, nx]``) and ``training.data.grid.voxel_size`` (``[vz, vy, vx]``
