@@ -103,9 +103,10 @@ def test_resample_adjoint_by_autograd():
 def test_fov_that_does_not_fit_is_refused_and_resample_suggested():
     g = ImageGrid((3, 440, 440), (2.0, 1.65, 1.65))
     # pad_crop keeps the 1.65 mm voxels: a window of 128 × 1.65 = 211 mm (inscribed radius 63.5 × 1.65 mm)
-    pc = PriorGrid(g, (128, 128), (V_MMR, V_MMR), "pad_crop")
+    with pytest.warns(UserWarning, match="21 % off the prior's training voxel"):
+        pc = PriorGrid(g, (128, 128), (V_MMR, V_MMR), "pad_crop")
     assert pc.inscribed_radius_mm() == pytest.approx(63.5 * 1.65)
-    with pytest.raises(PriorGridError, match="use mode 'resample'"):
+    with pytest.raises(PriorGridError, match="use mode 'resample'"), pytest.warns(UserWarning):
         PriorGrid(g, (128, 128), (V_MMR, V_MMR), "pad_crop", fov_radius_mm=120.0)
     PriorGrid(g, (128, 128), (V_MMR, V_MMR), "resample", fov_radius_mm=120.0)   # 132.5 mm: fits
     with pytest.raises(PriorGridError, match="restrict the region"):
@@ -162,7 +163,8 @@ def test_any_number_of_planes_through_the_slab_path(planes, mode):
     from sirf_ddip.prior.slabs import predict_eps
 
     g = ImageGrid((planes, 60, 60), (2.0, 2.5, 2.5))
-    pg = PriorGrid(g, (32, 32), (V_MMR, V_MMR), mode)
+    v = 2.5 if mode == "pad_crop" else V_MMR   # pad_crop: a prior trained on the PET's voxel size
+    pg = PriorGrid(g, (32, 32), (v, v), mode)
     x = torch.rand(g.shape, generator=torch.Generator().manual_seed(planes))
     u = pg.to_prior(x)
     assert u.shape == (planes, 32, 32)

@@ -179,6 +179,12 @@ class PriorGrid:
         self.training_voxel_yx_mm = vox
         self.axes = tuple(self._axis(ax, shape[ax - 1], vox[ax - 1], mode) for ax in (1, 2))
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        if mode == "pad_crop":
+            ratio = max(abs(pet_grid.voxel_size[ax] / vox[ax - 1] - 1.0) for ax in (1, 2))
+            if ratio > 0.1:
+                warnings.warn(f"prior grid: pad_crop keeps the PET's {pet_grid.voxel_size[1]:.4g} mm voxels, "
+                              f"{100 * ratio:.0f} % off the prior's training voxel {vox[0]:.4g} mm; mode 'resample' "
+                              "shows the network structures at their trained size", UserWarning, stacklevel=2)
         self.fov_radius_mm = None if fov_radius_mm is None else float(fov_radius_mm)
         if self.fov_radius_mm is not None:
             self._check_radius(self.fov_radius_mm, "the FOV (fov_radius_mm)")
