@@ -195,11 +195,17 @@ def _scanner_coords(grid: ImageGrid, axis: int) -> np.ndarray:
     return grid.coords(axis)
 
 
-def resample_to_grid(image: Image, grid: ImageGrid) -> Image:
+def resample_to_grid(image: Image, grid: ImageGrid, what: str = "μ-map") -> Image:
     """Trilinear resampling of ``image`` onto ``grid`` (values, not integrals, are kept; 0 outside).
 
     Positions are compared in the projector's frame (:mod:`sirf_ddip.geometry.image`): transaxially the
-    first-pixel offsets, axially the image index centre at the scanner centre plus ``origin z``.
+    first-pixel offsets, axially the image index centre at the scanner centre plus ``origin z``. Used for
+    μ-maps and for the MR (:func:`sirf_ddip.prior.grid.mr_on_pet_grid`); ``what`` names the image in errors.
+
+    Raises
+    ------
+    GeometryMismatchError
+        The two grids do not overlap.
     """
     from scipy.ndimage import map_coordinates
 
@@ -213,7 +219,7 @@ def resample_to_grid(image: Image, grid: ImageGrid) -> Image:
         idx.append((c - c0) / src.voxel_size[ax])
     overlap = [np.any((i >= -0.5) & (i <= n - 0.5)) for i, n in zip(idx, src.shape)]
     if not all(overlap):
-        raise GeometryMismatchError(f"μ-map grid {src.describe()} does not overlap the image grid {grid.describe()}")
+        raise GeometryMismatchError(f"{what} grid {src.describe()} does not overlap the image grid {grid.describe()}")
     zz, yy, xx = np.meshgrid(*idx, indexing="ij")
     out = map_coordinates(np.asarray(image.array, dtype=np.float64), [zz, yy, xx], order=1, mode="constant",
                           cval=0.0)

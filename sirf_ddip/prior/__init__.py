@@ -7,6 +7,7 @@
 - :mod:`.adapters`  peft LoRA (``add_lora``, ``lora_parameters``, ``reset_adapters``, adapter state)
 - :mod:`.weights`   ``save_prior`` / ``load_prior`` / ``load_default`` → ``PriorBundle`` (safetensors + card)
 - :mod:`.data`, :mod:`.train`  pretraining (phantoms or NIfTI pairs; DDP-ready, exact resume)
+- :mod:`.grid`      ``PriorGrid`` (PET grid ⇄ the prior's in-plane training grid), ``mr_on_pet_grid``
 - :mod:`.check`     ``prior check``: noise to step t and denoise, PSNR
 
 Submodules are imported on use (``import sirf_ddip.prior`` stays cheap).
@@ -25,6 +26,7 @@ _EXPORTS = {
     "add_lora": "adapters", "lora_parameters": "adapters", "adapter_state_dict": "adapters",
     "load_adapter_state_dict": "adapters", "reset_adapters": "adapters",
     "PriorBundle": "weights", "load_prior": "weights", "load_default": "weights", "save_prior": "weights",
+    "PriorGrid": "grid", "PriorGridError": "grid", "mr_on_pet_grid": "grid",
 }
 
 __all__ = sorted(_EXPORTS)

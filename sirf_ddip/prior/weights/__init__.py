@@ -279,6 +279,52 @@ def load_prior(path_or_dir: str | Path, device=None, check_hash: bool = True) ->
     return PriorBundle(net, schedule, pet, mr, card, wpath)
 
 
+#: In-plane training size (ny, nx) and voxel size (vy, vx) in mm assumed for a card that does not record its
+#: training grid (``training.data.grid``): the shipped priors' grid, ``sim.phantoms.mmr_brain_grid()`` (128 × 128
+#: voxels of 2.08626 mm, the Siemens mMR's default transaxial voxel; a 267 mm field).
+DEFAULT_TRAINING_SHAPE_YX = (128, 128)
+DEFAULT_TRAINING_VOXEL_YX_MM = (2.08626, 2.08626)
+
+
+def training_grid_yx(card: dict[str, Any], path: str | Path = "<card>"
+                     ) -> tuple[tuple[int, int], tuple[float, float], bool]:
+    """The in-plane grid a prior was trained on, from its card.
+
+    Reads ``training.data.grid.shape`` (``[nz, ny, nx]``) and ``training.data.grid.voxel_size`` (``[vz, vy, vx]``
+    mm), as :func:`sirf_ddip.prior.train` writes them. A card without them (older or hand-written cards) gets
+    :data:`DEFAULT_TRAINING_SHAPE_YX` / :data:`DEFAULT_TRAINING_VOXEL_YX_MM`.
+
+    Parameters
+    ----------
+    card : dict
+        The weights card (:func:`read_card` or ``PriorBundle.card``).
+    path : path, optional
+        Named in errors.
+
+    Returns
+    -------
+    (shape_yx, voxel_yx_mm, from_card)
+        ``from_card`` is False when the defaults were used.
+
+    Raises
+    ------
+    InputFileError
+        A grid entry that is present but not 3 positive numbers (key ``training.data.grid``).
+    """
+    grid = ((card.get("training") or {}).get("data") or {}).get("grid") if isinstance(card, dict) else None
+    if not grid or grid.get("shape") is None or grid.get("voxel_size") is None:
+        return DEFAULT_TRAINING_SHAPE_YX, DEFAULT_TRAINING_VOXEL_YX_MM, False
+    try:
+        shape = [int(v) for v in grid["shape"]]
+        vox = [float(v) for v in grid["voxel_size"]]
+    except (TypeError, ValueError):
+        raise InputFileError(path, f"training grid {grid!r} is not numeric", key="training.data.grid") from None
+    if len(shape) != 3 or len(vox) != 3 or min(shape) < 1 or not min(vox) > 0:
+        raise InputFileError(path, f"training grid shape {shape} / voxel size {vox} must be 3 positive numbers "
+                                   "(z, y, x)", key="training.data.grid")
+    return (shape[1], shape[2]), (vox[1], vox[2]), True
+
+
 def default_weights_path() -> Path:
     return DEFAULT_DIR / f"{DEFAULT_NAME}.safetensors"
 
