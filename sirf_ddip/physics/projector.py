@@ -85,8 +85,9 @@ class Projector:
     cache : bool
         Share matrices between projectors of the same geometry/grid in this process.
     cpu_threads : int or None
-        On CPU, threads used by a projection (torch's thread count is restored afterwards).  1 (default) is
-        fastest on a shared, oversubscribed machine; None uses torch's current thread count.
+        On CPU, threads used by a projection.  None (default): torch's current thread count (set it with
+        ``torch.set_num_threads`` or the CLI's flag); the torch kernel then leaves torch's setting alone, and with a
+        number it sets it for the projection and restores it afterwards.
     max_operand_bytes : int
         Torch kernel: memory bound for the unfolded image operand of one sparse product (larger segments are
         processed in chunks of axial positions).  Numba kernel: bound for the per-thread back-projection
@@ -108,7 +109,7 @@ class Projector:
 
     def __init__(self, geometry: SinogramGeometry, grid: ImageGrid, device=None, dtype: torch.dtype = torch.float32,
                  num_tangential_lors: int = 3, use_mirror: bool = True, cache: bool = True,
-                 cpu_threads: int | None = 1, max_operand_bytes: int = 256 * 2 ** 20, kernel: str = "auto",
+                 cpu_threads: int | None = None, max_operand_bytes: int = 256 * 2 ** 20, kernel: str = "auto",
                  disk_cache: bool | None = None, setup_threads: int | None = None):
         self.geometry = geometry
         self.grid = grid
@@ -201,7 +202,7 @@ class Projector:
         """``A x`` for the views of ``subset`` (all views if None): ``[n_sino, n_views_in_subset, n_tang]``."""
         views = self._views_for(subset, num_subsets)
         X = self._as_tensor(x, self.grid.shape, "image")
-        with _threads(self.device, self.cpu_threads):
+        with _threads(self.device, self.cpu_threads, self.kernel):
             if self.kernel == "torch":
                 return self._forward_torch(X, subset, num_subsets, views)
             return self._forward_numba(X, views)
@@ -212,7 +213,7 @@ class Projector:
         geom = self.geometry
         nvs = geom.num_views if views is None else len(views)
         Y = self._as_tensor(y, (geom.num_sinograms, nvs, geom.num_tangential), "projection data")
-        with _threads(self.device, self.cpu_threads):
+        with _threads(self.device, self.cpu_threads, self.kernel):
             if self.kernel == "torch":
                 return self._adjoint_torch(Y, subset, num_subsets, views)
             return self._adjoint_numba(Y, views)
@@ -439,24 +440,32 @@ class Projector:
 
 
 class _threads:
-    """Temporarily set torch's and numba's CPU thread count (no-op on CUDA or when ``n`` is None)."""
+    """Temporarily set the CPU thread count of a projection (no-op on other devices).
 
-    def __init__(self, device: torch.device, n: int | None):
-        self.n = n if (n is not None and device.type == "cpu") else None
+    The numba kernel uses ``n`` threads (default: torch's current count); the torch kernel changes torch's count
+    only when ``n`` is given, and restores it afterwards."""
+
+    def __init__(self, device: torch.device, n: int | None, kernel: str):
+        self.cpu = device.type == "cpu"
+        self.kernel = kernel
+        self.n = n
         self.old = None
         self.old_nb = None
 
     def __enter__(self):
-        if self.n is not None:
+        if not self.cpu:
+            return self
+        if self.kernel == "numba":
+            from ._kernels import set_threads
+            self.old_nb = set_threads(self.n if self.n is not None else torch.get_num_threads())
+        elif self.n is not None:
             self.old = torch.get_num_threads()
             if self.old != self.n:
                 torch.set_num_threads(self.n)
-            from ._kernels import set_threads
-            self.old_nb = set_threads(self.n)
         return self
 
     def __exit__(self, *exc):
-        if self.n is not None and self.old is not None and self.old != self.n:
+        if self.old is not None and self.old != self.n:
             torch.set_num_threads(self.old)
         if self.old_nb is not None:
             from ._kernels import set_threads
