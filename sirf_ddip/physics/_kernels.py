@@ -100,7 +100,7 @@ def _adjoint_c(indptr, cols, vals, views, nt, Y, pos0, posm0, na, off, offm, dst
         y = np.empty(na, Y.dtype)
         ym = np.empty(na, Y.dtype)
         d1 = dst[ch]
-        d2 = dstm[ch if mirror else 0]
+        d2 = dstm[min(ch, dstm.shape[0] - 1)]  # (a dummy row when not mirrored)
         for i in range(bounds[ch], bounds[ch + 1]):
             r = views[i // nt] * nt + (i % nt)
             for a in range(na):
@@ -128,7 +128,7 @@ def _adjoint_s(indptr, cols, vals, views, nt, Y, pos0, posm0, na, k, off, offm, 
         y = np.empty(na, Y.dtype)
         ym = np.empty(na, Y.dtype)
         d1 = dst[ch]
-        d2 = dstm[ch if mirror else 0]
+        d2 = dstm[min(ch, dstm.shape[0] - 1)]  # (a dummy row when not mirrored)
         for i in range(bounds[ch], bounds[ch + 1]):
             r = views[i // nt] * nt + (i % nt)
             for a in range(na):
