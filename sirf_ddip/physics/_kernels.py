@@ -100,7 +100,7 @@ def _adjoint_c(indptr, cols, vals, views, nt, Y, pos0, posm0, na, off, offm, dst
         y = np.empty(na, Y.dtype)
         ym = np.empty(na, Y.dtype)
         d1 = dst[ch]
-        d2 = dstm[min(ch, dstm.shape[0] - 1)]  # (a dummy row when not mirrored)
+        d2 = dstm[ch] if mirror else dstm[0]  # (a dummy row when not mirrored)
         for i in range(bounds[ch], bounds[ch + 1]):
             r = views[i // nt] * nt + (i % nt)
             for a in range(na):
@@ -127,8 +127,6 @@ def _adjoint_s(indptr, cols, vals, views, nt, Y, pos0, posm0, na, k, off, offm, 
     for ch in prange(nch):
         y = np.empty(na, Y.dtype)
         ym = np.empty(na, Y.dtype)
-        d1 = dst[ch]
-        d2 = dstm[min(ch, dstm.shape[0] - 1)]  # (a dummy row when not mirrored)
         for i in range(bounds[ch], bounds[ch + 1]):
             r = views[i // nt] * nt + (i % nt)
             for a in range(na):
@@ -140,8 +138,8 @@ def _adjoint_s(indptr, cols, vals, views, nt, Y, pos0, posm0, na, k, off, offm, 
                 w = vals[e]
                 b = cols[e] + off
                 for a in range(na):
-                    d1[b + a * k] += w * y[a]
+                    dst[ch, b + a * k] += w * y[a]
                 if mirror:
                     bm = cols[e] + offm
                     for a in range(na):
-                        d2[bm + a * k] += w * ym[a]
+                        dstm[ch, bm + a * k] += w * ym[a]
