@@ -13,6 +13,7 @@ Examples::
     python benchmarks/full_size.py --xy 344 --threads 2
     python benchmarks/full_size.py --quick               # 16 rings (31 planes): a smaller run
     python benchmarks/full_size.py --rings 32 --skip-osem
+    python benchmarks/full_size.py --cli                 # the whole `sirf-ddip osem --subsets 21` command
 
 Run under ``/usr/bin/time -v`` for the whole process's peak RSS.
 """
@@ -179,6 +180,44 @@ def run(dev: torch.device, geom: SinogramGeometry, xy: int, threads: int, subset
           flush=True)
 
 
+def run_cli_osem(geom: SinogramGeometry, xy: int, subsets: int, threads: int, folder: Path | None) -> None:
+    """Write a study (Poisson prompts of the phantom, a uniform initial image) and time the whole
+    ``sirf-ddip osem --iterations 1 --subsets S`` command (set-up, subset sensitivities, one iteration) in a
+    subprocess, with its peak RSS."""
+    import subprocess
+
+    from sirf_ddip.data import Image, ProjData
+    from sirf_ddip.io import write_image, write_projdata
+
+    grid = geom.default_image_grid(xy)
+    with tempfile.TemporaryDirectory(prefix="sirf_ddip_bench_study_") as tmp:
+        d = Path(folder) if folder is not None else Path(tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        P = Projector(geom, grid, device="cpu", cpu_threads=threads)
+        y = P.forward(torch.as_tensor(phantom(grid))).numpy()
+        rng = np.random.default_rng(0)
+        prompts = rng.poisson(np.clip(y, 0, None) * (2e8 / max(float(y.sum()), 1.0))).astype(np.float32)
+        del y, P
+        write_projdata(d / "prompts.hs", ProjData(prompts, geom), overwrite=True)
+        del prompts
+        write_image(d / "init.hv", Image(np.ones(grid.shape, np.float32), grid), overwrite=True)
+        cmd = [sys.executable, "-m", "sirf_ddip", "osem", "--prompts", str(d / "prompts.hs"), "--init",
+               str(d / "init.hv"), "--iterations", "1", "--subsets", str(subsets), "--out", str(d / "osem.hv"),
+               "--overwrite"]
+        print("\n== " + " ".join(cmd[1:]), flush=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(f"{'sirf-ddip osem (whole)':28s}{time.perf_counter() - t0:8.1f} s wall "
+              f"{usage.ru_utime + usage.ru_stime:8.1f} s cpu  exit {r.returncode}; peak RSS "
+              f"{usage.ru_maxrss / 2 ** 20:.2f} GB (STIR estimate 480 s)", flush=True)
+        rec = d / "osem_run_record.json"
+        if rec.is_file():
+            import json
+            print("run record timing:", json.loads(rec.read_text()).get("extra", {}).get("timing_s"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--template", default=str(REPO.parent / "shared" / "real-mmr" / "templates" /
@@ -191,6 +230,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="all", help="cpu, cuda, or all (CPU and, if present, CUDA)")
     ap.add_argument("--kernel", default="auto", help="projector kernel: auto, numba (CPU), torch")
     ap.add_argument("--skip-osem", action="store_true", help="no sensitivities / OSEM iteration")
+    ap.add_argument("--cli", action="store_true",
+                    help="only time the whole 'sirf-ddip osem --iterations 1' command on a written study")
+    ap.add_argument("--study-dir", default=None, help="with --cli: keep the study there (default: a temp dir)")
     args = ap.parse_args(argv)
     template = Path(args.template)
     if not template.is_file():
@@ -205,6 +247,9 @@ def main(argv=None) -> int:
         devs = [torch.device(args.device)]
     print(f"torch {torch.__version__}; CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}; "
           f"STIR 6.4 figures: 127 x 285 x 285 on the 2-core development machine, 2 threads")
+    if args.cli:
+        run_cli_osem(geom, args.xy, subsets, args.threads, args.study_dir)
+        return 0
     for dev in devs:
         run(dev, geom, args.xy, args.threads, subsets, not args.skip_osem, args.kernel)
     return 0

@@ -1,6 +1,7 @@
 """sirf_ddip.physics: geometric projector, acquisition model ``m ⊙ (A x + a)``, Poisson likelihood.
 
-- :mod:`.projector` — :class:`Projector` (STIR ray-tracing matrix, geometric only);
+- :mod:`.raytrace` — STIR's ray-tracing matrix: tracing, layout, on-disk cache;
+- :mod:`.projector` — :class:`Projector` (the geometric operator; numba kernels on CPU, torch elsewhere);
 - :mod:`.model` — :class:`AcquisitionModel`, :class:`EngineDataStep` (the engine's DataStep);
 - :mod:`.likelihood` — STIR's quotient / log-likelihood safeguards on tensors.
 
