@@ -193,7 +193,7 @@ def run_cli_osem(geom: SinogramGeometry, xy: int, subsets: int, threads: int, fo
     with tempfile.TemporaryDirectory(prefix="sirf_ddip_bench_study_") as tmp:
         d = Path(folder) if folder is not None else Path(tmp)
         d.mkdir(parents=True, exist_ok=True)
-        P = Projector(geom, grid, device="cpu", cpu_threads=threads)
+        P = Projector(geom, grid, device="cpu", cpu_threads=threads, cache=False, disk_cache=False)
         y = P.forward(torch.as_tensor(phantom(grid))).numpy()
         rng = np.random.default_rng(0)
         prompts = rng.poisson(np.clip(y, 0, None) * (2e8 / max(float(y.sum()), 1.0))).astype(np.float32)
@@ -205,7 +205,9 @@ def run_cli_osem(geom: SinogramGeometry, xy: int, subsets: int, threads: int, fo
                str(d / "init.hv"), "--iterations", "1", "--subsets", str(subsets), "--out", str(d / "osem.hv"),
                "--overwrite"]
         print("\n== " + " ".join(cmd[1:]), flush=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+        # a fresh matrix cache: the command traces its projector as on a first run
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads),
+               "SIRF_DDIP_CACHE": str(Path(tmp) / "matrix-cache")}
         t0 = time.perf_counter()
         r = subprocess.run(cmd, env=env)
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)

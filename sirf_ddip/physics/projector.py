@@ -134,6 +134,7 @@ class Projector:
         self._key = _geom_key(geometry, grid, self.num_tangential_lors) + (self.use_mirror, str(self.dtype))
         self._sm: SystemMatrix | None = None
         self._dev_ops: dict = {}
+        self._bufs: dict = {}
         self._use_cache = cache
         self.setup_seconds = 0.0
 
@@ -149,23 +150,20 @@ class Projector:
     def _np_dtype(self):
         return np.float64 if self.dtype == torch.float64 else np.float32
 
-    def _matrix(self, views: np.ndarray | None = None) -> SystemMatrix:
-        """The traced matrix for all views (``views=None``, cached) or only ``views`` (rows in that order)."""
-        if views is None and self._sm is not None:
+    def _matrix(self) -> SystemMatrix:
+        """The traced matrix (from this projector, the process cache, the disk cache, or traced now)."""
+        if self._sm is not None:
             return self._sm
-        ckey = self._key + ((None,) if views is None else (tuple(int(v) for v in views),))
         with _CACHE_LOCK:
-            hit = _CACHE.get(ckey) if self._use_cache else None
+            hit = _CACHE.get(self._key) if self._use_cache else None
         if hit is None:
             hit = build_system_matrix(self.geometry, self.grid, self.num_tangential_lors, self.use_mirror,
-                                      self._np_dtype(), views=views, threads=self.setup_threads,
-                                      disk_cache=self.disk_cache if views is None else False)
-            self.setup_seconds = hit.setup_seconds
+                                      self._np_dtype(), threads=self.setup_threads, disk_cache=self.disk_cache)
             if self._use_cache:
                 with _CACHE_LOCK:
-                    _CACHE[ckey] = hit
-        if views is None:
-            self._sm = hit
+                    _CACHE[self._key] = hit
+        self.setup_seconds = hit.setup_seconds
+        self._sm = hit
         return hit
 
     def _views_for(self, subset, num_subsets) -> np.ndarray | None:
@@ -233,6 +231,14 @@ class Projector:
         zw = tuple(float(v) for v in p.zw)
         return ((False, zw), (True, zw)) if p.mirror_shift is not None else ((False, zw),)
 
+    def _buffer(self, name, shape: tuple, dtype) -> np.ndarray:
+        """A scratch array kept between calls (re-allocating ~100 MB per call costs page faults)."""
+        b = self._bufs.get(name)
+        if b is None or b.shape != shape or b.dtype != dtype:
+            b = np.zeros(shape, dtype)
+            self._bufs[name] = b
+        return b
+
     def _sources(self, X: np.ndarray, sm: SystemMatrix) -> dict:
         """Plane-padded transposed images ``Xt[yx, p + Z0]`` per key ``(flipped, zw)``: the (z-flipped) image
         filtered by the axial kernel, ``F[p] = sum_j zw[j] x[p + j]``."""
@@ -244,13 +250,15 @@ class Projector:
                 if key in out:
                     continue
                 flipped, zw = key
-                base = np.zeros((sm.nyx, sm.P), X.dtype)
+                base = self._buffer(("src", flipped), (sm.nyx, sm.P), X.dtype)  # padding stays zero
                 base[:, sm.Z0:sm.Z0 + nz] = (Xf[::-1] if flipped else Xf).T
                 if zw != (1.0,):
-                    F = np.zeros_like(base)
+                    F = self._buffer(("src", key), (sm.nyx, sm.P), X.dtype)
+                    F.fill(0)
+                    Ft, bt = torch.from_numpy(F), torch.from_numpy(base)
                     for j, w in enumerate(zw):  # F[:, i] = sum_j zw[j] base[:, i + j]
                         if w != 0:
-                            F[:, :sm.P - j] += w * base[:, j:]
+                            Ft[:, :sm.P - j].add_(bt[:, j:], alpha=w)
                     base = F
                 out[key] = base
         return out
@@ -286,7 +294,10 @@ class Projector:
         # one accumulator per destination and thread, as many threads as the memory bound allows
         per = sm.nyx * sm.P * dt.itemsize * len(dests)
         nthr = max(1, min(num_threads(), int(self.max_operand_bytes // max(1, per))))
-        acc = {d: np.zeros((nthr, sm.nyx * sm.P), dt) for d in dests}
+        acc = {}
+        for d in dests:
+            acc[d] = self._buffer(("acc", d), (nthr, sm.nyx * sm.P), dt)
+            acc[d].fill(0)
         dummy = np.zeros((1, 1), dt)
         rows_all = (vsel[:, None] * nt + np.arange(nt)[None, :]).ravel()
         for p in sm.plans:
@@ -303,14 +314,18 @@ class Projector:
         img = np.zeros((nz, sm.nyx), dt)
         Z0 = sm.Z0
         for (flipped, zw), a in acc.items():
-            g = (a.sum(0) if nthr > 1 else a[0]).reshape(sm.nyx, sm.P)
-            part = np.zeros((nz, sm.nyx), dt)
+            for i in range(1, nthr):
+                np.add(a[0], a[i], out=a[0])
+            g = a[0].reshape(sm.nyx, sm.P)
+            tgt = img[::-1] if flipped else img  # a view: the flipped image's planes in reverse
+            if zw == (1.0,):
+                tgt += g[:, Z0:Z0 + nz].T
+                continue
             for j, w in enumerate(zw):  # adjoint of F[i] = sum_j zw[j] x[i + j]: x[z] += zw[j] G[z - j]
                 if w == 0:
                     continue
                 lo = max(0, j - Z0)  # planes z with a stored G[z - j]
-                part[lo:] += w * g[:, Z0 + lo - j:Z0 + nz - j].T
-            img += part[::-1] if flipped else part
+                tgt[lo:] += w * g[:, Z0 + lo - j:Z0 + nz - j].T
         return torch.from_numpy(img.reshape(nz, ny, nx))
 
     # ------------------------------------------------------------------ torch kernel (any device)
