@@ -245,6 +245,8 @@ def test_disk_cache_hit_stale_and_corrupt(tmp_path, monkeypatch):
     """The on-disk matrix cache is used when valid, and ignored (rebuilt, rewritten) when corrupt."""
     monkeypatch.setenv("SIRF_DDIP_CACHE", str(tmp_path))
     g, grid, _ = tiny(span=3)
+    build_system_matrix(g, grid, 3, dtype=np.float64)  # default: small matrices are not written
+    assert not list(tmp_path.iterdir())
     a = build_system_matrix(g, grid, 3, dtype=np.float64, disk_cache=True)
     files = list(tmp_path.glob("sysmat-*.npz"))
     assert len(files) == 1 and a.source == "traced"

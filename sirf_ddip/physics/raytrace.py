@@ -582,10 +582,35 @@ def build_system_matrix(geometry: SinogramGeometry, grid: ImageGrid, num_lors: i
             return sm
     sm = _trace_all(geometry, grid, plans, P, Z0, int(num_lors), vlist, dtype,
                     threads if threads is not None else (os.cpu_count() or 1))
+    _check_layout(sm)
     if path is not None:
         _save(path, key, sm)
     sm.setup_seconds = time.perf_counter() - t0
     return sm
+
+
+def _check_layout(sm: SystemMatrix) -> None:
+    """Every read ``c + shift + a k`` of every segment stays inside its row of the padded image (the compiled
+    kernels do not check bounds).
+
+    Raises
+    ------
+    GeometryMismatchError
+        If the plan and the traced (or loaded) elements disagree."""
+    for p in sm.plans:
+        c = sm.cols[p.number]
+        if c.size == 0:
+            continue
+        if int(c.min()) < 0 or int(c.max()) >= sm.nyx * sm.P:
+            raise GeometryMismatchError(f"projection matrix of segment {p.number}: element index outside the image")
+        zq = c % sm.P
+        lo_q, hi_q = int(zq.min()) - sm.Z0, int(zq.max()) - sm.Z0
+        del zq
+        for sh in ([0] if p.mirror_shift is None else [0, p.mirror_shift]):
+            if lo_q + sh + sm.Z0 < 0 or hi_q + sh + (p.num_axial - 1) * p.k + sm.Z0 >= sm.P:
+                raise GeometryMismatchError(
+                    f"projection matrix of segment {p.number}: planes {lo_q}..{hi_q} (shift {sh}) leave the padded "
+                    f"image layout (P={sm.P}, Z0={sm.Z0}); the matrix is inconsistent with its plan")
 
 
 # ---------------------------------------------------------------------- disk cache
@@ -661,6 +686,7 @@ def _load(path: Path, key: str, plans, P, Z0, grid, geometry) -> SystemMatrix | 
                     d[p.number] = a
                 if sm.indptr[p.number].size != nrows or sm.indptr[p.number][-1] != sm.cols[p.number].size:
                     raise ValueError("inconsistent array sizes")
+            _check_layout(sm)
             return sm
     except Exception as e:  # corrupt zip, truncated file, wrong key: never trust it
         warnings.warn(f"ignoring projection matrix cache {path}: {e}; rebuilding", RuntimeWarning, stacklevel=3)
