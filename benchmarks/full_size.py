@@ -217,7 +217,8 @@ def run_cli_osem(geom: SinogramGeometry, xy: int, subsets: int, threads: int, fo
         rec = d / "osem_run_record.json"
         if rec.is_file():
             import json
-            print("run record timing (s):", {k: round(v, 1) for k, v in json.loads(rec.read_text()).get("timing_s", {}).items()})
+            timing = json.loads(rec.read_text()).get("timing_s", {})
+            print("run record timing (s):", {k: round(v, 1) for k, v in timing.items()})
 
 
 def main(argv=None) -> int:

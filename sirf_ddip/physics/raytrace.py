@@ -508,8 +508,8 @@ def _trace_all(geometry: SinogramGeometry, grid: ImageGrid, plans: list, P: int,
             local.keys = np.empty(row_cap, np.int64)
             local.accv = np.empty(row_cap)
         counts, c, w = fn(math.cos(phi[v]), math.sin(phi[v]), s_t, ds_t, num_lors, fovrad, nx, ny, vx, vy, ox,
-                          oy, vz, direct, zc, p0, tan_t, norm, lo, hi, P, Z0, local.tab_k, local.tab_s, local.hpos, local.keys,
-                          local.accv)
+                          oy, vz, direct, zc, p0, tan_t, norm, lo, hi, P, Z0, local.tab_k, local.tab_s, local.hpos,
+                          local.keys, local.accv)
         return counts, c, w.astype(val_dtype)
 
     per_seg_c: list[list] = [[] for _ in plans]
