@@ -135,6 +135,7 @@ class Projector:
         self._sm: SystemMatrix | None = None
         self._dev_ops: dict = {}
         self._bufs: dict = {}
+        self._buf_lock = threading.Lock()  # the scratch buffers serve one projection at a time
         self._use_cache = cache
         self.setup_seconds = 0.0
 
@@ -203,7 +204,8 @@ class Projector:
         with _threads(self.device, self.cpu_threads, self.kernel):
             if self.kernel == "torch":
                 return self._forward_torch(X, subset, num_subsets, views)
-            return self._forward_numba(X, views)
+            with self._buf_lock:
+                return self._forward_numba(X, views)
 
     def adjoint(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A^T y`` (back projection) for data of the views of ``subset``; returns ``[z, y, x]``."""
@@ -214,7 +216,8 @@ class Projector:
         with _threads(self.device, self.cpu_threads, self.kernel):
             if self.kernel == "torch":
                 return self._adjoint_torch(Y, subset, num_subsets, views)
-            return self._adjoint_numba(Y, views)
+            with self._buf_lock:
+                return self._adjoint_numba(Y, views)
 
     backward = adjoint
 
@@ -269,7 +272,7 @@ class Projector:
         geom = self.geometry
         vsel = np.arange(geom.num_views, dtype=np.int64) if views is None else np.asarray(views, np.int64)
         nt = geom.num_tangential
-        src = self._sources(np.ascontiguousarray(X.numpy()), sm)
+        src = self._sources(np.ascontiguousarray(X.detach().numpy()), sm)
         out = np.zeros((geom.num_sinograms, vsel.size * nt), self._np_dtype())
         dummy = np.zeros(1, out.dtype)
         for p in sm.plans:
@@ -288,7 +291,7 @@ class Projector:
         nz, ny, nx = self.grid.shape
         vsel = np.arange(geom.num_views, dtype=np.int64) if views is None else np.asarray(views, np.int64)
         nt = geom.num_tangential
-        Y2 = np.ascontiguousarray(Y.numpy()).reshape(geom.num_sinograms, vsel.size * nt)
+        Y2 = np.ascontiguousarray(Y.detach().numpy()).reshape(geom.num_sinograms, vsel.size * nt)
         dt = Y2.dtype
         dests = sorted({k for p in sm.plans for k in self._src_keys(p)})
         # one accumulator per destination and thread, as many threads as the memory bound allows
