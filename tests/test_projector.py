@@ -233,6 +233,8 @@ def test_numba_and_torch_kernels_agree(span):
     P2 = Projector(g, grid, device="cpu", dtype=torch.float64, cache=False, cpu_threads=2)
     torch.testing.assert_close(P2.adjoint(y), P.adjoint(y), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(P2.forward(x), P.forward(x), rtol=1e-12, atol=1e-13)
+    P3 = Projector(g, grid, device="cpu", dtype=torch.float64, cache=False, cpu_threads=2, max_accumulator_bytes=1)
+    torch.testing.assert_close(P3.adjoint(y), P.adjoint(y), rtol=1e-12, atol=1e-13)  # one shared accumulator
 
 
 def test_kernel_errors():

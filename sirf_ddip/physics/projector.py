@@ -90,8 +90,10 @@ class Projector:
         number it sets it for the projection and restores it afterwards.
     max_operand_bytes : int
         Torch kernel: memory bound for the unfolded image operand of one sparse product (larger segments are
-        processed in chunks of axial positions).  Numba kernel: bound for the per-thread back-projection
-        accumulators (fewer accumulators than threads above it).
+        processed in chunks of axial positions).
+    max_accumulator_bytes : int
+        Numba kernel: memory bound for the back projection's per-thread accumulators (one padded image per
+        thread and destination; fewer threads back-project when it is exceeded).
     kernel : {"auto", "numba", "torch"}
         ``auto``: numba on CPU, torch elsewhere.
     disk_cache : bool or None
@@ -109,7 +111,8 @@ class Projector:
 
     def __init__(self, geometry: SinogramGeometry, grid: ImageGrid, device=None, dtype: torch.dtype = torch.float32,
                  num_tangential_lors: int = 3, use_mirror: bool = True, cache: bool = True,
-                 cpu_threads: int | None = None, max_operand_bytes: int = 256 * 2 ** 20, kernel: str = "auto",
+                 cpu_threads: int | None = None, max_operand_bytes: int = 256 * 2 ** 20,
+                 max_accumulator_bytes: int = 2 * 2 ** 30, kernel: str = "auto",
                  disk_cache: bool | None = None, setup_threads: int | None = None):
         self.geometry = geometry
         self.grid = grid
@@ -128,6 +131,7 @@ class Projector:
         self.use_mirror = bool(use_mirror)
         self.cpu_threads = cpu_threads
         self.max_operand_bytes = int(max_operand_bytes)
+        self.max_accumulator_bytes = int(max_accumulator_bytes)
         self.disk_cache = disk_cache
         self.setup_threads = setup_threads
         check_grid(geometry, grid)
@@ -296,7 +300,7 @@ class Projector:
         dests = sorted({k for p in sm.plans for k in self._src_keys(p)})
         # one accumulator per destination and thread, as many threads as the memory bound allows
         per = sm.nyx * sm.P * dt.itemsize * len(dests)
-        nthr = max(1, min(num_threads(), int(self.max_operand_bytes // max(1, per))))
+        nthr = max(1, min(num_threads(), int(self.max_accumulator_bytes // max(1, per))))
         acc = {}
         for d in dests:
             acc[d] = self._buffer(("acc", d), (nthr, sm.nyx * sm.P), dt)
