@@ -70,13 +70,14 @@ def _peak_mb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-def run_case(case: str, shared: Path, dev: torch.device, repeats: int, threads: int | None) -> dict:
+def run_case(case: str, shared: Path, dev: torch.device, repeats: int, threads: int | None,
+             kernel: str = "auto") -> dict:
     d = shared / "stir-reference" / case
     geom = geometry_from_header(InterfileHeader.read(d / "forward.hs"))
     x, grid = read_image(d / "phantom.hv")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    P = Projector(geom, grid, device=dev, cache=False, cpu_threads=threads)
+    P = Projector(geom, grid, device=dev, cache=False, cpu_threads=threads, kernel=kernel, disk_cache=False)
     t0 = time.perf_counter()
     P.set_up()
     setup = time.perf_counter() - t0
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
                     help="'cpu', 'cuda', 'auto' (CUDA if available) or 'all' (CPU and, if present, CUDA)")
     ap.add_argument("--shared", default=str(REPO.parent / "shared"), help="the shared/ folder (default ../shared)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads during projections (0: leave)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads during projections (0: torch's count)")
+    ap.add_argument("--kernel", default="auto", help="projector kernel: auto (numba on CPU), numba, torch")
     args = ap.parse_args(argv)
     shared = Path(args.shared)
     if not (shared / "stir-reference").is_dir():
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     print(hdr)
     for dev in devs:
         for case in cases:
-            r = run_case(case, shared, dev, args.repeats, threads)
+            r = run_case(case, shared, dev, args.repeats, threads, args.kernel)
             print(f"{r['case']:8s} {dev.type:6s} {r['nnz']:10d} {r['setup_s']:8.2f} {r['fwd_s']:8.3f} "
                   f"{r['back_s']:8.3f} {r['peak_mb']:8.0f} {r['fwd_rel_l2']:10.2e} {r['bp_rel_l2']:9.2e}",
                   flush=True)

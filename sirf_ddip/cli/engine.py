@@ -202,6 +202,26 @@ def run_backward(args) -> int:
     return _project(args, adjoint=True)
 
 
+def _set_up_with_progress(ds, num_subsets: int) -> None:
+    """Trace the projector (one-off; on-disk cache for large ones) and compute the subset sensitivities, with
+    progress on stderr (a full mMR span-11 study takes minutes here)."""
+    from ..utils.progress import progress, progress_enabled
+
+    proj = getattr(ds, "projector", None)
+    if proj is not None and hasattr(proj, "set_up"):
+        t = time.perf_counter()
+        if progress_enabled():
+            print(f"setting up the projector ({ds.geometry.describe()}, image {tuple(ds.grid.shape)})...",
+                  file=sys.stderr, flush=True)
+        proj.set_up()
+        if progress_enabled():
+            nnz = proj.nnz() if hasattr(proj, "nnz") else None
+            print(f"projector ready in {time.perf_counter() - t:.1f} s"
+                  + (f" ({nnz / 1e6:.0f} M matrix elements)" if nnz else ""), file=sys.stderr, flush=True)
+    for s in progress(range(num_subsets), desc="subset sensitivities"):
+        ds.sensitivity(s if num_subsets > 1 else None)  # cached by the data step; OSEM's set-up reuses them
+
+
 class _SaveEvery:
     """Callback: write the estimate every ``k`` sub-iterations."""
 
@@ -266,6 +286,7 @@ def run_osem(args) -> int:
     recon = OSEMReconstructor(ds, num_subsets=args.subsets, num_iterations=args.iterations,
                               postfilter_fwhm=args.postfilter_fwhm)
     t1 = time.perf_counter()
+    _set_up_with_progress(ds, args.subsets)
     recon.set_up(init)
     recon.set_current_estimate(init)
     t2 = time.perf_counter()

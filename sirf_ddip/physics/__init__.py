@@ -1,7 +1,9 @@
 """sirf_ddip.physics: operators, the acquisition model ``m ⊙ (A x + a)`` and the Poisson log-likelihood.
 
 - :mod:`.operator` — :class:`LinearOperator` base, :class:`MultiplicativeFactors`, composition (``@``);
-- :mod:`.projector` — :class:`Projector` (STIR ray-tracing matrix, geometric only; a LinearOperator);
+- :mod:`.raytrace` — STIR's ray-tracing matrix: tracing (numba), layout, on-disk cache;
+- :mod:`.projector` — :class:`Projector` (the geometric operator, a LinearOperator; numba kernels on CPU, torch
+  elsewhere);
 - :mod:`.subsets` — :class:`ViewSubsets` (STIR's symmetry-aware view subsets);
 - :mod:`.likelihood` — the :class:`PoissonLogLikelihood` protocol and STIR's quotient / log-likelihood safeguards;
 - :mod:`.model` — :class:`AcquisitionModel`, :class:`EngineLogLikelihood` (the engine's likelihood).
