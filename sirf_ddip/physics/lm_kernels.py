@@ -1,17 +1,15 @@
 """Compiled (numba) kernels of the Siemens listmode histogrammer: decode, frame test, bin and accumulate.
 
 One chunk of 32-bit PETLINK words (layout in :mod:`sirf_ddip.io.siemens_listmode`) is histogrammed by
-:func:`bin_chunk` in two parallel phases, without a lock and without a second sinogram:
-
-1. the chunk is cut into ``T`` consecutive segments, one per thread. Each thread decodes its words
-   (event bit, prompt bit, span-1 offset -> sinogram ``z`` and (view, tangential) ``r`` -> target bin through
-   the two lookup tables of :class:`~sirf_ddip.physics.histogram.ListmodeHistogrammer`), watches the time
-   tags for the frame end (STIR ``LmToProjData::process_data``: stop at the first time tag ``t >= end``) and
-   appends ``2 * bin + negative`` of each counted event to one of ``T`` lists chosen by the bin's range
-   (``bucket = bin * T / size``). The decoding is branch-free except for tags and corrupt offsets, which
-   keeps the CPU pipeline (and its outstanding memory loads) full;
-2. thread ``b`` adds the lists of bucket ``b`` of every segment (up to the segment holding the frame end)
-   to the sinogram: the threads write disjoint bin ranges, so the counts are exactly those of a serial loop.
+:func:`bin_chunk` on ``T`` threads without a lock and without a second sinogram: every thread reads every
+record of the chunk (event bit, prompt bit, span-1 offset -> sinogram ``z`` and (view, tangential) ``r`` ->
+target bin through the two lookup tables of :class:`~sirf_ddip.physics.histogram.ListmodeHistogrammer`),
+watches the time tags for the frame end (STIR ``LmToProjData::process_data``: stop at the first time tag
+``t >= end``) and adds the events whose bin lies in its own ``1/T`` of the sinogram. The threads write
+disjoint bin ranges, so the counts are exactly those of a serial loop. Decoding is cheap (a few ns per word)
+next to the random-access add into a sinogram of hundreds of MB, so decoding twice costs less than a second
+sinogram and its merge would. The loop is branch-free except at tags and corrupt offsets, which keeps the
+CPU pipeline, and the many cache misses it has in flight, full.
 
 :func:`find_time_tag` finds the frame start (the first time tag ``t >= start``) in parallel, and
 :func:`last_time_tag` the last time tag of a chunk. Times are compared as ``t_ms / 1000.0 >= seconds`` in
@@ -23,10 +21,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["bin_chunk", "find_time_tag", "last_time_tag", "fan_sums_chunk", "reorder_segment"]
+__all__ = ["TRASH_SLOTS", "bin_chunk", "find_time_tag", "last_time_tag", "fan_sums_chunk", "reorder_segment"]
 
 _OFFSET_MASK = np.uint32((1 << 30) - 1)
 _TIME_MASK = np.uint32((1 << 29) - 1)
+_BLOCK = 1 << 20  # words decoded before their adds (a 4 MB list per thread)
+TRASH_SLOTS = _TRASH = 64  # trash slots per thread after the sinogram (adds of words a thread does not count)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -59,9 +59,16 @@ def last_time_tag(words, lo, hi):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def bin_chunk(words, lo, hi, end_s, lut_r, lut_z, sino_size, num_sinograms, size, use, neg, acc, buf,
+def bin_chunk(words, lo, hi, end_s, lut_r, lut_z, sino_size, num_sinograms, size, use, neg, acc,
               num_threads):  # pragma: no cover - compiled
     """Histogram the records ``words[lo:hi]`` (inside the frame from ``lo`` on) into ``acc``.
+
+    Thread ``s`` of ``num_threads`` decodes every record and adds the events whose bin lies in its range
+    ``[s * size // num_threads, (s + 1) * size // num_threads)``, block by block (``_BLOCK`` words): a
+    scan of the block's time tags (frame end), a branch-free decoding pass that writes each word's bin to a
+    list (the lookup tables stay cached), the words it does not count pointing at its ``_TRASH`` trash
+    slots ``acc[size + _TRASH * s + i % _TRASH]``, then a tight loop of adds (no mispredictions, many cache
+    misses in flight).
 
     Parameters
     ----------
@@ -76,13 +83,11 @@ def bin_chunk(words, lo, hi, end_s, lut_r, lut_z, sino_size, num_sinograms, size
     sino_size, num_sinograms : int
         Offsets per span-1 sinogram and number of span-1 sinograms of the listmode.
     size : int
-        Bins of the target (``acc`` has at least ``size`` entries).
+        Bins of the target; ``acc`` has ``size + TRASH_SLOTS * num_threads`` entries (the last: trash).
     use, neg : int64 arrays of 2
         Per prompt bit (0 delayed, 1 prompt): whether the event is counted, and whether it subtracts.
     acc : int32 array
         The accumulator (sinogram layout of :class:`~sirf_ddip.geometry.detectors.DetectorPairBinner`).
-    buf : int32 array (num_threads, num_threads, capacity)
-        Work lists; ``capacity > (hi - lo) / num_threads + 1``.
 
     Returns
     -------
@@ -93,82 +98,74 @@ def bin_chunk(words, lo, hi, end_s, lut_r, lut_z, sino_size, num_sinograms, size
     bad : int
         Counted-type events whose offset lies beyond the listmode's sinogram (corrupt data).
     """
-    n = hi - lo
-    cnt = np.zeros((num_threads, num_threads), np.int64)
-    stop = np.full(num_threads, -1, np.int64)
-    first = np.full(num_threads, -1, np.int64)
-    last = np.full(num_threads, -1, np.int64)
-    bad = np.zeros(num_threads, np.int64)
+    res = np.zeros((num_threads, 4), np.int64)
     inv = 1.0 / sino_size
-    mult = (np.int64(num_threads) << 32) // size
+    signed = neg[0] != 0 or neg[1] != 0
+    # per prompt bit: counted, subtracted (as scalars, so that the decoding loop has no table loads)
+    u0, u1 = np.int64(use[0]), np.int64(use[1])
+    n0, n1 = np.int64(neg[0]), np.int64(neg[1])
     for s in prange(num_threads):
-        a = lo + n * s // num_threads
-        b = lo + n * (s + 1) // num_threads
-        k = np.zeros(num_threads, np.int64)
+        b_lo = size * s // num_threads
+        b_hi = size * (s + 1) // num_threads
+        trash = size + _TRASH * s
+        work = np.empty(_BLOCK, np.int32)
         nbad = 0
         t_first = -1
         t_last = -1
-        for i in range(a, b):
-            x = words[i]
-            if x >> 31:  # a tag
+        stop = -1
+        for a in range(lo, hi, _BLOCK):
+            b = min(a + _BLOCK, hi)
+            # time tags of the block (rare): the frame ends at the first one with t >= end_s
+            for i in range(a, b):
+                x = words[i]
                 if (x >> 29) == 4:
                     t = np.int64(x & _TIME_MASK)
                     if t / 1000.0 >= end_s:
-                        stop[s] = i
+                        stop = i
+                        b = i
                         break
                     if t_first < 0:
                         t_first = t
                     t_last = t
-                continue
-            p = np.int64(x >> 30)
-            u = use[p]
-            off = np.int64(x & _OFFSET_MASK)
-            z = np.int64(off * inv)
-            r = off - z * sino_size
-            if r < 0:  # float rounding at a sinogram boundary (exactness guard)
-                z -= 1
-                r += sino_size
-            elif r >= sino_size:
-                z += 1
-                r -= sino_size
-            if z >= num_sinograms:  # corrupt offset: never binned
-                nbad += u
-                z = 0
-                u = 0
-            lr = np.int64(lut_r[r])
-            f = np.int64(lut_z[2 * z + (lr & 1)]) + (lr >> 1)
-            valid = u & np.int64(f < size)
-            bk = (min(f, size - 1) * mult) >> 32
-            kb = k[bk]
-            buf[s, bk, kb] = np.int32(2 * f + neg[p])
-            k[bk] = kb + valid
-        for j in range(num_threads):
-            cnt[s, j] = k[j]
-        bad[s] = nbad
-        first[s] = t_first
-        last[s] = t_last
-    # segments after the one holding the frame end are outside the frame
-    nseg = num_threads
-    for s in range(num_threads):
-        if stop[s] >= 0:
-            nseg = s + 1
-            break
-    for bk in prange(num_threads):
-        for s in range(nseg):
-            m = cnt[s, bk]
-            for j in range(m):
-                e = buf[s, bk, j]
-                acc[e >> 1] += 1 - 2 * (e & 1)
-    first_ms = -1
-    last_ms = -1
-    nb = 0
-    for s in range(nseg):
-        nb += bad[s]
-        if first_ms < 0 and first[s] >= 0:
-            first_ms = first[s]
-        if last[s] >= 0:
-            last_ms = last[s]
-    return stop[nseg - 1], first_ms, last_ms, nb
+            # pass 1, branch-free: 2 * bin + negative of each word; words that this thread does not count
+            # (tags, the other event type, bins outside the template or outside its range) go to its trash
+            for i in range(a, b):
+                x = np.int64(words[i])
+                p = (x >> 30) & 1
+                u = (1 - (x >> 31)) * (p * u1 + (1 - p) * u0)  # tags (bit 31) are never counted
+                off = x & 0x3FFFFFFF
+                z = np.int64(off * inv)
+                r = off - z * sino_size
+                lt = np.int64(r < 0)  # float rounding at a sinogram boundary (exactness guard)
+                z -= lt
+                r += lt * sino_size
+                out = np.int64(z >= num_sinograms)  # corrupt offset: never binned
+                nbad += u * out
+                z = z * (1 - out)
+                lr = np.int64(lut_r[r])
+                f = np.int64(lut_z[2 * z + (lr & 1)]) + (lr >> 1)
+                mine = u * (1 - out) * np.int64(f >= b_lo) * np.int64(f < b_hi)
+                tr = trash + (i & (_TRASH - 1))
+                if signed:  # 2 * bin + (1 if subtracted); no compaction (a store address that depends on
+                    e = 2 * f + p * n1 + (1 - p) * n0  # the previous words would stall the loop)
+                    work[i - a] = np.int32(mine * e + (1 - mine) * 2 * tr)
+                else:
+                    work[i - a] = np.int32(mine * f + (1 - mine) * tr)
+            # pass 2: add them (independent random accesses, many in flight; trash adds hit the L1 cache)
+            if signed:
+                for j in range(b - a):
+                    e = work[j]
+                    acc[e >> 1] += 1 - 2 * (e & 1)
+            else:
+                for j in range(b - a):
+                    acc[work[j]] += 1
+            if stop >= 0:
+                break
+        res[s, 0] = stop
+        res[s, 1] = t_first
+        res[s, 2] = t_last
+        res[s, 3] = nbad
+    return res[0, 0], res[0, 1], res[0, 2], res[0, 3]
 
 
 @njit(cache=True, nogil=True)
