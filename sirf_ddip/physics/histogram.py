@@ -294,12 +294,18 @@ class ListmodeHistogrammer:
         # per prompt bit (0 delayed, 1 prompt): counted?, subtracted? (STIR ``delayed_increment``)
         use = np.array({"prompts": (0, 1), "delayeds": (1, 0), "trues": (1, 1)}[events], dtype=np.int64)
         neg = np.array((1, 0) if events == "trues" else (0, 0), dtype=np.int64)
-        acc = zeros_int32(self.size + K.TRASH_SLOTS * nt)  # + the threads' trash slots (see bin_chunk)
+        row = self.size + K.TRASH_SLOTS * nt  # + the threads' trash slots (see bin_chunk)
+        private = nt > 1 and 4 * row * (nt - 1) <= PRIVATE_SINOGRAM_BYTES
+        rows = nt if private else 1
+        acc = zeros_int32(rows * row).reshape(rows, row)
         h = self.header
 
         def process(words: np.ndarray, lo: int, end_s: float) -> tuple[int, int, int, int]:
-            return K.bin_chunk(words, lo, words.size, end_s, self._lut_r, self._lut_z, h.sinogram_size,
-                               h.num_sinograms, self.size, use, neg, acc, nt)
+            stop = int(K.find_time_tag(words, lo, words.size, end_s, nt)) if end_s < math.inf else -1
+            first, last, bad = K.bin_chunk(words, lo, stop if stop >= 0 else words.size, self._lut_r,
+                                           self._lut_z, h.sinogram_size, h.num_sinograms, self.size, use, neg,
+                                           acc, private, nt)
+            return stop, first, last, bad
 
         t0 = _time.perf_counter()
         sel = stream_frame(h, process, start, end, chunk_words, show_progress, nt)
@@ -308,12 +314,37 @@ class ListmodeHistogrammer:
             raise DataValueError(f"{h.data_path}: {sel.bad} events have offsets beyond the span-1 sinogram "
                                  f"of {h.num_sinograms} x {h.sinogram_size} bins described by "
                                  f"{h.path} (corrupt listmode?)")
-        data = sinogram_to_file_order(acc, self.geometry)
+        if rows > 1:
+            K.add_rows(acc, self.size)
+            _release_after_first_row(acc)
+        data = sinogram_to_file_order(acc[0], self.geometry)
         stats = {"listmode": str(h.path), "records_in_frame": int(sel.records), "threads": nt,
+                 "private_sinograms": rows,
                  "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed,
                  "first_time_tag_s": sel.first_tag_s, "last_time_tag_s": sel.last_tag_s,
                  "last_time_tag_in_file_s": sel.last_tag_read_s}
         return Histogram(data, self.geometry, events, float(start or 0.0), end, stats)
+
+
+#: extra memory allowed for the threads' private sinograms (beyond it, threads split the bins instead)
+PRIVATE_SINOGRAM_BYTES = 1 << 30
+
+
+def _release_after_first_row(acc: np.ndarray) -> None:
+    """Give the pages of ``acc[1:]`` (an array from :func:`zeros_int32`) back to the system."""
+    import mmap
+
+    base = acc
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = -(-acc[0].nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    if start < len(base):
+        try:
+            base.madvise(mmap.MADV_DONTNEED, start, len(base) - start)
+        except (OSError, ValueError):
+            pass
 
 
 def zeros_int32(n: int) -> np.ndarray:

@@ -1,19 +1,20 @@
 """Compiled (numba) kernels of the Siemens listmode histogrammer: decode, frame test, bin and accumulate.
 
 One chunk of 32-bit PETLINK words (layout in :mod:`sirf_ddip.io.siemens_listmode`) is histogrammed by
-:func:`bin_chunk` on ``T`` threads without a lock and without a second sinogram: every thread reads every
-record of the chunk (event bit, prompt bit, span-1 offset -> sinogram ``z`` and (view, tangential) ``r`` ->
-target bin through the two lookup tables of :class:`~sirf_ddip.physics.histogram.ListmodeHistogrammer`),
-watches the time tags for the frame end (STIR ``LmToProjData::process_data``: stop at the first time tag
-``t >= end``) and adds the events whose bin lies in its own ``1/T`` of the sinogram. The threads write
-disjoint bin ranges, so the counts are exactly those of a serial loop. Decoding is cheap (a few ns per word)
-next to the random-access add into a sinogram of hundreds of MB, so decoding twice costs less than a second
-sinogram and its merge would. The loop is branch-free except at tags and corrupt offsets, which keeps the
-CPU pipeline, and the many cache misses it has in flight, full.
+:func:`bin_chunk` on ``T`` threads without a lock: each word is decoded (event bit, prompt bit, span-1
+offset -> sinogram ``z`` and (view, tangential) ``r`` -> target bin through the two lookup tables of
+:class:`~sirf_ddip.physics.histogram.ListmodeHistogrammer`) and its bin incremented. The threads either
+histogram consecutive parts of the chunk into private sinograms (added at the end by :func:`add_rows`), or,
+when a second sinogram would cost too much memory, all read the whole chunk and each adds the events of its
+own ``1/T`` of the bins. Integer adds commute, so the counts are exactly those of a serial loop. The cost is
+the random-access add into a sinogram of hundreds of MB (a cache miss per event): the loops are branch-free
+so that many misses are in flight at once.
+
+The frame end (STIR ``LmToProjData::process_data``: the first time tag ``t >= end``) is found first by
+:func:`find_time_tag`, so that :func:`bin_chunk` only sees records inside the frame.
 
 :func:`find_time_tag` finds the frame start (the first time tag ``t >= start``) in parallel, and
-:func:`last_time_tag` the last time tag of a chunk. Times are compared as ``t_ms / 1000.0 >= seconds`` in
-float64, exactly as the numpy version did. Kernels are compiled on first use and cached on disk.
+:func:`last_time_tag` the last time tag of a chunk. Times are compared as ``t_ms / 1000.0 >= seconds`` in float64. Kernels are compiled on first use and cached on disk.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["TRASH_SLOTS", "bin_chunk", "find_time_tag", "last_time_tag", "fan_sums_chunk", "reorder_segment"]
+__all__ = ["TRASH_SLOTS", "bin_chunk", "add_rows", "find_time_tag", "last_time_tag", "fan_sums_chunk", "reorder_segment"]
 
 _OFFSET_MASK = np.uint32((1 << 30) - 1)
 _TIME_MASK = np.uint32((1 << 29) - 1)
@@ -59,23 +60,27 @@ def last_time_tag(words, lo, hi):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def bin_chunk(words, lo, hi, end_s, lut_r, lut_z, sino_size, num_sinograms, size, use, neg, acc,
+def bin_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, use, neg, acc, private,
               num_threads):  # pragma: no cover - compiled
-    """Histogram the records ``words[lo:hi]`` (inside the frame from ``lo`` on) into ``acc``.
+    """Histogram the records ``words[lo:hi]`` (all inside the frame) into ``acc``.
 
-    Thread ``s`` of ``num_threads`` decodes every record and adds the events whose bin lies in its range
-    ``[s * size // num_threads, (s + 1) * size // num_threads)``, block by block (``_BLOCK`` words): a
-    scan of the block's time tags (frame end), a branch-free decoding pass that writes each word's bin to a
-    list (the lookup tables stay cached), the words it does not count pointing at its ``_TRASH`` trash
-    slots ``acc[size + _TRASH * s + i % _TRASH]``, then a tight loop of adds (no mispredictions, many cache
-    misses in flight).
+    Two ways to share the work between the ``num_threads`` threads without a lock, chosen by ``private``:
+
+    - ``private`` (``acc`` has one row per thread): thread ``s`` histograms the ``s``-th part of the records
+      into its own row; the caller adds the rows at the end;
+    - otherwise (``acc`` has one row): every thread reads every record and adds the events whose bin lies in
+      its range ``[s * size // num_threads, (s + 1) * size // num_threads)`` (no second sinogram, the
+      decoding is done ``num_threads`` times).
+
+    Each thread works block by block (``_BLOCK`` words): a scan of the block's time tags, a branch-free
+    decoding pass that writes each word's bin to a list (the lookup tables stay cached), the words it does
+    not count pointing at its ``TRASH_SLOTS`` trash slots ``size + TRASH_SLOTS * s + i % TRASH_SLOTS`` of its
+    row, then a tight loop of adds (no mispredictions, many cache misses in flight).
 
     Parameters
     ----------
     words : uint32 array
         Consecutive listmode records.
-    end_s : float
-        Frame end in seconds (``inf``: none): the first time tag with ``t >= end_s`` ends the frame.
     lut_r : int32 array
         ``2 * (view * T + i) + keep`` per (view, tangential) part ``r`` of an offset (``size`` when outside).
     lut_z : int32 array
@@ -83,52 +88,57 @@ def bin_chunk(words, lo, hi, end_s, lut_r, lut_z, sino_size, num_sinograms, size
     sino_size, num_sinograms : int
         Offsets per span-1 sinogram and number of span-1 sinograms of the listmode.
     size : int
-        Bins of the target; ``acc`` has ``size + TRASH_SLOTS * num_threads`` entries (the last: trash).
+        Bins of the target; rows of ``acc`` have ``size + TRASH_SLOTS * num_threads`` entries.
     use, neg : int64 arrays of 2
         Per prompt bit (0 delayed, 1 prompt): whether the event is counted, and whether it subtracts.
-    acc : int32 array
-        The accumulator (sinogram layout of :class:`~sirf_ddip.geometry.detectors.DetectorPairBinner`).
+    acc : 2-d int32 array
+        The accumulator(s) (sinogram layout of :class:`~sirf_ddip.geometry.detectors.DetectorPairBinner`).
+    private : bool
+        See above.
 
     Returns
     -------
-    stop : int
-        Position of the time tag that ends the frame, -1 if the frame goes on after ``hi``.
     first_tag_ms, last_tag_ms : int
-        First and last time tag inside ``[lo, stop or hi)`` (-1: none).
+        First and last time tag in ``words[lo:hi]`` (-1: none).
     bad : int
         Counted-type events whose offset lies beyond the listmode's sinogram (corrupt data).
     """
-    res = np.zeros((num_threads, 4), np.int64)
+    res = np.zeros((num_threads, 3), np.int64)
     inv = 1.0 / sino_size
     signed = neg[0] != 0 or neg[1] != 0
     # per prompt bit: counted, subtracted (as scalars, so that the decoding loop has no table loads)
     u0, u1 = np.int64(use[0]), np.int64(use[1])
     n0, n1 = np.int64(neg[0]), np.int64(neg[1])
+    n = hi - lo
     for s in prange(num_threads):
-        b_lo = size * s // num_threads
-        b_hi = size * (s + 1) // num_threads
+        if private:
+            w_lo = lo + n * s // num_threads
+            w_hi = lo + n * (s + 1) // num_threads
+            b_lo = 0
+            b_hi = size
+            row = acc[s]
+        else:
+            w_lo = lo
+            w_hi = hi
+            b_lo = size * s // num_threads
+            b_hi = size * (s + 1) // num_threads
+            row = acc[0]
         trash = size + _TRASH * s
         work = np.empty(_BLOCK, np.int32)
         nbad = 0
         t_first = -1
         t_last = -1
-        stop = -1
-        for a in range(lo, hi, _BLOCK):
-            b = min(a + _BLOCK, hi)
-            # time tags of the block (rare): the frame ends at the first one with t >= end_s
-            for i in range(a, b):
+        for a in range(w_lo, w_hi, _BLOCK):
+            b = min(a + _BLOCK, w_hi)
+            for i in range(a, b):  # time tags (rare)
                 x = words[i]
                 if (x >> 29) == 4:
                     t = np.int64(x & _TIME_MASK)
-                    if t / 1000.0 >= end_s:
-                        stop = i
-                        b = i
-                        break
                     if t_first < 0:
                         t_first = t
                     t_last = t
-            # pass 1, branch-free: 2 * bin + negative of each word; words that this thread does not count
-            # (tags, the other event type, bins outside the template or outside its range) go to its trash
+            # pass 1, branch-free: the bin of each word; words that this thread does not count (tags, the
+            # other event type, bins outside the template or outside its range) go to its trash slots
             for i in range(a, b):
                 x = np.int64(words[i])
                 p = (x >> 30) & 1
@@ -155,17 +165,38 @@ def bin_chunk(words, lo, hi, end_s, lut_r, lut_z, sino_size, num_sinograms, size
             if signed:
                 for j in range(b - a):
                     e = work[j]
-                    acc[e >> 1] += 1 - 2 * (e & 1)
+                    row[e >> 1] += 1 - 2 * (e & 1)
             else:
                 for j in range(b - a):
-                    acc[work[j]] += 1
-            if stop >= 0:
-                break
-        res[s, 0] = stop
-        res[s, 1] = t_first
-        res[s, 2] = t_last
-        res[s, 3] = nbad
-    return res[0, 0], res[0, 1], res[0, 2], res[0, 3]
+                    row[work[j]] += 1
+        res[s, 0] = t_first
+        res[s, 1] = t_last
+        res[s, 2] = nbad
+    first_ms = -1
+    last_ms = -1
+    segs = num_threads if private else 1
+    for s in range(segs):
+        if first_ms < 0 and res[s, 0] >= 0:
+            first_ms = res[s, 0]
+        if res[s, 1] >= 0:
+            last_ms = res[s, 1]
+    nb = 0
+    for s in range(num_threads):
+        nb += res[s, 2]
+    if not private:
+        nb = res[0, 2]
+    return first_ms, last_ms, nb
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def add_rows(acc, size):  # pragma: no cover - compiled
+    """``acc[0, :size] += acc[1:, :size]`` (the threads' private sinograms), in parallel."""
+    nrow = acc.shape[0]
+    for i in prange(size):
+        v = acc[0, i]
+        for k in range(1, nrow):
+            v += acc[k, i]
+        acc[0, i] = v
 
 
 @njit(cache=True, nogil=True)
