@@ -307,9 +307,9 @@ class ListmodeHistogrammer:
                                            acc, private, nt)
             return stop, first, last, bad
 
-        t0 = _time.perf_counter()
+        t0, c0 = _time.perf_counter(), _time.process_time()
         sel = stream_frame(h, process, start, end, chunk_words, show_progress, nt)
-        elapsed = _time.perf_counter() - t0
+        elapsed, cpu = _time.perf_counter() - t0, _time.process_time() - c0
         if sel.bad:
             raise DataValueError(f"{h.data_path}: {sel.bad} events have offsets beyond the span-1 sinogram "
                                  f"of {h.num_sinograms} x {h.sinogram_size} bins described by "
@@ -320,7 +320,7 @@ class ListmodeHistogrammer:
         data = sinogram_to_file_order(acc[0], self.geometry)
         stats = {"listmode": str(h.path), "records_in_frame": int(sel.records), "threads": nt,
                  "private_sinograms": rows,
-                 "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed,
+                 "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed, "cpu_seconds": cpu,
                  "first_time_tag_s": sel.first_tag_s, "last_time_tag_s": sel.last_tag_s,
                  "last_time_tag_in_file_s": sel.last_tag_read_s}
         return Histogram(data, self.geometry, events, float(start or 0.0), end, stats)
