@@ -102,12 +102,16 @@ def main() -> None:
                 cpu = time.process_time() - c
                 n = hist.stats["records_in_frame"]
                 nt = hist.stats["threads"]
-                print(f"{name:8s} ({geo.num_sinograms * geo.num_views * geo.num_tangential:,} bins, {nt} threads, "
-                      f"{hist.stats['private_sinograms']} sinogram(s)): whole call {total:.2f} s wall, {cpu:.2f} s CPU "
-                      f"for {n:,} records ({hist.stats['counted']:,.0f} prompts): {n / total / 1e6:.1f} M records/s "
-                      f"wall, {cpu / n * 1e9:.1f} ns CPU per record, idle-machine estimate "
-                      f"{n / (cpu / nt) / 1e6:.1f} M records/s (streaming loop alone: {n / hist.stats['seconds'] / 1e6:.1f}"
-                      f" M/s wall, {hist.stats['cpu_seconds'] / n * 1e9:.1f} ns CPU per record)")
+                loop_cpu = hist.stats["cpu_seconds"]
+                print(f"{name} ({geo.num_sinograms * geo.num_views * geo.num_tangential:,} bins, {nt} threads, "
+                      f"{hist.stats['private_sinograms']} sinogram(s)), {n:,} records, "
+                      f"{hist.stats['counted']:,.0f} prompts:\n"
+                      f"  whole call     {total:6.2f} s wall {n / total / 1e6:6.1f} M records/s | {cpu:6.2f} s CPU "
+                      f"{cpu / n * 1e9:5.1f} ns/record | idle-machine estimate {n / (cpu / nt) / 1e6:6.1f} M records/s\n"
+                      f"  streaming loop {hist.stats['seconds']:6.2f} s wall {n / hist.stats['seconds'] / 1e6:6.1f} M "
+                      f"records/s | {loop_cpu:6.2f} s CPU {loop_cpu / n * 1e9:5.1f} ns/record | idle-machine estimate "
+                      f"{n / (loop_cpu / nt) / 1e6:6.1f} M records/s")
+                hist = None  # free the sinogram before the next call
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

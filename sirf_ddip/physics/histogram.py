@@ -314,10 +314,9 @@ class ListmodeHistogrammer:
             raise DataValueError(f"{h.data_path}: {sel.bad} events have offsets beyond the span-1 sinogram "
                                  f"of {h.num_sinograms} x {h.sinogram_size} bins described by "
                                  f"{h.path} (corrupt listmode?)")
+        data = sinogram_to_file_order(acc, self.geometry)  # adds the threads' sinograms on the way
         if rows > 1:
-            K.add_rows(acc, self.size)
             _release_after_first_row(acc)
-        data = sinogram_to_file_order(acc[0], self.geometry)
         stats = {"listmode": str(h.path), "records_in_frame": int(sel.records), "threads": nt,
                  "private_sinograms": rows,
                  "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed, "cpu_seconds": cpu,
@@ -483,23 +482,27 @@ def stream_frame(header: SiemensListmodeHeader, process, start: float | None = N
 
 def sinogram_to_file_order(acc: np.ndarray, geometry: SinogramGeometry) -> np.ndarray:
     """Reorder an int32 accumulator in the "sinogram" layout (segments ascending, axial, view, tangential;
-    possibly with a trailing trash bin) to float32 view-by-view file order, in place (one segment of scratch)."""
+    possibly with trailing trash bins) to float32 view-by-view file order, in place (one segment of scratch).
+
+    ``acc`` may be 2-d (one row per thread's private sinogram): the rows are added on the way and the result
+    is written over the first row. Returns the float32 view of ``acc[..., :size]`` (of the first row).
+    """
+    from .lm_kernels import reorder_segment
+
     g = geometry
     nv, nt = g.num_views, g.num_tangential
     size = g.num_sinograms * nv * nt
-    a = acc[:size]
-    if a.dtype != np.int32:
-        raise ValueError(f"accumulator must be int32, got {a.dtype}")
-    from .lm_kernels import reorder_segment
-
-    if not a.flags.c_contiguous:
-        raise ValueError("accumulator must be contiguous")
+    rows = acc.reshape(1, -1) if acc.ndim == 1 else acc
+    if rows.dtype != np.int32:
+        raise ValueError(f"accumulator must be int32, got {rows.dtype}")
+    if not rows.flags.c_contiguous or rows.shape[1] < size:
+        raise ValueError(f"accumulator must be contiguous with at least {size} bins per row")
     scratch = np.empty(max(sg.num_axial for sg in g.segments) * nv * nt, dtype=np.float32)
     pos = 0
     for sg in g.segments:
-        reorder_segment(a, pos, sg.num_axial, nv, nt, scratch)
+        reorder_segment(rows, pos, sg.num_axial, nv, nt, scratch)
         pos += sg.num_axial * nv * nt
-    return a.view(np.float32)
+    return rows[0, :size].view(np.float32)
 
 
 def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start: float | None = None,

@@ -4,7 +4,8 @@ One chunk of 32-bit PETLINK words (layout in :mod:`sirf_ddip.io.siemens_listmode
 :func:`bin_chunk` on ``T`` threads without a lock: each word is decoded (event bit, prompt bit, span-1
 offset -> sinogram ``z`` and (view, tangential) ``r`` -> target bin through the two lookup tables of
 :class:`~sirf_ddip.physics.histogram.ListmodeHistogrammer`) and its bin incremented. The threads either
-histogram consecutive parts of the chunk into private sinograms (added at the end by :func:`add_rows`), or,
+histogram consecutive parts of the chunk into private sinograms (added at the end by
+:func:`reorder_segment`), or,
 when a second sinogram would cost too much memory, all read the whole chunk and each adds the events of its
 own ``1/T`` of the bins. Integer adds commute, so the counts are exactly those of a serial loop. The cost is
 the random-access add into a sinogram of hundreds of MB (a cache miss per event): the loops are branch-free
@@ -13,8 +14,10 @@ so that many misses are in flight at once.
 The frame end (STIR ``LmToProjData::process_data``: the first time tag ``t >= end``) is found first by
 :func:`find_time_tag`, so that :func:`bin_chunk` only sees records inside the frame.
 
-:func:`find_time_tag` finds the frame start (the first time tag ``t >= start``) in parallel, and
-:func:`last_time_tag` the last time tag of a chunk. Times are compared as ``t_ms / 1000.0 >= seconds`` in float64. Kernels are compiled on first use and cached on disk.
+:func:`find_time_tag` finds the frame start (the first time tag ``t >= start``) and end in parallel, and
+:func:`last_time_tag` the last time tag of a chunk. Times are compared as ``t_ms / 1000.0 >= seconds`` in
+float64. :func:`fan_sums_chunk` does the fan sums of :mod:`sirf_ddip.physics.randoms`. Kernels are compiled
+on first use and cached on disk (numba ``cache=True``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["TRASH_SLOTS", "bin_chunk", "add_rows", "find_time_tag", "last_time_tag", "fan_sums_chunk", "reorder_segment"]
+__all__ = ["TRASH_SLOTS", "bin_chunk", "find_time_tag", "last_time_tag", "fan_sums_chunk",
+           "reorder_segment"]
 
 _OFFSET_MASK = np.uint32((1 << 30) - 1)
 _TIME_MASK = np.uint32((1 << 29) - 1)
@@ -67,7 +71,7 @@ def bin_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, use, 
     Two ways to share the work between the ``num_threads`` threads without a lock, chosen by ``private``:
 
     - ``private`` (``acc`` has one row per thread): thread ``s`` histograms the ``s``-th part of the records
-      into its own row; the caller adds the rows at the end;
+      into its own row; the rows are added at the end (:func:`reorder_segment`);
     - otherwise (``acc`` has one row): every thread reads every record and adds the events whose bin lies in
       its range ``[s * size // num_threads, (s + 1) * size // num_threads)`` (no second sinogram, the
       decoding is done ``num_threads`` times).
@@ -188,17 +192,6 @@ def bin_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, use, 
     return first_ms, last_ms, nb
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def add_rows(acc, size):  # pragma: no cover - compiled
-    """``acc[0, :size] += acc[1:, :size]`` (the threads' private sinograms), in parallel."""
-    nrow = acc.shape[0]
-    for i in prange(size):
-        v = acc[0, i]
-        for k in range(1, nrow):
-            v += acc[k, i]
-        acc[0, i] = v
-
-
 @njit(cache=True, nogil=True)
 def fan_sums_chunk(words, lo, hi, end_s, want_prompt, sino_size, num_sinograms, ring1, ring2, cry1, cry2,
                    num_detectors, max_ring_diff, half_fan, out):  # pragma: no cover - compiled
@@ -256,15 +249,21 @@ def fan_sums_chunk(words, lo, hi, end_s, want_prompt, sino_size, num_sinograms, 
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def reorder_segment(acc, pos, num_axial, num_views, num_tangential, scratch):  # pragma: no cover - compiled
-    """In place: the int32 block ``acc[pos:pos + A*V*T]`` (axial, view, tangential) becomes float32 values
-    in (view, axial, tangential) order, written through a float32 view of the same memory."""
-    out = acc.view(np.float32)
+def reorder_segment(rows, pos, num_axial, num_views, num_tangential, scratch):  # pragma: no cover - compiled
+    """The int32 block ``rows[:, pos:pos + A*V*T]`` (axial, view, tangential), summed over the rows (the
+    threads' private sinograms), becomes float32 values in (view, axial, tangential) order, written in place
+    through a float32 view of ``rows[0]`` (``scratch`` holds one block)."""
+    out = rows[0].view(np.float32)
     blk = num_views * num_tangential
+    nrow = rows.shape[0]
     for a in prange(num_axial):
         for v in range(num_views):
             for t in range(num_tangential):
-                scratch[(v * num_axial + a) * num_tangential + t] = np.float32(acc[pos + a * blk + v * num_tangential + t])
+                src = pos + a * blk + v * num_tangential + t
+                c = rows[0, src]
+                for k in range(1, nrow):
+                    c += rows[k, src]
+                scratch[(v * num_axial + a) * num_tangential + t] = np.float32(c)
     m = num_axial * blk
     for i in prange(m):
         out[pos + i] = scratch[i]
