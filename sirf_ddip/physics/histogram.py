@@ -277,7 +277,8 @@ class ListmodeHistogrammer:
                   chunk_words: int = 1 << 21, show_progress: bool | None = None,
                   threads: int | None = None) -> Histogram:
         """Histogram the frame ``[start, end)`` (s from the scan start) of ``events`` (prompts, delayeds or
-        trues = prompts - delayeds) with ``threads`` threads (default: :func:`default_threads`), reading
+        trues = prompts - delayeds) with ``threads`` threads (default: as many of :func:`default_threads` as
+        have private sinograms within ``PRIVATE_SINOGRAM_BYTES``, at least 2), reading
         ``chunk_words`` words at a time (memory: the int32 sinogram and two chunks of words).
 
         Raises
@@ -290,7 +291,11 @@ class ListmodeHistogrammer:
 
         if events not in EVENT_TYPES:
             raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
-        nt = default_threads(threads)
+        if threads is None:  # as many threads as have a private sinogram (at least 2), at most numba's
+            fit = 1 + PRIVATE_SINOGRAM_BYTES // (4 * self.size)
+            nt = default_threads(min(default_threads(), max(2, fit)))
+        else:
+            nt = default_threads(threads)
         # per prompt bit (0 delayed, 1 prompt): counted?, subtracted? (STIR ``delayed_increment``)
         use = np.array({"prompts": (0, 1), "delayeds": (1, 0), "trues": (1, 1)}[events], dtype=np.int64)
         neg = np.array((1, 0) if events == "trues" else (0, 0), dtype=np.int64)
