@@ -279,7 +279,8 @@ class ListmodeHistogrammer:
         """Histogram the frame ``[start, end)`` (s from the scan start) of ``events`` (prompts, delayeds or
         trues = prompts - delayeds) with ``threads`` threads (default: as many of :func:`default_threads` as
         have private sinograms within ``PRIVATE_SINOGRAM_BYTES``, at least 2), reading
-        ``chunk_words`` words at a time (memory: the int32 sinogram and two chunks of words).
+        ``chunk_words`` words at a time (memory: the int32 sinogram(s), two chunks of words and two int32
+        work lists of a chunk).
 
         Raises
         ------
@@ -300,20 +301,47 @@ class ListmodeHistogrammer:
         use = np.array({"prompts": (0, 1), "delayeds": (1, 0), "trues": (1, 1)}[events], dtype=np.int64)
         neg = np.array((1, 0) if events == "trues" else (0, 0), dtype=np.int64)
         row = self.size + K.TRASH_SLOTS * nt  # + the threads' trash slots (see bin_chunk)
-        private = nt > 1 and 4 * row * (nt - 1) <= PRIVATE_SINOGRAM_BYTES
+        # 1 or 2 threads: decode here while a helper thread adds the previous chunk into one sinogram; more:
+        # bin_chunk's private sinograms (memory permitting) or split bin ranges
+        pipeline = nt <= 2
+        private = not pipeline and 4 * row * (nt - 1) <= PRIVATE_SINOGRAM_BYTES
         rows = nt if private else 1
         acc = zeros_int32(rows * row).reshape(rows, row)
         h = self.header
+        signed = events == "trues"
+        work = [np.empty(chunk_words, dtype=np.int32) for _ in range(2 if pipeline else 0)]
+        pool = ThreadPoolExecutor(max_workers=1) if nt == 2 else None
+        pending: list = []
+        nchunk = 0
 
         def process(words: np.ndarray, lo: int, end_s: float) -> tuple[int, int, int, int]:
+            nonlocal nchunk
             stop = int(K.find_time_tag(words, lo, words.size, end_s, nt)) if end_s < math.inf else -1
-            first, last, bad = K.bin_chunk(words, lo, stop if stop >= 0 else words.size, self._lut_r,
-                                           self._lut_z, h.sinogram_size, h.num_sinograms, self.size, use, neg,
-                                           acc, private, nt)
+            hi = stop if stop >= 0 else words.size
+            if not pipeline:
+                first, last, bad = K.bin_chunk(words, lo, hi, self._lut_r, self._lut_z, h.sinogram_size,
+                                               h.num_sinograms, self.size, use, neg, acc, private, nt)
+                return stop, first, last, bad
+            wk = work[nchunk % 2]
+            nchunk += 1
+            first, last, bad = K.decode_chunk(words, lo, hi, self._lut_r, self._lut_z, h.sinogram_size,
+                                              h.num_sinograms, self.size, use, neg, wk, self.size)
+            while pending:  # the add of the previous chunk (which used the other work list)
+                pending.pop().result()
+            if pool is None:
+                K.add_chunk(acc[0], wk, hi - lo, signed)
+            else:
+                pending.append(pool.submit(K.add_chunk, acc[0], wk, hi - lo, signed))
             return stop, first, last, bad
 
         t0, c0 = _time.perf_counter(), _time.process_time()
-        sel = stream_frame(h, process, start, end, chunk_words, show_progress, nt)
+        try:
+            sel = stream_frame(h, process, start, end, chunk_words, show_progress, nt)
+            while pending:
+                pending.pop().result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
         elapsed, cpu = _time.perf_counter() - t0, _time.process_time() - c0
         if sel.bad:
             raise DataValueError(f"{h.data_path}: {sel.bad} events have offsets beyond the span-1 sinogram "

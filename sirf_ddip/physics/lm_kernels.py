@@ -267,3 +267,61 @@ def reorder_segment(rows, pos, num_axial, num_views, num_tangential, scratch):  
     m = num_axial * blk
     for i in prange(m):
         out[pos + i] = scratch[i]
+
+
+@njit(cache=True, nogil=True)
+def decode_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, use, neg, work,
+                 trash):  # pragma: no cover - compiled
+    """The decoding pass of :func:`bin_chunk` alone, for ``words[lo:hi]`` (inside the frame): ``work[i - lo]``
+    gets the bin of record ``i`` (``2 * bin + negative`` when ``neg`` has a 1), or a trash slot
+    ``trash + i % TRASH_SLOTS`` when it is not counted. Returns ``(first_tag_ms, last_tag_ms, bad)``."""
+    inv = 1.0 / sino_size
+    signed = neg[0] != 0 or neg[1] != 0
+    u0, u1 = np.int64(use[0]), np.int64(use[1])
+    n0, n1 = np.int64(neg[0]), np.int64(neg[1])
+    t_first = -1
+    t_last = -1
+    for i in range(lo, hi):
+        x = words[i]
+        if (x >> 29) == 4:
+            t = np.int64(x & _TIME_MASK)
+            if t_first < 0:
+                t_first = t
+            t_last = t
+    nbad = 0
+    for i in range(lo, hi):
+        x = np.int64(words[i])
+        p = (x >> 30) & 1
+        u = (1 - (x >> 31)) * (p * u1 + (1 - p) * u0)
+        off = x & 0x3FFFFFFF
+        z = np.int64(off * inv)
+        r = off - z * sino_size
+        lt = np.int64(r < 0)
+        z -= lt
+        r += lt * sino_size
+        out = np.int64(z >= num_sinograms)
+        nbad += u * out
+        z = z * (1 - out)
+        lr = np.int64(lut_r[r])
+        f = np.int64(lut_z[2 * z + (lr & 1)]) + (lr >> 1)
+        mine = u * (1 - out) * np.int64(f < size)
+        tr = trash + (i & (_TRASH - 1))
+        if signed:
+            e = 2 * f + p * n1 + (1 - p) * n0
+            work[i - lo] = np.int32(mine * e + (1 - mine) * 2 * tr)
+        else:
+            work[i - lo] = np.int32(mine * f + (1 - mine) * tr)
+    return t_first, t_last, nbad
+
+
+@njit(cache=True, nogil=True)
+def add_chunk(acc, work, n, signed):  # pragma: no cover - compiled
+    """The adding pass of :func:`bin_chunk` alone: ``acc[work[j]] += 1`` for ``j < n`` (signed: decode
+    ``2 * bin + negative``)."""
+    if signed:
+        for j in range(n):
+            e = work[j]
+            acc[e >> 1] += 1 - 2 * (e & 1)
+    else:
+        for j in range(n):
+            acc[work[j]] += 1
