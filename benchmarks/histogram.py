@@ -107,7 +107,8 @@ def main() -> None:
                       f"{hist.stats['private_sinograms']} sinogram(s)), {n:,} records, "
                       f"{hist.stats['counted']:,.0f} prompts:\n"
                       f"  whole call     {total:6.2f} s wall {n / total / 1e6:6.1f} M records/s | {cpu:6.2f} s CPU "
-                      f"{cpu / n * 1e9:5.1f} ns/record | idle-machine estimate {n / (cpu / nt) / 1e6:6.1f} M records/s\n"
+                      f"{cpu / n * 1e9:5.1f} ns/record | idle-machine estimate "
+                      f"{n / (cpu / nt) / 1e6:6.1f} M records/s\n"
                       f"  streaming loop {hist.stats['seconds']:6.2f} s wall {n / hist.stats['seconds'] / 1e6:6.1f} M "
                       f"records/s | {loop_cpu:6.2f} s CPU {loop_cpu / n * 1e9:5.1f} ns/record | idle-machine estimate "
                       f"{n / (loop_cpu / nt) / 1e6:6.1f} M records/s")

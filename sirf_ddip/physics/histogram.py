@@ -17,12 +17,13 @@ What STIR does per event (UCL/STIR ``src/listmode_buildblock/LmToProjData.cxx``,
 
 Because the target bin of a span-1 offset ``o = z * (V * T) + r`` depends on the sinogram ``z`` only through
 its ring pair and on ``r`` only through the crystal pair, two small lookup tables give the flat bin of every
-event (``lut_z[z, keep] + lut_r[r]``). One compiled kernel (:mod:`sirf_ddip.physics.lm_kernels`, numba,
-parallel: threads decode consecutive parts of a chunk, then add disjoint bin ranges) decodes, tests the frame,
-bins and accumulates each chunk into one int32 array in the "sinogram" layout of
-:mod:`sirf_ddip.geometry.detectors`, while a helper thread reads the next chunk; the array is re-ordered in
-place, segment by segment, to STIR's view-by-view file order at the end. Memory: the accumulator (4 bytes
-per bin) plus two chunks of words and the threads' work lists (4 bytes per word of a chunk).
+event (``lut_z[z, keep] + lut_r[r]``). Compiled kernels (:mod:`sirf_ddip.physics.lm_kernels`, numba) do the
+work chunk by chunk: with 2 threads (the default) this thread decodes a chunk (branch-free: frame test, bin or
+trash slot per word) while a helper thread adds the previous chunk into one int32 array in the "sinogram"
+layout of :mod:`sirf_ddip.geometry.detectors`, and another reads the next chunk from the file; with more
+threads, :func:`~sirf_ddip.physics.lm_kernels.bin_chunk` shares the work with private sinograms or split bin
+ranges. The array is re-ordered in place, segment by segment, to STIR's view-by-view file order at the end.
+Memory: the accumulator (4 bytes per bin) plus two chunks of words and two int32 work lists of a chunk.
 """
 
 from __future__ import annotations

@@ -1,18 +1,19 @@
 """Compiled (numba) kernels of the Siemens listmode histogrammer: decode, frame test, bin and accumulate.
 
-One chunk of 32-bit PETLINK words (layout in :mod:`sirf_ddip.io.siemens_listmode`) is histogrammed by
-:func:`bin_chunk` on ``T`` threads without a lock: each word is decoded (event bit, prompt bit, span-1
-offset -> sinogram ``z`` and (view, tangential) ``r`` -> target bin through the two lookup tables of
-:class:`~sirf_ddip.physics.histogram.ListmodeHistogrammer`) and its bin incremented. The threads either
-histogram consecutive parts of the chunk into private sinograms (added at the end by
-:func:`reorder_segment`), or,
-when a second sinogram would cost too much memory, all read the whole chunk and each adds the events of its
-own ``1/T`` of the bins. Integer adds commute, so the counts are exactly those of a serial loop. The cost is
-the random-access add into a sinogram of hundreds of MB (a cache miss per event): the loops are branch-free
-so that many misses are in flight at once.
+One chunk of 32-bit PETLINK words (layout in :mod:`sirf_ddip.io.siemens_listmode`) is histogrammed in two
+passes: :func:`decode_chunk` gives each word its bin (event bit, prompt bit, span-1 offset -> sinogram ``z``
+and (view, tangential) ``r`` -> target bin through the two lookup tables of
+:class:`~sirf_ddip.physics.histogram.ListmodeHistogrammer`; words not counted get a trash slot), branch-free
+so that the CPU never mispredicts, and :func:`add_chunk` increments those bins, a tight loop with many cache
+misses in flight (the cost is the random-access add into a sinogram of hundreds of MB). With two threads the
+histogrammer runs the two passes as a pipeline (decode chunk k+1 while chunk k is added). :func:`bin_chunk`
+does both passes for more threads, without a lock: the threads either histogram consecutive parts of the chunk
+into private sinograms (added at the end by :func:`reorder_segment`), or all read the whole chunk and each adds
+the events of its own ``1/T`` of the bins. Integer adds commute, so the counts are exactly those of a serial
+loop.
 
 The frame end (STIR ``LmToProjData::process_data``: the first time tag ``t >= end``) is found first by
-:func:`find_time_tag`, so that :func:`bin_chunk` only sees records inside the frame.
+:func:`find_time_tag`, so that the decoding kernels only see records inside the frame.
 
 :func:`find_time_tag` finds the frame start (the first time tag ``t >= start``) and end in parallel, and
 :func:`last_time_tag` the last time tag of a chunk. Times are compared as ``t_ms / 1000.0 >= seconds`` in
@@ -25,8 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["TRASH_SLOTS", "bin_chunk", "find_time_tag", "last_time_tag", "fan_sums_chunk",
-           "reorder_segment"]
+__all__ = ["TRASH_SLOTS", "decode_chunk", "add_chunk", "bin_chunk", "find_time_tag", "last_time_tag",
+           "fan_sums_chunk", "reorder_segment"]
 
 _OFFSET_MASK = np.uint32((1 << 30) - 1)
 _TIME_MASK = np.uint32((1 << 29) - 1)
