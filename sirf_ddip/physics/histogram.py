@@ -17,19 +17,20 @@ What STIR does per event (UCL/STIR ``src/listmode_buildblock/LmToProjData.cxx``,
 
 Because the target bin of a span-1 offset ``o = z * (V * T) + r`` depends on the sinogram ``z`` only through
 its ring pair and on ``r`` only through the crystal pair, two small lookup tables give the flat bin of every
-event (``lut_z[z, keep] + lut_r[r]``) in a handful of numpy passes; counts are accumulated with
-``torch.Tensor.scatter_add_`` into one int32 array (no per-chunk allocation), in the "sinogram" layout of
-:mod:`sirf_ddip.geometry.detectors`, and re-ordered in place, segment by segment, to STIR's view-by-view file
-order at the end. Memory: the accumulator (4 bytes per bin) plus one chunk of words.
+event (``lut_z[z, keep] + lut_r[r]``). Compiled kernels (:mod:`sirf_ddip.physics.lm_kernels`, numba) do the
+work chunk by chunk: with 2 threads (the default) this thread decodes a chunk (branch-free: frame test, bin or
+trash slot per word) while a helper thread adds the previous chunk into one int32 array in the "sinogram"
+layout of :mod:`sirf_ddip.geometry.detectors`, and another reads the next chunk from the file; with more
+threads, :func:`~sirf_ddip.physics.lm_kernels.bin_chunk` shares the work with private sinograms or split bin
+ranges. The array is re-ordered in place, segment by segment, to STIR's view-by-view file order at the end.
+Memory: the accumulator (4 bytes per bin) plus two chunks of words and two int32 work lists of a chunk.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import threading
 import time as _time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,6 @@ __all__ = ["EVENT_TYPES", "FrameSelector", "ListmodeHistogrammer", "Histogram", 
 EVENT_TYPES = ("prompts", "delayeds", "trues")
 
 _TAG_TIME = 0b100  # top three bits of a time tag: bit 31 = 1, bits 29-30 = 0
-_SUB_CHUNK = 1 << 20  # words per vectorised pass
 
 
 def check_same_scanner(header, geometry: SinogramGeometry, template: str | os.PathLike) -> None:
@@ -265,150 +265,278 @@ class ListmodeHistogrammer:
         c1, c2 = header.view_tangential_crystals()
         vt, keep = b.view_tangential_index(c1, c2)
         self._lut_r = (np.where(vt >= 0, vt, self.size) * 2 + keep).astype(np.int32)
-        # axial table over (z, keep) for every 32-bit word: flat index of the first bin of the target
-        # sinogram. Words are first transformed so that the selected events keep their top two bits at 0 (a
-        # pure offset) while other events and tags get z >= 2^30 / S, which these rows send to the trash bin.
+        # axial table over (z, keep): flat index of the first bin of the target sinogram (``size``: not stored)
         rings1, rings2 = header.sinogram_rings()
-        nz = header.num_sinograms
-        S = header.sinogram_size
-        self._zrows = ((1 << 32) - 1) // S + 1
-        full_rows = (1 << 30) // S  # rows holding only 30-bit offsets (the last partial row is not checked)
-        self._invalid_base = 3 * self.size  # offsets beyond the sinogram: flat index >= 3 * size
-        base = np.full((self._zrows, 2), self.size, dtype=np.int64)
-        base[nz:full_rows, :] = self._invalid_base
+        base = np.empty((header.num_sinograms, 2), dtype=np.int32)
         for k in (0, 1):  # keep = 0: rings swap
             ra, rb = (rings1, rings2) if k else (rings2, rings1)
-            s = b.ring_pair_sinogram[ra, rb]
-            base[:nz, k] = np.where(s >= 0, s * sino_stride, self.size)
+            sg = b.ring_pair_sinogram[ra, rb]
+            base[:, k] = np.where(sg >= 0, sg.astype(np.int64) * sino_stride, self.size)
         self._lut_z = base.reshape(-1)  # [z * 2 + keep]
-        self._tls = threading.local()  # per-thread work buffers of flat_indices
-
-    @staticmethod
-    def _select(words: np.ndarray, events: str) -> np.ndarray:
-        """Words with bits 30-31 cleared for the selected events only (prompt bit 30 = 1, delayed 0, tags
-        have bit 31 = 1)."""
-        if events == "prompts":
-            return words ^ np.uint32(1 << 30)
-        if events == "delayeds":
-            return words
-        if events == "trues":
-            return words & np.uint32(0xFFFFFFFF ^ (1 << 30))
-        raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
-
-    def flat_indices(self, words: np.ndarray, events: str = "prompts") -> tuple[np.ndarray, int]:
-        """Bin index per word (``size`` for words not counted) and the number of event offsets that lie
-        beyond the listmode's sinogram (corrupt data).
-
-        Every pass writes into per-thread work buffers (``out=``), so that blocks cost no page faults for
-        temporaries; only the returned int64 index array is new.
-        """
-        n = words.size
-        buf = getattr(self._tls, "buf", None)
-        if buf is None or buf[0].size < n:
-            buf = (np.empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, np.int32))
-            self._tls.buf = buf
-        x, z, r, lr = (b_[:n] for b_ in buf)
-        S = np.uint32(self.header.sinogram_size)
-        if events == "prompts":
-            np.bitwise_xor(words, np.uint32(1 << 30), out=x)
-        elif events == "delayeds":
-            np.copyto(x, words)
-        elif events == "trues":
-            np.bitwise_and(words, np.uint32(0xFFFFFFFF ^ (1 << 30)), out=x)
-        else:
-            raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
-        np.floor_divide(x, S, out=z)
-        np.multiply(z, S, out=r)
-        np.subtract(x, r, out=r)
-        np.take(self._lut_r, r, out=lr, mode="clip")  # always in range: r < S
-        np.left_shift(z, np.uint32(1), out=z)
-        np.bitwise_and(lr.view(np.uint32), np.uint32(1), out=x)  # keep bit
-        np.bitwise_or(z, x, out=z)
-        flat = np.take(self._lut_z, z, mode="clip")  # z * 2 + keep < 2 * zrows by construction
-        np.right_shift(lr, 1, out=lr)
-        np.add(flat, lr, out=flat)
-        bad = 0
-        if n and int(flat.max()) >= self._invalid_base:
-            bad = int(np.count_nonzero(flat >= self._invalid_base))
-        np.minimum(flat, self.size, out=flat)
-        return flat, bad
 
     def histogram(self, start: float | None = None, end: float | None = None, events: str = "prompts",
-                  chunk_words: int = 1 << 22, show_progress: bool | None = None,
+                  chunk_words: int = 1 << 21, show_progress: bool | None = None,
                   threads: int | None = None) -> Histogram:
         """Histogram the frame ``[start, end)`` (s from the scan start) of ``events`` (prompts, delayeds or
-        trues = prompts - delayeds); ``threads`` decoding threads (default: 2, or 1 on a 1-core machine).
+        trues = prompts - delayeds) with ``threads`` threads (default: as many of :func:`default_threads` as
+        have private sinograms within ``PRIVATE_SINOGRAM_BYTES``, at least 2), reading
+        ``chunk_words`` words at a time (memory: the int32 sinogram(s), two chunks of words and two int32
+        work lists of a chunk).
 
         Raises
         ------
         DataValueError
             If event offsets lie outside the listmode's sinogram (a corrupt file).
         """
-        import torch
-
         from ..errors import DataValueError
+        from . import lm_kernels as K
 
-        self._select(words=np.zeros(0, np.uint32), events=events)  # validates ``events``
-        acc = torch.zeros(self.size + 1, dtype=torch.int32)
-        sign = torch.tensor([-1, 1, 0, 0], dtype=torch.int32) if events == "trues" else None
-        ones = torch.ones(_SUB_CHUNK, dtype=torch.int32)
-        sel = FrameSelector(start, end)
-        nbad = 0
-        nrec = 0
+        if events not in EVENT_TYPES:
+            raise ValueError(f"events must be one of {EVENT_TYPES}, got {events!r}")
+        if threads is None:  # as many threads as have a private sinogram (at least 2), at most numba's
+            fit = 1 + PRIVATE_SINOGRAM_BYTES // (4 * self.size)
+            nt = default_threads(min(default_threads(), max(2, fit)))
+        else:
+            nt = default_threads(threads)
+        # per prompt bit (0 delayed, 1 prompt): counted?, subtracted? (STIR ``delayed_increment``)
+        use = np.array({"prompts": (0, 1), "delayeds": (1, 0), "trues": (1, 1)}[events], dtype=np.int64)
+        neg = np.array((1, 0) if events == "trues" else (0, 0), dtype=np.int64)
+        row = self.size + K.TRASH_SLOTS * nt  # + the threads' trash slots (see bin_chunk)
+        # 1 or 2 threads: decode here while a helper thread adds the previous chunk into one sinogram; more:
+        # bin_chunk's private sinograms (memory permitting) or split bin ranges
+        pipeline = nt <= 2
+        private = not pipeline and 4 * row * (nt - 1) <= PRIVATE_SINOGRAM_BYTES
+        rows = nt if private else 1
+        acc = zeros_int32(rows * row).reshape(rows, row)
+        h = self.header
+        signed = events == "trues"
+        work = [np.empty(chunk_words, dtype=np.int32) for _ in range(2 if pipeline else 0)]
+        pool = ThreadPoolExecutor(max_workers=1) if nt == 2 else None
+        pending: list = []
+        nchunk = 0
 
-        def decode(w: np.ndarray) -> tuple:
-            flat, bad = self.flat_indices(w, events)
-            src = ones[:w.size] if sign is None else sign[torch.from_numpy((w >> np.uint32(30)).astype(np.int64))]
-            return torch.from_numpy(flat), src, bad
+        def process(words: np.ndarray, lo: int, end_s: float) -> tuple[int, int, int, int]:
+            nonlocal nchunk
+            stop = int(K.find_time_tag(words, lo, words.size, end_s, nt)) if end_s < math.inf else -1
+            hi = stop if stop >= 0 else words.size
+            if not pipeline:
+                first, last, bad = K.bin_chunk(words, lo, hi, self._lut_r, self._lut_z, h.sinogram_size,
+                                               h.num_sinograms, self.size, use, neg, acc, private, nt)
+                return stop, first, last, bad
+            wk = work[nchunk % 2]
+            nchunk += 1
+            first, last, bad = K.decode_chunk(words, lo, hi, self._lut_r, self._lut_z, h.sinogram_size,
+                                              h.num_sinograms, self.size, use, neg, wk, self.size)
+            while pending:  # the add of the previous chunk (which used the other work list)
+                pending.pop().result()
+            if pool is None:
+                K.add_chunk(acc[0], wk, hi - lo, signed)
+            else:
+                pending.append(pool.submit(K.add_chunk, acc[0], wk, hi - lo, signed))
+            return stop, first, last, bad
 
-        t0 = _time.perf_counter()
-        # pipeline: ``workers`` threads decode the next blocks while this one accumulates (numpy and torch
-        # release the GIL in these loops, so decoding and accumulation share the cores)
-        workers = max(1, int(threads if threads is not None else min(2, os.cpu_count() or 1)))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque = deque()
-            for words in iter_frame_words(self.header, chunk_words=chunk_words, show_progress=show_progress,
-                                          selector=sel):
-                nrec += words.size
-                for i in range(0, words.size, _SUB_CHUNK):
-                    pending.append(pool.submit(decode, words[i:i + _SUB_CHUNK]))
-                    while len(pending) > workers:
-                        idx, src, bad = pending.popleft().result()
-                        nbad += bad
-                        acc.scatter_add_(0, idx, src)
+        t0, c0 = _time.perf_counter(), _time.process_time()
+        try:
+            sel = stream_frame(h, process, start, end, chunk_words, show_progress, nt)
             while pending:
-                idx, src, bad = pending.popleft().result()
-                nbad += bad
-                acc.scatter_add_(0, idx, src)
-        elapsed = _time.perf_counter() - t0
-        if nbad:
-            raise DataValueError(f"{self.header.data_path}: {nbad} events have offsets beyond the span-1 sinogram "
-                                 f"of {self.header.num_sinograms} x {self.header.sinogram_size} bins described by "
-                                 f"{self.header.path} (corrupt listmode?)")
-        data = sinogram_to_file_order(acc.numpy(), self.geometry)
-        stats = {"listmode": str(self.header.path), "records_in_frame": int(nrec),
-                 "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed,
+                pending.pop().result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+        elapsed, cpu = _time.perf_counter() - t0, _time.process_time() - c0
+        if sel.bad:
+            raise DataValueError(f"{h.data_path}: {sel.bad} events have offsets beyond the span-1 sinogram "
+                                 f"of {h.num_sinograms} x {h.sinogram_size} bins described by "
+                                 f"{h.path} (corrupt listmode?)")
+        data = sinogram_to_file_order(acc, self.geometry)  # adds the threads' sinograms on the way
+        if rows > 1:
+            _release_after_first_row(acc)
+        stats = {"listmode": str(h.path), "records_in_frame": int(sel.records), "threads": nt,
+                 "private_sinograms": rows,
+                 "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed, "cpu_seconds": cpu,
                  "first_time_tag_s": sel.first_tag_s, "last_time_tag_s": sel.last_tag_s,
-                 "last_time_tag_in_file_s": sel.last_tag_in_file_s}
+                 "last_time_tag_in_file_s": sel.last_tag_read_s}
         return Histogram(data, self.geometry, events, float(start or 0.0), end, stats)
+
+
+#: extra memory allowed for the threads' private sinograms (beyond it, threads split the bins instead)
+PRIVATE_SINOGRAM_BYTES = 1 << 30
+
+
+def _release_after_first_row(acc: np.ndarray) -> None:
+    """Give the pages of ``acc[1:]`` (an array from :func:`zeros_int32`) back to the system."""
+    import mmap
+
+    base = acc
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None) if not isinstance(base, memoryview) else base.obj
+    if base is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = -(-acc[0].nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    if start < len(base):
+        try:
+            base.madvise(mmap.MADV_DONTNEED, start, len(base) - start)
+        except (OSError, ValueError):
+            pass
+
+
+def zeros_int32(n: int) -> np.ndarray:
+    """A zeroed int32 array on anonymous memory advised for transparent huge pages (where the system allows
+    it, ``madvise``): random adds into a sinogram of hundreds of MB then miss the TLB far less often."""
+    import mmap
+
+    if n <= 0:
+        return np.zeros(max(n, 0), dtype=np.int32)
+    try:
+        m = mmap.mmap(-1, 4 * n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError, ValueError):  # no anonymous mmap (e.g. Windows): plain memory
+        return np.zeros(n, dtype=np.int32)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return np.frombuffer(m, dtype=np.int32)  # anonymous pages are zero; the array keeps the map alive
+
+
+def default_threads(threads: int | None = None) -> int:
+    """Threads of the compiled kernels: ``threads``, else numba's thread count (``NUMBA_NUM_THREADS``,
+    default the number of cores)."""
+    import numba
+
+    n = int(threads) if threads is not None else int(numba.get_num_threads())
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return n
+
+
+@dataclass
+class FrameProgress:
+    """What :func:`stream_frame` saw of the frame: records inside it, time tags, corrupt events."""
+
+    records: int = 0
+    bad: int = 0
+    first_tag_s: float | None = None
+    last_tag_s: float | None = None
+    last_tag_read_s: float | None = None
+
+
+def stream_frame(header: SiemensListmodeHeader, process, start: float | None = None, end: float | None = None,
+                 chunk_words: int = 1 << 21, show_progress: bool | None = None,
+                 threads: int = 1) -> FrameProgress:
+    """Stream the records of the frame ``[start, end)`` through ``process`` with bounded memory.
+
+    The data file is read in chunks of ``chunk_words`` into two reused buffers, the next chunk being read
+    (by a helper thread) while ``process(words, lo, end_s)`` handles the current one: ``words[lo:]`` are in
+    the frame from its start on; ``process`` stops at the first time tag ``t >= end_s`` (``inf``: never) and
+    returns ``(stop position or -1, first and last time tag in ms or -1, corrupt events)``. The frame rule is
+    STIR's ``LmToProjData`` (module doc): records are skipped up to and including the first time tag
+    ``t >= start`` (none when ``start <= 0``); a frame end ``<= 0.01`` s is ignored (``end_time > 0.01``).
+
+    Raises
+    ------
+    ValueError
+        If ``end <= start``.
+    InputFileError
+        If the data file ends before the header's word count.
+    """
+    from . import lm_kernels as K
+
+    sel = FrameSelector(start, end)  # validates the frame
+    end_s = sel.end if sel.end is not None and sel.end > 0.01 else math.inf
+    started = sel.started
+    out = FrameProgress()
+    nwords = header.num_words
+    chunk = max(1, min(int(chunk_words), nwords))
+    bufs = (np.empty(chunk, dtype=np.uint32), np.empty(chunk, dtype=np.uint32))
+    swap = not np.dtype("<u4").isnative
+
+    def read(f, buf: np.ndarray, pos: int) -> int:
+        n = min(chunk, nwords - pos)
+        if n <= 0:
+            return 0
+        mv = memoryview(buf).cast("B")[:4 * n]
+        got = 0
+        while got < 4 * n:
+            k = f.readinto(mv[got:])
+            if not k:
+                raise InputFileError(header.data_path, f"listmode file ended after {pos + got // 4} words, "
+                                     f"expected {nwords}", key="%total listmode word counts")
+            got += k
+        if swap:
+            buf[:n].byteswap(inplace=True)
+        return n
+
+    def tag_s(ms: int) -> float | None:
+        return None if ms < 0 else ms / 1000.0
+
+    bar = progress(total=nwords, desc=f"listmode {header.path.name}", unit="word", unit_scale=True,
+                   enabled=show_progress)
+    try:
+        with open(header.data_path, "rb") as f, ThreadPoolExecutor(max_workers=1) as pool:
+            f.seek(header.data_offset)
+            pos = 0
+            cur = 0
+            fut = pool.submit(read, f, bufs[0], 0)
+            while True:
+                n = fut.result()
+                if n == 0:
+                    break
+                words = bufs[cur][:n]
+                pos += n
+                cur = 1 - cur
+                fut = pool.submit(read, f, bufs[cur], pos)
+                bar.update(n)
+                lo = 0
+                if not started:
+                    k = int(K.find_time_tag(words, 0, n, sel.start, threads))
+                    if k < 0:
+                        last = int(K.last_time_tag(words, 0, n))
+                        if last >= 0:
+                            out.last_tag_read_s = tag_s(last)
+                        continue
+                    started = True
+                    lo = k + 1
+                    out.first_tag_s = out.last_tag_s = out.last_tag_read_s = tag_s(int(words[k] & TIME_MASK))
+                stop, first_ms, last_ms, bad = (int(v) for v in process(words, lo, end_s))
+                out.bad += bad
+                out.records += (stop if stop >= 0 else n) - lo
+                if first_ms >= 0:
+                    if out.first_tag_s is None:
+                        out.first_tag_s = tag_s(first_ms)
+                    out.last_tag_s = out.last_tag_read_s = tag_s(last_ms)
+                if stop >= 0:
+                    out.last_tag_read_s = tag_s(int(words[stop] & TIME_MASK))
+                    break
+            fut.cancel()
+    finally:
+        bar.close()
+    return out
+
 
 def sinogram_to_file_order(acc: np.ndarray, geometry: SinogramGeometry) -> np.ndarray:
     """Reorder an int32 accumulator in the "sinogram" layout (segments ascending, axial, view, tangential;
-    possibly with a trailing trash bin) to float32 view-by-view file order, in place (one segment of scratch)."""
+    possibly with trailing trash bins) to float32 view-by-view file order, in place (one segment of scratch).
+
+    ``acc`` may be 2-d (one row per thread's private sinogram): the rows are added on the way and the result
+    is written over the first row. Returns the float32 view of ``acc[..., :size]`` (of the first row).
+    """
+    from .lm_kernels import reorder_segment
+
     g = geometry
     nv, nt = g.num_views, g.num_tangential
     size = g.num_sinograms * nv * nt
-    a = acc[:size]
-    if a.dtype != np.int32:
-        raise ValueError(f"accumulator must be int32, got {a.dtype}")
-    out = a.view(np.float32)
+    rows = acc.reshape(1, -1) if acc.ndim == 1 else acc
+    if rows.dtype != np.int32:
+        raise ValueError(f"accumulator must be int32, got {rows.dtype}")
+    if not rows.flags.c_contiguous or rows.shape[1] < size:
+        raise ValueError(f"accumulator must be contiguous with at least {size} bins per row")
+    scratch = np.empty(max(sg.num_axial for sg in g.segments) * nv * nt, dtype=np.float32)
     pos = 0
     for sg in g.segments:
-        n = sg.num_axial * nv * nt
-        blk = a[pos:pos + n].reshape(sg.num_axial, nv, nt).transpose(1, 0, 2).astype(np.float32)
-        out[pos:pos + n] = blk.reshape(-1)
-        pos += n
-    return out
+        reorder_segment(rows, pos, sg.num_axial, nv, nt, scratch)
+        pos += sg.num_axial * nv * nt
+    return rows[0, :size].view(np.float32)
 
 
 def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start: float | None = None,

@@ -26,7 +26,7 @@ import numpy as np
 from ..data import ProjData
 from ..geometry.detectors import DetectorPairBinner, crystals_for_view_tangential
 from ..geometry.sinogram import SinogramGeometry
-from ..io.siemens_listmode import OFFSET_MASK, SiemensListmodeHeader, read_listmode_header
+from ..io.siemens_listmode import SiemensListmodeHeader, read_listmode_header
 
 __all__ = ["FanSums", "fan_sums_from_listmode", "fan_sums_from_detector_pairs", "ml_singles_from_fan_sums",
            "randoms_from_singles", "estimate_randoms", "fan_parameters", "DEFAULT_ML_ITERATIONS"]
@@ -76,30 +76,29 @@ def fan_sums_from_detector_pairs(ring1: np.ndarray, c1: np.ndarray, ring2: np.nd
 def fan_sums_from_listmode(header: SiemensListmodeHeader, start: float | None = None, end: float | None = None,
                            delayed: bool = True, show_progress: bool | None = None) -> FanSums:
     """Fan sums of the delayeds (or prompts) of the frame ``[start, end)`` of a Siemens listmode."""
-    from .histogram import iter_frame_words  # same frame semantics as the histogrammer
+    from ..errors import DataValueError
+    from . import lm_kernels as K
+    from .histogram import stream_frame  # same frame semantics and reading as the histogrammer
 
     sc = header.scanner
     mrd, half = fan_parameters(sc)
-    rings1, rings2 = header.sinogram_rings()
-    cr1, cr2 = header.view_tangential_crystals()
-    S = header.sinogram_size
+    rings1, rings2 = (np.ascontiguousarray(v, dtype=np.int32) for v in header.sinogram_rings())
+    cr1, cr2 = (np.ascontiguousarray(v, dtype=np.int32) for v in header.view_tangential_crystals())
     out = np.zeros((sc.num_rings, sc.detectors_per_ring), dtype=np.float64)
     used = 0
-    want = 0 if delayed else 1
-    for words in iter_frame_words(header, start, end, show_progress=show_progress):
-        ev = words[(words >> np.uint32(30)) == want]
-        off = (ev & np.uint32(OFFSET_MASK)).astype(np.int64)
-        z = off // S
-        if z.size and int(z.max()) >= header.num_sinograms:
-            from ..errors import DataValueError
 
-            raise DataValueError(f"{header.data_path}: {int(np.count_nonzero(z >= header.num_sinograms))} events "
-                                 f"have offsets beyond the span-1 sinogram described by {header.path} "
-                                 "(corrupt listmode?)")
-        r = off - z * S
-        _, n = fan_sums_from_detector_pairs(rings1[z], cr1[r], rings2[z], cr2[r], sc.num_rings,
-                                            sc.detectors_per_ring, mrd, half, out=out)
-        used += n
+    def process(words: np.ndarray, lo: int, end_s: float) -> tuple[int, int, int, int]:
+        nonlocal used
+        stop, first, last, bad, n = K.fan_sums_chunk(words, lo, words.size, end_s, 0 if delayed else 1,
+                                                     header.sinogram_size, header.num_sinograms, rings1, rings2,
+                                                     cr1, cr2, sc.detectors_per_ring, mrd, half, out)
+        used += int(n)
+        return stop, first, last, bad
+
+    sel = stream_frame(header, process, start, end, show_progress=show_progress)
+    if sel.bad:
+        raise DataValueError(f"{header.data_path}: {sel.bad} events have offsets beyond the span-1 sinogram "
+                             f"described by {header.path} (corrupt listmode?)")
     return FanSums(out, mrd, half, used)
 
 
