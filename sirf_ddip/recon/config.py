@@ -32,9 +32,19 @@ class DDIPConfig:
         DDIM striding, ``NoiseSchedule.timesteps``).
     eta : float
         DDIM stochasticity η (0.85).
+    eta_mode : str
+        How η enters the DDIM step: ``"dds"`` (default, the authors' DDIPrecon_for_PET / DDIP3D / DDS update:
+        fresh noise std ``η√(1−ᾱ_{t−1})``, ``√(1−η²)√(1−ᾱ_{t−1})`` on ε̂) or ``"ddim"`` (Song et al.'s ``σ_t(η)``,
+        this package's behaviour before 0.2: at η = 0.85 and a stride of a few steps only 1-10 % of each step's
+        noise variance is fresh, against 72 % with ``"dds"``). See :meth:`NoiseSchedule.ddim_coefficients`.
     beta : float
         HQS penalty weight in **network units** (0.01); converted to activity units as ``β·g²``
         (:func:`sirf_ddip.recon.hqs.beta_activity`). ``.inf`` = image step returns x̂0; 0 = plain EM/OSEM.
+        Units: our network range is [−1, 1] (``u = lo + g·x``, lo = −1, the reference level at +1); the authors'
+        images are in [0, 1], so their β (paper 0.01) is ``4×`` ours for the same penalty (``β_ours = β_paper / 4``).
+        Its effect on the image depends on the counts per voxel (the data term scales with the sensitivity, the
+        penalty does not), so no value is right for every study. The penalty is for the whole data: with view
+        subsets each subset update uses ``β·s_k/s`` so the fixed point does not depend on ``num_subsets``.
     num_finetune : int
         K, LoRA fine-tuning iterations per diffusion step (2).
     num_em : int
@@ -60,8 +70,34 @@ class DDIPConfig:
         LoRA rank on ResBlock and attention layers (4).
     lora_alpha : float or None
         LoRA α (scaling α/r); None = rank (scaling 1).
+    lora_init : str
+        LoRA down-projection initialisation: ``"authors"`` (default, ``N(0, (1/r)²)`` as their ``lora/lora.py``) or
+        ``"peft"`` (peft's kaiming-uniform, 5-10× smaller on the shipped prior; before 0.2).
+    adapter_rule : str
+        Which layers carry LoRA and which biases train (:mod:`sirf_ddip.prior.adapters`): ``"authors"`` (default:
+        LoRA on every conv/linear of the residual and attention blocks; every bias trained except the
+        time-embedding projections') or ``"legacy"`` (before 0.2: only the adapted layers' biases, time-embedding
+        projections included).
     train_biases : bool
-        Also fine-tune the biases of the adapted layers (True, as the authors).
+        Also fine-tune biases (which ones: ``adapter_rule``) (True, as the authors).
+    finetune_target : str
+        The fine-tuning loss. ``"data"`` (default): each slab's x̂0 is pulled towards
+        ``x̂0_slab.detach() + (x_HQS − fold(x̂0))`` on its planes, i.e. by the data's correction of the volume
+        estimate only; ``"fold"`` (before 0.2): towards ``x_HQS`` itself, which also penalises each slab's
+        disagreement with the slab average ``fold(x̂0)`` (measured: ~98 % of the loss at t = 600, β = 10, so the
+        adapters learnt slab consistency instead of the data). The two coincide when all slabs agree exactly.
+    slab_consistency : float
+        Weight of a separate slab-consistency term ``mean((x̂0_slab − fold(x̂0).detach())²)`` added to the
+        ``"data"`` loss (0 = none, the default; 1 restores the ``"fold"`` loss's implicit weight).
+    fov_mask : bool
+        Zero the output (and every x̂0 handed out) where the sensitivity is zero, i.e. outside the scanner's field
+        of view, where only the network, not the data, sets the value (True).
+    final_em : int
+        The data-consistency knob: ``final_em`` EM (OSEM sub-)iterations on the data alone, started from the DDIP
+        output (0 = none, the default). Each iteration moves the image towards the maximum-likelihood image:
+        more lesion contrast and higher log-likelihood, more noise. ``final_em_beta`` keeps the prior in them.
+    final_em_beta : float
+        β (network units) of those final updates, fused with the DDIP output as HQS image steps (0 = pure EM).
     lr : float
         AdamW learning rate (5e-4).
     weight_decay : float
@@ -98,6 +134,7 @@ class DDIPConfig:
     t_start: int = 200
     num_steps: int = 200
     eta: float = 0.85
+    eta_mode: str = "dds"
     beta: float = 0.01
     num_finetune: int = 2
     num_em: int = 5
@@ -107,7 +144,14 @@ class DDIPConfig:
     finetune: bool = True
     lora_rank: int = 4
     lora_alpha: float | None = None
+    lora_init: str = "authors"
+    adapter_rule: str = "authors"
     train_biases: bool = True
+    finetune_target: str = "data"
+    slab_consistency: float = 0.0
+    fov_mask: bool = True
+    final_em: int = 0
+    final_em_beta: float = 0.0
     lr: float = 5e-4
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -144,8 +188,17 @@ class DDIPConfig:
         for key in ("lora_rank", "num_subsets", "slab_batch"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
-        if self.em_start not in ("x0", "previous"):
-            bad("em_start", "must be 'x0' or 'previous'")
+        choices = {"em_start": ("x0", "previous"), "eta_mode": ("dds", "ddim"), "lora_init": ("authors", "peft"),
+                   "adapter_rule": ("authors", "legacy"), "finetune_target": ("data", "fold")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, "must be one of " + ", ".join(repr(a) for a in allowed))
+        if not self.slab_consistency >= 0:
+            bad("slab_consistency", "must be >= 0")
+        if self.final_em < 0:
+            bad("final_em", "must be >= 0")
+        if not self.final_em_beta >= 0:
+            bad("final_em_beta", "must be >= 0")
         if self.scale_smooth_vox < 0:
             bad("scale_smooth_vox", "must be >= 0")
         if not 0 <= self.scale_fov_fraction < 1:

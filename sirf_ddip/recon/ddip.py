@@ -60,6 +60,45 @@ CHECKPOINT_FILE = "ddip_checkpoint.pt"
 _RESUME_FREE_KEYS = ("device", "checkpoint_every", "slab_batch", "num_threads")
 
 
+def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: torch.Tensor, target: str = "data",
+                  consistency: float = 0.0, denom: int | None = None) -> torch.Tensor:
+    """The LoRA fine-tuning loss of a batch of slabs (differentiable in ``x0_slabs``).
+
+    Parameters
+    ----------
+    x0_slabs : tensor [b, slab, H, W]
+        Each slab's own Tweedie x̂0 (network units, autograd intact).
+    hqs_slabs : tensor [b, slab, H, W]
+        The HQS image ``x_HQS`` (network units) on the slabs' planes.
+    fold_slabs : tensor [b, slab, H, W]
+        The slab-averaged (and clamped) volume estimate ``fold(x̂0)`` that the HQS step started from, on the same
+        planes.
+    target : "data" or "fold"
+        ``"data"``: ``Σ (x̂0_slab − [x̂0_slab.detach() + (x_HQS − fold(x̂0))])²``, whose gradient is the data's
+        correction ``x_HQS − fold(x̂0)`` alone (the authors' loss ``mean((x̂0 − x_HQS)²)`` of
+        DDIPrecon_for_PET ``solver_pet_ddiprecon.py`` / ``lora/adaptation.py`` on one slab, where fold = x̂0;
+        made insensitive to the disagreement between overlapping slabs). ``"fold"``: ``Σ (x̂0_slab − x_HQS)²``.
+    consistency : float
+        Weight of ``Σ (x̂0_slab − fold(x̂0))²`` added to the ``"data"`` loss.
+    denom : int, optional
+        Normaliser (default: the number of elements, i.e. a mean).
+
+    Returns
+    -------
+    tensor (scalar)
+    """
+    denom = float(x0_slabs.numel() if denom is None else denom)
+    if target == "fold":
+        return ((x0_slabs - hqs_slabs) ** 2).sum() / denom
+    if target != "data":
+        raise ConfigError(f"DDIP config: key 'finetune_target' must be 'data' or 'fold', got {target!r}")
+    goal = x0_slabs.detach() + (hqs_slabs - fold_slabs).detach()
+    loss = ((x0_slabs - goal) ** 2).sum() / denom
+    if consistency > 0:
+        loss = loss + float(consistency) * ((x0_slabs - fold_slabs.detach()) ** 2).sum() / denom
+    return loss
+
+
 class DDIPReconstructor(IterativeReconstructor):
     """HQS-DDIP reconstruction on any :class:`~sirf_ddip.recon.datastep.DataStep`.
 
@@ -121,6 +160,9 @@ class DDIPReconstructor(IterativeReconstructor):
         self._em_counter = 0
         self._gen: torch.Generator | None = None
         self.last_loss: float | None = None
+        self.loglik_warm_start: float | None = None   # Poisson log-likelihood of the warm start
+        self.loglik_history: list[float] = []         # ... of the output after every diffusion step
+        self.loglik_final_em: float | None = None     # ... after the final data-consistency stage (final_em)
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
@@ -204,7 +246,8 @@ class DDIPReconstructor(IterativeReconstructor):
         if cfg.finetune:
             from ..prior.adapters import add_lora, reset_adapters
 
-            add_lora(net, rank=cfg.lora_rank, alpha=cfg.lora_alpha, train_biases=cfg.train_biases)
+            add_lora(net, rank=cfg.lora_rank, alpha=cfg.lora_alpha, train_biases=cfg.train_biases,
+                     rule=cfg.adapter_rule, init=cfg.lora_init)
             reset_adapters(net, generator=self._gen)   # seeded A-matrices, B = 0: exactly the prior
         self.network = net
         # ---- MR conditioning
@@ -289,6 +332,40 @@ class DDIPReconstructor(IterativeReconstructor):
         self.x = x0.clone()
         self.iteration = 0
         self._em_counter = 0
+        self.loglik_warm_start = self._log_likelihood(self.x)
+        self.loglik_history = []
+        self.loglik_final_em = None
+
+    # ------------------------------------------------------------------ data consistency
+    def _log_likelihood(self, x: torch.Tensor) -> float:
+        """The Poisson log-likelihood ``Σ y log ŷ − ŷ`` (constants dropped, all data) of ``x``; timed."""
+        t0 = time.perf_counter()
+        val = float(self.data_step.log_likelihood(x))
+        self.timings["loglik"] += time.perf_counter() - t0
+        return val
+
+    def data_consistency(self) -> dict[str, Any]:
+        """The data-consistency diagnostic of this run (for the run record).
+
+        Returns
+        -------
+        dict
+            ``loglik_warm_start`` (the MLEM/OSEM warm start), ``loglik_output`` (the current output),
+            ``loglik_gain`` (output − warm start: negative = the output explains the data worse than the warm
+            start), ``loglik_per_step`` (after every diffusion step) and ``loglik_final_em`` when that stage ran.
+            All are STIR's Poisson log-likelihood ``Σ y log ŷ − ŷ`` with constants dropped (larger = closer to
+            the data).
+        """
+        out: dict[str, Any] = {"loglik_warm_start": self.loglik_warm_start,
+                               "loglik_per_step": [float(f"{v:.8g}") for v in self.loglik_history]}
+        last = self.loglik_final_em if self.loglik_final_em is not None else (
+            self.loglik_history[-1] if self.loglik_history else self.loglik_warm_start)
+        out["loglik_output"] = last
+        if last is not None and self.loglik_warm_start is not None:
+            out["loglik_gain"] = float(last - self.loglik_warm_start)
+        if self.loglik_final_em is not None:
+            out["loglik_final_em"] = self.loglik_final_em
+        return out
 
     def fit_pet_scaler(self, image: torch.Tensor):
         """The prior's PET scaler fitted on ``image`` inside the FOV, after in-plane smoothing (see the config
@@ -451,10 +528,37 @@ class DDIPReconstructor(IterativeReconstructor):
             self._x_img = self._image_step(x0_prior, self._x_img, cfg.num_em * max(1, cfg.num_finetune))
             x0 = self._to_net(self._x_img).clamp(lo, hi)
         noise = self._randn(xt.shape)
-        self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0)
+        self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0, eta_mode=cfg.eta_mode)
         self._x0_net = x0
+        out = self._masked(self.pet_scaler.from_net(x0).to(self.data_step.dtype))
+        self.loglik_history.append(self._log_likelihood(out))
+        if i == len(self._timesteps) - 1 and cfg.final_em > 0:
+            out = self._final_em(out)
         self.timings["total"] += time.perf_counter() - t_step
-        return self.pet_scaler.from_net(x0).to(self.data_step.dtype)
+        return out
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with zeros outside the scanner's FOV (zero sensitivity) when ``fov_mask`` is set."""
+        if not self.config.fov_mask:
+            return x
+        return torch.where(self.data_step.sensitivity(None) > 0, x, torch.zeros_like(x))
+
+    def _final_em(self, x: torch.Tensor) -> torch.Tensor:
+        """The data-consistency stage: ``final_em`` EM updates from the DDIP output ``x`` (fused with ``x`` at
+        ``final_em_beta``; 0 = plain EM/OSEM)."""
+        cfg = self.config
+        S = self._num_subsets
+        subsets = []
+        for _ in range(cfg.final_em):
+            subsets.append(self._em_counter % S if S > 1 else None)
+            self._em_counter += 1
+        beta = beta_activity(cfg.final_em_beta, self.pet_scaler.gain)
+        start = x.clamp_min(1e-3 * float(self.pet_scaler.scale))
+        out = self._masked(hqs_image_step(self.data_step, start, x, beta, cfg.final_em, subsets,
+                                          timer=self.timings))
+        self.counts["final_em_updates"] += cfg.final_em
+        self.loglik_final_em = self._log_likelihood(out)
+        return out
 
     def _finetune(self, xt: torch.Tensor, t: int) -> None:
         """K AdamW steps on the adapters (fresh optimiser), each against a new HQS image."""
@@ -479,7 +583,7 @@ class DDIPReconstructor(IterativeReconstructor):
                 x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
-                loss = self._slab_loss(xt, t, idx_all, target, eps_s, n * int(np.prod(eps_s.shape[1:])))
+                loss = self._slab_loss(xt, t, idx_all, target, x0, eps_s, n * int(np.prod(eps_s.shape[1:])))
                 self.last_loss = float(loss)
             else:
                 eps_v = self._eps_volume(xt, t)
@@ -494,7 +598,7 @@ class DDIPReconstructor(IterativeReconstructor):
                     sub = idx[j:j + b]
                     with torch.enable_grad():
                         eps_s = self._eps_slabs(xt, t, sub)
-                    total += float(self._slab_loss(xt, t, sub, target, eps_s, m * plane_elems))
+                    total += float(self._slab_loss(xt, t, sub, target, x0, eps_s, m * plane_elems))
                 self.last_loss = total
             t0 = time.perf_counter()
             if cfg.grad_clip > 0:
@@ -503,14 +607,15 @@ class DDIPReconstructor(IterativeReconstructor):
             self.timings["finetune_backward"] += time.perf_counter() - t0
             self.counts["finetune_steps"] += 1
 
-    def _slab_loss(self, xt, t, idx, target, eps_s, denom: int) -> torch.Tensor:
-        """Back-propagate ``Σ (x̂0_slab − target_slab)² / denom`` for slabs ``idx``; returns the (detached) value."""
+    def _slab_loss(self, xt, t, idx, target, x0_fold, eps_s, denom: int) -> torch.Tensor:
+        """Back-propagate the fine-tuning loss (:func:`finetune_loss`) of slabs ``idx``; returns its value."""
+        cfg = self.config
         planes = self._slab_planes(idx)                     # [b, slab]
         xs = xt[planes]                                      # [b, slab, H, W]
-        tg = target[planes]
         with torch.enable_grad():
             x0s = self.schedule.tweedie_x0(xs, eps_s, int(t))
-            loss = ((x0s - tg) ** 2).sum() / float(denom)
+            loss = finetune_loss(x0s, target[planes], x0_fold[planes], cfg.finetune_target,
+                                 cfg.slab_consistency, denom)
             t0 = time.perf_counter()
             loss.backward()
             self.timings["finetune_backward"] += time.perf_counter() - t0
@@ -535,6 +640,11 @@ class DDIPReconstructor(IterativeReconstructor):
             info["t"] = int(self._timesteps[self.iteration - 1])
         if self.last_loss is not None:
             info["loss"] = float(f"{self.last_loss:.4g}")
+        if self.loglik_history:
+            last = self.loglik_final_em if self.loglik_final_em is not None else self.loglik_history[-1]
+            info["loglik"] = float(f"{last:.8g}")
+            if self.loglik_warm_start is not None:
+                info["dloglik"] = float(f"{last - self.loglik_warm_start:.5g}")
         if self.iteration > 0 and self.timings.get("total"):
             info["s/step"] = round(self.timings["total"] / self.iteration, 3)
         return info
@@ -573,6 +683,9 @@ class DDIPReconstructor(IterativeReconstructor):
             "pet_scale": float(self.pet_scaler.scale),
             "last_loss": self.last_loss,
             "user_init": bool(self._user_init),
+            "loglik_warm_start": self.loglik_warm_start,
+            "loglik_history": [float(v) for v in self.loglik_history],
+            "loglik_final_em": self.loglik_final_em,
         }
         path = folder / CHECKPOINT_FILE
         tmp = folder / (CHECKPOINT_FILE + ".tmp")
@@ -629,5 +742,8 @@ class DDIPReconstructor(IterativeReconstructor):
         spec["scale"] = float(state["pet_scale"])
         self.pet_scaler = type(self.bundle.pet_scaling)(spec)
         self.last_loss = state.get("last_loss")
+        self.loglik_warm_start = state.get("loglik_warm_start")
+        self.loglik_history = [float(v) for v in state.get("loglik_history", [])]
+        self.loglik_final_em = state.get("loglik_final_em")
         self._user_init = bool(state.get("user_init", False))
         self.iteration = int(state["iteration"])
