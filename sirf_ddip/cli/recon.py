@@ -145,6 +145,7 @@ def _recon(args) -> int:
         "output": str(out), "device": str(device), "seconds": round(seconds, 2),
         "seconds_per_step": timing, "pet_scale": float(recon.pet_scaler.scale),
         "beta_activity_units": recon.beta_activity, "timesteps": recon.timesteps,
+        "data_consistency": recon.data_consistency(),
         "prior_card": {k: v for k, v in (getattr(bundle, "card", None) or {}).items()
                        if k in ("format", "weights_sha256", "created", "training", "architecture")},
     })
@@ -152,8 +153,11 @@ def _recon(args) -> int:
         png = folder / f"{stem}.png"
         save_slices_png(result.array, result.grid.voxel_size, png, title=f"DDIP {stem}",
                         units=str(result.meta.get("units", "activity (units of the data)")))
+    dc = recon.data_consistency()
     print(f"recon: wrote {out} ({len(recon.timesteps)} diffusion steps, {seconds:.1f} s, "
-          f"{timing.get('total', 0.0):.2f} s/step)")
+          f"{timing.get('total', 0.0):.2f} s/step); Poisson log-likelihood: warm start "
+          f"{dc['loglik_warm_start']:.6g}, output {dc['loglik_output']:.6g} "
+          f"({dc.get('loglik_gain', 0.0):+.4g})")
     return 0
 
 
