@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--weights", default=None, help="prior weights (.safetensors or folder; default: shipped)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the config's)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for this process (0 = one per core; default: the config's run.num_threads)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from the checkpoint in DIR")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="where checkpoints go (default: OUT's name + '_checkpoint' next to OUT)")
@@ -54,7 +56,7 @@ def output_stem(out: Path) -> str:
 
 
 def resolve_config(config: str | None, overrides: list[str], seed: int | None, device: str | None,
-                   no_mr: bool):
+                   no_mr: bool, threads: int | None = None):
     """The run's :class:`DDIPConfig`: shipped or given YAML, then ``--set``, then the explicit flags."""
     from ..config import parse_overrides
     from ..recon.config import DDIPConfig
@@ -65,9 +67,11 @@ def resolve_config(config: str | None, overrides: list[str], seed: int | None, d
         ov["seed"] = int(seed)
     if device is not None:
         ov["device"] = device
+    if threads is not None:
+        ov["num_threads"] = int(threads)
     if no_mr:
         ov["use_mr"] = False
-    return DDIPConfig.load(path, ov), path
+    return DDIPConfig.load(path, ov), path   # the file layers over the shipped settings
 
 
 def build_data_step(args, grid, device, num_subsets: int):
@@ -94,7 +98,8 @@ def _recon(args) -> int:
         check_output(out, args.overwrite)          # fail before hours of work, not after
     elif out.exists() and not args.overwrite:
         check_output(out, False)
-    cfg, cfg_path = resolve_config(args.config, args.overrides, args.seed, args.device, args.no_mr)
+    cfg, cfg_path = resolve_config(args.config, args.overrides, args.seed, args.device, args.no_mr,
+                                   getattr(args, "threads", None))
     if args.no_mr and args.mr:
         raise ConfigError("--no-mr and --mr given together; drop one")
     mr = read_image(args.mr) if (args.mr and not args.no_mr) else None
@@ -105,7 +110,7 @@ def _recon(args) -> int:
             f"differs from the image template {args.image_template} (shape {template.grid.shape}, voxel "
             f"{template.grid.voxel_size} mm, origin {template.grid.origin} mm); resample the MR onto the PET grid")
     device = resolve_device(cfg.device)
-    if cfg.num_threads > 0:
+    if cfg.num_threads > 0:       # the CLI owns the process, so it (not the library) sets torch's thread count
         import torch
 
         torch.set_num_threads(cfg.num_threads)

@@ -54,10 +54,8 @@ from .base import IterativeReconstructor, NotSetUpError
 from .config import DDIPConfig
 from .hqs import beta_activity, hqs_image_step
 
-CHECKPOINT_FORMAT = "sirf_ddip-ddip-checkpoint/1"
+CHECKPOINT_FORMAT = "sirf_ddip-ddip-checkpoint/2"
 CHECKPOINT_FILE = "ddip_checkpoint.pt"
-#: config keys that may differ between a checkpoint and the resuming run (they do not change the result)
-_RESUME_FREE_KEYS = ("device", "checkpoint_every", "slab_batch", "num_threads")
 
 
 def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: torch.Tensor, target: str = "data",
@@ -229,10 +227,8 @@ class DDIPReconstructor(IterativeReconstructor):
                 raise ConfigError(f"DDIP config: key 'device' is {cfg.device!r} but the data step's tensors are on "
                                   f"{dev}; build the data step on the same device")
         self.device = torch.device(dev)
-        if self.device.type == "cpu" and cfg.num_threads > 0 and torch.get_num_threads() != cfg.num_threads:
-            # the config's CPU thread count (process-wide in torch): oversubscribed OpenMP threads were measured
-            # 4-7x slower on a busy 2-core machine
-            torch.set_num_threads(int(cfg.num_threads))
+        # run.num_threads is applied by the CLI only: torch's thread count is process-wide, a library must not
+        # change it under its caller
         bundle = self._load_bundle(self.device)
         self.bundle = bundle
         self.schedule = bundle.schedule
@@ -669,7 +665,7 @@ class DDIPReconstructor(IterativeReconstructor):
         state = {
             "format": CHECKPOINT_FORMAT,
             "iteration": int(self.iteration),
-            "config": json.dumps(self.config.to_dict()),
+            "config": json.dumps(self.config.algorithm_dict()),
             "timesteps": [int(t) for t in self._timesteps],
             "image_shape": [int(s) for s in self.data_step.image_shape],
             "xt": self._xt.detach().cpu(),
@@ -703,8 +699,8 @@ class DDIPReconstructor(IterativeReconstructor):
         InputFileError
             Missing/corrupt checkpoint or one of another image shape.
         ConfigError
-            The checkpoint was made with settings that change the result (all keys except
-            ``device``, ``checkpoint_every``, ``slab_batch`` must match).
+            The checkpoint was made with settings that change the result (every algorithm key must match;
+            the ``run`` options need not).
         """
         from ..prior.adapters import load_adapter_state_dict
 
@@ -719,9 +715,8 @@ class DDIPReconstructor(IterativeReconstructor):
         if state.get("format") != CHECKPOINT_FORMAT:
             raise InputFileError(path, f"unknown checkpoint format {state.get('format')!r}", key="format")
         saved = json.loads(state["config"])
-        mine = self.config.to_dict()
-        diff = sorted(k for k in set(saved) | set(mine)
-                      if k not in _RESUME_FREE_KEYS and saved.get(k) != mine.get(k))
+        mine = self.config.algorithm_dict()       # the run options (device, threads, ...) may differ
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
             raise ConfigError(f"{path}: checkpoint config differs from this run in key(s) "
                               + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {mine.get(k)!r})" for k in diff))
