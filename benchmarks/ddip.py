@@ -122,7 +122,7 @@ def bench(setup: str, cfg: DDIPConfig, device, steps: int, xy: int, weights):
         torch.cuda.synchronize(device)
     wall = (time.perf_counter() - t0) / steps
     rep = r.timing_report()
-    n_slabs = r._num_slabs()
+    n_slabs = r.prior.num_slabs(r.data_step.image_shape[0])
     n = r.iteration
     full = cfg.num_steps
     per_slab_200 = {

@@ -171,10 +171,10 @@ def test_finetuning_moves_the_prior_towards_the_data_when_slabs_agree(bundle):
     r.initialise()
     t = r.timesteps[0]
     xt = r._xt.clone()
-    x0_before = r.schedule.tweedie_x0(xt, r._eps_volume(xt, t), t).clamp(*r.config.x0_clamp)
+    x0_before = r.schedule.tweedie_x0(xt, r.prior.eps(xt, t), t).clamp(*r.config.x0_clamp)
     r._finetune(xt, t)
     target = r._to_net(r._x_img)
-    x0_after = r.schedule.tweedie_x0(xt, r._eps_volume(xt, t), t).clamp(*r.config.x0_clamp)
+    x0_after = r.schedule.tweedie_x0(xt, r.prior.eps(xt, t), t).clamp(*r.config.x0_clamp)
     d0 = float(((x0_before - target) ** 2).sum())
     d1 = float(((x0_after - target) ** 2).sum())
     assert d1 < 0.97 * d0

@@ -54,8 +54,7 @@ from .base import IterativeReconstructor, NotSetUpError
 from .config import DDIPConfig
 from .hqs import beta_activity, hqs_image_step
 
-CHECKPOINT_FORMAT = "sirf_ddip-ddip-checkpoint/2"
-CHECKPOINT_FILE = "ddip_checkpoint.pt"
+from .checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # noqa: F401  (re-exported)
 
 
 def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: torch.Tensor, target: str = "data",
@@ -142,7 +141,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self.bundle = None
         self.network = None
         self.schedule = None
-        self.pet_scaler = None
+        self.prior = None      # the DiffusionPrior (network, slabs, units) built by set_up
         self.mr_scaler = None
         self._mr_net: torch.Tensor | None = None
         self._reset_state()
@@ -281,6 +280,11 @@ class DDIPReconstructor(IterativeReconstructor):
         gen = self._gen
         self._reset_state()
         self._gen = gen
+        from ..prior.slabs import DiffusionPrior
+
+        self.prior = DiffusionPrior(net, self.schedule, bundle.pet_scaling, mr_net=self._mr_net,
+                                    mr_pad_value=self.mr_scaler.lo if self.mr_scaler is not None else -1.0,
+                                    batch_size=cfg.slab_batch, timings=self.timings, counts=self.counts)
 
     # ------------------------------------------------------------------ estimates
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,9 +322,9 @@ class DDIPReconstructor(IterativeReconstructor):
         x0 = x0.detach().clamp_min(0)
         if not bool(torch.isfinite(x0).all()):
             raise DataValueError("DDIP warm start contains NaN or Inf (check the data and factors)")
-        self.pet_scaler = self.fit_pet_scaler(x0)
+        self.fit_pet_scaler(x0)
         # the network range is bounded: EM's edge artefacts must not enter it at hundreds of network units
-        u0 = self.pet_scaler.to_net(x0.to(self.device, torch.float32)).clamp(*cfg.x0_clamp)
+        u0 = self.prior.to_network(x0).clamp(*cfg.x0_clamp)
         noise = self._randn(u0.shape)
         self._xt = self.schedule.q_sample(u0, int(self._timesteps[0]), noise)
         self._x_img = x0.clone()
@@ -363,9 +367,14 @@ class DDIPReconstructor(IterativeReconstructor):
             out["loglik_final_em"] = self.loglik_final_em
         return out
 
+    @property
+    def pet_scaler(self):
+        """The prior's PET scaler as fitted on the warm start (None before it)."""
+        return None if self.prior is None else self.prior.pet_scaler
+
     def fit_pet_scaler(self, image: torch.Tensor):
-        """The prior's PET scaler fitted on ``image`` inside the FOV, after in-plane smoothing (see the config
-        keys ``scale_fov_fraction`` and ``scale_smooth_vox``)."""
+        """Fit the prior's PET scaler on ``image`` inside the FOV, after in-plane smoothing (see the config
+        keys ``scale_fov_fraction`` and ``scale_smooth_vox``); returns it."""
         from scipy.ndimage import gaussian_filter
 
         cfg = self.config
@@ -375,7 +384,7 @@ class DDIPReconstructor(IterativeReconstructor):
         if cfg.scale_smooth_vox > 0:
             arr = gaussian_filter(arr, [0.0, cfg.scale_smooth_vox, cfg.scale_smooth_vox], mode="constant")
         try:
-            return self.bundle.pet_scaling.fit(arr)
+            return self.prior.fit_pet(arr)
         except ValueError as exc:
             raise DataValueError(f"DDIP: cannot normalise the starting image for the prior: {exc}") from None
 
@@ -394,81 +403,10 @@ class DDIPReconstructor(IterativeReconstructor):
             raise NotSetUpError("DDIP: beta in activity units is known after the warm start (PET scaler fitted)")
         return beta_activity(self.config.beta, self.pet_scaler.gain)
 
-    # ------------------------------------------------------------------ slabs and the network
-    def _slab_setup(self, vol: torch.Tensor):
-        """Plane padding (edge replication to ≥ slab planes) of a [Z, H, W] volume; returns (padded, before)."""
-        slab = int(getattr(self.network, "slab", 3))
-        Z = vol.shape[0]
-        if Z >= slab:
-            return vol, 0
-        need = slab - Z
-        before = need // 2
-        parts = [vol[:1]] * before + [vol] + [vol[-1:]] * (need - before)
-        return torch.cat(parts, 0), before
-
-    def _num_slabs(self) -> int:
-        slab = int(getattr(self.network, "slab", 3))
-        return max(self.data_step.image_shape[0], slab) - slab + 1
-
-    def _eps_slabs(self, xt: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
-        """ε for the slabs ``idx`` of the (plane-padded) volume: ``[len(idx), slab, H, W]`` (autograd intact)."""
-        from ..prior.network import crop_padding, pad_to_multiple
-        from ..prior.slabs import volume_to_slabs
-
-        slab = int(getattr(self.network, "slab", 3))
-        mult = int(getattr(self.network, "spatial_multiple", 1))
-        xv, _ = self._slab_setup(xt)
-        xs = volume_to_slabs(xv, slab)[idx]
-        a = float(self.schedule.alphas_cumprod[int(t)])
-        lo = self.bundle.pet_scaling.lo
-        xs_p, pad = pad_to_multiple(xs, mult)
-        if any(pad):
-            xs_p = torch.nn.functional.pad(xs, pad, value=lo * math.sqrt(a))
-        ms_p = None
-        if self._mr_net is not None:
-            mv, _ = self._slab_setup(self._mr_net)
-            ms = volume_to_slabs(mv, slab)[idx]
-            ms_p = torch.nn.functional.pad(ms, pad, value=self.mr_scaler.lo) if any(pad) else ms
-        tb = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=xs.device)
-        t0 = time.perf_counter()
-        eps = self.network(xs_p, tb, ms_p) if ms_p is not None else self.network(xs_p, tb)
-        self.timings["network_forward"] += time.perf_counter() - t0
-        self.counts["slab_forwards"] += int(xs.shape[0])
-        return crop_padding(eps, pad)
-
-    def _fold(self, eps_slabs: torch.Tensor) -> torch.Tensor:
-        """Average slab predictions back to the [Z, H, W] volume (undoing plane padding)."""
-        from ..prior.slabs import slabs_to_volume
-
-        Z = self.data_step.image_shape[0]
-        slab = int(getattr(self.network, "slab", 3))
-        vol = slabs_to_volume(eps_slabs)
-        if Z >= slab:
-            return vol
-        # planes replicated for padding: average all copies back onto their source plane
-        before = (slab - Z) // 2
-        src = torch.tensor([0] * before + list(range(Z)) + [Z - 1] * (slab - Z - before), device=vol.device)
-        out = vol.new_zeros((Z,) + tuple(vol.shape[1:])).index_add(0, src, vol)
-        cnt = torch.bincount(src, minlength=Z).to(vol.dtype).reshape(Z, 1, 1)
-        return out / cnt
-
-    @torch.no_grad()
-    def _eps_volume(self, xt: torch.Tensor, t: int) -> torch.Tensor:
-        n = self._num_slabs()
-        b = self.config.slab_batch
-        parts = [self._eps_slabs(xt, t, torch.arange(i, min(i + b, n), device=xt.device)) for i in range(0, n, b)]
-        return self._fold(torch.cat(parts, 0))
-
-    def _slab_planes(self, idx: torch.Tensor) -> torch.Tensor:
-        """Source plane index of every plane of slabs ``idx``: ``[len(idx), slab]``."""
-        Z = self.data_step.image_shape[0]
-        slab = int(getattr(self.network, "slab", 3))
-        if Z >= slab:
-            src = torch.arange(Z)
-        else:
-            before = (slab - Z) // 2
-            src = torch.tensor([0] * before + list(range(Z)) + [Z - 1] * (slab - Z - before))
-        return src[idx.cpu().reshape(-1, 1) + torch.arange(slab).reshape(1, -1)].to(idx.device)
+    # ------------------------------------------------------------------ slabs (the prior's)
+    @property
+    def _num_planes(self) -> int:
+        return int(self.data_step.image_shape[0])
 
     # ------------------------------------------------------------------ the image step
     def _image_step(self, x0_net: torch.Tensor, x_img: torch.Tensor, num_em: int | None = None) -> torch.Tensor:
@@ -481,7 +419,7 @@ class DDIPReconstructor(IterativeReconstructor):
         for _ in range(num_em):
             subsets.append(self._em_counter % S if S > 1 else None)
             self._em_counter += 1
-        z = self.pet_scaler.from_net(x0_net.detach()).to(ds.dtype)
+        z = self.prior.from_network(x0_net.detach()).to(ds.dtype)
         if cfg.em_start == "x0":
             start = z.clamp_min(1e-3 * float(self.pet_scaler.scale))
         else:
@@ -491,7 +429,7 @@ class DDIPReconstructor(IterativeReconstructor):
         return out
 
     def _to_net(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pet_scaler.to_net(x.detach().to(self.device, torch.float32))
+        return self.prior.to_network(x)
 
     # ------------------------------------------------------------------ one diffusion step
     def update_current_estimate(self) -> None:
@@ -515,10 +453,10 @@ class DDIPReconstructor(IterativeReconstructor):
         t_step = time.perf_counter()
         if cfg.finetune:
             self._finetune(xt, t)
-            eps = self._eps_volume(xt, t)
+            eps = self.prior.eps(xt, t)
             x0 = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
         else:
-            eps = self._eps_volume(xt, t)
+            eps = self.prior.eps(xt, t)
             x0_prior = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
             # same projector budget as the adapted run: K·N_em fused EM updates against the fixed x̂0
             self._x_img = self._image_step(x0_prior, self._x_img, cfg.num_em * max(1, cfg.num_finetune))
@@ -526,7 +464,7 @@ class DDIPReconstructor(IterativeReconstructor):
         noise = self._randn(xt.shape)
         self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0, eta_mode=cfg.eta_mode)
         self._x0_net = x0
-        out = self._masked(self.pet_scaler.from_net(x0).to(self.data_step.dtype))
+        out = self._masked(self.prior.from_network(x0).to(self.data_step.dtype))
         self.loglik_history.append(self._log_likelihood(out))
         if i == len(self._timesteps) - 1 and cfg.final_em > 0:
             out = self._final_em(out)
@@ -565,7 +503,8 @@ class DDIPReconstructor(IterativeReconstructor):
         lo, hi = cfg.x0_clamp
         params = lora_parameters(self.network)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n = self._num_slabs()
+        Z = self._num_planes
+        n = self.prior.num_slabs(Z)
         m = n if cfg.finetune_slabs == 0 else min(cfg.finetune_slabs, n)
         b = cfg.slab_batch
         reuse = (m == n and n <= b)   # one forward with autograd serves both x̂0 and the loss
@@ -574,26 +513,26 @@ class DDIPReconstructor(IterativeReconstructor):
             if reuse:
                 idx_all = torch.arange(n, device=xt.device)
                 with torch.enable_grad():
-                    eps_s = self._eps_slabs(xt, t, idx_all)
-                eps_v = self._fold(eps_s.detach())
+                    eps_s = self.prior.eps_slabs(xt, t, idx_all)
+                eps_v = self.prior.fold(eps_s.detach(), Z)
                 x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
                 loss = self._slab_loss(xt, t, idx_all, target, x0, eps_s, n * int(np.prod(eps_s.shape[1:])))
                 self.last_loss = float(loss)
             else:
-                eps_v = self._eps_volume(xt, t)
+                eps_v = self.prior.eps(xt, t)
                 x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
                 idx = torch.arange(n) if m == n else torch.randperm(n, generator=self._gen)[:m]
                 idx = idx.to(xt.device)
                 total = 0.0
-                plane_elems = int(np.prod(xt.shape[1:])) * int(getattr(self.network, "slab", 3))
+                plane_elems = int(np.prod(xt.shape[1:])) * self.prior.slab
                 for j in range(0, m, b):
                     sub = idx[j:j + b]
                     with torch.enable_grad():
-                        eps_s = self._eps_slabs(xt, t, sub)
+                        eps_s = self.prior.eps_slabs(xt, t, sub)
                     total += float(self._slab_loss(xt, t, sub, target, x0, eps_s, m * plane_elems))
                 self.last_loss = total
             t0 = time.perf_counter()
@@ -606,7 +545,7 @@ class DDIPReconstructor(IterativeReconstructor):
     def _slab_loss(self, xt, t, idx, target, x0_fold, eps_s, denom: int) -> torch.Tensor:
         """Back-propagate the fine-tuning loss (:func:`finetune_loss`) of slabs ``idx``; returns its value."""
         cfg = self.config
-        planes = self._slab_planes(idx)                     # [b, slab]
+        planes = self.prior.slab_planes(self._num_planes, idx)   # [b, slab]
         xs = xt[planes]                                      # [b, slab, H, W]
         with torch.enable_grad():
             x0s = self.schedule.tweedie_x0(xs, eps_s, int(t))
@@ -654,18 +593,16 @@ class DDIPReconstructor(IterativeReconstructor):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
-        """Write ``folder/ddip_checkpoint.pt``: x_t, HQS image, x̂0, adapters, RNG state, step, config."""
+        """Write ``folder/ddip_checkpoint.pt`` (:mod:`sirf_ddip.recon.checkpoint`): x_t, HQS image, x̂0, adapters,
+        RNG state, step, the algorithm settings and the diagnostics so far."""
         from ..prior.adapters import adapter_state_dict
+        from .checkpoint import write_checkpoint
 
         self._require_setup()
         if self._xt is None:
             raise NotSetUpError("DDIP: nothing to checkpoint before the warm start")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {
-            "format": CHECKPOINT_FORMAT,
             "iteration": int(self.iteration),
-            "config": json.dumps(self.config.algorithm_dict()),
             "timesteps": [int(t) for t in self._timesteps],
             "image_shape": [int(s) for s in self.data_step.image_shape],
             "xt": self._xt.detach().cpu(),
@@ -683,13 +620,7 @@ class DDIPReconstructor(IterativeReconstructor):
             "loglik_history": [float(v) for v in self.loglik_history],
             "loglik_final_em": self.loglik_final_em,
         }
-        path = folder / CHECKPOINT_FILE
-        tmp = folder / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        (folder / "ddip_checkpoint_config.json").write_text(json.dumps(
-            {"iteration": int(self.iteration), "config": self.config.to_dict()}, indent=2))
-        return path
+        return write_checkpoint(folder, state, self.config.algorithm_dict())
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore a :meth:`save_checkpoint` state (after ``set_up`` on the same data, prior and MR).
@@ -703,26 +634,10 @@ class DDIPReconstructor(IterativeReconstructor):
             the ``run`` options need not).
         """
         from ..prior.adapters import load_adapter_state_dict
+        from .checkpoint import read_checkpoint
 
         self._require_setup()
-        path = Path(folder) / CHECKPOINT_FILE
-        if not path.is_file():
-            raise InputFileError(path, "no DDIP checkpoint here")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
-            raise InputFileError(path, f"cannot read checkpoint: {exc}") from None
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise InputFileError(path, f"unknown checkpoint format {state.get('format')!r}", key="format")
-        saved = json.loads(state["config"])
-        mine = self.config.algorithm_dict()       # the run options (device, threads, ...) may differ
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            raise ConfigError(f"{path}: checkpoint config differs from this run in key(s) "
-                              + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {mine.get(k)!r})" for k in diff))
-        if list(state["image_shape"]) != [int(s) for s in self.data_step.image_shape]:
-            raise InputFileError(path, f"checkpoint image shape {state['image_shape']} != "
-                                       f"{list(self.data_step.image_shape)}", key="image_shape")
+        state = read_checkpoint(folder, self.config.algorithm_dict(), tuple(self.data_step.image_shape))
         dev, dt = self.device, self.data_step.dtype
         self._timesteps = list(state["timesteps"])
         self._xt = state["xt"].to(dev)
@@ -733,9 +648,7 @@ class DDIPReconstructor(IterativeReconstructor):
             load_adapter_state_dict(self.network, state["adapters"])
         self._gen.set_state(state["generator"])
         self._em_counter = int(state["em_counter"])
-        spec = self.bundle.pet_scaling.spec_unfitted()
-        spec["scale"] = float(state["pet_scale"])
-        self.pet_scaler = type(self.bundle.pet_scaling)(spec)
+        self.prior.set_pet_scale(float(state["pet_scale"]))
         self.last_loss = state.get("last_loss")
         self.loglik_warm_start = state.get("loglik_warm_start")
         self.loglik_history = [float(v) for v in state.get("loglik_history", [])]
