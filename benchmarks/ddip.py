@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if a.devices == "auto" else a.devices.split(",")
-    cfgs = {"shipped": DDIPConfig.load(REPO / "configs" / "ddip.yaml"), "paper": DDIPConfig()}
+    cfgs = {"shipped": DDIPConfig.shipped(), "paper": DDIPConfig.paper()}
     results = []
     for dev in devs:
         for cname in a.configs.split(","):
