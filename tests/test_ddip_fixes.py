@@ -159,7 +159,7 @@ def test_targets_coincide_when_slabs_agree_exactly():
     la, lb = finetune_loss(a, hqs, fold, "data"), finetune_loss(b, hqs, fold, "fold")
     la.backward()
     lb.backward()
-    assert float(la) == pytest.approx(float(lb), rel=1e-12)
+    assert float(la.detach()) == pytest.approx(float(lb.detach()), rel=1e-12)
     torch.testing.assert_close(a.grad, b.grad)
 
 
