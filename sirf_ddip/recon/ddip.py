@@ -8,22 +8,26 @@ State: ``x_t`` (the whole volume ``[Z, H, W]`` in network units) and the HQS ima
    persist over the whole run):
 
    a. ``x̂0 = Tweedie(x_t, ε_θ(x_t, t, MR))``: the network runs on every overlapping 3-plane slab of the volume
-      (batches of ``slab_batch``), ε averaged per plane (:mod:`sirf_ddip.prior.slabs`); x̂0 clamped to
-      ``x0_clamp``.
+      (:class:`sirf_ddip.prior.slabs.DiffusionPrior`, batches of ``run.slab_batch``), ε averaged per plane; x̂0
+      clamped to ``x0_clamp``.
    b. HQS image step (:func:`sirf_ddip.recon.hqs.hqs_image_step`): ``num_em`` EM updates on the whole 3D data
-      (all segments; view subsets cycle when ``num_subsets > 1``), starting from x̂0 (``em_start = "x0"``,
-      default) or from the previous image step's ``x`` (``"previous"``), each fused in closed form with
-      ``z = x̂0`` in activity units, β converted from network units as ``β_a = β g²``.
-   c. One AdamW step (gradient-norm clip) on the LoRA adapters (+ adapted-layer biases) against
-      ``mean((x̂0_slab − u(x)_slab)²)`` over a random mini-batch of ``finetune_slabs`` slabs, ``u(x)`` the HQS
-      image in network units, detached. The projector never enters back-propagation.
+      (all segments; view subsets cycle when ``num_subsets > 1``, β stays the whole data's), starting from x̂0
+      (``em_start = "x0"``, default) or from the previous image step's ``x`` (``"previous"``), each fused in
+      closed form with ``z = x̂0`` in activity units, β converted from network units as ``β_a = β g²``.
+   c. One AdamW step (gradient-norm clip) on the LoRA adapters (+ biases, ``adapter_rule``) against
+      :func:`finetune_loss` over a random mini-batch of ``finetune_slabs`` slabs: with ``finetune_target =
+      "data"`` each slab's x̂0 is pulled by the data's correction ``u(x) − fold(x̂0)`` of the volume estimate
+      (``u(x)`` the HQS image in network units, detached). The projector never enters back-propagation.
 
-2. *DDIM step* with η from the fine-tuned network's ε (x̂0 clamped; ε re-derived from the clamped x̂0).
+2. *DDIM step* from the fine-tuned network's ε (x̂0 clamped; ε re-derived from the clamped x̂0), with η as the
+   authors use it (``eta_mode = "dds"``: fresh noise std ``η√(1−ᾱ_{t'})``) or Song's σ_t (``"ddim"``).
 
-The output is the last x̂0 in activity units. ``finetune = False`` is the "diffusion prior without adaptation"
-baseline: the image step runs ``K`` times per diffusion step against the prior's x̂0 (the same projector budget as
-the adapted run) and its image (clamped, in network units) is the x̂0 of the DDIM step (DDS/DiffPIR-style
-plug-in).
+The output is the last x̂0 in activity units, zero outside the scanner's FOV (``fov_mask``), optionally followed by
+``final_em`` EM updates on the data alone (the "trust the data" knob). Every step logs the Poisson log-likelihood
+of the output (:meth:`DDIPReconstructor.data_consistency`; the warm start's too). ``finetune = False`` is the
+"diffusion prior without adaptation" baseline: the image step runs ``K`` times per diffusion step against the
+prior's x̂0 (the same projector budget as the adapted run) and its image (clamped, in network units) is the x̂0 of
+the DDIM step (DDS/DiffPIR-style plug-in).
 
 Warm start: ``n_init`` MLEM-equivalent iterations (``ceil(n_init/S)`` OSEM iterations of ``S`` subsets) from a
 uniform image — or the image given to :meth:`set_current_estimate` — mapped to network units with the prior's
