@@ -42,7 +42,6 @@ drawn on the CPU so CPU and CUDA runs see the same noise).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -55,10 +54,9 @@ import torch
 
 from ..errors import ConfigError, DataValueError, GeometryMismatchError, InputFileError
 from .base import IterativeReconstructor, NotSetUpError
+from .checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # noqa: F401  (re-exported)
 from .config import DDIPConfig
 from .hqs import beta_activity, hqs_image_step
-
-from .checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # noqa: F401  (re-exported)
 
 
 def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: torch.Tensor, target: str = "data",
