@@ -122,7 +122,7 @@ def bench(setup: str, cfg: DDIPConfig, device, steps: int, xy: int, weights):
         torch.cuda.synchronize(device)
     wall = (time.perf_counter() - t0) / steps
     rep = r.timing_report()
-    n_slabs = r._num_slabs()
+    n_slabs = r.prior.num_slabs(r.data_step.image_shape[0])
     n = r.iteration
     full = cfg.num_steps
     per_slab_200 = {
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if a.devices == "auto" else a.devices.split(",")
-    cfgs = {"shipped": DDIPConfig.load(REPO / "configs" / "ddip.yaml"), "paper": DDIPConfig()}
+    cfgs = {"shipped": DDIPConfig.shipped(), "paper": DDIPConfig.paper()}
     results = []
     for dev in devs:
         for cname in a.configs.split(","):

@@ -52,6 +52,10 @@ def _coerce(value: Any, tp, key: str, source: str):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: key '{key}' must be a mapping, got {type(value).__name__}")
         return from_dict(tp, value, source=source, prefix=key + ".")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{source}: key '{key}' expects {tp.__name__}, got {value!r}")
+    if tp is int and isinstance(value, float) and not float(value).is_integer():
+        raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}")
     try:
         if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             return float(value)

@@ -69,7 +69,7 @@ def test_volume_eps_matches_prior_slab_inference(ds, bundle):
     r.initialise()
     t = r.timesteps[0]
     a = float(r.schedule.alphas_cumprod[t])
-    ours = r._eps_volume(r._xt, t)
+    ours = r.prior.eps(r._xt, t)
     with torch.no_grad():
         ref = predict_eps(r.network, r._xt, t, r._mr_net, batch_size=5, pad_value=-math.sqrt(a))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
@@ -80,7 +80,7 @@ def test_finetune_off_beta_inf_image_step_returns_prior_x0(ds, bundle):
     r.initialise()
     xt = r._xt.clone()
     t = r.timesteps[0]
-    eps = r._eps_volume(xt, t)
+    eps = r.prior.eps(xt, t)
     x0_prior = r.schedule.tweedie_x0(xt, eps, t).clamp(*r.config.x0_clamp)
     r.update_current_estimate()
     expected = r.pet_scaler.from_net(x0_prior).double()
@@ -109,7 +109,7 @@ def test_beta_zero_em_from_x0(ds, bundle):
     r.initialise()
     xt = r._xt.clone()
     t = r.timesteps[0]
-    x0_prior = r.schedule.tweedie_x0(xt, r._eps_volume(xt, t), t).clamp(*r.config.x0_clamp)
+    x0_prior = r.schedule.tweedie_x0(xt, r.prior.eps(xt, t), t).clamp(*r.config.x0_clamp)
     r.update_current_estimate()
     x = r.pet_scaler.from_net(x0_prior).double().clamp_min(1e-3 * r.pet_scaler.scale)
     for _ in range(2 * 2):
@@ -215,9 +215,9 @@ def test_volumes_with_fewer_than_three_planes(nz, bundle):
     if nz == 1:
         xt = r._xt
         t = 5
-        eps = r._eps_volume(xt, t)
+        eps = r.prior.eps(xt, t)
         with torch.no_grad():
-            s = r._eps_slabs(xt, t, torch.tensor([0]))
+            s = r.prior.eps_slabs(xt, t, torch.tensor([0]))
         torch.testing.assert_close(eps[0], s[0].mean(0), rtol=1e-5, atol=1e-6)
 
 

@@ -51,9 +51,9 @@ def test_report_builds_with_all_sections(tmp_path):
         assert sec in text
     # 2 slice figures + 2 bias-noise + 2 profiles + 1 ablation, all embedded and valid PNGs
     imgs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
-    assert len(imgs) == 7
+    assert len(imgs) == 9
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in imgs)
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 7
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 9
     assert "OSEM clinical (3 it x 21 subsets)" in text
     assert "DDIP (MR-conditioned)" in text and "fdg, 10% dose" in text
     # metrics table shows the numbers it was given

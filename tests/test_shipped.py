@@ -42,4 +42,56 @@ def test_demo_config_is_a_valid_study():
     assert [c.tracer for c in cfg.cases] == ["amyloid-negative"]
     assert cfg.methods.ddip.enabled and cfg.methods.osem.enabled
     # the demo runs the shipped DDIP settings
-    assert cfg.ddip_config("ddip")["t_start"] == DDIPConfig.shipped().t_start
+    assert cfg.ddip_config("ddip") == DDIPConfig.shipped(
+        {"device": cfg.device})
+
+
+def test_dataclass_defaults_are_the_shipped_file():
+    """One source of truth: DDIPConfig() == sirf_ddip/recon/ddip.yaml, key by key, and the file names every key."""
+    import dataclasses
+
+    from sirf_ddip.config import read_yaml
+
+    assert DDIPConfig() == DDIPConfig.shipped()
+    raw = read_yaml(SHIPPED_CONFIG)
+    names = {f.name for f in dataclasses.fields(DDIPConfig)}
+    assert set(raw) == names                      # every key written out, algorithm keys flat, run options in run:
+    assert set(raw["run"]) == {f.name for f in dataclasses.fields(DDIPConfig().run)}
+    assert DDIPConfig().to_dict() == DDIPConfig.from_dict(raw).to_dict()
+
+
+def test_partial_config_layers_over_the_shipped_settings(tmp_path):
+    from sirf_ddip.errors import ConfigError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert DDIPConfig.load(empty) == DDIPConfig.shipped()             # not the paper's beta
+    part = tmp_path / "part.yaml"
+    part.write_text("beta: 3.0\nrun:\n  device: cpu\n")
+    cfg = DDIPConfig.load(part, ["num_threads=2"])
+    assert cfg.beta == 3.0 and cfg.device == "cpu" and cfg.run.num_threads == 2
+    assert cfg.t_start == DDIPConfig.shipped().t_start
+    assert cfg.algorithm_dict() == DDIPConfig.shipped({"beta": 3.0}).algorithm_dict()   # run options apart
+    with pytest.raises(ConfigError, match="'num_steps' expects an integer"):
+        DDIPConfig.load(None, ["num_steps=1.5"])
+    with pytest.raises(ConfigError, match="'n_init'"):
+        DDIPConfig.load(None, ["n_init=true"])
+    assert DDIPConfig.paper().beta == pytest.approx(0.01 / 4)        # the paper's 0.01 in [0, 1] units
+
+
+def test_library_does_not_change_torch_threads():
+    import numpy as np
+    import torch
+
+    from sirf_ddip.recon.ddip import DDIPReconstructor
+    from test_ddip_support import DenseDataStep, tiny_bundle
+
+    n = torch.get_num_threads()
+    ds = DenseDataStep()
+    r = DDIPReconstructor(t_start=5, num_steps=1, n_init=1, num_em=1, device="cpu", num_threads=n + 1)
+    r.set_objective_function(ds)
+    r.set_prior(tiny_bundle())
+    r.set_anatomical_image(ds.mr.numpy())
+    r.set_up(np.ones(ds.image_shape))
+    r.run(1)
+    assert torch.get_num_threads() == n

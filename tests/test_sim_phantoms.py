@@ -160,3 +160,15 @@ def test_template_cache_round_trip(tmp_path):
 
     with pytest.raises(OutputExistsError):
         ph.save_template_cache(path)
+
+
+def test_lesion_kind_and_count_options_keep_the_rest_of_the_subject(grid):
+    base = ph.make_subject(grid, "fdg", seed=3, lesions=True)
+    cold = ph.make_subject(grid, "fdg", seed=3, lesions=True, lesion_kinds=("cold",), num_lesions=2)
+    assert [l["kind"] for l in cold.meta["lesions"]] == ["cold", "cold"]
+    first = base.meta["lesions"][0], cold.meta["lesions"][0]
+    assert first[0]["centre_index_zyx"] == first[1]["centre_index_zyx"]
+    assert first[0]["radius_mm"] == first[1]["radius_mm"]
+    np.testing.assert_array_equal(base.mr.array, cold.mr.array)                   # the MR never shows a lesion
+    with pytest.raises(ValueError, match="lesion_kinds"):
+        ph.make_subject(grid, "fdg", seed=3, lesion_kinds=("warm",))

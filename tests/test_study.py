@@ -161,12 +161,12 @@ def test_shipped_configs_load(name):
     cfg = load_study_config(REPO / "configs" / name)
     tracers = {c.tracer for c in cfg.cases}
     assert {"fdg", "amyloid-negative"} <= tracers
-    assert cfg.ddip_config("diffusion_no_finetune")["finetune"] is False
-    assert cfg.ddip_config("ddip_no_mr")["use_mr"] is False
+    assert cfg.ddip_config("diffusion_no_finetune").finetune is False
+    assert cfg.ddip_config("ddip_no_mr").use_mr is False
     from sirf_ddip.recon.config import DDIPConfig
 
     for m in ("diffusion_no_finetune", "ddip_no_mr", "ddip"):
-        DDIPConfig.from_dict(cfg.ddip_config(m))  # every DDIP key is a real DDIPConfig key
+        assert isinstance(cfg.ddip_config(m), DDIPConfig)   # the study builds validated config objects
     try:
         from sirf_ddip.sim.simulate import SimulationConfig
     except ModuleNotFoundError:

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--weights", default=None, help="prior weights (.safetensors or folder; default: shipped)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the config's)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: the config's)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads for this process (0 = one per core; default: the config's run.num_threads)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue from the checkpoint in DIR")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="where checkpoints go (default: OUT's name + '_checkpoint' next to OUT)")
@@ -55,7 +57,7 @@ def output_stem(out: Path) -> str:
 
 
 def resolve_config(config: str | None, overrides: list[str], seed: int | None, device: str | None,
-                   no_mr: bool):
+                   no_mr: bool, threads: int | None = None):
     """The run's :class:`DDIPConfig`: shipped or given YAML, then ``--set``, then the explicit flags."""
     from ..config import parse_overrides
     from ..recon.config import DDIPConfig
@@ -66,9 +68,11 @@ def resolve_config(config: str | None, overrides: list[str], seed: int | None, d
         ov["seed"] = int(seed)
     if device is not None:
         ov["device"] = device
+    if threads is not None:
+        ov["num_threads"] = int(threads)
     if no_mr:
         ov["use_mr"] = False
-    return DDIPConfig.load(path, ov), path
+    return DDIPConfig.load(path, ov), path   # the file layers over the shipped settings
 
 
 def build_data_step(args, grid, device, num_subsets: int):
@@ -203,7 +207,8 @@ def _recon(args) -> int:
     out = Path(args.out)
     if args.no_mr and args.mr:
         raise ConfigError("--no-mr and --mr given together; drop one")
-    cfg, cfg_path = resolve_config(args.config, args.overrides, args.seed, args.device, args.no_mr)
+    cfg, cfg_path = resolve_config(args.config, args.overrides, args.seed, args.device, args.no_mr,
+                                   getattr(args, "threads", None))
     checkpointing = cfg.checkpoint_every > 0
     if args.checkpoint_dir:
         ck_dir = Path(args.checkpoint_dir)
@@ -225,7 +230,7 @@ def _recon(args) -> int:
             f"MR {args.mr} grid (shape {mr.grid.shape}, voxel {mr.grid.voxel_size} mm, origin {mr.grid.origin} mm) "
             f"differs from the image template {args.image_template} (shape {template.grid.shape}, voxel "
             f"{template.grid.voxel_size} mm, origin {template.grid.origin} mm); resample the MR onto the PET grid")
-    if cfg.num_threads > 0:
+    if cfg.num_threads > 0:       # the CLI owns the process, so it (not the library) sets torch's thread count
         import torch
 
         torch.set_num_threads(cfg.num_threads)
@@ -274,6 +279,7 @@ def _recon(args) -> int:
         "output": str(out), "device": str(device), "seconds": round(seconds, 2),
         "seconds_per_step": timing, "pet_scale": float(recon.pet_scaler.scale),
         "beta_activity_units": recon.beta_activity, "timesteps": recon.timesteps,
+        "data_consistency": recon.data_consistency(),
         "prior_card": {k: v for k, v in (getattr(bundle, "card", None) or {}).items()
                        if k in ("format", "weights_sha256", "created", "training", "architecture")},
     })
@@ -281,8 +287,11 @@ def _recon(args) -> int:
         png = folder / f"{stem}.png"
         save_slices_png(result.array, result.grid.voxel_size, png, title=f"DDIP {stem}",
                         units=str(result.meta.get("units", "activity (units of the data)")))
+    dc = recon.data_consistency()
     print(f"recon: wrote {out} ({len(recon.timesteps)} diffusion steps, {seconds:.1f} s, "
-          f"{timing.get('total', 0.0):.2f} s/step)")
+          f"{timing.get('total', 0.0):.2f} s/step); Poisson log-likelihood: warm start "
+          f"{dc['loglik_warm_start']:.6g}, output {dc['loglik_output']:.6g} "
+          f"({dc.get('loglik_gain', 0.0):+.4g})")
     return 0
 
 

@@ -3,7 +3,7 @@
 - :mod:`.schedule`  ``NoiseSchedule`` (linear β, q_sample, Tweedie, DDIM)
 - :mod:`.network`   ``ScoreNetwork`` / ``build_network`` (MONAI DiffusionModelUNet, 3-plane slabs, MR channels)
 - :mod:`.scaling`   ``PETScaler`` / ``MRScaler`` (reversible image ⇄ network units)
-- :mod:`.slabs`     whole-volume inference over overlapping slabs (``predict_eps``, ``predict_x0``, ``denoise_volume``)
+- :mod:`.slabs`     whole-volume inference over overlapping slabs (``DiffusionPrior``, ``predict_eps``, ``predict_x0``)
 - :mod:`.adapters`  peft LoRA (``add_lora``, ``lora_parameters``, ``reset_adapters``, adapter state)
 - :mod:`.weights`   ``save_prior`` / ``load_prior`` / ``load_default`` → ``PriorBundle`` (safetensors + card)
 - :mod:`.data`, :mod:`.train`  pretraining (phantoms or NIfTI pairs; DDP-ready, exact resume)
@@ -21,7 +21,7 @@ _EXPORTS = {
     "NoiseSchedule": "schedule",
     "ScoreNetwork": "network", "build_network": "network", "reinit_zero_layers": "network",
     "PETScaler": "scaling", "MRScaler": "scaling",
-    "predict_eps": "slabs", "predict_x0": "slabs", "denoise_volume": "slabs", "volume_to_slabs": "slabs",
+    "predict_eps": "slabs", "predict_x0": "slabs", "DiffusionPrior": "slabs", "volume_to_slabs": "slabs",
     "slabs_to_volume": "slabs",
     "add_lora": "adapters", "lora_parameters": "adapters", "adapter_state_dict": "adapters",
     "load_adapter_state_dict": "adapters", "reset_adapters": "adapters",

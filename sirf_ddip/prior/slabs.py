@@ -1,16 +1,24 @@
 """2.5D inference over a whole volume: every overlapping 3-plane slab through the network, averaged back.
 
-A volume ``[Z, H, W]`` (network units) is cut into the ``Z − slab + 1`` overlapping slabs of ``slab`` adjacent
-planes (``slab = 3``: planes ``i, i+1, i+2``). The network predicts ε for all planes of each slab; each plane's
-prediction is the mean over the slabs that contain it (1 slab for the end planes, 2 for the next, 3 inside).
-A volume with fewer than ``slab`` planes is padded by edge replication and cropped back. ``H`` and ``W`` are
-padded (centred, constant) to the network's multiple and cropped back.
+A volume ``[Z, H, W]`` (network units) is cut into the ``max(Z, slab) − slab + 1`` overlapping slabs of ``slab``
+adjacent planes (``slab = 3``: planes ``i, i+1, i+2``). The network predicts ε for all planes of each slab; each
+plane's prediction is the mean over every slab plane that holds it (1 slab for the end planes, 2 for the next, 3
+inside). A volume with fewer than ``slab`` planes is padded by edge replication, and every replicated copy's
+prediction is averaged back onto its source plane. ``H`` and ``W`` are padded (centred, constant: the background
+level) to the network's multiple and cropped back.
 
-The functions keep autograd intact (the DDIP reconstructor back-propagates through :func:`predict_eps` to train
-LoRA adapters); wrap calls in ``torch.no_grad()`` when no gradient is needed.
+This module is the one slab path of the package: :func:`predict_eps` / :func:`predict_x0` (the prior check) and
+:class:`DiffusionPrior` (the DDIP reconstructor) both use :func:`slab_planes`, :func:`run_network` and
+:func:`fold_slabs`. Everything keeps autograd intact (the DDIP reconstructor back-propagates through
+:meth:`DiffusionPrior.eps_slabs` to train LoRA adapters); wrap calls in ``torch.no_grad()`` when no gradient is
+needed.
 """
 
 from __future__ import annotations
+
+import math
+import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,16 +26,24 @@ from torch import nn
 from .network import ScoreNetwork, crop_padding, pad_to_multiple
 
 
-def _pad_planes(vol: torch.Tensor, slab: int) -> tuple[torch.Tensor, int]:
-    """Edge-replicate planes so that the volume has at least ``slab`` planes; returns (volume, added before)."""
-    Z = vol.shape[0]
+def num_slabs(num_planes: int, slab: int = 3) -> int:
+    """Number of overlapping slabs of a ``num_planes`` volume (after edge replication to ``slab`` planes)."""
+    return max(int(num_planes), int(slab)) - int(slab) + 1
+
+
+def plane_sources(num_planes: int, slab: int = 3) -> torch.Tensor:
+    """Source plane of every plane of the (edge-replicated to ≥ ``slab`` planes) volume: ``[max(Z, slab)]``."""
+    Z = int(num_planes)
     if Z >= slab:
-        return vol, 0
-    need = slab - Z
-    before = need // 2
-    after = need - before
-    parts = [vol[:1]] * before + [vol] + [vol[-1:]] * after
-    return torch.cat(parts, dim=0), before
+        return torch.arange(Z)
+    before = (slab - Z) // 2
+    return torch.tensor([0] * before + list(range(Z)) + [Z - 1] * (slab - Z - before))
+
+
+def slab_planes(num_planes: int, slab: int, idx: torch.Tensor) -> torch.Tensor:
+    """Source plane index of every plane of slabs ``idx``: ``[len(idx), slab]`` (on ``idx``'s device)."""
+    src = plane_sources(num_planes, slab)
+    return src[idx.cpu().reshape(-1, 1) + torch.arange(slab).reshape(1, -1)].to(idx.device)
 
 
 def volume_to_slabs(vol: torch.Tensor, slab: int = 3) -> torch.Tensor:
@@ -50,12 +66,49 @@ def slabs_to_volume(slabs: torch.Tensor, num_planes: int | None = None) -> torch
     Z = N + S - 1
     if num_planes is not None and num_planes != Z:
         raise ValueError(f"slabs_to_volume: {N} slabs of {S} planes make {Z} planes, not {num_planes}")
-    acc = slabs.new_zeros((Z, H, W))
-    for k in range(S):  # slab i, plane k → volume plane i + k
-        acc = acc.index_add(0, torch.arange(k, k + N, device=slabs.device), slabs[:, k])
-    counts = torch.clamp(torch.minimum(torch.arange(Z, device=slabs.device) + 1,
-                                       torch.arange(Z, 0, -1, device=slabs.device)), max=min(S, N))
-    return acc / counts.to(slabs.dtype).reshape(Z, 1, 1)
+    return fold_slabs(slabs, Z)
+
+
+def fold_slabs(slabs: torch.Tensor, num_planes: int) -> torch.Tensor:
+    """Average the predictions of *all* slabs ``[num_slabs(Z), slab, H, W]`` onto the ``num_planes`` source planes
+    (replicated copies of a short volume's planes included)."""
+    if slabs.dim() != 4:
+        raise ValueError(f"fold_slabs: expected [N, slab, H, W], got shape {tuple(slabs.shape)}")
+    N, S, H, W = slabs.shape
+    if N != num_slabs(num_planes, S):
+        raise ValueError(f"fold_slabs: {N} slabs given, a {num_planes}-plane volume has {num_slabs(num_planes, S)}")
+    src = slab_planes(num_planes, S, torch.arange(N, device=slabs.device)).reshape(-1)
+    acc = slabs.new_zeros((num_planes, H, W)).index_add(0, src, slabs.reshape(N * S, H, W))
+    cnt = torch.bincount(src, minlength=num_planes).to(slabs.dtype).reshape(num_planes, 1, 1)
+    return acc / cnt
+
+
+def gather_slabs(vol: torch.Tensor, slab: int, idx: torch.Tensor) -> torch.Tensor:
+    """Slabs ``idx`` of ``vol [Z, H, W]`` (any ``Z ≥ 1``; short volumes edge-replicated): ``[len(idx), slab, H, W]``."""
+    if vol.dim() != 3:
+        raise ValueError(f"gather_slabs: expected a [Z, H, W] volume, got shape {tuple(vol.shape)}")
+    return vol[slab_planes(vol.shape[0], slab, idx)]
+
+
+def run_network(network: nn.Module, xs: torch.Tensor, t: int, ms: torch.Tensor | None = None,
+                pad_value: float = 0.0, mr_pad_value: float = -1.0) -> torch.Tensor:
+    """ε of a batch of slabs ``xs [b, slab, H, W]`` (MR slabs ``ms`` iff the network uses MR), with ``H, W``
+    padded to the network's multiple by the constants ``pad_value`` / ``mr_pad_value`` and cropped back."""
+    multiple = int(getattr(network, "spatial_multiple", 1))
+    xp, pad = _pad_hw(xs, multiple, pad_value)
+    mp = _pad_hw(ms, multiple, mr_pad_value)[0] if ms is not None else None
+    tb = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=xs.device)
+    eps = network(xp, tb, mp) if mp is not None else network(xp, tb)
+    return crop_padding(eps, pad)
+
+
+def _pad_hw(x: torch.Tensor, multiple: int, value: float):
+    if multiple <= 1:
+        return x, (0, 0, 0, 0)
+    xp, pad = pad_to_multiple(x, multiple)
+    if any(pad) and value != 0.0:
+        xp = nn.functional.pad(x, pad, value=float(value))
+    return xp, pad
 
 
 def predict_eps(network: ScoreNetwork | nn.Module, x_t_vol: torch.Tensor, t: int, mr_vol: torch.Tensor | None = None,
@@ -76,7 +129,6 @@ def predict_eps(network: ScoreNetwork | nn.Module, x_t_vol: torch.Tensor, t: int
         Constant used to pad H, W to the network multiple (background in network units).
     """
     slab = int(getattr(network, "slab", 3))
-    multiple = int(getattr(network, "spatial_multiple", 1))
     uses_mr = bool(getattr(network, "uses_mr", mr_vol is not None))
     if x_t_vol.dim() != 3:
         raise ValueError(f"predict_eps: expected a [Z, H, W] volume, got shape {tuple(x_t_vol.shape)}")
@@ -87,31 +139,14 @@ def predict_eps(network: ScoreNetwork | nn.Module, x_t_vol: torch.Tensor, t: int
             raise ValueError(f"predict_eps: MR volume shape {tuple(mr_vol.shape)} != PET volume shape "
                              f"{tuple(x_t_vol.shape)}")
     Z = x_t_vol.shape[0]
-    xv, before = _pad_planes(x_t_vol, slab)
-    xs = volume_to_slabs(xv, slab)
-    xs, pad = _pad_hw(xs, multiple, pad_value)
-    ms = None
-    if uses_mr:
-        mv, _ = _pad_planes(mr_vol.to(x_t_vol.dtype), slab)
-        ms, _ = _pad_hw(volume_to_slabs(mv, slab), multiple, mr_pad_value)
+    n = num_slabs(Z, slab)
+    b = max(1, int(batch_size))
     outs = []
-    for i in range(0, xs.shape[0], max(1, int(batch_size))):
-        xb = xs[i:i + batch_size]
-        mb = ms[i:i + batch_size] if ms is not None else None
-        tb = torch.full((xb.shape[0],), int(t), dtype=torch.long, device=xb.device)
-        outs.append(network(xb, tb, mb) if uses_mr else network(xb, tb))
-    eps = crop_padding(torch.cat(outs, dim=0), pad)
-    vol = slabs_to_volume(eps.to(x_t_vol.dtype))
-    return vol[before:before + Z]
-
-
-def _pad_hw(x: torch.Tensor, multiple: int, value: float):
-    if multiple <= 1:
-        return x, (0, 0, 0, 0)
-    xp, pad = pad_to_multiple(x, multiple)
-    if any(pad) and value != 0.0:
-        xp = nn.functional.pad(x, pad, value=float(value))
-    return xp, pad
+    for i in range(0, n, b):
+        idx = torch.arange(i, min(i + b, n), device=x_t_vol.device)
+        ms = gather_slabs(mr_vol.to(x_t_vol.dtype), slab, idx) if uses_mr else None
+        outs.append(run_network(network, gather_slabs(x_t_vol, slab, idx), t, ms, pad_value, mr_pad_value))
+    return fold_slabs(torch.cat(outs, dim=0).to(x_t_vol.dtype), Z)
 
 
 def predict_x0(bundle, x_t_vol: torch.Tensor, t: int, mr_vol: torch.Tensor | None = None, batch_size: int = 16,
@@ -135,18 +170,107 @@ def predict_x0(bundle, x_t_vol: torch.Tensor, t: int, mr_vol: torch.Tensor | Non
     return bundle.schedule.tweedie_x0(x_t_vol, eps, int(t))
 
 
-@torch.no_grad()
-def denoise_volume(bundle, x0_vol: torch.Tensor, t: int, mr_vol: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, batch_size: int = 16,
-                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise a clean-ish volume (network units) to step ``t`` and denoise it with one Tweedie step.
+class DiffusionPrior:
+    """The score network as a prior on a whole volume: ε, Tweedie x̂0 and the image ⇄ network-unit maps.
 
-    Returns
-    -------
-    (x_t, x0_hat) : tensors [Z, H, W] in network units
+    Parameters
+    ----------
+    network : nn.Module
+        The score network (possibly a LoRA-adapted copy); ``slab`` planes per input, ``uses_mr``.
+    schedule : NoiseSchedule
+    pet_scaling : Scaler
+        The prior's (unfitted) PET scaler spec; :meth:`fit_pet` fits it on an image.
+    mr_net : tensor [Z, H, W], optional
+        The MR in network units (required iff the network uses MR).
+    mr_pad_value : float
+        Background of the MR in network units (for ``H, W`` padding).
+    batch_size : int
+        Slabs per network call (memory only).
+
+    Attributes
+    ----------
+    pet_scaler : fitted Scaler or None
+    timings, counts : dict
+        Seconds in network forwards (``"network_forward"``) and slab counts (``"slab_forwards"``).
     """
-    if noise is None:
-        noise = torch.randn(x0_vol.shape, generator=generator, dtype=torch.float32).to(x0_vol.device, x0_vol.dtype)
-    x_t = bundle.schedule.q_sample(x0_vol, int(t), noise)
-    x0_hat = predict_x0(bundle, x_t, t, mr_vol, batch_size=batch_size)
-    return x_t, x0_hat
+
+    def __init__(self, network: nn.Module, schedule, pet_scaling, mr_net: torch.Tensor | None = None,
+                 mr_pad_value: float = -1.0, batch_size: int = 8,
+                 timings: dict[str, float] | None = None, counts: dict[str, int] | None = None):
+        self.network = network
+        self.schedule = schedule
+        self.pet_scaling = pet_scaling
+        self.pet_scaler = None
+        self.mr_net = mr_net
+        self.mr_pad_value = float(mr_pad_value)
+        self.batch_size = max(1, int(batch_size))
+        self.slab = int(getattr(network, "slab", 3))
+        self.timings = timings if timings is not None else {}
+        self.counts = counts if counts is not None else {}
+        if bool(getattr(network, "uses_mr", False)) and mr_net is None:
+            raise ValueError("DiffusionPrior: the network is MR-conditioned but no MR was given")
+
+    # ------------------------------------------------------------------ units
+    def fit_pet(self, image) -> Any:
+        """Fit (a copy of) the PET scaler on ``image`` (activity units, numpy); returns and keeps it."""
+        self.pet_scaler = self.pet_scaling.fit(image)
+        return self.pet_scaler
+
+    def set_pet_scale(self, scale: float) -> None:
+        """Use the PET scaler with this reference level (e.g. from a checkpoint)."""
+        spec = self.pet_scaling.spec_unfitted()
+        spec["scale"] = float(scale)
+        self.pet_scaler = type(self.pet_scaling)(spec)
+
+    def to_network(self, x: torch.Tensor) -> torch.Tensor:
+        """Activity → network units (float32 on the network's device)."""
+        dev = self.mr_net.device if self.mr_net is not None else next(self.network.parameters()).device
+        return self._scaler().to_net(x.detach().to(dev, torch.float32))
+
+    def from_network(self, u: torch.Tensor) -> torch.Tensor:
+        """Network units → activity."""
+        return self._scaler().from_net(u)
+
+    def _scaler(self):
+        if self.pet_scaler is None:
+            raise RuntimeError("DiffusionPrior: the PET scaler is not fitted yet (fit_pet)")
+        return self.pet_scaler
+
+    # ------------------------------------------------------------------ slabs
+    def num_slabs(self, num_planes: int) -> int:
+        return num_slabs(num_planes, self.slab)
+
+    def slab_planes(self, num_planes: int, idx: torch.Tensor) -> torch.Tensor:
+        return slab_planes(num_planes, self.slab, idx)
+
+    def eps_slabs(self, x_t: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
+        """ε of slabs ``idx`` of ``x_t [Z, H, W]``: ``[len(idx), slab, H, W]`` (autograd intact)."""
+        a = float(self.schedule.alphas_cumprod[int(t)])
+        ms = gather_slabs(self.mr_net, self.slab, idx) if self.mr_net is not None and \
+            bool(getattr(self.network, "uses_mr", False)) else None
+        t0 = time.perf_counter()
+        eps = run_network(self.network, gather_slabs(x_t, self.slab, idx), t, ms,
+                          pad_value=self.pet_scaling.lo * math.sqrt(a), mr_pad_value=self.mr_pad_value)
+        self.timings["network_forward"] = self.timings.get("network_forward", 0.0) + time.perf_counter() - t0
+        self.counts["slab_forwards"] = self.counts.get("slab_forwards", 0) + int(idx.numel())
+        return eps
+
+    def fold(self, eps_slabs: torch.Tensor, num_planes: int) -> torch.Tensor:
+        """All slabs' predictions averaged back to the ``[Z, H, W]`` volume."""
+        return fold_slabs(eps_slabs, num_planes)
+
+    @torch.no_grad()
+    def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Slab-averaged ε of the whole volume (no gradient)."""
+        Z = x_t.shape[0]
+        n = self.num_slabs(Z)
+        parts = [self.eps_slabs(x_t, t, torch.arange(i, min(i + self.batch_size, n), device=x_t.device))
+                 for i in range(0, n, self.batch_size)]
+        return self.fold(torch.cat(parts, 0), Z)
+
+    def x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor | None = None,
+           clamp: tuple[float, float] | None = None) -> torch.Tensor:
+        """Tweedie ``x̂0`` of the whole volume (network units; ``eps`` = :meth:`eps` unless given), clamped."""
+        e = self.eps(x_t, t) if eps is None else eps
+        x0 = self.schedule.tweedie_x0(x_t, e, int(t))
+        return x0 if clamp is None else x0.clamp(*clamp)

@@ -442,7 +442,7 @@ def export(cfg: PretrainConfig, model, ema: dict, schedule: NoiseSchedule, datas
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "weights": "EMA",
         "config": to_dict(cfg),
-        "command": " ".join(sys.argv),
+        "command": " ".join(["sirf-ddip", *sys.argv[1:]]),   # no machine path (the program's location)
     }
     return save_prior(out / "prior.safetensors", model, schedule, PETScaler.from_dict(cfg.pet_scaling),
                       MRScaler.from_dict(cfg.mr_scaling) if cfg.network.use_mr else None, training=training,

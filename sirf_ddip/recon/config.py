@@ -1,7 +1,15 @@
 """DDIPConfig: every knob of HQS-DDIP reconstruction (YAML ⇄ dataclass; unknown keys are errors).
 
-Defaults are those of the authors' code (Hashimoto & Gong 2025) unless stated; ``configs/ddip.yaml`` is the shipped
-(CPU-friendly) configuration used by ``sirf-ddip recon`` when no ``--config`` is given.
+One source of truth: the dataclass defaults **are** the shipped settings (``sirf_ddip/recon/ddip.yaml``, linked
+from ``configs/ddip.yaml``; a test checks that they agree), so ``DDIPConfig()``, ``DDIPConfig.shipped()``,
+``DDIPReconstructor()`` and ``sirf-ddip recon`` without ``--config`` all run the same thing, and a partial
+``--config`` file only changes the keys it names. The authors' values (Hashimoto & Gong 2025, DDIPrecon_for_PET)
+are :data:`PAPER_SETTINGS` / :meth:`DDIPConfig.paper`.
+
+Two sections: the *algorithm* keys (everything that changes the result; a checkpoint must match them to resume)
+at the top level, and the *run options* (:class:`DDIPRunOptions`: device, CPU threads, slab batch, checkpoint
+interval), which change only where and how fast it runs, under ``run:``. For convenience the run options may
+also be given flat (``--set device=cpu`` = ``--set run.device=cpu``) and read flat (``cfg.device``).
 """
 
 from __future__ import annotations
@@ -11,12 +19,69 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import from_dict, load_config, to_dict
+from ..config import deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 from ..errors import ConfigError
 
 
 #: the shipped settings (package data; ``configs/ddip.yaml`` in a source checkout links to it)
 SHIPPED_CONFIG = Path(__file__).resolve().parent / "ddip.yaml"
+
+#: keys of :class:`DDIPRunOptions` (accepted flat for convenience)
+RUN_KEYS = ("device", "num_threads", "slab_batch", "checkpoint_every")
+
+#: the authors' settings (DDIPrecon_for_PET ``run_ddiprecon_2d.sh`` / the paper), in this package's units:
+#: their β = 0.01 is for images in [0, 1]; our network range is [−1, 1], so the same penalty is β = 0.0025 here.
+PAPER_SETTINGS: dict[str, Any] = {
+    "t_start": 200, "num_steps": 200, "eta": 0.85, "eta_mode": "dds", "beta": 0.0025, "num_finetune": 2,
+    "num_em": 5, "em_start": "x0", "finetune": True, "lora_rank": 4, "lora_init": "authors",
+    "adapter_rule": "authors", "train_biases": True, "finetune_target": "data", "lr": 5e-4, "grad_clip": 1.0,
+    "n_init": 20, "num_subsets": 1, "finetune_slabs": 0, "final_em": 0,
+}
+
+
+@dataclass
+class DDIPRunOptions:
+    """Where and how fast DDIP runs; none of these changes the result.
+
+    Attributes
+    ----------
+    device : str
+        "auto" (CUDA when available), "cpu", "cuda", "cuda:1".
+    num_threads : int
+        CPU threads for torch, applied **by the CLI only** (``torch.set_num_threads`` is process-wide, so the
+        library never sets it; 0 = torch's default, one per core). On a shared CPU, 1 thread avoids OpenMP
+        oversubscription, which was measured to slow the network several-fold.
+    slab_batch : int
+        Slabs per network forward (memory knob).
+    checkpoint_every : int
+        Diffusion steps between checkpoints in ``run``/CLI (0 = only at the end).
+    """
+
+    device: str = "auto"
+    num_threads: int = 1
+    slab_batch: int = 8
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        for key in ("num_threads", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"DDIP config: key 'run.{key}' must be >= 0 (got {getattr(self, key)!r})")
+        if self.slab_batch < 1:
+            raise ConfigError(f"DDIP config: key 'run.slab_batch' must be >= 1 (got {self.slab_batch!r})")
+
+
+def _route_run_keys(data: dict[str, Any] | None) -> dict[str, Any]:
+    """Move flat run-option keys (``device: cpu``) into the ``run`` section (a copy; nested ones win)."""
+    data = dict(data or {})
+    run = dict(data.get("run") or {}) if isinstance(data.get("run"), dict) or data.get("run") is None else None
+    if run is None:
+        raise ConfigError(f"DDIP config: key 'run' must be a mapping of {', '.join(RUN_KEYS)}")
+    for k in RUN_KEYS:
+        if k in data:
+            run.setdefault(k, data.pop(k))
+    if run:
+        data["run"] = run
+    return data
 
 
 @dataclass
@@ -32,9 +97,19 @@ class DDIPConfig:
         DDIM striding, ``NoiseSchedule.timesteps``).
     eta : float
         DDIM stochasticity η (0.85).
+    eta_mode : str
+        How η enters the DDIM step: ``"dds"`` (default, the authors' DDIPrecon_for_PET / DDIP3D / DDS update:
+        fresh noise std ``η√(1−ᾱ_{t−1})``, ``√(1−η²)√(1−ᾱ_{t−1})`` on ε̂) or ``"ddim"`` (Song et al.'s ``σ_t(η)``,
+        this package's behaviour before 0.2: at η = 0.85 and a stride of a few steps only 1-10 % of each step's
+        noise variance is fresh, against 72 % with ``"dds"``). See :meth:`NoiseSchedule.ddim_coefficients`.
     beta : float
         HQS penalty weight in **network units** (0.01); converted to activity units as ``β·g²``
         (:func:`sirf_ddip.recon.hqs.beta_activity`). ``.inf`` = image step returns x̂0; 0 = plain EM/OSEM.
+        Units: our network range is [−1, 1] (``u = lo + g·x``, lo = −1, the reference level at +1); the authors'
+        images are in [0, 1], so their β (paper 0.01) is ``4×`` ours for the same penalty (``β_ours = β_paper / 4``).
+        Its effect on the image depends on the counts per voxel (the data term scales with the sensitivity, the
+        penalty does not), so no value is right for every study. The penalty is for the whole data: with view
+        subsets each subset update uses ``β·s_k/s`` so the fixed point does not depend on ``num_subsets``.
     num_finetune : int
         K, LoRA fine-tuning iterations per diffusion step (2).
     num_em : int
@@ -60,8 +135,34 @@ class DDIPConfig:
         LoRA rank on ResBlock and attention layers (4).
     lora_alpha : float or None
         LoRA α (scaling α/r); None = rank (scaling 1).
+    lora_init : str
+        LoRA down-projection initialisation: ``"authors"`` (default, ``N(0, (1/r)²)`` as their ``lora/lora.py``) or
+        ``"peft"`` (peft's kaiming-uniform, 5-10× smaller on the shipped prior; before 0.2).
+    adapter_rule : str
+        Which layers carry LoRA and which biases train (:mod:`sirf_ddip.prior.adapters`): ``"authors"`` (default:
+        LoRA on every conv/linear of the residual and attention blocks; every bias trained except the
+        time-embedding projections') or ``"legacy"`` (before 0.2: only the adapted layers' biases, time-embedding
+        projections included).
     train_biases : bool
-        Also fine-tune the biases of the adapted layers (True, as the authors).
+        Also fine-tune biases (which ones: ``adapter_rule``) (True, as the authors).
+    finetune_target : str
+        The fine-tuning loss. ``"data"`` (default): each slab's x̂0 is pulled towards
+        ``x̂0_slab.detach() + (x_HQS − fold(x̂0))`` on its planes, i.e. by the data's correction of the volume
+        estimate only; ``"fold"`` (before 0.2): towards ``x_HQS`` itself, which also penalises each slab's
+        disagreement with the slab average ``fold(x̂0)`` (measured: ~98 % of the loss at t = 600, β = 10, so the
+        adapters learnt slab consistency instead of the data). The two coincide when all slabs agree exactly.
+    slab_consistency : float
+        Weight of a separate slab-consistency term ``mean((x̂0_slab − fold(x̂0).detach())²)`` added to the
+        ``"data"`` loss (0 = none, the default; 1 restores the ``"fold"`` loss's implicit weight).
+    fov_mask : bool
+        Zero the output (and every x̂0 handed out) where the sensitivity is zero, i.e. outside the scanner's field
+        of view, where only the network, not the data, sets the value (True).
+    final_em : int
+        The data-consistency knob: ``final_em`` EM (OSEM sub-)iterations on the data alone, started from the DDIP
+        output (0 = none, the default). Each iteration moves the image towards the maximum-likelihood image:
+        more lesion contrast and higher log-likelihood, more noise. ``final_em_beta`` keeps the prior in them.
+    final_em_beta : float
+        β (network units) of those final updates, fused with the DDIP output as HQS image steps (0 = pure EM).
     lr : float
         AdamW learning rate (5e-4).
     weight_decay : float
@@ -76,8 +177,6 @@ class DDIPConfig:
         iterations and converges about as far as ``n_init`` MLEM iterations (20).
     num_subsets : int
         View subsets S for the warm start and the image-step EM updates (1 = MLEM, as the authors).
-    slab_batch : int
-        Slabs per network forward (memory knob; results do not depend on it).
     finetune_slabs : int
         Slabs in the random mini-batch of each fine-tuning iteration (0 = all slabs).
     x0_clamp : list of 2 floats
@@ -86,20 +185,16 @@ class DDIPConfig:
         hotter voxels, so the upper bound leaves room for hot spots (3 = twice the reference level).
     seed : int
         Seed of every random draw (noise, mini-batches, LoRA A-matrices).
-    device : str
-        "auto" (CUDA when available), "cpu", "cuda", "cuda:1".
-    checkpoint_every : int
-        Diffusion steps between checkpoints in ``run``/CLI (0 = only at the end).
-    num_threads : int
-        CPU threads for torch, applied by the CLI (0 = torch's default, one per core). On a shared CPU, 1 thread
-        avoids OpenMP oversubscription, which can slow the network several-fold.
+    run : DDIPRunOptions
+        Device, CPU threads, slab batch, checkpoint interval (do not change the result).
     """
 
-    t_start: int = 200
-    num_steps: int = 200
+    t_start: int = 600
+    num_steps: int = 50
     eta: float = 0.85
-    beta: float = 0.01
-    num_finetune: int = 2
+    eta_mode: str = "dds"
+    beta: float = 10.0
+    num_finetune: int = 1
     num_em: int = 5
     em_start: str = "x0"
     scale_smooth_vox: float = 3.0
@@ -107,20 +202,30 @@ class DDIPConfig:
     finetune: bool = True
     lora_rank: int = 4
     lora_alpha: float | None = None
+    lora_init: str = "authors"
+    adapter_rule: str = "authors"
     train_biases: bool = True
+    finetune_target: str = "data"
+    slab_consistency: float = 0.0
+    fov_mask: bool = True
+    final_em: int = 0
+    final_em_beta: float = 0.0
     lr: float = 5e-4
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     use_mr: bool = True
     n_init: int = 20
     num_subsets: int = 1
-    slab_batch: int = 16
-    finetune_slabs: int = 0
+    finetune_slabs: int = 2
     x0_clamp: list = field(default_factory=lambda: [-1.0, 3.0])
     seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 10
-    num_threads: int = 0
+    run: DDIPRunOptions = field(default_factory=DDIPRunOptions)
+
+    # run options, readable flat (cfg.device == cfg.run.device)
+    device = property(lambda self: self.run.device, doc="``run.device``")
+    num_threads = property(lambda self: self.run.num_threads, doc="``run.num_threads``")
+    slab_batch = property(lambda self: self.run.slab_batch, doc="``run.slab_batch``")
+    checkpoint_every = property(lambda self: self.run.checkpoint_every, doc="``run.checkpoint_every``")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,14 +243,23 @@ class DDIPConfig:
             bad("eta", "must be in [0, 1]")
         if not self.beta >= 0:
             bad("beta", "must be >= 0 (.inf allowed)")
-        for key in ("num_finetune", "num_em", "n_init", "finetune_slabs", "checkpoint_every", "num_threads"):
+        for key in ("num_finetune", "num_em", "n_init", "finetune_slabs"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
-        for key in ("lora_rank", "num_subsets", "slab_batch"):
+        for key in ("lora_rank", "num_subsets"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
-        if self.em_start not in ("x0", "previous"):
-            bad("em_start", "must be 'x0' or 'previous'")
+        choices = {"em_start": ("x0", "previous"), "eta_mode": ("dds", "ddim"), "lora_init": ("authors", "peft"),
+                   "adapter_rule": ("authors", "legacy"), "finetune_target": ("data", "fold")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, "must be one of " + ", ".join(repr(a) for a in allowed))
+        if not self.slab_consistency >= 0:
+            bad("slab_consistency", "must be >= 0")
+        if self.final_em < 0:
+            bad("final_em", "must be >= 0")
+        if not self.final_em_beta >= 0:
+            bad("final_em_beta", "must be >= 0")
         if self.scale_smooth_vox < 0:
             bad("scale_smooth_vox", "must be >= 0")
         if not 0 <= self.scale_fov_fraction < 1:
@@ -168,26 +282,53 @@ class DDIPConfig:
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
+        """All keys, the run options under ``run``."""
         return to_dict(self)
+
+    def algorithm_dict(self) -> dict[str, Any]:
+        """The keys that change the result (everything except the ``run`` section)."""
+        d = to_dict(self)
+        d.pop("run")
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "DDIP config") -> "DDIPConfig":
-        return from_dict(cls, data, source=source)
+        """From a mapping (run options flat or under ``run``); keys not given keep their (shipped) defaults."""
+        return from_dict(cls, _route_run_keys(data), source=source)
 
     @classmethod
     def shipped(cls, overrides=None) -> "DDIPConfig":
-        """The shipped (CPU-friendly) settings, :data:`SHIPPED_CONFIG`, plus overrides (dict or ``key=value``)."""
-        return load_config(cls, SHIPPED_CONFIG, overrides)
+        """The shipped settings, :data:`SHIPPED_CONFIG`, plus overrides (dict or ``key=value`` strings)."""
+        return cls.load(None, overrides)
+
+    @classmethod
+    def paper(cls, overrides=None) -> "DDIPConfig":
+        """The authors' settings (:data:`PAPER_SETTINGS`, β converted to our units), plus overrides."""
+        base = cls.load(None, PAPER_SETTINGS)
+        return base.replace(**(dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)))
 
     @classmethod
     def load(cls, path=None, overrides=None) -> "DDIPConfig":
-        """From a YAML file (optional) plus ``key=value`` overrides (unknown keys are errors)."""
-        return load_config(cls, path, overrides)
+        """The shipped settings, then the YAML file ``path`` (optional; only the keys it names), then overrides
+        (a mapping or ``key=value`` strings). Unknown keys and wrong types are :class:`ConfigError` naming the file
+        and the key."""
+        data = _route_run_keys(read_yaml(SHIPPED_CONFIG))
+        source = "DDIP config"
+        if path is not None:
+            data = deep_merge(data, _route_run_keys(read_yaml(path)))
+            source = str(path)
+        if overrides:
+            ov = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
+            data = deep_merge(data, _route_run_keys(ov))
+            source = f"{source} (+ overrides)"
+        return from_dict(cls, data, source=source)
 
     def replace(self, **changes) -> "DDIPConfig":
-        """A validated copy with ``changes`` (unknown keys are :class:`ConfigError`)."""
-        names = {f.name for f in dataclasses.fields(self)}
+        """A validated copy with ``changes`` (run options flat or as ``run={...}``; unknown keys are
+        :class:`ConfigError`)."""
+        names = {f.name for f in dataclasses.fields(self)} | set(RUN_KEYS)
         unknown = sorted(set(changes) - names)
         if unknown:
             raise ConfigError(f"DDIP config: unknown key(s) {unknown}; known keys: {sorted(names)}")
-        return from_dict(type(self), {**self.to_dict(), **changes}, source="DDIP config (+ overrides)")
+        return from_dict(type(self), deep_merge(self.to_dict(), _route_run_keys(changes)),
+                         source="DDIP config (+ overrides)")

@@ -8,22 +8,26 @@ State: ``x_t`` (the whole volume ``[Z, H, W]`` in network units) and the HQS ima
    persist over the whole run):
 
    a. ``x̂0 = Tweedie(x_t, ε_θ(x_t, t, MR))``: the network runs on every overlapping 3-plane slab of the volume
-      (batches of ``slab_batch``), ε averaged per plane (:mod:`sirf_ddip.prior.slabs`); x̂0 clamped to
-      ``x0_clamp``.
+      (:class:`sirf_ddip.prior.slabs.DiffusionPrior`, batches of ``run.slab_batch``), ε averaged per plane; x̂0
+      clamped to ``x0_clamp``.
    b. HQS image step (:func:`sirf_ddip.recon.hqs.hqs_image_step`): ``num_em`` EM updates on the whole 3D data
-      (all segments; view subsets cycle when ``num_subsets > 1``), starting from x̂0 (``em_start = "x0"``,
-      default) or from the previous image step's ``x`` (``"previous"``), each fused in closed form with
-      ``z = x̂0`` in activity units, β converted from network units as ``β_a = β g²``.
-   c. One AdamW step (gradient-norm clip) on the LoRA adapters (+ adapted-layer biases) against
-      ``mean((x̂0_slab − u(x)_slab)²)`` over a random mini-batch of ``finetune_slabs`` slabs, ``u(x)`` the HQS
-      image in network units, detached. The projector never enters back-propagation.
+      (all segments; view subsets cycle when ``num_subsets > 1``, β stays the whole data's), starting from x̂0
+      (``em_start = "x0"``, default) or from the previous image step's ``x`` (``"previous"``), each fused in
+      closed form with ``z = x̂0`` in activity units, β converted from network units as ``β_a = β g²``.
+   c. One AdamW step (gradient-norm clip) on the LoRA adapters (+ biases, ``adapter_rule``) against
+      :func:`finetune_loss` over a random mini-batch of ``finetune_slabs`` slabs: with ``finetune_target =
+      "data"`` each slab's x̂0 is pulled by the data's correction ``u(x) − fold(x̂0)`` of the volume estimate
+      (``u(x)`` the HQS image in network units, detached). The projector never enters back-propagation.
 
-2. *DDIM step* with η from the fine-tuned network's ε (x̂0 clamped; ε re-derived from the clamped x̂0).
+2. *DDIM step* from the fine-tuned network's ε (x̂0 clamped; ε re-derived from the clamped x̂0), with η as the
+   authors use it (``eta_mode = "dds"``: fresh noise std ``η√(1−ᾱ_{t'})``) or Song's σ_t (``"ddim"``).
 
-The output is the last x̂0 in activity units. ``finetune = False`` is the "diffusion prior without adaptation"
-baseline: the image step runs ``K`` times per diffusion step against the prior's x̂0 (the same projector budget as
-the adapted run) and its image (clamped, in network units) is the x̂0 of the DDIM step (DDS/DiffPIR-style
-plug-in).
+The output is the last x̂0 in activity units, zero outside the scanner's FOV (``fov_mask``), optionally followed by
+``final_em`` EM updates on the data alone (the "trust the data" knob). Every step logs the Poisson log-likelihood
+of the output (:meth:`DDIPReconstructor.data_consistency`; the warm start's too). ``finetune = False`` is the
+"diffusion prior without adaptation" baseline: the image step runs ``K`` times per diffusion step against the
+prior's x̂0 (the same projector budget as the adapted run) and its image (clamped, in network units) is the x̂0 of
+the DDIM step (DDS/DiffPIR-style plug-in).
 
 Warm start: ``n_init`` MLEM-equivalent iterations (``ceil(n_init/S)`` OSEM iterations of ``S`` subsets) from a
 uniform image — or the image given to :meth:`set_current_estimate` — mapped to network units with the prior's
@@ -38,7 +42,6 @@ drawn on the CPU so CPU and CUDA runs see the same noise).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -52,13 +55,48 @@ import torch
 
 from ..errors import ConfigError, DataValueError, GeometryMismatchError, InputFileError
 from .base import IterativeReconstructor, NotSetUpError
+from .checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # noqa: F401  (re-exported)
 from .config import DDIPConfig
 from .hqs import beta_activity, hqs_image_step
 
-CHECKPOINT_FORMAT = "sirf_ddip-ddip-checkpoint/1"
-CHECKPOINT_FILE = "ddip_checkpoint.pt"
-#: config keys that may differ between a checkpoint and the resuming run (they do not change the result)
-_RESUME_FREE_KEYS = ("device", "checkpoint_every", "slab_batch", "num_threads")
+
+def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: torch.Tensor, target: str = "data",
+                  consistency: float = 0.0, denom: int | None = None) -> torch.Tensor:
+    """The LoRA fine-tuning loss of a batch of slabs (differentiable in ``x0_slabs``).
+
+    Parameters
+    ----------
+    x0_slabs : tensor [b, slab, H, W]
+        Each slab's own Tweedie x̂0 (network units, autograd intact).
+    hqs_slabs : tensor [b, slab, H, W]
+        The HQS image ``x_HQS`` (network units) on the slabs' planes.
+    fold_slabs : tensor [b, slab, H, W]
+        The slab-averaged (and clamped) volume estimate ``fold(x̂0)`` that the HQS step started from, on the same
+        planes.
+    target : "data" or "fold"
+        ``"data"``: ``Σ (x̂0_slab − [x̂0_slab.detach() + (x_HQS − fold(x̂0))])²``, whose gradient is the data's
+        correction ``x_HQS − fold(x̂0)`` alone (the authors' loss ``mean((x̂0 − x_HQS)²)`` of
+        DDIPrecon_for_PET ``solver_pet_ddiprecon.py`` / ``lora/adaptation.py`` on one slab, where fold = x̂0;
+        made insensitive to the disagreement between overlapping slabs). ``"fold"``: ``Σ (x̂0_slab − x_HQS)²``.
+    consistency : float
+        Weight of ``Σ (x̂0_slab − fold(x̂0))²`` added to the ``"data"`` loss.
+    denom : int, optional
+        Normaliser (default: the number of elements, i.e. a mean).
+
+    Returns
+    -------
+    tensor (scalar)
+    """
+    denom = float(x0_slabs.numel() if denom is None else denom)
+    if target == "fold":
+        return ((x0_slabs - hqs_slabs) ** 2).sum() / denom
+    if target != "data":
+        raise ConfigError(f"DDIP config: key 'finetune_target' must be 'data' or 'fold', got {target!r}")
+    goal = x0_slabs.detach() + (hqs_slabs - fold_slabs).detach()
+    loss = ((x0_slabs - goal) ** 2).sum() / denom
+    if consistency > 0:
+        loss = loss + float(consistency) * ((x0_slabs - fold_slabs.detach()) ** 2).sum() / denom
+    return loss
 
 
 class DDIPReconstructor(IterativeReconstructor):
@@ -106,7 +144,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self.bundle = None
         self.network = None
         self.schedule = None
-        self.pet_scaler = None
+        self.prior = None      # the DiffusionPrior (network, slabs, units) built by set_up
         self.mr_scaler = None
         self._mr_net: torch.Tensor | None = None
         self._reset_state()
@@ -122,6 +160,9 @@ class DDIPReconstructor(IterativeReconstructor):
         self._em_counter = 0
         self._gen: torch.Generator | None = None
         self.last_loss: float | None = None
+        self.loglik_warm_start: float | None = None   # Poisson log-likelihood of the warm start
+        self.loglik_history: list[float] = []         # ... of the output after every diffusion step
+        self.loglik_final_em: float | None = None     # ... after the final data-consistency stage (final_em)
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
@@ -194,10 +235,8 @@ class DDIPReconstructor(IterativeReconstructor):
                 raise ConfigError(f"DDIP config: key 'device' is {cfg.device!r} but the data step's tensors are on "
                                   f"{dev}; build the data step on the same device")
         self.device = torch.device(dev)
-        if self.device.type == "cpu" and cfg.num_threads > 0 and torch.get_num_threads() != cfg.num_threads:
-            # the config's CPU thread count (process-wide in torch): oversubscribed OpenMP threads were measured
-            # 4-7x slower on a busy 2-core machine
-            torch.set_num_threads(int(cfg.num_threads))
+        # run.num_threads is applied by the CLI only: torch's thread count is process-wide, a library must not
+        # change it under its caller
         bundle = self._load_bundle(self.device)
         self.bundle = bundle
         self.schedule = bundle.schedule
@@ -211,7 +250,8 @@ class DDIPReconstructor(IterativeReconstructor):
         if cfg.finetune:
             from ..prior.adapters import add_lora, reset_adapters
 
-            add_lora(net, rank=cfg.lora_rank, alpha=cfg.lora_alpha, train_biases=cfg.train_biases)
+            add_lora(net, rank=cfg.lora_rank, alpha=cfg.lora_alpha, train_biases=cfg.train_biases,
+                     rule=cfg.adapter_rule, init=cfg.lora_init)
             reset_adapters(net, generator=self._gen)   # seeded A-matrices, B = 0: exactly the prior
         self.network = net
         # ---- MR conditioning
@@ -249,6 +289,11 @@ class DDIPReconstructor(IterativeReconstructor):
         gen = self._gen
         self._reset_state()
         self._gen = gen
+        from ..prior.slabs import DiffusionPrior
+
+        self.prior = DiffusionPrior(net, self.schedule, bundle.pet_scaling, mr_net=self._mr_net,
+                                    mr_pad_value=self.mr_scaler.lo if self.mr_scaler is not None else -1.0,
+                                    batch_size=cfg.slab_batch, timings=self.timings, counts=self.counts)
 
     # ------------------------------------------------------------------ estimates
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,9 +357,9 @@ class DDIPReconstructor(IterativeReconstructor):
         x0 = x0.detach().clamp_min(0)
         if not bool(torch.isfinite(x0).all()):
             raise DataValueError("DDIP warm start contains NaN or Inf (check the data and factors)")
-        self.pet_scaler = self.fit_pet_scaler(x0)
+        self.fit_pet_scaler(x0)
         # the network range is bounded: EM's edge artefacts must not enter it at hundreds of network units
-        u0 = self.pet_scaler.to_net(x0.to(self.device, torch.float32)).clamp(*cfg.x0_clamp)
+        u0 = self.prior.to_network(x0).clamp(*cfg.x0_clamp)
         noise = self._randn(u0.shape)
         self._xt = self.schedule.q_sample(u0, int(self._timesteps[0]), noise)
         self._x_img = x0.clone()
@@ -322,10 +367,49 @@ class DDIPReconstructor(IterativeReconstructor):
         self.x = x0.clone()
         self.iteration = 0
         self._em_counter = 0
+        self.loglik_warm_start = self._log_likelihood(self.x)
+        self.loglik_history = []
+        self.loglik_final_em = None
+
+    # ------------------------------------------------------------------ data consistency
+    def _log_likelihood(self, x: torch.Tensor) -> float:
+        """The Poisson log-likelihood ``Σ y log ŷ − ŷ`` (constants dropped, all data) of ``x``; timed."""
+        t0 = time.perf_counter()
+        val = float(self.data_step.log_likelihood(x))
+        self.timings["loglik"] += time.perf_counter() - t0
+        return val
+
+    def data_consistency(self) -> dict[str, Any]:
+        """The data-consistency diagnostic of this run (for the run record).
+
+        Returns
+        -------
+        dict
+            ``loglik_warm_start`` (the MLEM/OSEM warm start), ``loglik_output`` (the current output),
+            ``loglik_gain`` (output − warm start: negative = the output explains the data worse than the warm
+            start), ``loglik_per_step`` (after every diffusion step) and ``loglik_final_em`` when that stage ran.
+            All are STIR's Poisson log-likelihood ``Σ y log ŷ − ŷ`` with constants dropped (larger = closer to
+            the data).
+        """
+        out: dict[str, Any] = {"loglik_warm_start": self.loglik_warm_start,
+                               "loglik_per_step": [float(f"{v:.8g}") for v in self.loglik_history]}
+        last = self.loglik_final_em if self.loglik_final_em is not None else (
+            self.loglik_history[-1] if self.loglik_history else self.loglik_warm_start)
+        out["loglik_output"] = last
+        if last is not None and self.loglik_warm_start is not None:
+            out["loglik_gain"] = float(last - self.loglik_warm_start)
+        if self.loglik_final_em is not None:
+            out["loglik_final_em"] = self.loglik_final_em
+        return out
+
+    @property
+    def pet_scaler(self):
+        """The prior's PET scaler as fitted on the warm start (None before it)."""
+        return None if self.prior is None else self.prior.pet_scaler
 
     def fit_pet_scaler(self, image: torch.Tensor):
-        """The prior's PET scaler fitted on ``image`` inside the FOV, after in-plane smoothing (see the config
-        keys ``scale_fov_fraction`` and ``scale_smooth_vox``)."""
+        """Fit the prior's PET scaler on ``image`` inside the FOV, after in-plane smoothing (see the config
+        keys ``scale_fov_fraction`` and ``scale_smooth_vox``); returns it."""
         from scipy.ndimage import gaussian_filter
 
         cfg = self.config
@@ -335,7 +419,7 @@ class DDIPReconstructor(IterativeReconstructor):
         if cfg.scale_smooth_vox > 0:
             arr = gaussian_filter(arr, [0.0, cfg.scale_smooth_vox, cfg.scale_smooth_vox], mode="constant")
         try:
-            return self.bundle.pet_scaling.fit(arr)
+            return self.prior.fit_pet(arr)
         except ValueError as exc:
             raise DataValueError(f"DDIP: cannot normalise the starting image for the prior: {exc}") from None
 
@@ -354,81 +438,10 @@ class DDIPReconstructor(IterativeReconstructor):
             raise NotSetUpError("DDIP: beta in activity units is known after the warm start (PET scaler fitted)")
         return beta_activity(self.config.beta, self.pet_scaler.gain)
 
-    # ------------------------------------------------------------------ slabs and the network
-    def _slab_setup(self, vol: torch.Tensor):
-        """Plane padding (edge replication to ≥ slab planes) of a [Z, H, W] volume; returns (padded, before)."""
-        slab = int(getattr(self.network, "slab", 3))
-        Z = vol.shape[0]
-        if Z >= slab:
-            return vol, 0
-        need = slab - Z
-        before = need // 2
-        parts = [vol[:1]] * before + [vol] + [vol[-1:]] * (need - before)
-        return torch.cat(parts, 0), before
-
-    def _num_slabs(self) -> int:
-        slab = int(getattr(self.network, "slab", 3))
-        return max(self.data_step.image_shape[0], slab) - slab + 1
-
-    def _eps_slabs(self, xt: torch.Tensor, t: int, idx: torch.Tensor) -> torch.Tensor:
-        """ε for the slabs ``idx`` of the (plane-padded) volume: ``[len(idx), slab, H, W]`` (autograd intact)."""
-        from ..prior.network import crop_padding, pad_to_multiple
-        from ..prior.slabs import volume_to_slabs
-
-        slab = int(getattr(self.network, "slab", 3))
-        mult = int(getattr(self.network, "spatial_multiple", 1))
-        xv, _ = self._slab_setup(xt)
-        xs = volume_to_slabs(xv, slab)[idx]
-        a = float(self.schedule.alphas_cumprod[int(t)])
-        lo = self.bundle.pet_scaling.lo
-        xs_p, pad = pad_to_multiple(xs, mult)
-        if any(pad):
-            xs_p = torch.nn.functional.pad(xs, pad, value=lo * math.sqrt(a))
-        ms_p = None
-        if self._mr_net is not None:
-            mv, _ = self._slab_setup(self._mr_net)
-            ms = volume_to_slabs(mv, slab)[idx]
-            ms_p = torch.nn.functional.pad(ms, pad, value=self.mr_scaler.lo) if any(pad) else ms
-        tb = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=xs.device)
-        t0 = time.perf_counter()
-        eps = self.network(xs_p, tb, ms_p) if ms_p is not None else self.network(xs_p, tb)
-        self.timings["network_forward"] += time.perf_counter() - t0
-        self.counts["slab_forwards"] += int(xs.shape[0])
-        return crop_padding(eps, pad)
-
-    def _fold(self, eps_slabs: torch.Tensor) -> torch.Tensor:
-        """Average slab predictions back to the [Z, H, W] volume (undoing plane padding)."""
-        from ..prior.slabs import slabs_to_volume
-
-        Z = self.data_step.image_shape[0]
-        slab = int(getattr(self.network, "slab", 3))
-        vol = slabs_to_volume(eps_slabs)
-        if Z >= slab:
-            return vol
-        # planes replicated for padding: average all copies back onto their source plane
-        before = (slab - Z) // 2
-        src = torch.tensor([0] * before + list(range(Z)) + [Z - 1] * (slab - Z - before), device=vol.device)
-        out = vol.new_zeros((Z,) + tuple(vol.shape[1:])).index_add(0, src, vol)
-        cnt = torch.bincount(src, minlength=Z).to(vol.dtype).reshape(Z, 1, 1)
-        return out / cnt
-
-    @torch.no_grad()
-    def _eps_volume(self, xt: torch.Tensor, t: int) -> torch.Tensor:
-        n = self._num_slabs()
-        b = self.config.slab_batch
-        parts = [self._eps_slabs(xt, t, torch.arange(i, min(i + b, n), device=xt.device)) for i in range(0, n, b)]
-        return self._fold(torch.cat(parts, 0))
-
-    def _slab_planes(self, idx: torch.Tensor) -> torch.Tensor:
-        """Source plane index of every plane of slabs ``idx``: ``[len(idx), slab]``."""
-        Z = self.data_step.image_shape[0]
-        slab = int(getattr(self.network, "slab", 3))
-        if Z >= slab:
-            src = torch.arange(Z)
-        else:
-            before = (slab - Z) // 2
-            src = torch.tensor([0] * before + list(range(Z)) + [Z - 1] * (slab - Z - before))
-        return src[idx.cpu().reshape(-1, 1) + torch.arange(slab).reshape(1, -1)].to(idx.device)
+    # ------------------------------------------------------------------ slabs (the prior's)
+    @property
+    def _num_planes(self) -> int:
+        return int(self.data_step.image_shape[0])
 
     # ------------------------------------------------------------------ the image step
     def _image_step(self, x0_net: torch.Tensor, x_img: torch.Tensor, num_em: int | None = None) -> torch.Tensor:
@@ -441,7 +454,7 @@ class DDIPReconstructor(IterativeReconstructor):
         for _ in range(num_em):
             subsets.append(self._em_counter % S if S > 1 else None)
             self._em_counter += 1
-        z = self.pet_scaler.from_net(x0_net.detach()).to(ds.dtype)
+        z = self.prior.from_network(x0_net.detach()).to(ds.dtype)
         if cfg.em_start == "x0":
             start = z.clamp_min(1e-3 * float(self.pet_scaler.scale))
         else:
@@ -451,7 +464,7 @@ class DDIPReconstructor(IterativeReconstructor):
         return out
 
     def _to_net(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pet_scaler.to_net(x.detach().to(self.device, torch.float32))
+        return self.prior.to_network(x)
 
     # ------------------------------------------------------------------ one diffusion step
     def update_current_estimate(self) -> None:
@@ -476,19 +489,46 @@ class DDIPReconstructor(IterativeReconstructor):
         t_step = time.perf_counter()
         if cfg.finetune:
             self._finetune(xt, t)
-            eps = self._eps_volume(xt, t)
+            eps = self.prior.eps(xt, t)
             x0 = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
         else:
-            eps = self._eps_volume(xt, t)
+            eps = self.prior.eps(xt, t)
             x0_prior = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
             # same projector budget as the adapted run: K·N_em fused EM updates against the fixed x̂0
             self._x_img = self._image_step(x0_prior, self._x_img, cfg.num_em * max(1, cfg.num_finetune))
             x0 = self._to_net(self._x_img).clamp(lo, hi)
         noise = self._randn(xt.shape)
-        self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0)
+        self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0, eta_mode=cfg.eta_mode)
         self._x0_net = x0
+        out = self._masked(self.prior.from_network(x0).to(self.data_step.dtype))
+        self.loglik_history.append(self._log_likelihood(out))
+        if i == len(self._timesteps) - 1 and cfg.final_em > 0:
+            out = self._final_em(out)
         self.timings["total"] += time.perf_counter() - t_step
-        return self.pet_scaler.from_net(x0).to(self.data_step.dtype)
+        return out
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with zeros outside the scanner's FOV (zero sensitivity) when ``fov_mask`` is set."""
+        if not self.config.fov_mask:
+            return x
+        return torch.where(self.data_step.sensitivity(None) > 0, x, torch.zeros_like(x))
+
+    def _final_em(self, x: torch.Tensor) -> torch.Tensor:
+        """The data-consistency stage: ``final_em`` EM updates from the DDIP output ``x`` (fused with ``x`` at
+        ``final_em_beta``; 0 = plain EM/OSEM)."""
+        cfg = self.config
+        S = self._num_subsets
+        subsets = []
+        for _ in range(cfg.final_em):
+            subsets.append(self._em_counter % S if S > 1 else None)
+            self._em_counter += 1
+        beta = beta_activity(cfg.final_em_beta, self.pet_scaler.gain)
+        start = x.clamp_min(1e-3 * float(self.pet_scaler.scale))
+        out = self._masked(hqs_image_step(self.data_step, start, x, beta, cfg.final_em, subsets,
+                                          timer=self.timings))
+        self.counts["final_em_updates"] += cfg.final_em
+        self.loglik_final_em = self._log_likelihood(out)
+        return out
 
     def _finetune(self, xt: torch.Tensor, t: int) -> None:
         """K AdamW steps on the adapters (fresh optimiser), each against a new HQS image."""
@@ -499,7 +539,8 @@ class DDIPReconstructor(IterativeReconstructor):
         lo, hi = cfg.x0_clamp
         params = lora_parameters(self.network)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n = self._num_slabs()
+        Z = self._num_planes
+        n = self.prior.num_slabs(Z)
         m = n if cfg.finetune_slabs == 0 else min(cfg.finetune_slabs, n)
         b = cfg.slab_batch
         reuse = (m == n and n <= b)   # one forward with autograd serves both x̂0 and the loss
@@ -508,27 +549,27 @@ class DDIPReconstructor(IterativeReconstructor):
             if reuse:
                 idx_all = torch.arange(n, device=xt.device)
                 with torch.enable_grad():
-                    eps_s = self._eps_slabs(xt, t, idx_all)
-                eps_v = self._fold(eps_s.detach())
+                    eps_s = self.prior.eps_slabs(xt, t, idx_all)
+                eps_v = self.prior.fold(eps_s.detach(), Z)
                 x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
-                loss = self._slab_loss(xt, t, idx_all, target, eps_s, n * int(np.prod(eps_s.shape[1:])))
+                loss = self._slab_loss(xt, t, idx_all, target, x0, eps_s, n * int(np.prod(eps_s.shape[1:])))
                 self.last_loss = float(loss)
             else:
-                eps_v = self._eps_volume(xt, t)
+                eps_v = self.prior.eps(xt, t)
                 x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
                 idx = torch.arange(n) if m == n else torch.randperm(n, generator=self._gen)[:m]
                 idx = idx.to(xt.device)
                 total = 0.0
-                plane_elems = int(np.prod(xt.shape[1:])) * int(getattr(self.network, "slab", 3))
+                plane_elems = int(np.prod(xt.shape[1:])) * self.prior.slab
                 for j in range(0, m, b):
                     sub = idx[j:j + b]
                     with torch.enable_grad():
-                        eps_s = self._eps_slabs(xt, t, sub)
-                    total += float(self._slab_loss(xt, t, sub, target, eps_s, m * plane_elems))
+                        eps_s = self.prior.eps_slabs(xt, t, sub)
+                    total += float(self._slab_loss(xt, t, sub, target, x0, eps_s, m * plane_elems))
                 self.last_loss = total
             t0 = time.perf_counter()
             if cfg.grad_clip > 0:
@@ -537,14 +578,15 @@ class DDIPReconstructor(IterativeReconstructor):
             self.timings["finetune_backward"] += time.perf_counter() - t0
             self.counts["finetune_steps"] += 1
 
-    def _slab_loss(self, xt, t, idx, target, eps_s, denom: int) -> torch.Tensor:
-        """Back-propagate ``Σ (x̂0_slab − target_slab)² / denom`` for slabs ``idx``; returns the (detached) value."""
-        planes = self._slab_planes(idx)                     # [b, slab]
+    def _slab_loss(self, xt, t, idx, target, x0_fold, eps_s, denom: int) -> torch.Tensor:
+        """Back-propagate the fine-tuning loss (:func:`finetune_loss`) of slabs ``idx``; returns its value."""
+        cfg = self.config
+        planes = self.prior.slab_planes(self._num_planes, idx)   # [b, slab]
         xs = xt[planes]                                      # [b, slab, H, W]
-        tg = target[planes]
         with torch.enable_grad():
             x0s = self.schedule.tweedie_x0(xs, eps_s, int(t))
-            loss = ((x0s - tg) ** 2).sum() / float(denom)
+            loss = finetune_loss(x0s, target[planes], x0_fold[planes], cfg.finetune_target,
+                                 cfg.slab_consistency, denom)
             t0 = time.perf_counter()
             loss.backward()
             self.timings["finetune_backward"] += time.perf_counter() - t0
@@ -569,6 +611,11 @@ class DDIPReconstructor(IterativeReconstructor):
             info["t"] = int(self._timesteps[self.iteration - 1])
         if self.last_loss is not None:
             info["loss"] = float(f"{self.last_loss:.4g}")
+        if self.loglik_history:
+            last = self.loglik_final_em if self.loglik_final_em is not None else self.loglik_history[-1]
+            info["loglik"] = float(f"{last:.8g}")
+            if self.loglik_warm_start is not None:
+                info["dloglik"] = float(f"{last - self.loglik_warm_start:.5g}")
         if self.iteration > 0 and self.timings.get("total"):
             info["s/step"] = round(self.timings["total"] / self.iteration, 3)
         return info
@@ -582,18 +629,16 @@ class DDIPReconstructor(IterativeReconstructor):
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, folder: str | os.PathLike) -> Path:
-        """Write ``folder/ddip_checkpoint.pt``: x_t, HQS image, x̂0, adapters, RNG state, step, config."""
+        """Write ``folder/ddip_checkpoint.pt`` (:mod:`sirf_ddip.recon.checkpoint`): x_t, HQS image, x̂0, adapters,
+        RNG state, step, the algorithm settings and the diagnostics so far."""
         from ..prior.adapters import adapter_state_dict
+        from .checkpoint import write_checkpoint
 
         self._require_setup()
         if self._xt is None:
             raise NotSetUpError("DDIP: nothing to checkpoint before the warm start")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {
-            "format": CHECKPOINT_FORMAT,
             "iteration": int(self.iteration),
-            "config": json.dumps(self.config.to_dict()),
             "timesteps": [int(t) for t in self._timesteps],
             "image_shape": [int(s) for s in self.data_step.image_shape],
             "xt": self._xt.detach().cpu(),
@@ -607,14 +652,11 @@ class DDIPReconstructor(IterativeReconstructor):
             "pet_scale": float(self.pet_scaler.scale),
             "last_loss": self.last_loss,
             "user_init": bool(self._user_init),
+            "loglik_warm_start": self.loglik_warm_start,
+            "loglik_history": [float(v) for v in self.loglik_history],
+            "loglik_final_em": self.loglik_final_em,
         }
-        path = folder / CHECKPOINT_FILE
-        tmp = folder / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        (folder / "ddip_checkpoint_config.json").write_text(json.dumps(
-            {"iteration": int(self.iteration), "config": self.config.to_dict()}, indent=2))
-        return path
+        return write_checkpoint(folder, state, self.config.algorithm_dict())
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore a :meth:`save_checkpoint` state (after ``set_up`` on the same data, prior and MR).
@@ -624,31 +666,14 @@ class DDIPReconstructor(IterativeReconstructor):
         InputFileError
             Missing/corrupt checkpoint or one of another image shape.
         ConfigError
-            The checkpoint was made with settings that change the result (all keys except
-            ``device``, ``checkpoint_every``, ``slab_batch`` must match).
+            The checkpoint was made with settings that change the result (every algorithm key must match;
+            the ``run`` options need not).
         """
         from ..prior.adapters import load_adapter_state_dict
+        from .checkpoint import read_checkpoint
 
         self._require_setup()
-        path = Path(folder) / CHECKPOINT_FILE
-        if not path.is_file():
-            raise InputFileError(path, "no DDIP checkpoint here")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt file
-            raise InputFileError(path, f"cannot read checkpoint: {exc}") from None
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise InputFileError(path, f"unknown checkpoint format {state.get('format')!r}", key="format")
-        saved = json.loads(state["config"])
-        mine = self.config.to_dict()
-        diff = sorted(k for k in set(saved) | set(mine)
-                      if k not in _RESUME_FREE_KEYS and saved.get(k) != mine.get(k))
-        if diff:
-            raise ConfigError(f"{path}: checkpoint config differs from this run in key(s) "
-                              + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, now {mine.get(k)!r})" for k in diff))
-        if list(state["image_shape"]) != [int(s) for s in self.data_step.image_shape]:
-            raise InputFileError(path, f"checkpoint image shape {state['image_shape']} != "
-                                       f"{list(self.data_step.image_shape)}", key="image_shape")
+        state = read_checkpoint(folder, self.config.algorithm_dict(), tuple(self.data_step.image_shape))
         dev, dt = self.device, self.data_step.dtype
         self._timesteps = list(state["timesteps"])
         self._xt = state["xt"].to(dev)
@@ -659,9 +684,10 @@ class DDIPReconstructor(IterativeReconstructor):
             load_adapter_state_dict(self.network, state["adapters"])
         self._gen.set_state(state["generator"])
         self._em_counter = int(state["em_counter"])
-        spec = self.bundle.pet_scaling.spec_unfitted()
-        spec["scale"] = float(state["pet_scale"])
-        self.pet_scaler = type(self.bundle.pet_scaling)(spec)
+        self.prior.set_pet_scale(float(state["pet_scale"]))
         self.last_loss = state.get("last_loss")
+        self.loglik_warm_start = state.get("loglik_warm_start")
+        self.loglik_history = [float(v) for v in state.get("loglik_history", [])]
+        self.loglik_final_em = state.get("loglik_final_em")
         self._user_init = bool(state.get("user_init", False))
         self.iteration = int(state["iteration"])

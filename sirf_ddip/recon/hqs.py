@@ -20,6 +20,16 @@ is the quadratic ``β_a x² + (s − β_a z) x − s x^EM = 0`` whose non-negati
 ``x = max(z, 0)``; ``s_j = 0`` gives ``max(z_j, 0)`` (only the prior sees that voxel).
 :func:`hqs_fusion` evaluates (3) in a cancellation-free form.
 
+View subsets: β is for the whole data
+-------------------------------------
+With view subsets an EM update sees the subset sensitivity ``s_k ≈ s/S``. Fusing it with an unscaled β would solve
+(1) with ``S·β`` (the data term shrinks ``S``-fold, the penalty does not). The subset update instead solves the
+subset's share of (1), ``s_k (x^EM log x − x) − (β_a s_k / s)/2 (x − z)²`` (the penalty split over subsets in
+proportion to each voxel's sensitivity, so the subsets' penalties add up to (1)'s). Its root is (3) with the
+**full** sensitivity ``s`` in place of ``s_k`` (multiply the stationarity condition by ``s/s_k``), so
+:func:`hqs_image_step` fuses every (subset) EM update with ``data_step.sensitivity(None)``: with 1 or ``S``
+subsets the same β gives the same fixed point.
+
 β in network units
 ------------------
 The prior works in *network units* ``u = lo + g·x`` (``g = (hi − lo)/scale``, :mod:`sirf_ddip.prior.scaling`).
@@ -121,7 +131,8 @@ def hqs_image_step(data_step: DataStep, x: torch.Tensor, z: torch.Tensor, beta: 
     num_em : int
         Number of EM(+fusion) updates.
     subsets : list, optional
-        Subset for each update (``None`` entries = all data); default all data for every update.
+        Subset for each update (``None`` entries = all data); default all data for every update. Each subset's EM
+        update is fused with the full sensitivity, so β does not scale with the number of subsets.
     timer : dict, optional
         Accumulates seconds under ``"projector"`` (the EM numerator: forward + back projection) and ``"em"``
         (the multiplicative update and the fusion).
@@ -138,13 +149,14 @@ def hqs_image_step(data_step: DataStep, x: torch.Tensor, z: torch.Tensor, beta: 
     if len(subsets) != int(num_em):
         raise ValueError(f"hqs_image_step: {len(subsets)} subsets given for {num_em} EM updates")
     x = x.clamp_min(0)
+    sens_all = data_step.sensitivity(None)    # β is for the whole data (module docstring: view subsets)
     for sub in subsets:
         t0 = time.perf_counter()
         num = data_step.backproject_ratio(x, sub)
         t1 = time.perf_counter()
         sens = data_step.sensitivity(sub)
         x_em = em_multiplicative_update(x, num, sens)
-        x = hqs_fusion(x_em, z, sens, beta)
+        x = hqs_fusion(x_em, z, sens_all, beta)
         t2 = time.perf_counter()
         if timer is not None:
             timer["projector"] = timer.get("projector", 0.0) + (t1 - t0)

@@ -360,7 +360,8 @@ def _shell(sd: np.ndarray, inner: float, outer: float, width: float) -> np.ndarr
 def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: str = "train",
                  deform: bool = True, lesions: bool | None = None, pose: str | None = None, rim: bool = True,
                  axial_offset_mm: float = 0.0, templates: dict | None = None,
-                 lesion_planes: tuple[int, int] | None = None) -> Subject:
+                 lesion_planes: tuple[int, int] | None = None, lesion_kinds: tuple[str, ...] | None = None,
+                 num_lesions: int | None = None) -> Subject:
     """A random subject resampled onto ``grid`` (one interpolation pass from template space).
 
     Parameters
@@ -387,11 +388,21 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
         From :func:`load_templates` (default: nilearn's).
     lesion_planes : (start, stop), optional
         Plane index range where lesion centres may lie (e.g. the simulated slab of a whole-head grid).
+    lesion_kinds : tuple of "hot"/"cold", optional
+        Kinds to draw from instead of the tracer's ``lesion_kinds`` (e.g. cold lesions in FDG, for validating a
+        prior on lesions the MR does not show). The random stream is consumed as without it, so the rest of the
+        subject (anatomy, uptakes, MR, lesion sites and sizes) is unchanged; the kinds are drawn from their own
+        stream seeded by ``seed``.
+    num_lesions : int, optional
+        Number of lesions instead of the drawn 1-3 (``>= 1``; the first lesions are those drawn without it).
 
     Returns
     -------
     Subject
     """
+    if lesion_kinds is not None and (not lesion_kinds or set(lesion_kinds) - {"hot", "cold"}):
+        raise ValueError(f"make_subject: lesion_kinds must be a non-empty subset of ('hot', 'cold'), got "
+                         f"{lesion_kinds!r}")
     if tracer not in TRACERS:
         raise ConfigError(f"unknown tracer {tracer!r}; known: {', '.join(TRACERS)}")
     if split not in SPLITS:
@@ -492,6 +503,11 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
         if lesion_planes is not None:
             cand = cand[(cand[:, 0] >= lesion_planes[0]) & (cand[:, 0] < lesion_planes[1])]
         n_les = int(rng_l.integers(1, 4))
+        rng_kind = np.random.default_rng([int(seed), 2, 7])
+        if num_lesions is not None:
+            if int(num_lesions) < 1:
+                raise ValueError(f"make_subject: num_lesions must be >= 1, got {num_lesions}")
+            n_les = int(num_lesions)
         zc = np.arange(shape[0]) * vz
         yc = np.arange(shape[1]) * vy
         xc = np.arange(shape[2]) * vx
@@ -499,6 +515,8 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
             if cand.size == 0:
                 break
             kind = str(rng_l.choice(tr["lesion_kinds"]))
+            if lesion_kinds is not None:     # its own stream: the subject's other draws stay as without it
+                kind = str(rng_kind.choice(tuple(lesion_kinds)))
             factor = float(rng_l.uniform(*tr["lesion_hot" if kind == "hot" else "lesion_cold"]))
             radius = float(rng_l.uniform(3.0, 8.0))
             ctr = cand[int(rng_l.integers(len(cand)))].astype(np.float64)

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from ..config import deep_merge, from_dict, parse_overrides, read_yaml, to_dict
 from ..errors import ConfigError, InputFileError
 from ..utils.provenance import write_run_record
 from .metrics import Regions, all_metrics
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recon.config import DDIPConfig
 
 __all__ = [
     "CaseSpec", "OSEMSettings", "MAPRDPSettings", "DDIPSettings", "MethodsConfig", "AblationConfig",
@@ -179,20 +182,24 @@ class StudyConfig:
             if name not in names:
                 raise ConfigError(f"study config: ablations.cases names unknown case {name!r}; cases: {names}")
 
-    def ddip_config(self, method: str, **extra) -> dict:
-        from ..config import read_yaml
-        from ..recon.config import SHIPPED_CONFIG
+    def ddip_config(self, method: str, **extra) -> "DDIPConfig":
+        """The :class:`~sirf_ddip.recon.config.DDIPConfig` of a DDIP method: the shipped settings, then the
+        study's shared ``ddip`` keys, then the method's ``config``, then the method's forced key and ``extra``."""
+        from ..recon.config import DDIPConfig
 
         s: DDIPSettings = getattr(self.methods, method)
-        # shipped settings (sirf_ddip/recon/ddip.yaml), then the study's shared ddip keys, then the method's
-        cfg = deep_merge(deep_merge(read_yaml(SHIPPED_CONFIG), self.ddip), s.config)
+        data = deep_merge(self.ddip, s.config)
         if method == "diffusion_no_finetune":
-            cfg["finetune"] = False
+            data["finetune"] = False
         elif method == "ddip_no_mr":
-            cfg["use_mr"] = False
-        cfg.update(extra)
-        cfg.setdefault("device", self.device)
-        return cfg
+            data["use_mr"] = False
+        data.update(extra)
+        if "device" not in data and "device" not in (data.get("run") or {}):
+            data["device"] = self.device
+        try:
+            return DDIPConfig.load(None, data)
+        except ConfigError as exc:
+            raise ConfigError(f"study config: methods.{method}: {exc}") from None
 
 
 def load_study_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping | None = None) -> StudyConfig:
@@ -438,9 +445,8 @@ def _method_fns() -> dict[str, Callable]:
 def _method_settings(cfg: StudyConfig, method: str) -> dict:
     d = to_dict(getattr(cfg.methods, method))
     if method in ("diffusion_no_finetune", "ddip_no_mr", "ddip"):
-        rc = cfg.ddip_config(method)
-        rc.pop("device", None)  # where it runs does not change what it computes (resume on another device)
-        d["resolved_config"] = rc
+        # only the algorithm keys: where it runs does not change what it computes (resume on another device)
+        d["resolved_config"] = cfg.ddip_config(method).algorithm_dict()
     return json.loads(json.dumps(d, default=str))
 
 

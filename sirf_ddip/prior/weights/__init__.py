@@ -62,10 +62,6 @@ class PriorBundle:
         return self.network.uses_mr
 
     @property
-    def pet_scaler_spec(self) -> dict[str, Any]:
-        return self.pet_scaling.to_dict()
-
-    @property
     def mr_scaler_spec(self) -> dict[str, Any] | None:
         return None if self.mr_scaling is None else self.mr_scaling.to_dict()
 

@@ -1,0 +1,297 @@
+"""DDIP against the authors' sampler and fine-tuning (issue 9): DDS η, LoRA init and adapter rule, data-driven
+fine-tuning target, subset-invariant β, FOV masking, the log-likelihood diagnostic and the final EM stage."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sirf_ddip.prior.schedule import NoiseSchedule
+from sirf_ddip.recon.datastep import DataStep
+from sirf_ddip.recon.ddip import DDIPReconstructor, finetune_loss
+from sirf_ddip.recon.hqs import hqs_image_step
+from test_ddip_support import DenseDataStep, tiny_bundle
+
+FAST = dict(t_start=30, num_steps=4, n_init=4, num_em=2, num_finetune=1, device="cpu", seed=3)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_bundle()
+
+
+def make(ds, bundle, **kw):
+    r = DDIPReconstructor(**{**FAST, **kw})
+    r.set_objective_function(ds)
+    r.set_prior(bundle)
+    r.set_anatomical_image(ds.mr.numpy())
+    r.set_up(np.ones(ds.image_shape))
+    return r
+
+
+# ---------------------------------------------------------------------- 1. the DDS / DDIP η update
+def _alpha_bar_numpy(t: int) -> float:
+    """ᾱ_t of the linear schedule (1e-4 … 0.02 over 1000 steps), computed independently of NoiseSchedule."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    return 1.0 if t < 0 else float(np.prod(1.0 - betas[: t + 1]))
+
+
+@pytest.mark.parametrize("t, t_prev", [(600, 588), (100, 96), (4, 0), (0, -1)])
+def test_dds_eta_step_matches_the_closed_form(t, t_prev):
+    s = NoiseSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0, eps, z = (torch.randn(2, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    a_t = _alpha_bar_numpy(t)
+    xt = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * eps
+    eta = 0.85
+    out = s.ddim_step(xt, eps, t, t_prev, eta=eta, noise=z, eta_mode="dds")
+    a_p = _alpha_bar_numpy(t_prev)
+    expected = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * (eta * z + math.sqrt(1 - eta ** 2) * eps)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_dds_fresh_noise_share_is_eta_squared_and_ddim_is_not():
+    """DDS: the fresh share of the step's noise variance is η² = 72 % at η = 0.85; Song's σ_t at stride 12 from
+    t = 600 gives only a few per cent (the issue's finding)."""
+    s = NoiseSchedule()
+    like = torch.zeros(1, dtype=torch.float64)
+    a_p = _alpha_bar_numpy(588)
+    _, c_eps, c_noise = s.ddim_coefficients(600, 588, 0.85, like, "dds")
+    assert float(c_noise) ** 2 / (1 - a_p) == pytest.approx(0.85 ** 2, rel=1e-9)
+    assert (float(c_eps) ** 2 + float(c_noise) ** 2) == pytest.approx(1 - a_p, rel=1e-9)
+    _, _, sigma = s.ddim_coefficients(600, 588, 0.85, like, "ddim")
+    a_t = _alpha_bar_numpy(600)
+    song = 0.85 ** 2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+    assert float(sigma) ** 2 == pytest.approx(song, rel=1e-9)
+    assert float(sigma) ** 2 / (1 - a_p) < 0.1
+
+
+def test_reconstructor_uses_the_configured_eta_mode(bundle):
+    ds = DenseDataStep()
+    outs = {}
+    for mode in ("dds", "ddim"):
+        r = make(ds, bundle, finetune=False, eta_mode=mode)
+        r.run(2)
+        outs[mode] = r._xt.clone()
+    assert float((outs["dds"] - outs["ddim"]).abs().max()) > 1e-2
+
+
+# ---------------------------------------------------------------------- 2. LoRA init and adapter rule
+def test_lora_init_std_authors_and_peft(bundle):
+    import copy
+
+    from sirf_ddip.prior.adapters import _lora_layers, add_lora, reset_adapters
+
+    for init in ("authors", "peft"):
+        net = copy.deepcopy(bundle.network)
+        add_lora(net, rank=4, init=init)
+        reset_adapters(net, generator=torch.Generator().manual_seed(1))
+        n = 0
+        for _, mod in _lora_layers(net):
+            for key in mod.lora_A:
+                a = mod.lora_A[key].weight.detach()
+                assert float(mod.lora_B[key].weight.detach().abs().max()) == 0.0
+                if a.numel() < 500:
+                    continue
+                n += 1
+                want = 0.25 if init == "authors" else 1.0 / math.sqrt(3.0 * a[0].numel())
+                assert float(a.std()) == pytest.approx(want, rel=0.12), (init, tuple(a.shape))
+        assert n >= 3
+
+
+def test_authors_adapter_rule_freezes_time_embedding_biases(bundle):
+    import copy
+
+    from sirf_ddip.prior.adapters import add_lora, lora_parameters
+
+    net = copy.deepcopy(bundle.network)
+    add_lora(net, rank=2, rule="authors")
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    biases = [n for n, _ in net.named_parameters() if n.endswith("bias") and "lora_" not in n]
+    temb = [n for n in biases if "time_emb_proj" in n]
+    norms = [n for n in biases if ".norm" in n]
+    assert temb and norms
+    assert not (set(temb) & trained)
+    assert set(norms) <= trained
+    assert any("skip_connection" in n and "lora_A" in n for n in trained) or \
+        not any("skip_connection.conv" in n for n, _ in net.named_modules())
+    assert len(lora_parameters(net)) == len(trained)
+    legacy = copy.deepcopy(bundle.network)
+    add_lora(legacy, rank=2, rule="legacy")
+    ltrained = {n for n, p in legacy.named_parameters() if p.requires_grad}
+    assert any("time_emb_proj" in n and n.endswith("bias") for n in ltrained)
+    assert not any(".norm" in n for n in ltrained)
+
+
+# ---------------------------------------------------------------------- 3. the fine-tuning target
+def test_data_target_gradient_is_the_data_correction_even_when_slabs_disagree():
+    g = torch.Generator().manual_seed(0)
+    x0s = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    fold = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)   # disagrees with every slab
+    hqs = fold + 0.1 * torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    finetune_loss(x0s, hqs, fold, "data").backward()
+    torch.testing.assert_close(x0s.grad, -2.0 * (hqs - fold) / x0s.numel(), rtol=1e-12, atol=1e-15)
+    x0s.grad = None
+    finetune_loss(x0s, hqs, fold, "fold").backward()    # the old target also pulls towards the slab average
+    torch.testing.assert_close(x0s.grad, 2.0 * (x0s.detach() - hqs) / x0s.numel())
+    x0s.grad = None
+    finetune_loss(x0s, hqs, fold, "data", consistency=0.5).backward()
+    torch.testing.assert_close(x0s.grad, (-2.0 * (hqs - fold) + 1.0 * (x0s.detach() - fold)) / x0s.numel())
+
+
+def test_targets_coincide_when_slabs_agree_exactly():
+    g = torch.Generator().manual_seed(1)
+    fold = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    hqs = fold + 0.2 * torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    a = fold.clone().requires_grad_(True)
+    b = fold.clone().requires_grad_(True)
+    la, lb = finetune_loss(a, hqs, fold, "data"), finetune_loss(b, hqs, fold, "fold")
+    la.backward()
+    lb.backward()
+    assert float(la.detach()) == pytest.approx(float(lb.detach()), rel=1e-12)
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_finetuning_moves_the_prior_towards_the_data_when_slabs_agree(bundle):
+    """3 planes = one slab (slabs agree exactly): one fine-tuning step brings the network's x̂0 closer to the
+    HQS image it was given, and the move is along the data's correction."""
+    ds = DenseDataStep(shape=(3, 16, 16))
+    r = make(ds, bundle, lr=2e-2, beta=1.0)
+    r.initialise()
+    t = r.timesteps[0]
+    xt = r._xt.clone()
+    x0_before = r.schedule.tweedie_x0(xt, r.prior.eps(xt, t), t).clamp(*r.config.x0_clamp)
+    r._finetune(xt, t)
+    target = r._to_net(r._x_img)
+    x0_after = r.schedule.tweedie_x0(xt, r.prior.eps(xt, t), t).clamp(*r.config.x0_clamp)
+    d0 = float(((x0_before - target) ** 2).sum())
+    d1 = float(((x0_after - target) ** 2).sum())
+    assert d1 < 0.97 * d0
+    move, corr = (x0_after - x0_before).reshape(-1), (target - x0_before).reshape(-1)
+    assert float(torch.dot(move, corr) / (move.norm() * corr.norm())) > 0.2
+
+
+# ---------------------------------------------------------------------- 4. β is for the whole data
+class DuplicatedDataStep(DataStep):
+    """The data of ``base`` split into ``S`` identical subsets, each one ``1/S`` of it (``A/S``, ``y/S``).
+
+    Every subset's EM update is then exactly the full-data MLEM update, so a correct subset HQS step has exactly
+    the fixed point (and iterates) of the full-data one.
+    """
+
+    def __init__(self, base: DenseDataStep, S: int):
+        self.b = base
+        self.S = int(S)
+        self.image_shape, self.device, self.dtype = base.image_shape, base.device, base.dtype
+
+    @property
+    def num_subsets(self):
+        return self.S
+
+    def set_num_subsets(self, n):
+        if int(n) != self.S:
+            raise ValueError("DuplicatedDataStep: the number of subsets is fixed")
+
+    def forward(self, x, subset=None):
+        f = self.b.forward(x)
+        return f / self.S if subset is not None else f.repeat(self.S) / self.S
+
+    def backward(self, y, subset=None):
+        if subset is not None:
+            return self.b.backward(y) / self.S
+        return sum(self.b.backward(c) for c in y.reshape(self.S, -1)) / self.S
+
+    def sensitivity(self, subset=None):
+        s = self.b.sensitivity(None)
+        return s / self.S if subset is not None else s
+
+    def backproject_ratio(self, x, subset=None):
+        r = self.b.backproject_ratio(x, None)
+        return r / self.S if subset is not None else r
+
+    def log_likelihood(self, x):
+        return self.b.log_likelihood(x)
+
+    def to_tensor(self, image):
+        return self.b.to_tensor(image)
+
+    def from_tensor(self, tensor, template=None):
+        return self.b.from_tensor(tensor, template)
+
+
+def test_subset_hqs_has_the_same_fixed_point_as_full_data():
+    base = DenseDataStep(counts=5e3)
+    S = 4
+    dup = DuplicatedDataStep(base, S)
+    z = 0.5 * base.x_true + 0.3                     # a prior image away from the data's ML image
+    x0 = torch.ones(base.image_shape, dtype=base.dtype)
+    beta = 0.3 * float(base.sensitivity(None).mean())   # data and penalty both matter at this β
+    n = 60
+    full = hqs_image_step(dup, x0, z, beta, n, [None] * n)
+    sub = hqs_image_step(dup, x0, z, beta, n, [k % S for k in range(n)])
+    torch.testing.assert_close(sub, full, rtol=1e-9, atol=1e-12)
+    scaled = hqs_image_step(dup, x0, z, S * beta, n, [None] * n)   # what β·S (the old fusion) converges to
+    rel = float((scaled - full).abs().mean() / full.abs().mean())
+    assert rel > 0.05, rel
+
+
+# ---------------------------------------------------------------------- 5. FOV masking
+def _ds_with_dead_voxels():
+    ds = DenseDataStep()
+    nz, ny, nx = ds.image_shape
+    yy, xx = torch.meshgrid(torch.arange(ny) - (ny - 1) / 2, torch.arange(nx) - (nx - 1) / 2, indexing="ij")
+    outside = (yy ** 2 + xx ** 2 > (0.45 * nx) ** 2).expand(nz, ny, nx).reshape(-1)
+    ds.A[:, outside] = 0.0
+    return ds, outside.reshape(ds.image_shape)
+
+
+def test_output_is_zero_outside_the_fov(bundle):
+    ds, outside = _ds_with_dead_voxels()
+    assert float(ds.sensitivity(None)[outside].abs().max()) == 0.0
+    masked = make(ds, bundle, fov_mask=True)
+    masked.process(progress=False)
+    assert float(masked.x[outside].abs().max()) == 0.0
+    assert float(masked.x[~outside].mean()) > 0.1
+    free = make(ds, bundle, fov_mask=False)
+    free.process(progress=False)
+    assert float(free.x[outside].abs().max()) > 1e-3        # the network fills what no data constrain
+    torch.testing.assert_close(masked.x[~outside], free.x[~outside])
+
+
+# ---------------------------------------------------------------------- 6. the data-consistency diagnostic
+def test_log_likelihood_diagnostic_and_final_em_stage(bundle):
+    ds = DenseDataStep()
+    r = make(ds, bundle, num_steps=3)
+    r.initialise()
+    warm = r.x.clone()
+    r.process(progress=False)
+    dc = r.data_consistency()
+    assert dc["loglik_warm_start"] == pytest.approx(ds.log_likelihood(warm), rel=1e-12)
+    assert len(dc["loglik_per_step"]) == 3
+    assert dc["loglik_output"] == pytest.approx(ds.log_likelihood(r.x), rel=1e-7)
+    assert dc["loglik_gain"] == pytest.approx(dc["loglik_output"] - dc["loglik_warm_start"], rel=1e-9)
+    info = r.progress_info()
+    assert info["loglik"] == pytest.approx(dc["loglik_output"], rel=1e-6)
+
+    k = 4
+    f = make(ds, bundle, num_steps=3, final_em=k)
+    f.process(progress=False)
+    dcf = f.data_consistency()
+    assert dcf["loglik_per_step"] == dc["loglik_per_step"]          # same run up to the final stage
+    x = r.x.clamp_min(1e-3 * float(r.pet_scaler.scale))
+    for _ in range(k):
+        x = ds.em_update(x)
+    torch.testing.assert_close(f.x, x, rtol=1e-6, atol=1e-8)        # final_em_beta = 0: plain EM from the output
+    assert dcf["loglik_final_em"] == pytest.approx(ds.log_likelihood(f.x), rel=1e-9)
+    assert dcf["loglik_final_em"] > dc["loglik_output"]              # EM increases the likelihood
