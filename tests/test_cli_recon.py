@@ -191,12 +191,17 @@ def test_bad_inputs_are_clear_errors(files, capsys):
     out = d / "y.hv"
     assert _runw(w, ["--prompts", prompts, "--mr", mr, "--out", out, "--set", "lora_rnk=3"]) == 2
     assert "lora_rnk" in capsys.readouterr().err
-    # MR grid differs from the image template
-    tmpl = d / "tmpl.hv"
-    write_image(tmpl, Image(np.ones(SHAPE, np.float32), ImageGrid(SHAPE, (2.0, 2.0, 2.0)), {}))
-    assert _runw(w, ["--prompts", prompts, "--mr", mr, "--image-template", tmpl, "--out", out, *FAST]) == 2
-    err = capsys.readouterr().err
-    assert "mr_t1.hv" in err and "tmpl.hv" in err
+    # MR grid differs from the image template: the MR is resampled onto the PET grid, with a message
+    from sirf_ddip.prior.grid import GridResampledWarning
+
+    mr_img = read_image(mr)
+    mr2 = d / "mr_other_grid.hv"
+    write_image(mr2, Image(mr_img.array, ImageGrid(SHAPE, tuple(0.9 * v for v in mr_img.grid.voxel_size)), {}))
+    with pytest.warns(GridResampledWarning, match="MR resampled onto the PET grid"):
+        assert _runw(w, ["--prompts", prompts, "--mr", mr2, "--image-template", mr, "--out", d / "rs.hv",
+                         *FAST]) == 0
+    assert read_image(d / "rs.hv").grid.matches(mr_img.grid)
+    capsys.readouterr()
     # MR-conditioned prior but no MR
     assert _runw(w, ["--prompts", prompts, "--image-template", mr, "--out", out, *FAST]) == 2
     assert "MR" in capsys.readouterr().err

@@ -226,10 +226,9 @@ def _recon(args) -> int:
         require_finite(mr.array, args.mr, "MR image")
     template = read_image(args.image_template) if args.image_template else mr
     if mr is not None and template is not mr and not template.grid.matches(mr.grid):
-        raise GeometryMismatchError(
-            f"MR {args.mr} grid (shape {mr.grid.shape}, voxel {mr.grid.voxel_size} mm, origin {mr.grid.origin} mm) "
-            f"differs from the image template {args.image_template} (shape {template.grid.shape}, voxel "
-            f"{template.grid.voxel_size} mm, origin {template.grid.origin} mm); resample the MR onto the PET grid")
+        from ..prior.grid import mr_on_pet_grid
+
+        mr = mr_on_pet_grid(mr, template.grid)   # trilinear, with a one-line message saying from which grid
     if cfg.num_threads > 0:       # the CLI owns the process, so it (not the library) sets torch's thread count
         import torch
 

@@ -196,7 +196,9 @@ class DiffusionPrior:
 
     def __init__(self, network: nn.Module, schedule, pet_scaling, mr_net: torch.Tensor | None = None,
                  mr_pad_value: float = -1.0, batch_size: int = 8,
-                 timings: dict[str, float] | None = None, counts: dict[str, int] | None = None):
+                 timings: dict[str, float] | None = None, counts: dict[str, int] | None = None,
+                 grid=None):
+        self.grid = grid  # a PriorGrid (PET grid <-> the prior's in-plane grid) or None
         self.network = network
         self.schedule = schedule
         self.pet_scaling = pet_scaling
@@ -225,11 +227,13 @@ class DiffusionPrior:
     def to_network(self, x: torch.Tensor) -> torch.Tensor:
         """Activity → network units (float32 on the network's device)."""
         dev = self.mr_net.device if self.mr_net is not None else next(self.network.parameters()).device
-        return self._scaler().to_net(x.detach().to(dev, torch.float32))
+        x = x.detach() if self.grid is None else self.grid.to_prior(x.detach())
+        return self._scaler().to_net(x.to(dev, torch.float32))
 
     def from_network(self, u: torch.Tensor) -> torch.Tensor:
         """Network units → activity."""
-        return self._scaler().from_net(u)
+        out = self._scaler().from_net(u)
+        return out if self.grid is None else self.grid.from_prior(out)
 
     def _scaler(self):
         if self.pet_scaler is None:

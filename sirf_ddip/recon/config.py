@@ -157,6 +157,14 @@ class DDIPConfig:
     fov_mask : bool
         Zero the output (and every x̂0 handed out) where the sensitivity is zero, i.e. outside the scanner's field
         of view, where only the network, not the data, sets the value (True).
+    prior_grid : str
+        How the network sees a PET grid other than its training grid (:class:`sirf_ddip.prior.grid.PriorGrid`):
+        ``"pad_crop"`` (default) keeps the PET voxels and takes a training-size window centred on the scanner
+        axis; ``"resample"`` resamples in-plane to the prior's voxel size and back (area-overlap, total activity
+        kept). The HQS data step always stays on the PET grid. Identical grids: no change at all.
+    prior_fov_radius_mm : float or None
+        Radius of the object region the prior window must cover (e.g. ~120 mm for a brain on an mMR grid);
+        ``None`` = only the window itself is checked.
     final_em : int
         The data-consistency knob: ``final_em`` EM (OSEM sub-)iterations on the data alone, started from the DDIP
         output (0 = none, the default). Each iteration moves the image towards the maximum-likelihood image:
@@ -208,6 +216,8 @@ class DDIPConfig:
     finetune_target: str = "data"
     slab_consistency: float = 0.0
     fov_mask: bool = True
+    prior_grid: str = "pad_crop"
+    prior_fov_radius_mm: float | None = None
     final_em: int = 0
     final_em_beta: float = 0.0
     lr: float = 5e-4
@@ -250,12 +260,15 @@ class DDIPConfig:
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         choices = {"em_start": ("x0", "previous"), "eta_mode": ("dds", "ddim"), "lora_init": ("authors", "peft"),
-                   "adapter_rule": ("authors", "legacy"), "finetune_target": ("data", "fold")}
+                   "adapter_rule": ("authors", "legacy"), "finetune_target": ("data", "fold"),
+                   "prior_grid": ("pad_crop", "resample")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, "must be one of " + ", ".join(repr(a) for a in allowed))
         if not self.slab_consistency >= 0:
             bad("slab_consistency", "must be >= 0")
+        if self.prior_fov_radius_mm is not None and not self.prior_fov_radius_mm > 0:
+            bad("prior_fov_radius_mm", "must be > 0 or null")
         if self.final_em < 0:
             bad("final_em", "must be >= 0")
         if not self.final_em_beta >= 0:

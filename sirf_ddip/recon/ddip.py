@@ -255,6 +255,14 @@ class DDIPReconstructor(IterativeReconstructor):
             reset_adapters(net, generator=self._gen)   # seeded A-matrices, B = 0: exactly the prior
         self.network = net
         # ---- MR conditioning
+        from ..prior.grid import PriorGrid, mr_on_pet_grid
+
+        pet_grid = getattr(ds, "grid", None) or getattr(self._template, "grid", None)
+        self.prior_grid = None
+        if pet_grid is not None:
+            pg = PriorGrid.from_bundle(pet_grid, bundle, mode=cfg.prior_grid,
+                                       fov_radius_mm=cfg.prior_fov_radius_mm)
+            self.prior_grid = None if pg.is_identity else pg
         uses_mr = bool(getattr(net, "uses_mr", False))
         self._mr_net = None
         if uses_mr:
@@ -264,6 +272,8 @@ class DDIPReconstructor(IterativeReconstructor):
             if self._mr_input is None:
                 raise ConfigError("the prior is MR-conditioned but no MR image was given "
                                   "(set_anatomical_image(mr) / --mr MR.hv)")
+            if pet_grid is not None and hasattr(self._mr_input, "grid") and hasattr(self._mr_input, "array"):
+                self._mr_input = mr_on_pet_grid(self._mr_input, pet_grid)
             self._check_grid(self._mr_input, "MR")
             mr = ds.to_tensor(self._mr_input)
             if tuple(mr.shape) != tuple(ds.image_shape):
@@ -278,7 +288,8 @@ class DDIPReconstructor(IterativeReconstructor):
                 self.mr_scaler = bundle.mr_scaling.fit(mr.detach().cpu().numpy())
             except ValueError as exc:
                 raise DataValueError(f"MR image: {exc}") from None
-            self._mr_net = self.mr_scaler.to_net(mr.to(self.device, torch.float32))
+            mr_p = mr if self.prior_grid is None else self.prior_grid.to_prior(mr)
+            self._mr_net = self.mr_scaler.to_net(mr_p.to(self.device, torch.float32))
         elif self._mr_input is not None and cfg.use_mr:
             import warnings
 
@@ -293,7 +304,8 @@ class DDIPReconstructor(IterativeReconstructor):
 
         self.prior = DiffusionPrior(net, self.schedule, bundle.pet_scaling, mr_net=self._mr_net,
                                     mr_pad_value=self.mr_scaler.lo if self.mr_scaler is not None else -1.0,
-                                    batch_size=cfg.slab_batch, timings=self.timings, counts=self.counts)
+                                    batch_size=cfg.slab_batch, timings=self.timings, counts=self.counts,
+                                    grid=self.prior_grid)
 
     # ------------------------------------------------------------------ estimates
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:
@@ -511,7 +523,9 @@ class DDIPReconstructor(IterativeReconstructor):
         """``x`` with zeros outside the scanner's FOV (zero sensitivity) when ``fov_mask`` is set."""
         if not self.config.fov_mask:
             return x
-        return torch.where(self.data_step.sensitivity(None) > 0, x, torch.zeros_like(x))
+        sens = self.data_step.sensitivity(None)
+        inside = sens > 0 if self.prior_grid is None else self.prior_grid.fov_mask(sens)
+        return torch.where(inside, x, torch.zeros_like(x))
 
     def _final_em(self, x: torch.Tensor) -> torch.Tensor:
         """The data-consistency stage: ``final_em`` EM updates from the DDIP output ``x`` (fused with ``x`` at
