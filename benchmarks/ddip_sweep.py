@@ -74,7 +74,7 @@ class Scorer:
                "ssim": round(ssim(arr, self.truth, self.brain), 4),
                "lesion_bias": [round(mean_bias(arr, self.truth, m), 2) for m in self.lesions]}
         if loglik:
-            rec["loglik"] = round(float(self.ds.log_likelihood(xt.to(self.ds.device, self.ds.dtype))), 2)
+            rec["loglik"] = round(float(self.ds.value(xt.to(self.ds.device, self.ds.dtype))), 2)
         return rec
 
 

@@ -20,6 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SIRF_DDIP_SHARED", REPO.parent / "shared"))
 STIR_REF = SHARED / "stir-reference"
+REAL_MMR = SHARED / "real-mmr"
 
 os.environ.setdefault("SIRF_DDIP_PROGRESS", "0")
 
@@ -30,6 +31,14 @@ def stir_case_dir(case: str) -> Path:
     if not (d / "case.json").is_file():
         pytest.skip(f"STIR reference data not found at {d} (set SIRF_DDIP_SHARED to the shared/ folder)")
     return d
+
+
+def real_mmr(*names: str) -> Path:
+    """The ``../shared/real-mmr`` folder if it holds every file in ``names``, else skip the test with a reason."""
+    for n in names:
+        if not (REAL_MMR / n).is_file():
+            pytest.skip(f"real mMR material not found: {REAL_MMR / n} (set SIRF_DDIP_SHARED to the shared/ folder)")
+    return REAL_MMR
 
 
 @pytest.fixture(params=["mmr_2d", "mmr_3d6"])
@@ -50,10 +59,12 @@ def _torch_threads_and_seed():
 
 
 def pytest_configure(config):
-    if os.environ.get("CI", "").lower() == "true" and not STIR_REF.is_dir():
-        raise pytest.UsageError(f"CI=true but the STIR reference data are missing at {STIR_REF}: the STIR "
-                                "comparisons would all be skipped. Provide ../shared/stir-reference (or set "
-                                "SIRF_DDIP_SHARED).")
+    if os.environ.get("CI", "").lower() == "true":
+        for d in (STIR_REF, REAL_MMR):
+            if not d.is_dir():
+                raise pytest.UsageError(f"CI=true but the shared reference data are missing at {d}: the STIR "
+                                        f"comparisons would all be skipped. Provide ../shared/{d.name} (or set "
+                                        "SIRF_DDIP_SHARED).")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""Shared pieces of the DDIP tests: a tiny dense-matrix DataStep and a tiny MR-conditioned prior.
+"""Shared pieces of the DDIP tests: a tiny dense-matrix likelihood and a tiny MR-conditioned prior.
 
 (No tests here; imported by test_ddip*.py, test_hqs.py and test_cli_recon.py.)
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sirf_ddip.recon.datastep import DataStep
+from sirf_ddip.physics.likelihood import PoissonLogLikelihood
 
 
 def phantom(shape=(4, 16, 16)) -> torch.Tensor:
@@ -22,7 +22,7 @@ def phantom(shape=(4, 16, 16)) -> torch.Tensor:
     return plane.expand(nz, ny, nx).clone() * torch.linspace(0.8, 1.2, nz).reshape(nz, 1, 1)
 
 
-class DenseDataStep(DataStep):
+class DenseDataStep(PoissonLogLikelihood):
     """``y ~ Poisson(m (A x + a))`` with a dense random non-negative ``A``; subsets = rows round-robin."""
 
     def __init__(self, shape=(4, 16, 16), nbins=3000, counts=2e4, seed=0, dtype=torch.float64):
@@ -71,12 +71,12 @@ class DenseDataStep(DataStep):
             self._sens[subset] = self.backward(torch.ones(len(self._rows(subset)), dtype=self.dtype), subset)
         return self._sens[subset]
 
-    def backproject_ratio(self, x, subset=None):
+    def backprojected_ratio(self, x, subset=None):
         r = self._rows(subset)
         yb = self.forward(x, subset)
         return self.backward(self.y[r] / yb, subset)
 
-    def log_likelihood(self, x):
+    def value(self, x, subset=None):
         yb = self.forward(x)
         return float((self.y * torch.log(yb) - yb).sum())
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,28 +16,22 @@ from sirf_ddip.io.mumap import check_mu_units, read_mu_map, resample_to_grid
 from sirf_ddip.io.nifti import write_nifti
 from sirf_ddip.physics.attenuation import attenuation_factors, attenuation_factors_subset, view_chunks
 
-from conftest import SHARED
+from conftest import SHARED, real_mmr
 from sirf_ddip.io.sinogram_header import geometry_from_header
 
 MMR = SHARED / "real-mmr"
 
 
-def _need(*names: str) -> Path:
-    for n in names:
-        if not (MMR / n).is_file():
-            pytest.skip(f"real mMR material not found: {MMR / n} (set SIRF_DDIP_SHARED to the shared/ folder)")
-    return MMR
-
 
 @pytest.fixture(scope="module")
 def mu():
-    _need("mu_map.hv", "mu_map.v")
+    real_mmr("mu_map.hv", "mu_map.v")
     return read_mu_map(MMR / "mu_map.hv")
 
 
 @pytest.mark.slow
 def test_real_mu_map_attenuation_matches_stir(mu):
-    _need("attenuation/attenuation_factors_shared_views.npz", "templates/template_span11.hs")
+    real_mmr("attenuation/attenuation_factors_shared_views.npz", "templates/template_span11.hs")
     geom = geometry_from_header(InterfileHeader.read(MMR / "templates" / "template_span11.hs"))
     ref = np.load(MMR / "attenuation" / "attenuation_factors_shared_views.npz")
     views, att = attenuation_factors_subset(mu, geom, 0, 63)  # views 0, 63, 126, 189 (a STIR subset)

@@ -14,27 +14,21 @@ from sirf_ddip.io.header import InterfileHeader
 from sirf_ddip.io.siemens_norm import read_ecat8_norm
 from sirf_ddip.physics.normalisation import NormComponents, ecat8_efficiencies, ring_pairs
 
-from conftest import SHARED
+from conftest import SHARED, real_mmr
 from sirf_ddip.io.sinogram_header import geometry_from_header
 
 MMR = SHARED / "real-mmr"
 
 
-def _need(*names: str) -> Path:
-    for n in names:
-        if not (MMR / n).is_file():
-            pytest.skip(f"real mMR material not found: {MMR / n} (set SIRF_DDIP_SHARED to the shared/ folder)")
-    return MMR
-
 
 @pytest.fixture(scope="module")
 def norm():
-    _need("norm.n.hdr", "norm.n")
+    real_mmr("norm.n.hdr", "norm.n")
     return read_ecat8_norm(MMR / "norm.n.hdr")
 
 
 def _geom(name: str) -> SinogramGeometry:
-    _need(f"templates/{name}")
+    real_mmr(f"templates/{name}")
     return geometry_from_header(InterfileHeader.read(MMR / "templates" / name))
 
 
@@ -48,7 +42,7 @@ def _stir_reference(geom: SinogramGeometry, npz: Path) -> tuple[np.ndarray, np.n
 
 
 def test_real_norm_matches_stir_span11(norm):
-    _need("norm_efficiencies_shared_views.npz")
+    real_mmr("norm_efficiencies_shared_views.npz")
     geom = _geom("template_span11.hs")
     views, R = _stir_reference(geom, MMR / "norm_efficiencies_shared_views.npz")
     eff = ecat8_efficiencies(norm, geom, views=views)
@@ -113,7 +107,7 @@ def test_components_off_counts_lors(norm):
 
 
 def _bad_header(tmp_path: Path, old: str, new: str) -> Path:
-    _need("norm.n.hdr", "norm.n")
+    real_mmr("norm.n.hdr", "norm.n")
     txt = (MMR / "norm.n.hdr").read_text(encoding="latin-1")
     assert old in txt
     txt = txt.replace(old, new).replace("!name of data file:=norm.n", f"!name of data file:={MMR / 'norm.n'}")
@@ -145,7 +139,7 @@ def test_norm_of_another_scanner_or_version(tmp_path, norm):
 
 
 def test_truncated_norm_file(tmp_path):
-    _need("norm.n.hdr", "norm.n")
+    real_mmr("norm.n.hdr", "norm.n")
     data = (MMR / "norm.n").read_bytes()
     (tmp_path / "short.n").write_bytes(data[:300000])
     txt = (MMR / "norm.n.hdr").read_text(encoding="latin-1").replace("!name of data file:=norm.n",

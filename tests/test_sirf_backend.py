@@ -1,4 +1,4 @@
-"""SirfDataStep on the numpy stand-in of sirf.STIR (tests/sirf_standin.py): the adapter logic without SIRF."""
+"""SirfLogLikelihood on the numpy stand-in of sirf.STIR (tests/sirf_standin.py): the adapter logic without SIRF."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import sirf_standin as sirf
-from sirf_ddip.backends.sirf import (SirfDataStep, SirfFeatureError, SirfNotReadyError, SirfObjectError,
+from sirf_ddip.backends.sirf import (SirfLogLikelihood, SirfFeatureError, SirfNotReadyError, SirfObjectError,
                                      make_acquisition_model, objective_prior, set_image_data_processor, sirf_kind)
 from sirf_ddip.errors import GeometryMismatchError, UnsupportedDataError
 from sirf_ddip.recon.base import as_datastep
+from sirf_ddip.recon.em import em_update
 
 S = 7  # subsets (28 views -> 4 views each)
 
@@ -92,7 +93,7 @@ def test_subsets_are_stir_symmetry_aware():
 # ------------------------------------------------------------------------------------------- EM quantities
 def test_subset_sensitivities_match_numpy_and_are_cached(problem):
     obj = _objective(problem)
-    ds = SirfDataStep.from_objective(obj, num_subsets=S)
+    ds = SirfLogLikelihood.from_objective(obj, num_subsets=S)
     ds.set_template(problem["image"])
     G, m, *_rest, n_views, n_tang = _numpy_model(problem)
     total = np.zeros(G.shape[1])
@@ -110,7 +111,7 @@ def test_subset_sensitivities_match_numpy_and_are_cached(problem):
 
 def test_set_num_subsets_resets_up_the_objective(problem):
     obj = _objective(problem)
-    ds = SirfDataStep.from_objective(obj, image_template=problem["image"], num_subsets=S)
+    ds = SirfLogLikelihood.from_objective(obj, image_template=problem["image"], num_subsets=S)
     s7 = ds.sensitivity(0).clone()
     ds.set_num_subsets(4)
     assert obj.get_num_subsets() == 4
@@ -125,7 +126,7 @@ def test_set_num_subsets_resets_up_the_objective(problem):
 
 
 def test_em_numerator_matches_numpy(problem):
-    ds = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
+    ds = SirfLogLikelihood.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
     G, m, a, y, n_views, n_tang = _numpy_model(problem)
     x = torch.from_numpy(_phantom(problem["image"]) * 0.9 + 0.1)
     for s in (0, 4):
@@ -133,7 +134,7 @@ def test_em_numerator_matches_numpy(problem):
         mm, aa, yy = m[0].ravel()[rows], a[0].ravel()[rows], y[0].ravel()[rows]
         yhat = mm * (G[rows] @ x.numpy()[0].ravel().astype(np.float64) + aa)
         ref = G[rows].T @ (mm * yy / yhat)
-        got = ds.backproject_ratio(x, s).numpy()[0].ravel()
+        got = ds.backprojected_ratio(x, s).numpy()[0].ravel()
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.max())
     # gradient = numerator - sensitivity, and the full gradient equals the objective's (no prior)
     full = ds.gradient(x).numpy()
@@ -149,14 +150,14 @@ def test_log_likelihood_is_poisson_term_even_with_prior(problem):
     prior = sirf.QuadraticPrior().set_penalisation_factor(0.5)
     obj.set_prior(prior)
     with pytest.warns(UserWarning, match="prior"):
-        ds = SirfDataStep.from_objective(obj, image_template=problem["image"])
+        ds = SirfLogLikelihood.from_objective(obj, image_template=problem["image"])
     G, m, a, y, *_ = _numpy_model(problem)
     x = torch.from_numpy(_phantom(problem["image"]) + 0.5)
     yhat = m[0].ravel() * (G @ x.numpy()[0].ravel().astype(np.float64) + a[0].ravel())
     yy = y[0].ravel()
     ref = float(np.sum(np.where(yy > 0, yy * np.log(yhat), 0)) - yhat.sum())
-    assert ds.log_likelihood(x) == pytest.approx(ref, rel=1e-6)
-    assert obj.value(ds.from_tensor(x)) < ds.log_likelihood(x) - 1  # the objective itself includes the prior
+    assert ds.value(x) == pytest.approx(ref, rel=1e-6)
+    assert obj.value(ds.from_tensor(x)) < ds.value(x) - 1  # the objective itself includes the prior
 
 
 def _run_standin_osmaposl(problem, init: np.ndarray, n_sub: int):
@@ -174,12 +175,12 @@ def _run_standin_osmaposl(problem, init: np.ndarray, n_sub: int):
 
 
 def test_datastep_em_update_loop_equals_standin_osmaposl(problem):
-    """STIR's update (divide with small_num, subset order 0..S-1) vs DataStep.em_update, uniform start."""
+    """STIR's update (divide with small_num, subset order 0..S-1) vs recon.em.em_update, uniform start."""
     ref = _run_standin_osmaposl(problem, np.ones(problem["image"].shape, np.float32), 2 * S)
-    ds = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
+    ds = SirfLogLikelihood.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
     x = torch.ones(ds.image_shape)
     for k in range(2 * S):
-        x = ds.em_update(x, k % S)
+        x = em_update(ds, x, k % S)
     err = np.abs(x.numpy() - ref).max() / ref.max()
     assert err <= 1e-5, err
     assert ref.max() > 1.5  # it did reconstruct something
@@ -193,7 +194,7 @@ def test_osem_reconstructor_equals_standin_osmaposl(problem):
     ref = _run_standin_osmaposl(problem, init, 2 * S)
     obj = _objective(problem)
     rec = OSEMReconstructor()
-    rec.set_objective_function(obj)  # as_datastep -> SirfDataStep.from_objective
+    rec.set_objective_function(obj)  # as_datastep -> SirfLogLikelihood.from_objective
     rec.set_num_subsets(S)
     rec.set_num_subiterations(2 * S)
     rec.set_input(problem["prompts"])
@@ -232,11 +233,11 @@ def test_conversion_preserves_geometry_and_copies(problem):
     img = problem["image"].clone()
     img.initialise((1, 33, 33), (2.5, 3.0, 3.0), (1.0, -2.0, 4.0))
     img.fill(_phantom(img))
-    ds = SirfDataStep.from_objective(_objective(problem))
+    ds = SirfLogLikelihood.from_objective(_objective(problem))
     with pytest.raises(SirfNotReadyError, match="template"):
         ds.image_shape
     with pytest.raises(GeometryMismatchError, match="voxel sizes"):  # template vs the model's image domain
-        SirfDataStep.from_objective(_objective(problem), acq_model=problem["am"], image_template=img)
+        SirfLogLikelihood.from_objective(_objective(problem), acq_model=problem["am"], image_template=img)
     ds.set_template(img)
     t = ds.to_tensor(img)
     assert t.dtype == torch.float32 and tuple(t.shape) == (1, 33, 33)
@@ -256,9 +257,9 @@ def test_conversion_preserves_geometry_and_copies(problem):
 
 
 def test_template_from_set_up_model_and_first_image(problem):
-    ds = SirfDataStep.from_acquisition_model(problem["am"], problem["prompts"], num_subsets=S)
+    ds = SirfLogLikelihood.from_acquisition_model(problem["am"], problem["prompts"], num_subsets=S)
     assert ds.image_shape == problem["image"].shape  # from acq_model.domain_geometry()
-    ds2 = SirfDataStep.from_objective(_objective(problem))
+    ds2 = SirfLogLikelihood.from_objective(_objective(problem))
     ds2.to_tensor(problem["image"])  # adopts the first image as template
     assert ds2.image_shape == (1, 33, 33)
 
@@ -266,7 +267,7 @@ def test_template_from_set_up_model_and_first_image(problem):
 # ------------------------------------------------------------------------------------------- operators
 def test_forward_backward_through_acquisition_model(problem):
     am = problem["am"]
-    ds = SirfDataStep.from_acquisition_model(am, problem["prompts"], num_subsets=S)
+    ds = SirfLogLikelihood.from_acquisition_model(am, problem["prompts"], num_subsets=S)
     x = torch.from_numpy(_phantom(problem["image"]))
     ad = ds.forward(x, 2)
     ref = am.forward(problem["truth"], subset_num=2, num_subsets=S)
@@ -285,7 +286,7 @@ def test_forward_backward_through_acquisition_model(problem):
                                ds.backward(ad, 2).numpy(), rtol=1e-6)
     full = ds.forward(x)
     assert full.as_array().min() > 0  # additive term everywhere
-    ds_obj = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"])
+    ds_obj = SirfLogLikelihood.from_objective(_objective(problem), image_template=problem["image"])
     with pytest.raises(SirfNotReadyError, match="acquisition model"):
         ds_obj.forward(x)
 
@@ -298,13 +299,13 @@ def test_set_input_replaces_objective_data_and_read_only_prompts_work(problem, t
     with pytest.raises(sirf.error, match="read-only"):
         ro.fill(1.0)
     obj = _objective(problem)
-    ds = SirfDataStep.from_objective(obj, acq_model=problem["am"], acq_data=problem["prompts"],
+    ds = SirfLogLikelihood.from_objective(obj, acq_model=problem["am"], acq_data=problem["prompts"],
                                      image_template=problem["image"])
     ds.sensitivity(0)
     ds.set_prompts(ro)  # what reconstructor.set_input does
     assert obj._ad is ro
     x = torch.ones(ds.image_shape)
-    ds.backproject_ratio(x, 0)
+    ds.backprojected_ratio(x, 0)
     assert obj.set_up_count == 2  # the objective was set up again for the new data
     bad = sirf.AcquisitionData("StandIn Tiny")
     with pytest.raises(GeometryMismatchError, match="dimensions"):
@@ -314,14 +315,14 @@ def test_set_input_replaces_objective_data_and_read_only_prompts_work(problem, t
 # ------------------------------------------------------------------------------------------- errors
 def test_wrong_kind_of_sirf_object_is_a_clear_error(problem):
     with pytest.raises(SirfObjectError, match="got a AcquisitionData.*make_Poisson_loglikelihood"):
-        SirfDataStep.from_objective(problem["prompts"])
+        SirfLogLikelihood.from_objective(problem["prompts"])
     with pytest.raises(SirfObjectError, match="AcquisitionModel"):
-        SirfDataStep.from_objective(problem["am"])
+        SirfLogLikelihood.from_objective(problem["am"])
     with pytest.raises(TypeError, match="cannot use a .*AcquisitionData as objective"):
         as_datastep(problem["prompts"])
     with pytest.raises(SirfObjectError, match="acq_data must be"):
-        SirfDataStep.from_acquisition_model(problem["am"], problem["image"])
-    ds = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"])
+        SirfLogLikelihood.from_acquisition_model(problem["am"], problem["image"])
+    ds = SirfLogLikelihood.from_objective(_objective(problem), image_template=problem["image"])
     with pytest.raises(SirfObjectError, match="expected a sirf.STIR ImageData, got a AcquisitionData"):
         ds.to_tensor(problem["prompts"])
 
@@ -330,8 +331,8 @@ def test_non_pet_modality_is_rejected(problem):
     nm = problem["image"].clone()
     nm.set_modality("NM")
     with pytest.raises(UnsupportedDataError, match="modality is 'NM'"):
-        SirfDataStep.from_objective(_objective(problem), image_template=nm)
-    ds = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"])
+        SirfLogLikelihood.from_objective(_objective(problem), image_template=nm)
+    ds = SirfLogLikelihood.from_objective(_objective(problem), image_template=problem["image"])
     with pytest.raises(UnsupportedDataError, match="modality"):
         ds.to_tensor(nm)
 
@@ -388,7 +389,7 @@ def test_drop_in_example_fails_clearly_without_sirf(tmp_path):
 # ------------------------------------------------------------------------------------------- SIRF's edges
 def test_origin_is_part_of_the_image_geometry(problem):
     """STIR compares has_same_characteristics (origin included): a shifted image of the same size is refused."""
-    ds = SirfDataStep.from_objective(_objective(problem), acq_model=problem["am"])
+    ds = SirfLogLikelihood.from_objective(_objective(problem), acq_model=problem["am"])
     shifted = problem["image"].clone()
     shifted.initialise(problem["image"].shape, problem["image"].voxel_sizes(), (0.0, 6.0, 0.0))
     with pytest.raises(GeometryMismatchError, match="different positions"):
@@ -403,10 +404,10 @@ def test_model_never_set_up_works_for_em_and_refuses_projections(problem):
     obj = sirf.make_Poisson_loglikelihood(problem["prompts"], acq_model=am)
     with pytest.raises(sirf.error, match="null handle"):
         am.domain_geometry().voxel_sizes()
-    ds = SirfDataStep.from_objective(obj, acq_model=am, image_template=problem["image"], num_subsets=S)
-    ref = SirfDataStep.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
+    ds = SirfLogLikelihood.from_objective(obj, acq_model=am, image_template=problem["image"], num_subsets=S)
+    ref = SirfLogLikelihood.from_objective(_objective(problem), image_template=problem["image"], num_subsets=S)
     x = torch.from_numpy(_phantom(problem["image"]) + 0.5)
-    np.testing.assert_allclose(ds.backproject_ratio(x, 3).numpy(), ref.backproject_ratio(x, 3).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ds.backprojected_ratio(x, 3).numpy(), ref.backprojected_ratio(x, 3).numpy(), rtol=1e-6)
     assert am.acq_templ is None and am.img_templ is None  # still not set up
     with pytest.raises(SirfNotReadyError, match="never set up.*acq_model.set_up"):
         ds.forward(x)
@@ -419,7 +420,7 @@ def test_listmode_objective_is_rejected_by_class(problem, tmp_path):
     obj = sirf.make_Poisson_loglikelihood(sirf.ListmodeData(path),
                                           "LinearModelForMeanAndListModeDataWithProjMatrixByBin", problem["am"])
     with pytest.raises(SirfObjectError, match="listmode objectives are not supported.*ListmodeToSinograms"):
-        SirfDataStep.from_objective(obj)
+        SirfLogLikelihood.from_objective(obj)
     with pytest.raises(SirfObjectError, match="listmode"):
         as_datastep(obj)
 
@@ -429,10 +430,10 @@ def test_prior_set_on_the_cpp_side_is_seen_through_get_prior(problem):
     obj.set_prior(sirf.QuadraticPrior().set_penalisation_factor(0.5))
     del obj.prior  # as for a prior that reached the C++ objective without SIRF's Python set_prior
     with pytest.warns(UserWarning, match="prior"):
-        ds = SirfDataStep.from_objective(obj, image_template=problem["image"])
+        ds = SirfLogLikelihood.from_objective(obj, image_template=problem["image"])
     x = torch.from_numpy(_phantom(problem["image"]) + 0.5)
     img = ds.from_tensor(x)
-    assert ds.log_likelihood(x) == pytest.approx(obj.value(img) + obj.get_prior().value(img), rel=1e-9)
+    assert ds.value(x) == pytest.approx(obj.value(img) + obj.get_prior().value(img), rel=1e-9)
     assert objective_prior(_objective(problem)) is None  # null handle: no prior
 
 
@@ -444,7 +445,7 @@ def test_parallelproj_subsets_warn(problem, monkeypatch):
     am.set_up(problem["prompts"], problem["image"])
     obj = sirf.make_Poisson_loglikelihood(problem["prompts"], acq_model=am)
     with pytest.warns(UserWarning, match="projects every view for every subset.*get_subset"):
-        SirfDataStep.from_objective(obj, acq_model=am, num_subsets=4)
+        SirfLogLikelihood.from_objective(obj, acq_model=am, num_subsets=4)
     with pytest.warns(UserWarning, match="SIRF#1324"), pytest.raises(sirf.error, match="not implemented"):
         set_image_data_processor(am, object())
 

@@ -303,7 +303,7 @@ def test_save_interval_writes_stir_named_files(stir, case, tmp_path):
 
 
 def test_acquisition_model_that_was_never_set_up(stir, case, osmaposl):
-    from sirf_ddip.backends.sirf import SirfDataStep, SirfNotReadyError
+    from sirf_ddip.backends.sirf import SirfLogLikelihood, SirfNotReadyError
 
     ref = _process(stir, case, stir.OSMAPOSLReconstructor, set_up=False)
     ours = _process(stir, case, _ours, set_up=False)
@@ -311,13 +311,13 @@ def test_acquisition_model_that_was_never_set_up(stir, case, osmaposl):
     assert _rel_l2(ours, ref) <= TOL
     obj, am = _objective(stir, case, set_up=False)
     assert am.img_templ is None and am.acq_templ is None  # ... nor does it set the model up
-    ds = SirfDataStep.from_objective(obj, acq_model=am, image_template=case["init"])
+    ds = SirfLogLikelihood.from_objective(obj, acq_model=am, image_template=case["init"])
     with pytest.raises(SirfNotReadyError, match="never set up"):
         ds.forward(ds.to_tensor(case["init"]))
 
 
 def test_parallelproj(stir, case):
-    from sirf_ddip.backends.sirf import SirfDataStep, sirf_has_parallelproj
+    from sirf_ddip.backends.sirf import SirfLogLikelihood, sirf_has_parallelproj
 
     if not sirf_has_parallelproj(stir):
         pytest.skip("this SIRF was built without parallelproj (sirf.config.SIRF_HAS_Parallelproj is False)")
@@ -333,7 +333,7 @@ def test_parallelproj(stir, case):
     assert _rel_l2(rec.get_output(), ref_rec.get_output()) <= 1e-5
     assert _rel_l2(ref, case["init"]) > 0  # the 7-subset run works too
     with pytest.warns(UserWarning, match="every view for every subset"):
-        SirfDataStep.from_objective(obj, acq_model=am, num_subsets=SUBSETS)
+        SirfLogLikelihood.from_objective(obj, acq_model=am, num_subsets=SUBSETS)
 
 
 def _listmode(stir, case, tmp_path):
@@ -433,7 +433,7 @@ def test_cil_wrapper_in_a_petric_loop(stir, case):
     assert _rel_l2(algo.x, ref) <= TOL
     assert len(algo.loss) == 1 + ITERS * SUBSETS // 2  # at iteration 0 and every 2nd
     ds = rec.data_step
-    assert algo.get_last_loss() == pytest.approx(-ds.log_likelihood(ds.to_tensor(algo.x)), rel=1e-9)
+    assert algo.get_last_loss() == pytest.approx(-ds.value(ds.to_tensor(algo.x)), rel=1e-9)
     assert algo.loss[-1] < algo.loss[0]  # EM raised the likelihood from the uniform start
 
 
@@ -522,10 +522,10 @@ def test_sirf_osmaposl_reproduces_the_stir_file(stir, case, osmaposl):
 
 
 def test_datastep_quantities_match_the_objective(stir, case):
-    from sirf_ddip.backends.sirf import SirfDataStep
+    from sirf_ddip.backends.sirf import SirfLogLikelihood
 
     obj, am = _objective(stir, case)
-    ds = SirfDataStep.from_objective(obj, acq_model=am, acq_data=case["prompts"], image_template=case["init"],
+    ds = SirfLogLikelihood.from_objective(obj, acq_model=am, acq_data=case["prompts"], image_template=case["init"],
                                      num_subsets=SUBSETS)
     if _is_real(stir):
         ref_sens = stir.ImageData(str(case["dir"] / "sensitivity.hv")).as_array()
@@ -536,5 +536,5 @@ def test_datastep_quantities_match_the_objective(stir, case):
     assert np.abs(g - ref_g).max() <= 1e-4 * np.abs(ref_g).max()
     fwd = ds.forward(x)
     assert fwd.dimensions() == case["prompts"].dimensions()
-    assert ds.log_likelihood(x) == pytest.approx(obj.value(case["init"]), rel=1e-6)
-    assert math.isfinite(ds.log_likelihood(x))
+    assert ds.value(x) == pytest.approx(obj.value(case["init"]), rel=1e-6)
+    assert math.isfinite(ds.value(x))

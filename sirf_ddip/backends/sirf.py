@@ -1,4 +1,4 @@
-"""SIRF backend: real ``sirf.STIR`` objects behind the :class:`~sirf_ddip.recon.datastep.DataStep` interface.
+"""SIRF backend: real ``sirf.STIR`` objects behind the :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood` interface.
 
 ``sirf.STIR`` is imported lazily (only inside functions), so ``import sirf_ddip`` never needs SIRF. The adapter is
 duck-typed: it calls SIRF methods by name and never ``isinstance``-checks SIRF classes, so the numpy stand-in in
@@ -7,15 +7,15 @@ duck-typed: it calls SIRF methods by name and never ``isinstance``-checks SIRF c
 What maps to what (SIRF 3.10 / STIR 6.x, ``SyneRBI/SIRF: src/xSTIR/pSTIR/STIR.py``)
 -------------------------------------------------------------------------------------
 ============================  ==========================================================================
-DataStep                       SIRF call(s)
+PoissonLogLikelihood                       SIRF call(s)
 ============================  ==========================================================================
 ``set_num_subsets(S)``         ``obj.set_num_subsets(S)``; the objective is ``obj.set_up(template)`` again
                                (lazily, before its next use): STIR's subset sensitivities depend on ``S``
 ``sensitivity(s)``             ``obj.get_subset_sensitivity(s)`` (cached per ``S``; ``None`` = Σ over subsets)
-``backproject_ratio(x, s)``    ``obj.get_backprojection_of_acquisition_ratio(image, s)``
+``backprojected_ratio(x, s)``    ``obj.get_backprojection_of_acquisition_ratio(image, s)``
                                = ``G_sᵀ S_s (y_s / (S_s (G_s x + a_s) + b_s))``, prior **not** included
-``em_update(x, s)``            the two above (shared :meth:`DataStep.em_update`)
-``log_likelihood(x)``          ``obj.value(image)`` (+ the prior's value if a prior was set, so the result is the
+``em_update(lik, x, s)``       the two above (:func:`sirf_ddip.recon.em.em_update`)
+``value(x)``                 ``obj.value(image)`` (+ the prior's value if a prior was set, so the result is the
                                pure Poisson term; STIR's value is ``Σ y log ŷ − ŷ − penalty``)
 ``forward(x, s)``              ``acq_model.forward(image, subset_num=s, num_subsets=S)`` → ``AcquisitionData``:
                                the subset's views hold ``S (G x + a) + b``, every other view ``S a + b``
@@ -40,7 +40,7 @@ What SIRF does that the adapter checks (SIRF 3.10)
   (``stir_x.cpp:497-498``, ``cstir_p.cpp:570-573``) and, before ``set_up``, a null handle. The objective does not
   set the model up: ``set_acquisition_model`` copies its projector pair, additive/background terms and
   normalisation at that moment (``stir_x.cpp:611-649``), and ``objective.set_up`` sets up STIR's projectors only.
-  So OSEM/DDIP work with a model that was never set up; :meth:`SirfDataStep.forward`/``backward`` then raise
+  So OSEM/DDIP work with a model that was never set up; :meth:`SirfLogLikelihood.forward`/``backward`` then raise
   :class:`SirfNotReadyError`.
 - Image geometry: STIR compares images with ``has_same_characteristics`` (sizes, voxel sizes *and* origin); the
   adapter compares dimensions, voxel sizes and the 4×4 ``transf_matrix()`` (``STIR.py:506-510``).
@@ -66,12 +66,12 @@ import numpy as np
 import torch
 
 from ..errors import GeometryMismatchError, SirfDdipError, UnsupportedDataError
-from ..physics.likelihood import PoissonLogLikelihood as DataStep  # TEMP-ALIAS (the class is renamed at merge)
+from ..physics.likelihood import PoissonLogLikelihood
 from ..physics.subsets import validate_num_subsets
 from ..utils.device import resolve_device
 
 __all__ = [
-    "SirfDataStep",
+    "SirfLogLikelihood",
     "SirfNotAvailableError",
     "SirfObjectError",
     "SirfFeatureError",
@@ -103,13 +103,13 @@ class SirfFeatureError(SirfDdipError, RuntimeError):
 
 
 class SirfNotReadyError(SirfDdipError, RuntimeError):
-    """A SirfDataStep operation needs something that was not given (an image template, an acquisition model)."""
+    """A SirfLogLikelihood operation needs something that was not given (an image template, an acquisition model)."""
 
 
 # ---------------------------------------------------------------------------------------------------- imports
 _INSTALL_HINT = ("SIRF is installed with conda (`conda install -c conda-forge sirf`) or used from the SyneRBI "
                  "Docker image (https://github.com/SyneRBI/SIRF-SuperBuild); it cannot be pip-installed. "
-                 "Without SIRF, use sirf_ddip's own engine (sirf_ddip.physics.model.EngineDataStep, "
+                 "Without SIRF, use sirf_ddip's own engine (sirf_ddip.physics.model.EngineLogLikelihood, "
                  "`sirf-ddip recon`).")
 
 
@@ -333,8 +333,8 @@ def _require_objective(obj: Any) -> None:
     kind = sirf_kind(obj)
     hint = {
         "AcquisitionData": "build the objective with sirf.STIR.make_Poisson_loglikelihood(acq_data, "
-                           "acq_model=acq_model), or use SirfDataStep.from_acquisition_model(acq_model, acq_data)",
-        "AcquisitionModel": "use SirfDataStep.from_acquisition_model(acq_model, acq_data) or "
+                           "acq_model=acq_model), or use SirfLogLikelihood.from_acquisition_model(acq_model, acq_data)",
+        "AcquisitionModel": "use SirfLogLikelihood.from_acquisition_model(acq_model, acq_data) or "
                             "make_Poisson_loglikelihood(acq_data, acq_model=acq_model)",
         "ImageData": "an image is a template/initial estimate: pass it to set_up(image)",
         "reconstructor": "pass its objective (reconstructor.get_objective_function())",
@@ -344,9 +344,9 @@ def _require_objective(obj: Any) -> None:
                           f"but got a {kind} (missing {', '.join(missing)}): {hint}")
 
 
-# ---------------------------------------------------------------------------------------------------- DataStep
-class SirfDataStep(DataStep):
-    """:class:`DataStep` backed by a ``sirf.STIR`` Poisson log-likelihood (and optionally its acquisition model).
+# ---------------------------------------------------------------------------------------------------- PoissonLogLikelihood
+class SirfLogLikelihood(PoissonLogLikelihood):
+    """:class:`PoissonLogLikelihood` backed by a ``sirf.STIR`` Poisson log-likelihood (and optionally its acquisition model).
 
     Parameters
     ----------
@@ -397,16 +397,16 @@ class SirfDataStep(DataStep):
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_objective(cls, obj: Any, **kwargs: Any) -> "SirfDataStep":
+    def from_objective(cls, obj: Any, **kwargs: Any) -> "SirfLogLikelihood":
         """Adapt a SIRF Poisson log-likelihood objective (the hook used by ``recon.base.as_datastep``).
 
-        ``kwargs`` are those of :class:`SirfDataStep` (``acq_model``, ``acq_data``, ``image_template``, …).
+        ``kwargs`` are those of :class:`SirfLogLikelihood` (``acq_model``, ``acq_data``, ``image_template``, …).
         """
         return cls(obj, **kwargs)
 
     @classmethod
     def from_acquisition_model(cls, acq_model: Any, acq_data: Any, *, image_template: Any = None,
-                               stir: Any = None, **kwargs: Any) -> "SirfDataStep":
+                               stir: Any = None, **kwargs: Any) -> "SirfLogLikelihood":
         """Build the objective ``make_Poisson_loglikelihood(acq_data, acq_model=acq_model)`` and adapt it.
 
         ``stir`` defaults to the module that defines ``acq_model``'s class (``sirf.STIR``).
@@ -444,7 +444,7 @@ class SirfDataStep(DataStep):
     @property
     def template(self) -> Any:
         if self._template is None:
-            raise SirfNotReadyError("SirfDataStep has no image template yet: pass image_template=..., set up the "
+            raise SirfNotReadyError("SirfLogLikelihood has no image template yet: pass image_template=..., set up the "
                                     "acquisition model, or call reconstructor.set_up(image) first")
         return self._template
 
@@ -559,7 +559,7 @@ class SirfDataStep(DataStep):
         return t
 
     def from_tensor(self, tensor: torch.Tensor, template: Any | None = None) -> Any:
-        """Tensor ``(z, y, x)`` → a new SIRF ``ImageData``: a clone of ``template`` (default: the DataStep's)
+        """Tensor ``(z, y, x)`` → a new SIRF ``ImageData``: a clone of ``template`` (default: the PoissonLogLikelihood's)
         filled with the values, so its geometry, voxel sizes and modality are the template's."""
         tpl = self.template if template is None else template
         if not _is_image(tpl):
@@ -584,7 +584,7 @@ class SirfDataStep(DataStep):
                 self._sens[key] = self._image_to_tensor(self.objective.get_subset_sensitivity(key))
         return self._sens[key]
 
-    def backproject_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+    def backprojected_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         """EM numerator ``obj.get_backprojection_of_acquisition_ratio(image(x), s)`` (summed when ``None``)."""
         self._ensure_set_up()
         image = self.from_tensor(x)
@@ -594,7 +594,7 @@ class SirfDataStep(DataStep):
             total = t if total is None else total + t
         return total  # type: ignore[return-value]
 
-    def log_likelihood(self, x: torch.Tensor) -> float:
+    def value(self, x: torch.Tensor, subset: int | None = None) -> float:
         """``obj.value(image)`` plus the prior's value if the objective has one (so: the Poisson term only).
 
         STIR's objective value is ``Σ y log ŷ − ŷ − penalty`` (``GeneralisedObjectiveFunction::
@@ -613,7 +613,7 @@ class SirfDataStep(DataStep):
         if self.acq_model is None:
             raise SirfNotReadyError(
                 "forward/backward need the acquisition model, which a SIRF objective does not expose: use "
-                "SirfDataStep.from_acquisition_model(acq_model, prompts) or SirfDataStep.from_objective(obj, "
+                "SirfLogLikelihood.from_acquisition_model(acq_model, prompts) or SirfLogLikelihood.from_objective(obj, "
                 "acq_model=acq_model)")
         if not model_is_set_up(self.acq_model):
             raise SirfNotReadyError(
@@ -662,7 +662,7 @@ class SirfDataStep(DataStep):
 
     def __repr__(self) -> str:
         shape = _dims(self._template) if self._template is not None else None
-        return (f"SirfDataStep(objective={type(self.objective).__name__}, image_shape={shape}, "
+        return (f"SirfLogLikelihood(objective={type(self.objective).__name__}, image_shape={shape}, "
                 f"num_subsets={self._num_subsets}, device={self.device})")
 
 

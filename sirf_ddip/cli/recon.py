@@ -195,7 +195,7 @@ def _check_recon_outputs(args, out: Path, ck_dir: Path | None, checkpointing: bo
 
 
 def _recon(args) -> int:
-    from ..errors import ConfigError, GeometryMismatchError
+    from ..errors import ConfigError
     from ..io import read_image, write_image
     from ..recon.callbacks import CheckpointCallback, LoggingCallback, ProgressCallback
     from ..recon.ddip import CHECKPOINT_FILE, DDIPReconstructor

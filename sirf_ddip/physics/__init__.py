@@ -14,11 +14,9 @@ Names are imported lazily so that ``import sirf_ddip.physics`` stays cheap.
 from __future__ import annotations
 
 __all__ = ["Projector", "AcquisitionModel", "EngineLogLikelihood", "LinearOperator", "MultiplicativeFactors",
-           "ComposedOperator", "ViewSubsets", "PoissonLogLikelihood",
-           "EngineDataStep"]  # TEMP-ALIAS: EngineDataStep
+           "ComposedOperator", "ViewSubsets", "PoissonLogLikelihood"]
 
 _WHERE = {"Projector": "projector", "AcquisitionModel": "model", "EngineLogLikelihood": "model",
-          "EngineDataStep": "model",  # TEMP-ALIAS
           "LinearOperator": "operator", "MultiplicativeFactors": "operator", "ComposedOperator": "operator",
           "ViewSubsets": "subsets", "PoissonLogLikelihood": "likelihood"}
 

@@ -108,14 +108,6 @@ class PoissonLogLikelihood(abc.ABC):
     #: image shape (nz, ny, nx)
     image_shape: tuple[int, int, int]
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # TEMP-ALIAS: implementations written against the old DataStep names (backproject_ratio,
-        # log_likelihood) satisfy the new abstract methods; remove after the rename is merged everywhere.
-        super().__init_subclass__(**kwargs)
-        for new, old in (("backprojected_ratio", "backproject_ratio"), ("value", "log_likelihood")):  # TEMP-ALIAS
-            if old in cls.__dict__ and new not in cls.__dict__:  # TEMP-ALIAS
-                setattr(cls, new, cls.__dict__[old])  # TEMP-ALIAS
-
     # ---------------------------------------------------------------- subsets
     @property
     @abc.abstractmethod
@@ -159,20 +151,3 @@ class PoissonLogLikelihood(abc.ABC):
     @abc.abstractmethod
     def from_tensor(self, tensor: torch.Tensor, template: Any | None = None) -> Any:
         """Tensor -> backend-native image, on ``template``'s grid (or the likelihood's own)."""
-
-    # ---------------------------------------------------------------- TEMP-ALIAS: old DataStep names
-    def backproject_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:  # TEMP-ALIAS
-        """Old name of :meth:`backprojected_ratio` (TEMP-ALIAS)."""
-        return self.backprojected_ratio(x, subset)
-
-    def log_likelihood(self, x: torch.Tensor, subset: int | None = None) -> float:  # TEMP-ALIAS
-        """Old name of :meth:`value` (TEMP-ALIAS)."""
-        return self.value(x) if subset is None else self.value(x, subset)
-
-    def em_update(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:  # TEMP-ALIAS
-        """Old method form of :func:`sirf_ddip.recon.em.em_update` (TEMP-ALIAS; physics may not import recon,
-        so the two lines of the update are repeated here until the callers use ``recon.em``)."""
-        sens = self.sensitivity(subset)  # TEMP-ALIAS
-        num = self.backprojected_ratio(x, subset)  # TEMP-ALIAS
-        safe = torch.where(sens > 0, sens, torch.ones_like(sens))  # TEMP-ALIAS
-        return torch.where(sens > 0, x * num / safe, torch.zeros_like(x))  # TEMP-ALIAS

@@ -14,8 +14,7 @@ and STIR's log-likelihood safeguards (see :mod:`sirf_ddip.physics.likelihood`).
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +27,7 @@ from .likelihood import PoissonLogLikelihood, em_numerator_ratio, stir_log_likel
 from .operator import LinearOperator, MultiplicativeFactors
 from .subsets import ViewSubsets, validate_num_subsets
 
-__all__ = ["AcquisitionModel", "SubsetOperator", "EngineLogLikelihood", "validate_sinogram", "build_additive",
-           "EngineDataStep"]  # TEMP-ALIAS: EngineDataStep
+__all__ = ["AcquisitionModel", "SubsetOperator", "EngineLogLikelihood", "validate_sinogram", "build_additive"]
 
 SinoLike = Any  # ProjData | np.ndarray | torch.Tensor
 
@@ -459,4 +457,3 @@ class EngineLogLikelihood(PoissonLogLikelihood):
                 f"image={self.image_shape}, subsets={self.num_subsets}, device={self.device})")
 
 
-EngineDataStep = EngineLogLikelihood  # TEMP-ALIAS

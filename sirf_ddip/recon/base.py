@@ -8,7 +8,7 @@ The surface follows ``sirf.STIR.IterativeReconstructor`` / ``OSMAPOSLReconstruct
 ======================================  =====================================================================
 call                                    behaviour (and where SIRF/STIR define it)
 ======================================  =====================================================================
-``set_objective_function(obj)``         a DataStep or a sirf.STIR Poisson log-likelihood (STIR.py:2842)
+``set_objective_function(obj)``         a PoissonLogLikelihood or a sirf.STIR Poisson log-likelihood (STIR.py:2842)
 ``set_input(acq)``                      needs the objective first, as STIR ("objective function needs to be set
                                         before calling set_input_data", IterativeReconstruction.cxx:615)
 ``set_up(image)``                       ``image`` is the geometry template; sub-iteration number becomes 1
@@ -50,7 +50,7 @@ sub-iteration ``k`` (1-based) subset    ``(k - 1) mod S`` (``get_subset_num``, I
 CIL's ``Algorithm`` surface (``iteration``, ``run(iterations, callbacks)``, ``self.x``) is here too, on tensors;
 :mod:`sirf_ddip.recon.cil` wraps a reconstructor as a real CIL ``Algorithm`` whose ``x`` is a SIRF image.
 Subclasses implement :meth:`_set_up` and :meth:`_update` on tensors; everything backend-specific goes through
-the :class:`~sirf_ddip.recon.datastep.DataStep`.
+the :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
 """
 
 from __future__ import annotations
@@ -66,33 +66,34 @@ import torch
 
 from ..errors import ConfigError, SirfDdipError
 from .callbacks import Callback, ProgressCallback, as_callback
-from .datastep import DataStep, validate_num_subsets
+from ..physics.likelihood import PoissonLogLikelihood
+from ..physics.subsets import validate_num_subsets
 
 #: STIR's default ``maximum relative change`` (``NumericInfo<float>().max_value()``, OSMAPOSLReconstruction.cxx:98)
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
-def as_datastep(obj: Any) -> DataStep:
-    """Adapt an objective function to a :class:`DataStep`.
+def as_datastep(obj: Any) -> PoissonLogLikelihood:
+    """Adapt an objective function to a :class:`PoissonLogLikelihood`.
 
-    Accepts a :class:`DataStep` (returned as is) or a SIRF ``PoissonLogLikelihoodWithLinearModelForMean...``
+    Accepts a :class:`PoissonLogLikelihood` (returned as is) or a SIRF ``PoissonLogLikelihoodWithLinearModelForMean...``
     objective (real ``sirf.STIR`` or API-compatible), adapted by :mod:`sirf_ddip.backends.sirf`.
 
     Layering: ``recon`` sits above ``backends`` and may import it; the import is inside this function so that
     ``import sirf_ddip.recon`` never loads the SIRF adapter (nor SIRF) for engine-only use, and so that no import
-    cycle can form while the adapter still imports the DataStep base from ``recon`` (the base moves to
+    cycle can form while the adapter still imports the PoissonLogLikelihood base from ``recon`` (the base moves to
     ``physics/`` with the likelihood interface, after which ``backends`` no longer imports ``recon``).
     """
-    if isinstance(obj, DataStep):
+    if isinstance(obj, PoissonLogLikelihood):
         return obj
     if hasattr(obj, "get_subset_sensitivity") or hasattr(obj, "get_backprojection_of_acquisition_ratio") \
             or hasattr(obj, "set_acquisition_model"):
-        from ..backends.sirf import SirfDataStep  # noqa: PLC0415 - lazy by design (see docstring)
+        from ..backends.sirf import SirfLogLikelihood  # noqa: PLC0415 - lazy by design (see docstring)
 
-        return SirfDataStep.from_objective(obj)
+        return SirfLogLikelihood.from_objective(obj)
     raise TypeError(
         f"cannot use a {type(obj).__module__}.{type(obj).__name__} as objective function: expected a "
-        "sirf_ddip DataStep (e.g. sirf_ddip.physics.model.EngineDataStep) or a sirf.STIR Poisson log-likelihood "
+        "sirf_ddip PoissonLogLikelihood (e.g. sirf_ddip.physics.model.EngineLogLikelihood) or a sirf.STIR Poisson log-likelihood "
         "objective (make_Poisson_loglikelihood)")
 
 
@@ -117,7 +118,7 @@ class IterativeReconstructor(abc.ABC):
 
     def __init__(self) -> None:
         self._objective: Any = None
-        self._data_step: DataStep | None = None
+        self._data_step: PoissonLogLikelihood | None = None
         self._input: Any = None
         self._num_subsets = 1
         self._num_subiterations = 1
@@ -136,7 +137,7 @@ class IterativeReconstructor(abc.ABC):
 
     # ------------------------------------------------------------------ objective / data
     def set_objective_function(self, obj: Any) -> None:
-        """Set the objective (a DataStep or a sirf.STIR Poisson log-likelihood)."""
+        """Set the objective (a PoissonLogLikelihood or a sirf.STIR Poisson log-likelihood)."""
         self._data_step = as_datastep(obj)
         self._objective = obj
         self.configured = False
@@ -145,7 +146,7 @@ class IterativeReconstructor(abc.ABC):
         return self._objective
 
     @property
-    def data_step(self) -> DataStep:
+    def data_step(self) -> PoissonLogLikelihood:
         if self._data_step is None:
             raise NotSetUpError(f"{type(self).__name__}: call set_objective_function(...) first")
         return self._data_step
@@ -159,7 +160,7 @@ class IterativeReconstructor(abc.ABC):
             No objective function yet: STIR refuses this too ("objective function needs to be set before calling
             set_input_data", ``IterativeReconstruction.cxx:615``), so data are never stored and then ignored.
         ConfigError
-            The objective (a DataStep without ``set_prompts``) cannot take new data.
+            The objective (a PoissonLogLikelihood without ``set_prompts``) cannot take new data.
         """
         if self._data_step is None:
             raise NotSetUpError(f"{type(self).__name__}.set_input: the objective function needs to be set before "

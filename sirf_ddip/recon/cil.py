@@ -95,7 +95,7 @@ def cil_algorithm_class(base: type | None = None) -> type:
         def update_objective(self) -> None:
             """Append the loss: minus the Poisson log-likelihood at ``x`` (CIL minimises; no prior term)."""
             ds = self.reconstructor.data_step
-            self.loss.append(-float(ds.log_likelihood(ds.to_tensor(self.x))))
+            self.loss.append(-float(ds.value(ds.to_tensor(self.x))))
 
         def get_subiteration_num(self) -> int:
             """The reconstructor's STIR-style sub-iteration number."""

@@ -54,9 +54,11 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataValueError, GeometryMismatchError, InputFileError
+from ..physics.subsets import subset_of_iteration
 from .base import IterativeReconstructor, NotSetUpError
 from .checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # noqa: F401  (re-exported)
 from .config import DDIPConfig
+from .em import em_update
 from .hqs import beta_activity, hqs_image_step
 
 
@@ -100,7 +102,7 @@ def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: t
 
 
 class DDIPReconstructor(IterativeReconstructor):
-    """HQS-DDIP reconstruction on any :class:`~sirf_ddip.recon.datastep.DataStep`.
+    """HQS-DDIP reconstruction on any :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
 
     Parameters
     ----------
@@ -356,7 +358,7 @@ class DDIPReconstructor(IterativeReconstructor):
         x = torch.where(sens > 0, torch.ones_like(sens), torch.zeros_like(sens))
         t0 = time.perf_counter()
         for k in progress(range(n_sub), total=n_sub, desc="DDIP warm start (OSEM)", leave=False):
-            x = ds.em_update(x, k % S if S > 1 else None)
+            x = em_update(ds, x, subset_of_iteration(k, S))
         self.timings["init"] += time.perf_counter() - t0
         self.counts["init_em"] += n_sub
         return x
@@ -387,7 +389,7 @@ class DDIPReconstructor(IterativeReconstructor):
     def _log_likelihood(self, x: torch.Tensor) -> float:
         """The Poisson log-likelihood ``Σ y log ŷ − ŷ`` (constants dropped, all data) of ``x``; timed."""
         t0 = time.perf_counter()
-        val = float(self.data_step.log_likelihood(x))
+        val = float(self.data_step.value(x))
         self.timings["loglik"] += time.perf_counter() - t0
         return val
 
@@ -464,7 +466,7 @@ class DDIPReconstructor(IterativeReconstructor):
         S = self._num_subsets
         subsets = []
         for _ in range(num_em):
-            subsets.append(self._em_counter % S if S > 1 else None)
+            subsets.append(subset_of_iteration(self._em_counter, S))
             self._em_counter += 1
         z = self.prior.from_network(x0_net.detach()).to(ds.dtype)
         if cfg.em_start == "x0":
@@ -534,7 +536,7 @@ class DDIPReconstructor(IterativeReconstructor):
         S = self._num_subsets
         subsets = []
         for _ in range(cfg.final_em):
-            subsets.append(self._em_counter % S if S > 1 else None)
+            subsets.append(subset_of_iteration(self._em_counter, S))
             self._em_counter += 1
         beta = beta_activity(cfg.final_em_beta, self.pet_scaler.gain)
         start = x.clamp_min(1e-3 * float(self.pet_scaler.scale))

@@ -49,7 +49,8 @@ import math
 
 import torch
 
-from .datastep import DataStep, em_multiplicative_update
+from ..physics.likelihood import PoissonLogLikelihood
+from .em import em_multiplicative_update
 
 
 def beta_activity(beta_net: float, gain: float) -> float:
@@ -114,13 +115,13 @@ def hqs_objective(x: torch.Tensor, x_em: torch.Tensor, z: torch.Tensor, sens: to
     return sens * (x_em * torch.log(x) - x) - 0.5 * beta * (x - z) ** 2
 
 
-def hqs_image_step(data_step: DataStep, x: torch.Tensor, z: torch.Tensor, beta: float, num_em: int,
+def hqs_image_step(data_step: PoissonLogLikelihood, x: torch.Tensor, z: torch.Tensor, beta: float, num_em: int,
                    subsets: list[int | None] | None = None, timer: dict | None = None) -> torch.Tensor:
     """``num_em`` EM updates from ``x``, each followed by the fusion (3) with ``z`` (all in activity units).
 
     Parameters
     ----------
-    data_step : DataStep
+    data_step : PoissonLogLikelihood
         The physics (3D, all segments); its sensitivities are cached by the data step.
     x : tensor (nz, ny, nx)
         Starting image (activity units, ``>= 0``).
@@ -152,7 +153,7 @@ def hqs_image_step(data_step: DataStep, x: torch.Tensor, z: torch.Tensor, beta: 
     sens_all = data_step.sensitivity(None)    # β is for the whole data (module docstring: view subsets)
     for sub in subsets:
         t0 = time.perf_counter()
-        num = data_step.backproject_ratio(x, sub)
+        num = data_step.backprojected_ratio(x, sub)
         t1 = time.perf_counter()
         sens = data_step.sensitivity(sub)
         x_em = em_multiplicative_update(x, num, sens)
