@@ -62,7 +62,7 @@ def pytest_configure(config):
     if os.environ.get("CI", "").lower() == "true":
         for d in (STIR_REF, REAL_MMR):
             if not d.is_dir():
-                raise pytest.UsageError(f"CI=true but the shared reference data are missing at {d}: the STIR "
+                raise pytest.UsageError(f"CI=true but the STIR reference data are missing at {d}: the STIR "
                                         f"comparisons would all be skipped. Provide ../shared/{d.name} (or set "
                                         "SIRF_DDIP_SHARED).")
 

@@ -30,3 +30,10 @@ def test_ci_without_stir_data_fails(tmp_path):
 def test_without_ci_missing_data_only_skips(tmp_path):
     res = _pytest({"CI": "false", "SIRF_DDIP_SHARED": str(tmp_path / "nowhere")}, tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ci_without_real_mmr_data_fails(tmp_path):
+    (tmp_path / "shared" / "stir-reference").mkdir(parents=True)
+    res = _pytest({"CI": "true", "SIRF_DDIP_SHARED": str(tmp_path / "shared")}, tmp_path)
+    assert res.returncode != 0
+    assert "real-mmr" in res.stdout + res.stderr
