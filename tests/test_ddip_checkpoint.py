@@ -1,0 +1,60 @@
+"""DDIP checkpoint files (recon/checkpoint.py): round trip and every refusal, each a named error naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sirf_ddip.errors import ConfigError, InputFileError
+from sirf_ddip.recon import checkpoint as ck
+
+CFG = {"beta": 10.0, "num_steps": 50, "eta_mode": "dds"}
+SHAPE = (3, 4, 5)
+
+
+def _state(it: int = 7) -> dict:
+    return {"iteration": it, "image_shape": list(SHAPE), "x": torch.arange(60.0).reshape(SHAPE)}
+
+
+def test_round_trip(tmp_path):
+    ck.write_checkpoint(tmp_path, _state(), CFG)
+    st = ck.read_checkpoint(tmp_path, CFG, SHAPE)
+    assert st["iteration"] == 7 and torch.equal(st["x"], _state()["x"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_missing_corrupt_and_other_format(tmp_path):
+    with pytest.raises(InputFileError, match="no DDIP checkpoint here"):
+        ck.read_checkpoint(tmp_path, CFG, SHAPE)
+    path = ck.write_checkpoint(tmp_path, _state(), CFG)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])                     # truncated: a killed copy, a full disk
+    with pytest.raises(InputFileError, match="cannot read checkpoint"):
+        ck.read_checkpoint(tmp_path, CFG, SHAPE)
+    torch.save({"format": "sirf_ddip-ddip-checkpoint/1", "config": "{}", **_state()}, path)
+    with pytest.raises(InputFileError, match=r"unknown checkpoint format 'sirf_ddip-ddip-checkpoint/1'") as e:
+        ck.read_checkpoint(tmp_path, CFG, SHAPE)
+    assert e.value.key == "format"
+
+
+def test_other_settings_and_other_shape_are_refused(tmp_path):
+    ck.write_checkpoint(tmp_path, _state(), CFG)
+    with pytest.raises(ConfigError, match=r"beta \(checkpoint 10.0, now 3.0\)"):
+        ck.read_checkpoint(tmp_path, {**CFG, "beta": 3.0}, SHAPE)
+    with pytest.raises(InputFileError, match=r"image shape \[3, 4, 5\] != \[3, 4, 6\]"):
+        ck.read_checkpoint(tmp_path, CFG, (3, 4, 6))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ck.write_checkpoint(tmp_path, _state(7), CFG)
+
+    def disk_full(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        ck.write_checkpoint(tmp_path, _state(9), CFG)
+    monkeypatch.undo()
+    assert ck.read_checkpoint(tmp_path, CFG, SHAPE)["iteration"] == 7
