@@ -58,3 +58,4 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         ck.write_checkpoint(tmp_path, _state(9), CFG)
     monkeypatch.undo()
     assert ck.read_checkpoint(tmp_path, CFG, SHAPE)["iteration"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ck.CHECKPOINT_FILE, ck.SIDECAR_FILE]  # no partial left

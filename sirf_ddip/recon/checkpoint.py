@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, InputFileError
+from ..utils.atomic import atomic_path, write_text
 
 CHECKPOINT_FORMAT = "sirf_ddip-ddip-checkpoint/2"
 CHECKPOINT_FILE = "ddip_checkpoint.pt"
@@ -33,16 +34,12 @@ def write_checkpoint(folder: str | os.PathLike, state: dict[str, Any], config: d
         The checkpoint file.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     full = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config), **state}
     path = folder / CHECKPOINT_FILE
-    tmp = folder / (CHECKPOINT_FILE + ".tmp")
-    torch.save(full, tmp)
-    os.replace(tmp, path)
-    side = folder / SIDECAR_FILE
-    tmp = folder / (SIDECAR_FILE + ".tmp")
-    tmp.write_text(json.dumps({"iteration": int(state.get("iteration", 0)), "config": config}, indent=2))
-    os.replace(tmp, side)
+    with atomic_path(path) as tmp:
+        torch.save(full, tmp)
+    write_text(folder / SIDECAR_FILE,
+               json.dumps({"iteration": int(state.get("iteration", 0)), "config": config}, indent=2))
     return path
 
 
