@@ -151,6 +151,10 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (cartesian product)")
     ap.add_argument("--runs", default=None, help="JSON list of override dicts, run after the --grid product")
     ap.add_argument("--final-em", default="0", help="comma list of final_em values scored from each output")
+    ap.add_argument("--final-em-beta", default="0",
+                    help="comma list of final_em_beta values (network units) for every final_em k > 0")
+    ap.add_argument("--score-hqs", action="store_true",
+                    help="also score the last HQS image (x0 fused with the data) instead of the network's x0")
     ap.add_argument("--weights", default=None, help="prior weights (default: shipped)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--osem-subsets", type=int, nargs="*", default=[1, 7])
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
     from sirf_ddip.prior.weights import load_default, load_prior
     from sirf_ddip.recon.config import DDIPConfig
     from sirf_ddip.recon.ddip import DDIPReconstructor
-    from sirf_ddip.recon.hqs import hqs_image_step
+    from sirf_ddip.recon.hqs import beta_activity, hqs_image_step
     from sirf_ddip.utils.device import resolve_device
 
     torch.set_num_threads(1)
@@ -180,6 +184,7 @@ def main(argv=None) -> int:
     if args.runs:
         grid += list(json.loads(args.runs))
     final_em = [int(v) for v in args.final_em.split(",")]
+    final_em_beta = [float(v) for v in args.final_em_beta.split(",")]
 
     def emit(rec):
         with out.open("a") as f:
@@ -218,16 +223,23 @@ def main(argv=None) -> int:
             secs = round(time.perf_counter() - t0, 1)
             x = r.x.detach().clone()
             dc = r.data_consistency()
+            common = {"seconds": secs, "loglik_warm_start": round(dc["loglik_warm_start"], 2),
+                      "pet_scale": float(r.pet_scaler.scale)}
             for k in final_em:
-                y = x
-                if k > 0:
-                    start = x.clamp_min(1e-3 * float(r.pet_scaler.scale))
-                    S = cfg.num_subsets
-                    y = hqs_image_step(ds, start, x, 0.0, k, [(j % S if S > 1 else None) for j in range(k)])
-                    y = r._masked(y)
-                emit({"case": case.name, "method": "ddip", "settings": {**g, "final_em": k}, **sc(y),
-                      "seconds": secs, "loglik_warm_start": round(dc["loglik_warm_start"], 2),
-                      "pet_scale": float(r.pet_scaler.scale)})
+                for fb in (final_em_beta if k > 0 else [0.0]):
+                    y = x
+                    if k > 0:
+                        start = x.clamp_min(1e-3 * float(r.pet_scaler.scale))
+                        S = cfg.num_subsets
+                        y = hqs_image_step(ds, start, x, beta_activity(fb, r.pet_scaler.gain), k,
+                                           [(j % S if S > 1 else None) for j in range(k)])
+                        y = r._masked(y)
+                    extra = {"final_em_beta": fb} if k > 0 and fb > 0 else {}
+                    emit({"case": case.name, "method": "ddip", "settings": {**g, "final_em": k, **extra}, **sc(y),
+                          **common})
+            if args.score_hqs:
+                emit({"case": case.name, "method": "ddip", "settings": {**g, "output": "hqs"},
+                      **sc(r._masked(r._x_img.detach().clone())), **common})
             del r
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

@@ -14,6 +14,7 @@ Examples::
     python benchmarks/full_size.py --quick               # 16 rings (31 planes): a smaller run
     python benchmarks/full_size.py --rings 32 --skip-osem
     python benchmarks/full_size.py --cli                 # the whole `sirf-ddip osem --subsets 21` command
+    python benchmarks/full_size.py --ddip-steps 1 --skip-osem   # + one DDIP step (shipped settings) at full size
 
 Run under ``/usr/bin/time -v`` for the whole process's peak RSS.
 """
@@ -33,6 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from sirf_ddip.geometry import SinogramGeometry  # noqa: E402
 from sirf_ddip.io.header import InterfileHeader  # noqa: E402
@@ -99,8 +101,47 @@ def phantom(grid) -> np.ndarray:
     return vol
 
 
+def run_ddip_steps(P: Projector, y: torch.Tensor, geom: SinogramGeometry, grid, dev: torch.device,
+                   steps: int) -> None:
+    """``steps`` diffusion steps of DDIP with the shipped settings (``recon/ddip.yaml``) on the full-size data
+    ``y`` (noise-free, scaled to 2e7 counts: a 10 %-dose brain), a head phantom's MR, the shipped prior, and the
+    projector ``P`` already set up. The warm start is cut to one MLEM iteration (``n_init = 1``): it is not what is
+    timed here (20 iterations cost 20 x (forward + back) above). Prints the per-step parts of
+    :meth:`DDIPReconstructor.timing_report` and the peak memory; a full run is ``num_steps`` such steps."""
+    from ddip_grid import _phantom as head_phantom  # same folder; a head-sized MR
+
+    from sirf_ddip.data import Image, ProjData
+    from sirf_ddip.physics.model import EngineLogLikelihood
+    from sirf_ddip.recon.ddip import DDIPReconstructor
+
+    _, mr = head_phantom(grid)
+    counts = y * (2e7 / max(float(y.sum()), 1.0))
+    lik = EngineLogLikelihood(ProjData(counts.cpu().numpy(), geom), grid=grid, device=dev, projector=P)
+    rec = DDIPReconstructor(n_init=1, device=str(dev))
+    rec.set_objective_function(lik)
+    rec.set_anatomical_image(Image(mr, grid))
+    with _Timer() as t:
+        rec.set_up(Image(np.ones(grid.shape, np.float32), grid))
+        rec.initialise()
+        _sync(dev)
+    print(f"{'DDIP set-up + 1-it warm start':28s}{t.wall:8.2f} s wall {t.cpu:8.2f} s cpu  "
+          f"({rec.config.num_steps} steps of {rec.prior.num_slabs(grid.shape[0])} slabs, prior grid: "
+          f"{rec.prior_grid.describe() if rec.prior_grid is not None else 'the PET grid'})", flush=True)
+    with _Timer() as t:
+        for _ in range(steps):
+            rec.update_current_estimate()
+        _sync(dev)
+    rep = rec.timing_report()
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in rep.items() if k not in ("init_total",) and v > 0)
+    print(f"{'DDIP step (shipped settings)':28s}{t.wall / steps:8.2f} s wall {t.cpu / steps:8.2f} s cpu  per step; "
+          f"parts (s/step): {parts}", flush=True)
+    print(f"{'DDIP full run (estimate)':28s}{t.wall / steps * rec.config.num_steps / 60:8.1f} min wall  "
+          f"= {rec.config.num_steps} x this step + a {rec.config.n_init}-iteration warm start in a real run",
+          flush=True)
+
+
 def run(dev: torch.device, geom: SinogramGeometry, xy: int, threads: int, subsets: int, osem: bool,
-        kernel: str) -> None:
+        kernel: str, ddip_steps: int = 0) -> None:
     grid = geom.default_image_grid(xy)
     print(f"\n== {dev.type}: {geom.shape[0]} x {geom.shape[1]} x {geom.shape[2]} bins "
           f"({np.prod(geom.shape) / 1e6:.1f} M), image {grid.shape}, kernel {kernel}, {threads} thread(s)",
@@ -177,6 +218,8 @@ def run(dev: torch.device, geom: SinogramGeometry, xy: int, threads: int, subset
                     est = torch.where(sens[s] > 0, est * P.adjoint(q, s, subsets) / sens[s].clamp_min(1e-12), 0)
                 _sync(dev)
             line(f"OSEM iteration ({subsets} subs.)", t, f"(STIR {STIR['OSEM iteration (21 subsets)']:.0f} s)")
+    if ddip_steps > 0:
+        run_ddip_steps(P, y, geom, grid, dev, ddip_steps)
     print(f"{'peak memory':28s}{_peak_gb(dev):8.2f} GB ({'RSS' if dev.type == 'cpu' else 'CUDA allocated'})",
           flush=True)
 
@@ -237,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cli", action="store_true",
                     help="only time the whole 'sirf-ddip osem --iterations 1' command on a written study")
     ap.add_argument("--study-dir", default=None, help="with --cli: keep the study there (default: a temp dir)")
+    ap.add_argument("--ddip-steps", type=int, default=0,
+                    help="also time this many DDIP diffusion steps (shipped settings, shipped prior; 0 = none)")
     args = ap.parse_args(argv)
     template = Path(args.template)
     if not template.is_file():
@@ -255,7 +300,7 @@ def main(argv=None) -> int:
         run_cli_osem(geom, args.xy, subsets, args.threads, args.study_dir)
         return 0
     for dev in devs:
-        run(dev, geom, args.xy, args.threads, subsets, not args.skip_osem, args.kernel)
+        run(dev, geom, args.xy, args.threads, subsets, not args.skip_osem, args.kernel, args.ddip_steps)
     return 0
 
 

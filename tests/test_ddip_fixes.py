@@ -296,3 +296,69 @@ def test_log_likelihood_diagnostic_and_final_em_stage(bundle):
     torch.testing.assert_close(f.x, x, rtol=1e-6, atol=1e-8)        # final_em_beta = 0: plain EM from the output
     assert dcf["loglik_final_em"] == pytest.approx(ds.value(f.x), rel=1e-9)
     assert dcf["loglik_final_em"] > dc["loglik_output"]              # EM increases the likelihood
+
+
+# ---------------------------------------------------------------------- the β schedule (beta_final)
+def test_beta_schedule_closed_form():
+    from sirf_ddip.recon.hqs import beta_schedule
+
+    assert beta_schedule(10.0, None, 300, 600) == 10.0                 # constant when unset
+    assert beta_schedule(10.0, 1.0, 600, 600) == pytest.approx(10.0, rel=1e-12)
+    assert beta_schedule(10.0, 1.0, 0, 600) == pytest.approx(1.0, rel=1e-12)
+    assert beta_schedule(10.0, 1.0, 300, 600) == pytest.approx(math.sqrt(10.0), rel=1e-12)  # geometric midpoint
+    assert beta_schedule(10.0, 1.0, 150, 600) == pytest.approx(10.0 * 0.1 ** 0.75, rel=1e-12)
+    with pytest.raises(ValueError):
+        beta_schedule(math.inf, 1.0, 10, 600)
+
+
+def test_reconstructor_uses_the_scheduled_beta_in_every_image_step(bundle, monkeypatch):
+    import sirf_ddip.recon.ddip as ddip_mod
+    from sirf_ddip.recon.hqs import beta_activity, beta_schedule
+
+    seen = []
+    real = ddip_mod.hqs_image_step
+
+    def spy(ds, x, z, beta, num_em, subsets, timer=None):
+        seen.append(beta)
+        return real(ds, x, z, beta, num_em, subsets, timer=timer)
+
+    monkeypatch.setattr(ddip_mod, "hqs_image_step", spy)
+    ds = DenseDataStep()
+    r = make(ds, bundle, num_steps=4, beta=8.0, beta_final=0.5)
+    r.process(progress=False)
+    g2 = float(r.pet_scaler.gain) ** 2
+    want = [beta_schedule(8.0, 0.5, t, r.config.t_start) * g2 for t in r.timesteps]
+    assert len(seen) == len(want) == 4
+    assert seen == pytest.approx(want, rel=1e-12)
+    assert seen[0] > seen[-1]                                          # loosens towards t = 0
+    c = make(ds, bundle, num_steps=4, beta=8.0)
+    assert c.beta_network == 8.0
+    assert beta_activity(8.0, r.pet_scaler.gain) == pytest.approx(seen[0] * 8.0 / beta_schedule(
+        8.0, 0.5, r.timesteps[0], r.config.t_start), rel=1e-12)
+
+
+def test_beta_final_is_validated():
+    from sirf_ddip.errors import ConfigError
+    from sirf_ddip.recon.config import DDIPConfig
+
+    with pytest.raises(ConfigError, match="beta_final"):
+        DDIPConfig(beta_final=0.0)
+    with pytest.raises(ConfigError, match="beta_final"):
+        DDIPConfig(beta=math.inf, beta_final=1.0)
+    assert DDIPConfig(beta_final=2.0).beta_final == 2.0
+
+
+# ---------------------------------------------------------------------- SIRF reconstruct(image)
+def test_reconstruct_writes_the_output_into_the_image_in_place(bundle):
+    ds = DenseDataStep()
+    a = make(ds, bundle, num_steps=2)
+    image = np.full(ds.image_shape, 7.0, dtype=np.float32)
+    back = a.reconstruct(image)
+    assert back is image                                             # SIRF: the image itself holds the result
+    np.testing.assert_allclose(image, a.get_output().numpy() if hasattr(a.get_output(), "numpy")
+                               else np.asarray(a.get_output()), rtol=1e-6)
+    assert not np.allclose(image, 7.0)
+    b = make(ds, bundle, num_steps=2)                                # the template's values are not an estimate
+    other = np.ones(ds.image_shape, dtype=np.float32)
+    b.reconstruct(other)
+    np.testing.assert_allclose(other, image, rtol=1e-6)

@@ -47,3 +47,33 @@ def test_ddip_runs_on_another_prior_grid(shape, vox, mode):
     del ds.grid
     r_none = _run(ds, same, mode)
     assert torch.equal(r_id.x, r_none.x)
+
+
+def test_checkpoint_records_the_prior_grid(tmp_path):
+    """A checkpoint holds x_t on the prior grid: resuming with another prior grid (same PET image shape, other
+    training voxel size) is refused naming ``prior_grid``; the same grid resumes to the identical state."""
+    from sirf_ddip.errors import InputFileError
+
+    ds = DenseDataStep()
+    ds.grid = ImageGrid(ds.image_shape, (2.0, 2.0, 2.0))
+    b = tiny_bundle()
+    b.card = _card(24, 1.6)
+    r = _run(ds, b, "resample")
+    r.save_checkpoint(tmp_path)
+    again = DDIPReconstructor(**FAST, prior_grid="resample")
+    again.set_objective_function(ds)
+    again.set_prior(b)
+    again.set_anatomical_image(ds.mr.numpy())
+    again.set_up(np.ones(ds.image_shape))
+    again.load_checkpoint(tmp_path)
+    assert torch.equal(again._xt, r._xt) and torch.equal(again.x, r.x)
+    other = tiny_bundle()
+    other.card = _card(24, 1.7)
+    o = DDIPReconstructor(**FAST, prior_grid="resample")
+    o.set_objective_function(ds)
+    o.set_prior(other)
+    o.set_anatomical_image(ds.mr.numpy())
+    o.set_up(np.ones(ds.image_shape))
+    with pytest.raises(InputFileError, match="checkpoint made on prior grid") as e:
+        o.load_checkpoint(tmp_path)
+    assert e.value.key == "prior_grid"

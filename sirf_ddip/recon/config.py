@@ -110,6 +110,11 @@ class DDIPConfig:
         Its effect on the image depends on the counts per voxel (the data term scales with the sensitivity, the
         penalty does not), so no value is right for every study. The penalty is for the whole data: with view
         subsets each subset update uses ``β·s_k/s`` so the fixed point does not depend on ``num_subsets``.
+    beta_final : float or None
+        β schedule (network units). ``None`` (default) = constant ``beta``. Otherwise β loosens (or tightens)
+        log-linearly in the diffusion time from ``beta`` at ``t_start`` to ``beta_final`` at ``t = 0``:
+        ``β(t) = beta · (beta_final / beta)^(1 − t / t_start)`` (:func:`sirf_ddip.recon.hqs.beta_schedule`). A
+        ``beta_final`` below ``beta`` lets the data steer the last steps more ("trust the data" towards t = 0).
     num_finetune : int
         K, LoRA fine-tuning iterations per diffusion step (2).
     num_em : int
@@ -202,6 +207,7 @@ class DDIPConfig:
     eta: float = 0.85
     eta_mode: str = "dds"
     beta: float = 10.0
+    beta_final: float | None = None
     num_finetune: int = 1
     num_em: int = 5
     em_start: str = "x0"
@@ -253,6 +259,11 @@ class DDIPConfig:
             bad("eta", "must be in [0, 1]")
         if not self.beta >= 0:
             bad("beta", "must be >= 0 (.inf allowed)")
+        if self.beta_final is not None:
+            if not (0 < self.beta_final < float("inf")):
+                bad("beta_final", "must be > 0 and finite, or null (constant beta)")
+            if not (0 < self.beta < float("inf")):
+                bad("beta_final", "needs a finite beta > 0 to schedule from")
         for key in ("num_finetune", "num_em", "n_init", "finetune_slabs"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")

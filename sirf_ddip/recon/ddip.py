@@ -55,11 +55,11 @@ import torch
 
 from ..errors import ConfigError, DataValueError, GeometryMismatchError, InputFileError
 from ..physics.subsets import subset_of_iteration
-from .base import IterativeReconstructor, NotSetUpError
+from .base import IterativeReconstructor, NotSetUpError, fill_in_place
 from .checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # noqa: F401  (re-exported)
 from .config import DDIPConfig
 from .em import em_update
-from .hqs import beta_activity, hqs_image_step
+from .hqs import beta_activity, beta_schedule, hqs_image_step
 
 
 def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: torch.Tensor, target: str = "data",
@@ -447,10 +447,21 @@ class DDIPReconstructor(IterativeReconstructor):
 
     @property
     def beta_activity(self) -> float:
-        """β of the HQS image step in activity units (``β g²``)."""
+        """β of the HQS image step of the current diffusion step in activity units (``β(t) g²``; ``beta_final``
+        schedules β(t), :func:`sirf_ddip.recon.hqs.beta_schedule`)."""
         if self.pet_scaler is None:
             raise NotSetUpError("DDIP: beta in activity units is known after the warm start (PET scaler fitted)")
-        return beta_activity(self.config.beta, self.pet_scaler.gain)
+        return beta_activity(self.beta_network, self.pet_scaler.gain)
+
+    @property
+    def beta_network(self) -> float:
+        """β (network units) of the current diffusion step's image step (``beta`` unless ``beta_final`` is set)."""
+        cfg = self.config
+        steps = getattr(self, "_timesteps", None)
+        if cfg.beta_final is None or not steps:
+            return float(cfg.beta)
+        t = int(steps[min(self.iteration, len(steps) - 1)])
+        return beta_schedule(cfg.beta, cfg.beta_final, t, cfg.t_start)
 
     # ------------------------------------------------------------------ slabs (the prior's)
     @property
@@ -615,11 +626,23 @@ class DDIPReconstructor(IterativeReconstructor):
             else max(0, self._num_subiterations - self.iteration)
 
     def reconstruct(self, image: Any) -> Any:
-        """Set up on ``image`` (geometry template only), run all diffusion steps, return the output."""
+        """SIRF ``reconstruct(image)``: run all diffusion steps and write the output into ``image`` in place.
+
+        ``image`` fixes the grid (a reconstructor not yet set up is set up on it); unlike OSEM's initial estimate
+        its values are not used: DDIP starts from its own MLEM warm start (seed that with
+        :meth:`set_current_estimate` before :meth:`process` instead). As SIRF, ``image`` holds the result
+        afterwards; it is also returned (a superset: SIRF returns None, so SIRF scripts ignore it). An image
+        that cannot be written in place (``TypeError``) is left alone and the output is returned as a new image.
+        """
         if not self.configured:
             self.set_up(image)
         self.process()
-        return self.get_output()
+        try:
+            fill_in_place(image, self._output_tensor())
+        except TypeError:
+            return self.get_output()
+        self._held = image
+        return image
 
     def progress_info(self) -> dict[str, Any]:
         info: dict[str, Any] = {}
@@ -671,8 +694,18 @@ class DDIPReconstructor(IterativeReconstructor):
             "loglik_warm_start": self.loglik_warm_start,
             "loglik_history": [float(v) for v in self.loglik_history],
             "loglik_final_em": self.loglik_final_em,
+            "prior_grid": self._prior_grid_record(),
         }
         return write_checkpoint(folder, state, self.config.algorithm_dict())
+
+    def _prior_grid_record(self) -> str | None:
+        """What the network's grid is (None: the PET grid is the prior's own); checked when a checkpoint is read."""
+        return None if self.prior_grid is None else self.prior_grid.describe()
+
+    def _xt_shape(self) -> tuple[int, ...]:
+        """Shape of x_t: the PET planes on the prior's in-plane grid."""
+        hw = tuple(self.data_step.image_shape[1:]) if self.prior_grid is None else tuple(self.prior_grid.prior_shape_yx)
+        return (int(self.data_step.image_shape[0]),) + tuple(int(v) for v in hw)
 
     def load_checkpoint(self, folder: str | os.PathLike) -> None:
         """Restore a :meth:`save_checkpoint` state (after ``set_up`` on the same data, prior and MR).
@@ -690,6 +723,14 @@ class DDIPReconstructor(IterativeReconstructor):
 
         self._require_setup()
         state = read_checkpoint(folder, self.config.algorithm_dict(), tuple(self.data_step.image_shape))
+        mine = self._prior_grid_record()
+        where = Path(folder) / CHECKPOINT_FILE
+        if "prior_grid" in state and state["prior_grid"] != mine:
+            raise InputFileError(where, f"checkpoint made on {state['prior_grid'] or 'the prior grid itself'}, "
+                                        f"this run is on {mine or 'the prior grid itself'}", key="prior_grid")
+        if tuple(state["xt"].shape) != tuple(self._xt_shape()):
+            raise InputFileError(where, f"checkpoint x_t shape {tuple(state['xt'].shape)} != this run's "
+                                        f"{tuple(self._xt_shape())} (another prior or prior grid)", key="xt")
         dev, dt = self.device, self.data_step.dtype
         self._timesteps = list(state["timesteps"])
         self._xt = state["xt"].to(dev)

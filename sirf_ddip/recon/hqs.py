@@ -70,6 +70,27 @@ def beta_activity(beta_net: float, gain: float) -> float:
     return float(beta_net) * float(gain) ** 2
 
 
+def beta_schedule(beta: float, beta_final: float | None, t: int, t_start: int) -> float:
+    """β of the image step at diffusion time ``t``: log-linear from ``beta`` at ``t_start`` to ``beta_final`` at 0.
+
+    ``β(t) = beta · (beta_final / beta)^(1 − t / t_start)``; ``beta_final = None`` (or ``t_start = 0``) gives the
+    constant ``beta``. Units are whatever ``beta`` is in (network units in :class:`DDIPReconstructor`).
+
+    Parameters
+    ----------
+    beta, beta_final : float
+        β at ``t = t_start`` and at ``t = 0`` (both ``> 0`` when scheduling).
+    t, t_start : int
+        The step's diffusion time and the warm start's (``0 <= t <= t_start``; ``t`` is clipped to that range).
+    """
+    if beta_final is None or int(t_start) <= 0 or float(beta_final) == float(beta):
+        return float(beta)
+    if not (beta > 0 and beta_final > 0 and math.isfinite(beta) and math.isfinite(beta_final)):
+        raise ValueError(f"HQS: a beta schedule needs finite beta, beta_final > 0, got {beta}, {beta_final}")
+    frac = 1.0 - min(max(float(t), 0.0), float(t_start)) / float(t_start)
+    return float(beta) * (float(beta_final) / float(beta)) ** frac
+
+
 def hqs_fusion(x_em: torch.Tensor, z: torch.Tensor, sens: torch.Tensor, beta: float) -> torch.Tensor:
     """Closed-form solution (3) of the separable HQS sub-problem, in activity units.
 

@@ -66,6 +66,9 @@ class SimulationConfig:
     tracer : a key of :data:`sirf_ddip.sim.phantoms.TRACERS`
     dose_fraction : counts relative to the 100 % reference (0 < f)
     seed, split, pose, deform, lesions, rim : the subject (see :func:`sirf_ddip.sim.phantoms.make_subject`)
+    lesion_kinds : list of "hot"/"cold" to draw lesions from instead of the tracer's (None: the tracer's), e.g.
+        ``[hot, cold]`` for cold lesions in FDG; the rest of the subject is unchanged
+    num_lesions : number of lesions instead of the drawn 1-3 (None: drawn)
     noise_seed : seed of efficiencies and Poisson noise (default: derived from ``seed``)
     scanner : a preset of :func:`sirf_ddip.geometry.scanner.get_scanner`
     num_rings : simulated rings (None: the whole scanner); the slab is centred on the head + ``axial_offset_mm``
@@ -87,6 +90,8 @@ class SimulationConfig:
     pose: str | None = None
     deform: bool = True
     lesions: bool | None = True
+    lesion_kinds: list | None = None
+    num_lesions: int | None = None
     rim: bool = True
     axial_offset_mm: float = 0.0
     noise_seed: int | None = None
@@ -124,6 +129,15 @@ class SimulationConfig:
             raise ConfigError(f"simulation: key 'split' must be one of {sorted(ph.SPLITS)}, got {self.split!r}")
         if self.pose is not None and self.pose not in ph.POSES:
             raise ConfigError(f"simulation: key 'pose' must be one of {sorted(ph.POSES)}, got {self.pose!r}")
+        if self.lesion_kinds is not None:
+            kinds = self.lesion_kinds
+            if isinstance(kinds, str) or not kinds or any(k not in ("hot", "cold") for k in kinds):
+                raise ConfigError("simulation: key 'lesion_kinds' must be a non-empty list of 'hot'/'cold', "
+                                  f"got {kinds!r}")
+        if self.num_lesions is not None and not (isinstance(self.num_lesions, int) and 1 <= self.num_lesions <= 8):
+            raise ConfigError(f"simulation: key 'num_lesions' must be an integer in 1..8 or null, got {self.num_lesions!r}")
+        if (self.lesion_kinds is not None or self.num_lesions is not None) and self.lesions is False:
+            raise ConfigError("simulation: keys 'lesion_kinds'/'num_lesions' need 'lesions' true or null, got false")
         for key in ("seed", "noise_seed"):
             v = getattr(self, key)
             if v is not None and not 0 <= v < 2 ** 63:
@@ -421,7 +435,9 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
     templates = ph.load_templates(cfg.template_cache)
     subj = ph.make_subject(full_grid, cfg.tracer, cfg.seed, split=cfg.split, deform=cfg.deform, lesions=cfg.lesions,
                            pose=cfg.pose, rim=cfg.rim, axial_offset_mm=cfg.axial_offset_mm, templates=templates,
-                           lesion_planes=(k0, k0 + nz))
+                           lesion_planes=(k0, k0 + nz),
+                           lesion_kinds=None if cfg.lesion_kinds is None else tuple(cfg.lesion_kinds),
+                           num_lesions=cfg.num_lesions)
     sl = slice(k0, k0 + nz)
     truth = np.ascontiguousarray(subj.activity.array[sl])
     mr = np.ascontiguousarray(subj.mr.array[sl])

@@ -419,7 +419,9 @@ def run_ddip_variant(method: str, case: CaseData, cfg: StudyConfig, **config_ext
             raise InputFileError(case.name, f"{method}: use_mr is true but the case has no MR image (mr.hv)")
         rec.set_anatomical_image(case.mr)
     rec.set_objective_function(case.data_step)
-    out = rec.reconstruct(case.template)
+    rec.set_up(case.template)
+    rec.process()
+    out = rec.get_output()          # (reconstruct(image) would write into the shared template)
     el = time.perf_counter() - t0
     img = _tensor_np(case.data_step.to_tensor(out))
     extra = {"config": rec.config.to_dict(), "prior": s.prior or "default",
