@@ -362,3 +362,19 @@ def test_reconstruct_writes_the_output_into_the_image_in_place(bundle):
     other = np.ones(ds.image_shape, dtype=np.float32)
     b.reconstruct(other)
     np.testing.assert_allclose(other, image, rtol=1e-6)
+
+
+def test_ddim_x0_hqs_steers_with_the_data_fused_image(bundle):
+    """``ddim_x0: hqs``: the output (and the DDIM step's x̂0) is the step's HQS image, clamped to the network range;
+    ``network`` (default): the adapted network's x̂0, which differs from it."""
+    ds = DenseDataStep()
+    h = make(ds, bundle, num_steps=2, ddim_x0="hqs")
+    h.update_current_estimate()
+    lo, hi = h.config.x0_clamp
+    want = h._masked(h.prior.from_network(h.prior.to_network(h._x_img).clamp(lo, hi)).to(h.x.dtype))
+    torch.testing.assert_close(h.x, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h._x0_net, h.prior.to_network(h._x_img).clamp(lo, hi))
+    n = make(ds, bundle, num_steps=2)
+    n.update_current_estimate()
+    torch.testing.assert_close(n._x_img, h._x_img)                   # same image step up to here
+    assert float((n.x - h.x).abs().max()) > 1e-4

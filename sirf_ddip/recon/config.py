@@ -159,6 +159,10 @@ class DDIPConfig:
     slab_consistency : float
         Weight of a separate slab-consistency term ``mean((x̂0_slab − fold(x̂0).detach())²)`` added to the
         ``"data"`` loss (0 = none, the default; 1 restores the ``"fold"`` loss's implicit weight).
+    ddim_x0 : str
+        Which clean image the DDIM step (and the output) uses with fine-tuning: ``"network"`` (default, the
+        authors' code: the adapted network's Tweedie x̂0) or ``"hqs"`` (the last HQS image, i.e. x̂0 fused with the
+        data, as DDS does; ε̂ still comes from the adapted network). Without fine-tuning the HQS image is always used.
     fov_mask : bool
         Zero the output (and every x̂0 handed out) where the sensitivity is zero, i.e. outside the scanner's field
         of view, where only the network, not the data, sets the value (True).
@@ -221,6 +225,7 @@ class DDIPConfig:
     train_biases: bool = True
     finetune_target: str = "data"
     slab_consistency: float = 0.0
+    ddim_x0: str = "network"
     fov_mask: bool = True
     prior_grid: str = "pad_crop"
     prior_fov_radius_mm: float | None = None
@@ -272,7 +277,7 @@ class DDIPConfig:
                 bad(key, "must be >= 1")
         choices = {"em_start": ("x0", "previous"), "eta_mode": ("dds", "ddim"), "lora_init": ("authors", "peft"),
                    "adapter_rule": ("authors", "legacy"), "finetune_target": ("data", "fold"),
-                   "prior_grid": ("pad_crop", "resample")}
+                   "prior_grid": ("pad_crop", "resample"), "ddim_x0": ("network", "hqs")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, "must be one of " + ", ".join(repr(a) for a in allowed))

@@ -516,6 +516,8 @@ class DDIPReconstructor(IterativeReconstructor):
             self._finetune(xt, t)
             eps = self.prior.eps(xt, t)
             x0 = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
+            if cfg.ddim_x0 == "hqs":   # the data-fused image steers the trajectory (DDS-style), ε̂ from the adapted net
+                x0 = self._to_net(self._x_img).clamp(lo, hi)
         else:
             eps = self.prior.eps(xt, t)
             x0_prior = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
