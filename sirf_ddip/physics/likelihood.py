@@ -76,11 +76,11 @@ def stir_log_likelihood(y: torch.Tensor, ybar: torch.Tensor,
                         segment_slices: Sequence[tuple[int, int]] | None = None) -> float:
     """STIR's ``accumulate_loglikelihood``: ``Σ y log ŷ' − ŷ'`` with ``ŷ' = max(ŷ, y/10000)`` (float64)."""
     small = viewgram_small_values(y, segment_slices)
-    y64 = y.double()
-    est = torch.maximum(ybar.double(), y64 / MAX_QUOTIENT)
+    est = torch.maximum(ybar.double(), y.double() / MAX_QUOTIENT)
     pos = y > small
-    val = torch.where(pos, y64 * torch.log(torch.where(pos, est, torch.ones_like(est))) - est, -est)
-    return float(val.sum())
+    # Σ_pos (y log ŷ' − ŷ') + Σ_rest (−ŷ') = Σ_pos y log ŷ' − Σ_all ŷ': the log only where y counts (at low dose most
+    # bins are 0; a full mMR span-11 sinogram: 16.6 s → ~2 s on one core)
+    return float((y[pos].double() * torch.log(est[pos])).sum() - est.sum())
 
 
 def em_numerator_ratio(y: torch.Tensor, geom_plus_additive: torch.Tensor, mult: torch.Tensor | None,
