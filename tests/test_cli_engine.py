@@ -98,6 +98,11 @@ def test_osem_cli_matches_library(tiny):
     np.testing.assert_allclose(out.array, r.get_output().array, rtol=1e-6)
     assert [p.name for p in sorted(d.glob("osem_*.hv"))] == ["osem_2.hv", "osem_4.hv"]
     np.testing.assert_array_equal(read_image(d / "osem_4.hv").array, out.array)
+    by_grid = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult.hs", d / "add.hs", grid=init, device="cpu")
+    ones = ds.to_tensor(init) * 0 + 1
+    assert by_grid.image_shape == ds.image_shape and by_grid.value(ones) == ds.value(ones)
+    with pytest.raises(ValueError, match="not both"):
+        EngineLogLikelihood.from_files(d / "prompts.hs", image_template=d / "init.hv", grid=init)
     rec = json.loads((d / "osem_run_record.json").read_text())
     assert rec["config"]["subiterations"] == 4 and rec["timing_s"]["iterations"] > 0
     assert main(args) == 2  # outputs exist

@@ -330,7 +330,11 @@ class EngineLogLikelihood(PoissonLogLikelihood):
         y = read_projdata(prompts)
         m = read_projdata(mult) if mult is not None else None
         a = read_projdata(additive) if additive is not None else None
-        grid = read_image(image_template).grid if image_template is not None else None
+        grid = kw.pop("grid", None)          # an ImageGrid/Image given directly (instead of a template file)
+        if image_template is not None:
+            if grid is not None:
+                raise ValueError("EngineLogLikelihood.from_files: give 'image_template' or 'grid', not both")
+            grid = read_image(image_template).grid
         return cls(y, m, a, grid=grid, device=device, num_subsets=num_subsets, **kw)
 
     # -------------------------------------------------------------- data
