@@ -59,3 +59,15 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ck.read_checkpoint(tmp_path, CFG, SHAPE)["iteration"] == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == [ck.CHECKPOINT_FILE, ck.SIDECAR_FILE]  # no partial left
+
+
+def test_key_added_after_the_checkpoint_counts_as_its_default(tmp_path):
+    """A checkpoint written before a key existed resumes when this run uses the key's default (the behaviour of
+    the version that wrote it) and is refused, naming the key, when it does not."""
+    ck.write_checkpoint(tmp_path, _state(), CFG)                 # no 'ddim_x0' in it
+    now = {**CFG, "ddim_x0": "network"}
+    assert ck.read_checkpoint(tmp_path, now, SHAPE, defaults={"ddim_x0": "network"})["iteration"] == 7
+    with pytest.raises(ConfigError, match=r"ddim_x0 \(checkpoint 'network', now 'hqs'\)"):
+        ck.read_checkpoint(tmp_path, {**CFG, "ddim_x0": "hqs"}, SHAPE, defaults={"ddim_x0": "network"})
+    with pytest.raises(ConfigError, match="ddim_x0"):
+        ck.read_checkpoint(tmp_path, now, SHAPE)                # without defaults: a missing key differs

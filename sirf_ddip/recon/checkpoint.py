@@ -44,7 +44,7 @@ def write_checkpoint(folder: str | os.PathLike, state: dict[str, Any], config: d
 
 
 def read_checkpoint(folder: str | os.PathLike, config: dict[str, Any],
-                    image_shape: tuple[int, ...]) -> dict[str, Any]:
+                    image_shape: tuple[int, ...], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read ``folder/ddip_checkpoint.pt`` and check it against this run.
 
     Parameters
@@ -54,6 +54,9 @@ def read_checkpoint(folder: str | os.PathLike, config: dict[str, Any],
         This run's algorithm settings (:meth:`DDIPConfig.algorithm_dict`); every key must match the checkpoint's.
     image_shape : tuple
         This run's image shape.
+    defaults : dict, optional
+        Values of keys added after a checkpoint was written (the key's default, which keeps the behaviour of the
+        version that wrote it): a key missing from the checkpoint's config counts as this value.
 
     Raises
     ------
@@ -77,6 +80,7 @@ def read_checkpoint(folder: str | os.PathLike, config: dict[str, Any],
         saved = json.loads(state["config"])
     except (KeyError, TypeError, ValueError):
         raise InputFileError(path, "checkpoint has no readable config", key="config") from None
+    saved = {**{k: v for k, v in (defaults or {}).items() if k not in saved}, **saved}
     diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
     if diff:
         raise ConfigError(f"{path}: checkpoint config differs from this run in key(s) "
