@@ -725,7 +725,7 @@ class DDIPReconstructor(IterativeReconstructor):
 
         self._require_setup()
         state = read_checkpoint(folder, self.config.algorithm_dict(), tuple(self.data_step.image_shape),
-                                defaults=DDIPConfig.from_dict({}).algorithm_dict())
+                                defaults=DDIPConfig().algorithm_dict())
         mine = self._prior_grid_record()
         where = Path(folder) / CHECKPOINT_FILE
         if "prior_grid" in state and state["prior_grid"] != mine:
