@@ -125,7 +125,8 @@ def run_ddip_steps(P: Projector, y: torch.Tensor, geom: SinogramGeometry, grid, 
         rec.initialise()
         _sync(dev)
     print(f"{'DDIP set-up + 1-it warm start':28s}{t.wall:8.2f} s wall {t.cpu:8.2f} s cpu  "
-          f"({rec.config.num_steps} steps of {rec.prior.num_slabs(grid.shape[0])} slabs, prior grid: "
+          f"({rec.config.num_steps} steps of {int(rec.prior.slab_indices(grid.shape[0]).numel())} of "
+          f"{rec.prior.num_slabs(grid.shape[0])} slabs: {rec.prior_planes_summary()}; prior grid: "
           f"{rec.prior_grid.describe() if rec.prior_grid is not None else 'the PET grid'})", flush=True)
     with _Timer() as t:
         for _ in range(steps):

@@ -279,6 +279,8 @@ def _recon(args) -> int:
         "seconds_per_step": timing, "pet_scale": float(recon.pet_scaler.scale),
         "beta_activity_units": recon.beta_activity, "timesteps": recon.timesteps,
         "data_consistency": recon.data_consistency(),
+        "prior_planes": recon.prior_planes_summary(),
+        "run_seconds_all_sessions": round(float(recon.timings.get("total", 0.0) + recon.timings.get("init", 0.0)), 2),
         "prior_card": {k: v for k, v in (getattr(bundle, "card", None) or {}).items()
                        if k in ("format", "weights_sha256", "created", "training", "architecture")},
     })
@@ -287,6 +289,8 @@ def _recon(args) -> int:
         save_slices_png(result.array, result.grid.voxel_size, png, title=f"DDIP {stem}",
                         units=str(result.meta.get("units", "activity (units of the data)")))
     dc = recon.data_consistency()
+    if recon.prior_planes is not None and not bool(recon.prior_planes.all()):
+        print(f"recon: {recon.prior_planes_summary()}")
     print(f"recon: wrote {out} ({len(recon.timesteps)} diffusion steps, {seconds:.1f} s, "
           f"{timing.get('total', 0.0):.2f} s/step); Poisson log-likelihood: warm start "
           f"{dc['loglik_warm_start']:.6g}, output {dc['loglik_output']:.6g} "

@@ -69,18 +69,44 @@ def slabs_to_volume(slabs: torch.Tensor, num_planes: int | None = None) -> torch
     return fold_slabs(slabs, Z)
 
 
-def fold_slabs(slabs: torch.Tensor, num_planes: int) -> torch.Tensor:
-    """Average the predictions of *all* slabs ``[num_slabs(Z), slab, H, W]`` onto the ``num_planes`` source planes
-    (replicated copies of a short volume's planes included)."""
+def fold_slabs(slabs: torch.Tensor, num_planes: int, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Average slab predictions ``[N, slab, H, W]`` onto the ``num_planes`` source planes (replicated copies of a
+    short volume's planes included).
+
+    ``idx`` None: the slabs are *all* ``num_slabs(Z)`` slabs. Otherwise they are slabs ``idx`` (distinct indices) and
+    each plane is the mean over the given slabs holding it; a plane that no given slab holds is 0
+    (:func:`slab_coverage` says which planes are covered).
+    """
     if slabs.dim() != 4:
         raise ValueError(f"fold_slabs: expected [N, slab, H, W], got shape {tuple(slabs.shape)}")
     N, S, H, W = slabs.shape
-    if N != num_slabs(num_planes, S):
-        raise ValueError(f"fold_slabs: {N} slabs given, a {num_planes}-plane volume has {num_slabs(num_planes, S)}")
-    src = slab_planes(num_planes, S, torch.arange(N, device=slabs.device)).reshape(-1)
+    if idx is None:
+        if N != num_slabs(num_planes, S):
+            raise ValueError(f"fold_slabs: {N} slabs given, a {num_planes}-plane volume has "
+                             f"{num_slabs(num_planes, S)}")
+        idx = torch.arange(N, device=slabs.device)
+    elif int(idx.numel()) != N:
+        raise ValueError(f"fold_slabs: {N} slabs given for {int(idx.numel())} slab indices")
+    src = slab_planes(num_planes, S, idx.to(slabs.device)).reshape(-1)
     acc = slabs.new_zeros((num_planes, H, W)).index_add(0, src, slabs.reshape(N * S, H, W))
     cnt = torch.bincount(src, minlength=num_planes).to(slabs.dtype).reshape(num_planes, 1, 1)
-    return acc / cnt
+    return acc / cnt.clamp_min(1)
+
+
+def slab_coverage(num_planes: int, slab: int, idx: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[num_planes]``: the planes that at least one of slabs ``idx`` holds."""
+    out = torch.zeros(int(num_planes), dtype=torch.bool)
+    out[slab_planes(num_planes, slab, idx.cpu()).reshape(-1)] = True
+    return out
+
+
+def slabs_touching(planes: torch.Tensor, slab: int = 3) -> torch.Tensor:
+    """Indices of the slabs that hold at least one plane where the boolean ``planes [Z]`` is True."""
+    planes = torch.as_tensor(planes, dtype=torch.bool).cpu()
+    Z = int(planes.numel())
+    n = num_slabs(Z, slab)
+    held = slab_planes(Z, slab, torch.arange(n))          # [n, slab]
+    return torch.nonzero(planes[held].any(dim=1)).reshape(-1)
 
 
 def gather_slabs(vol: torch.Tensor, slab: int, idx: torch.Tensor) -> torch.Tensor:
@@ -209,6 +235,7 @@ class DiffusionPrior:
         self.slab = int(getattr(network, "slab", 3))
         self.timings = timings if timings is not None else {}
         self.counts = counts if counts is not None else {}
+        self.active_slabs: torch.Tensor | None = None   # None: every slab runs
         if bool(getattr(network, "uses_mr", False)) and mr_net is None:
             raise ValueError("DiffusionPrior: the network is MR-conditioned but no MR was given")
 
@@ -259,18 +286,28 @@ class DiffusionPrior:
         self.counts["slab_forwards"] = self.counts.get("slab_forwards", 0) + int(idx.numel())
         return eps
 
-    def fold(self, eps_slabs: torch.Tensor, num_planes: int) -> torch.Tensor:
-        """All slabs' predictions averaged back to the ``[Z, H, W]`` volume."""
-        return fold_slabs(eps_slabs, num_planes)
+    def set_active_planes(self, planes: torch.Tensor | None) -> None:
+        """Run the network only on the slabs that hold at least one plane where ``planes [Z]`` is True (None:
+        every slab). Planes no active slab holds get ε = 0 from :meth:`eps`; the caller sets them otherwise."""
+        self.active_slabs = None if planes is None else slabs_touching(planes, self.slab)
+
+    def slab_indices(self, num_planes: int, device=None) -> torch.Tensor:
+        """The slabs that run: the active ones (:meth:`set_active_planes`), else all ``num_slabs(Z)``."""
+        idx = torch.arange(self.num_slabs(num_planes)) if self.active_slabs is None else self.active_slabs
+        return idx.to(device) if device is not None else idx
+
+    def fold(self, eps_slabs: torch.Tensor, num_planes: int, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Slab predictions averaged back to the ``[Z, H, W]`` volume: all slabs, or slabs ``idx``."""
+        return fold_slabs(eps_slabs, num_planes, idx)
 
     @torch.no_grad()
     def eps(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """Slab-averaged ε of the whole volume (no gradient)."""
+        """Slab-averaged ε of the whole volume over the slabs that run (no gradient)."""
         Z = x_t.shape[0]
-        n = self.num_slabs(Z)
-        parts = [self.eps_slabs(x_t, t, torch.arange(i, min(i + self.batch_size, n), device=x_t.device))
-                 for i in range(0, n, self.batch_size)]
-        return self.fold(torch.cat(parts, 0), Z)
+        idx = self.slab_indices(Z, x_t.device)
+        n = int(idx.numel())
+        parts = [self.eps_slabs(x_t, t, idx[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
+        return self.fold(torch.cat(parts, 0), Z, None if self.active_slabs is None else idx)
 
     def x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor | None = None,
            clamp: tuple[float, float] | None = None) -> torch.Tensor:

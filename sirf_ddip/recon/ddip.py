@@ -34,6 +34,12 @@ uniform image — or the image given to :meth:`set_current_estimate` — mapped 
 PET scaler (fitted on that image inside the FOV after in-plane smoothing, :meth:`fit_pet_scaler`), clamped to
 the network range and forward-noised to ``T′ = t_start``. The HQS image ``x`` starts there too.
 
+Planes without the subject (``prior_planes = "anatomy"``, :meth:`DDIPReconstructor.choose_prior_planes`): the
+prior was trained on slabs through the head. Planes where the MR shows no subject (the rest of a 127-plane mMR
+volume beyond the head, or beyond a short MR) are not given to the network: only slabs holding at least one
+subject plane run, and on the other planes x̂0 is the current HQS image, so the image step there fuses EM with the
+previous image (EM on the data alone, on the PET grid) and the output there is that image.
+
 Fixes over the reference code: sensitivities cached by the data step (not recomputed per EM update), the network
 in eval mode (no dropout) throughout, every random draw from one seeded generator (deterministic on CPU; noise is
 drawn on the CPU so CPU and CUDA runs see the same noise).
@@ -60,6 +66,11 @@ from .checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT  # noqa: F401  (re-ex
 from .config import DDIPConfig
 from .em import em_update
 from .hqs import beta_activity, beta_schedule, hqs_image_step
+
+#: ``prior_planes = "anatomy"``: a plane shows the subject when at least ``ANATOMY_MIN_FRACTION`` of its voxels inside
+#: the FOV exceed ``ANATOMY_LEVEL`` × the reference level (the scaler's 99th percentile) of the MR (or warm start).
+ANATOMY_LEVEL = 0.1
+ANATOMY_MIN_FRACTION = 0.005
 
 
 def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: torch.Tensor, target: str = "data",
@@ -167,6 +178,8 @@ class DDIPReconstructor(IterativeReconstructor):
         self.loglik_final_em: float | None = None     # ... after the final data-consistency stage (final_em)
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
+        self.prior_planes: torch.Tensor | None = None   # bool [Z]: planes the prior runs on (None: not chosen yet)
+        self._data_planes: torch.Tensor | None = None   # bool [Z] on the device: planes set by the data alone
 
     # ------------------------------------------------------------------ SIRF-style setters
     def set_prior(self, prior: Any = None) -> None:
@@ -372,6 +385,7 @@ class DDIPReconstructor(IterativeReconstructor):
         if not bool(torch.isfinite(x0).all()):
             raise DataValueError("DDIP warm start contains NaN or Inf (check the data and factors)")
         self.fit_pet_scaler(x0)
+        self._use_prior_planes(self.choose_prior_planes(x0))
         # the network range is bounded: EM's edge artefacts must not enter it at hundreds of network units
         u0 = self.prior.to_network(x0).clamp(*cfg.x0_clamp)
         noise = self._randn(u0.shape)
@@ -468,6 +482,92 @@ class DDIPReconstructor(IterativeReconstructor):
     def _num_planes(self) -> int:
         return int(self.data_step.image_shape[0])
 
+    # ------------------------------------------------------------------ the planes the prior runs on
+    def choose_prior_planes(self, warm_start: torch.Tensor) -> torch.Tensor:
+        """The planes the prior runs on (``prior_planes``): boolean ``[Z]`` on the CPU.
+
+        ``"all"``: every plane. ``"anatomy"``: the planes where the subject is, i.e. where at least
+        ``ANATOMY_MIN_FRACTION`` of the plane's voxels inside the FOV exceed ``ANATOMY_LEVEL`` × the reference level
+        of the MR (MR-conditioned prior: the MR on the PET grid, reference = the MR scaler's fitted level) or of the
+        in-plane smoothed warm start (prior without MR: the PET scaler's level). The prior never saw slabs without
+        a subject in training; on such planes (beyond the head, or beyond the MR's axial coverage) its x̂0 is made
+        up, so they are reconstructed from the data alone (see the class docstring).
+
+        Raises
+        ------
+        DataValueError
+            ``"anatomy"`` and no plane shows the subject (an empty or misregistered MR).
+        """
+        Z = self._num_planes
+        if self.config.prior_planes == "all":
+            return torch.ones(Z, dtype=torch.bool)
+        sens = self.data_step.sensitivity(None).detach().to("cpu", torch.float64).numpy()
+        inside = sens > 0
+        if self._mr_net is not None:
+            vol = self.data_step.to_tensor(self._mr_input).detach().to("cpu", torch.float64).numpy()
+            ref, what = float(self.mr_scaler.scale), "the MR"
+        else:
+            from scipy.ndimage import gaussian_filter
+
+            vol = warm_start.detach().to("cpu", torch.float64).numpy()
+            sv = self.config.scale_smooth_vox
+            if sv > 0:
+                vol = gaussian_filter(np.where(inside, vol, 0.0), [0.0, sv, sv], mode="constant")
+            ref, what = float(self.pet_scaler.scale), "the warm start"
+        above = ((vol > ANATOMY_LEVEL * ref) & inside).reshape(Z, -1).sum(axis=1)
+        n_in = np.maximum(inside.reshape(Z, -1).sum(axis=1), 1)
+        planes = torch.from_numpy(above >= ANATOMY_MIN_FRACTION * n_in)
+        if not bool(planes.any()):
+            raise DataValueError(f"DDIP: {what} shows no subject on any plane (no plane has "
+                                 f"{100 * ANATOMY_MIN_FRACTION:g} % of its FOV voxels above "
+                                 f"{100 * ANATOMY_LEVEL:g} % of its reference level {ref:.4g}); check the image and "
+                                 f"its registration, or set prior_planes: all")
+        return planes
+
+    def _use_prior_planes(self, planes: torch.Tensor | None) -> None:
+        """Run the prior on ``planes`` (bool [Z]; None = all) and set the others from the data alone."""
+        Z = self._num_planes
+        planes = torch.ones(Z, dtype=torch.bool) if planes is None else torch.as_tensor(planes, dtype=torch.bool)
+        if int(planes.numel()) != Z:
+            raise DataValueError(f"DDIP: {int(planes.numel())} prior planes given for a {Z}-plane image")
+        self.prior_planes = planes.cpu()
+        everywhere = bool(planes.all())
+        self.prior.set_active_planes(None if everywhere else planes)
+        self._data_planes = None if everywhere else (~planes).to(self.device)
+        if not everywhere:
+            import logging
+
+            logging.getLogger("sirf_ddip").info("DDIP: %s", self.prior_planes_summary())
+
+    def prior_planes_summary(self) -> str:
+        """One line: which planes the prior runs on (for logs and the run record)."""
+        if self.prior_planes is None:
+            return "prior planes not chosen yet (after the warm start)"
+        p = self.prior_planes.numpy()
+        Z = int(p.size)
+        if p.all():
+            return f"the prior runs on all {Z} planes"
+        idx = np.nonzero(p)[0]
+        runs, start = [], int(idx[0])
+        for a, b in zip(idx[:-1], idx[1:]):
+            if b != a + 1:
+                runs.append((start, int(a)))
+                start = int(b)
+        runs.append((start, int(idx[-1])))
+        where = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+        return (f"the prior runs on {int(p.sum())} of {Z} planes ({where}, 0-based); the other {Z - int(p.sum())} "
+                f"show no subject in {'the MR' if self._mr_net is not None else 'the warm start'} and are "
+                f"reconstructed from the data alone")
+
+    def _with_data_planes(self, x0_net: torch.Tensor) -> torch.Tensor:
+        """``x0_net`` with the planes outside :attr:`prior_planes` replaced by the current HQS image (network
+        units, clamped), for the DDIM step and the fine-tuning target; the image step itself fuses EM there with
+        the previous image on the PET grid (:meth:`_image_step`), i.e. EM on the data alone."""
+        if self._data_planes is None:
+            return x0_net
+        u = self._to_net(self._x_img).clamp(*self.config.x0_clamp)
+        return torch.where(self._data_planes.reshape(-1, 1, 1), u, x0_net)
+
     # ------------------------------------------------------------------ the image step
     def _image_step(self, x0_net: torch.Tensor, x_img: torch.Tensor, num_em: int | None = None) -> torch.Tensor:
         """HQS image step with the prior image ``x0_net`` (network units), from x̂0 or ``x_img`` (``em_start``)."""
@@ -480,6 +580,8 @@ class DDIPReconstructor(IterativeReconstructor):
             subsets.append(subset_of_iteration(self._em_counter, S))
             self._em_counter += 1
         z = self.prior.from_network(x0_net.detach()).to(ds.dtype)
+        if self._data_planes is not None:   # planes without the subject: fused with the previous image (PET grid)
+            z = torch.where(self._data_planes.reshape(-1, 1, 1), x_img.to(z.dtype), z)
         if cfg.em_start == "x0":
             start = z.clamp_min(1e-3 * float(self.pet_scaler.scale))
         else:
@@ -515,19 +617,22 @@ class DDIPReconstructor(IterativeReconstructor):
         if cfg.finetune:
             self._finetune(xt, t)
             eps = self.prior.eps(xt, t)
-            x0 = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
+            x0 = self._with_data_planes(sched.tweedie_x0(xt, eps, t).clamp(lo, hi))
             if cfg.ddim_x0 == "hqs":   # the data-fused image steers the trajectory (DDS-style), ε̂ from the adapted net
                 x0 = self._to_net(self._x_img).clamp(lo, hi)
         else:
             eps = self.prior.eps(xt, t)
-            x0_prior = sched.tweedie_x0(xt, eps, t).clamp(lo, hi)
+            x0_prior = self._with_data_planes(sched.tweedie_x0(xt, eps, t).clamp(lo, hi))
             # same projector budget as the adapted run: K·N_em fused EM updates against the fixed x̂0
             self._x_img = self._image_step(x0_prior, self._x_img, cfg.num_em * max(1, cfg.num_finetune))
             x0 = self._to_net(self._x_img).clamp(lo, hi)
         noise = self._randn(xt.shape)
         self._xt = sched.ddim_step(xt, eps, t, t_prev, eta=cfg.eta, noise=noise, x0=x0, eta_mode=cfg.eta_mode)
         self._x0_net = x0
-        out = self._masked(self.prior.from_network(x0).to(self.data_step.dtype))
+        out = self.prior.from_network(x0).to(self.data_step.dtype)
+        if self._data_planes is not None:   # the data's own image there (PET grid, unclamped)
+            out = torch.where(self._data_planes.reshape(-1, 1, 1), self._x_img.to(out.dtype), out)
+        out = self._masked(out)
         self.loglik_history.append(self._log_likelihood(out))
         if i == len(self._timesteps) - 1 and cfg.final_em > 0:
             out = self._final_em(out)
@@ -569,29 +674,31 @@ class DDIPReconstructor(IterativeReconstructor):
         params = lora_parameters(self.network)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         Z = self._num_planes
-        n = self.prior.num_slabs(Z)
+        active = self.prior.slab_indices(Z)          # the slabs the prior runs on (all, or prior_planes')
+        partial = self.prior.active_slabs is not None
+        n = int(active.numel())
         m = n if cfg.finetune_slabs == 0 else min(cfg.finetune_slabs, n)
         b = cfg.slab_batch
         reuse = (m == n and n <= b)   # one forward with autograd serves both x̂0 and the loss
         for _ in range(cfg.num_finetune):
             opt.zero_grad(set_to_none=True)
             if reuse:
-                idx_all = torch.arange(n, device=xt.device)
+                idx_all = active.to(xt.device)
                 with torch.enable_grad():
                     eps_s = self.prior.eps_slabs(xt, t, idx_all)
-                eps_v = self.prior.fold(eps_s.detach(), Z)
-                x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
+                eps_v = self.prior.fold(eps_s.detach(), Z, idx_all if partial else None)
+                x0 = self._with_data_planes(sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi))
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
                 loss = self._slab_loss(xt, t, idx_all, target, x0, eps_s, n * int(np.prod(eps_s.shape[1:])))
                 self.last_loss = float(loss)
             else:
                 eps_v = self.prior.eps(xt, t)
-                x0 = sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi)
+                x0 = self._with_data_planes(sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi))
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
-                idx = torch.arange(n) if m == n else torch.randperm(n, generator=self._gen)[:m]
-                idx = idx.to(xt.device)
+                pick = torch.arange(n) if m == n else torch.randperm(n, generator=self._gen)[:m]
+                idx = active[pick].to(xt.device)
                 total = 0.0
                 plane_elems = int(np.prod(xt.shape[1:])) * self.prior.slab
                 for j in range(0, m, b):
@@ -697,6 +804,9 @@ class DDIPReconstructor(IterativeReconstructor):
             "loglik_history": [float(v) for v in self.loglik_history],
             "loglik_final_em": self.loglik_final_em,
             "prior_grid": self._prior_grid_record(),
+            "prior_planes": [bool(v) for v in self.prior_planes.tolist()] if self.prior_planes is not None else None,
+            "timings": dict(self.timings),
+            "counts": dict(self.counts),
         }
         return write_checkpoint(folder, state, self.config.algorithm_dict())
 
@@ -750,4 +860,11 @@ class DDIPReconstructor(IterativeReconstructor):
         self.loglik_history = [float(v) for v in state.get("loglik_history", [])]
         self.loglik_final_em = state.get("loglik_final_em")
         self._user_init = bool(state.get("user_init", False))
+        # a checkpoint from before prior_planes ran the prior on every plane
+        self._use_prior_planes(torch.tensor(state["prior_planes"], dtype=torch.bool)
+                               if state.get("prior_planes") is not None else None)
+        # the run's time and work so far (so s/step and the record cover the whole run, resumed or not)
+        for mine_d, key in ((self.timings, "timings"), (self.counts, "counts")):
+            mine_d.clear()
+            mine_d.update(state.get(key) or {})
         self.iteration = int(state["iteration"])
