@@ -11,7 +11,7 @@ import torch
 from sirf_ddip.errors import ConfigError, DataValueError, GeometryMismatchError
 from sirf_ddip.recon.ddip import DDIPReconstructor
 from sirf_ddip.recon.em import em_update
-from test_ddip_support import DenseDataStep, tiny_bundle
+from test_ddip_support import DenseDataStep, make_ddip, tiny_bundle
 
 FAST = dict(t_start=30, num_steps=4, n_init=4, num_em=2, num_finetune=2, device="cpu", seed=3)
 
@@ -36,13 +36,7 @@ def bundle():
 
 
 def make(ds, bundle, mr=True, **kw):
-    r = DDIPReconstructor(**{**FAST, **kw})
-    r.set_objective_function(ds)
-    r.set_prior(bundle)
-    if mr:
-        r.set_anatomical_image(ds.mr.numpy())
-    r.set_up(np.ones(ds.image_shape))
-    return r
+    return make_ddip(ds, bundle, FAST, mr=mr, **kw)
 
 
 def test_lora_starts_as_identity_and_prior_is_untouched(ds, bundle):

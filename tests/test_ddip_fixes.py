@@ -11,10 +11,10 @@ import torch
 
 from sirf_ddip.prior.schedule import NoiseSchedule
 from sirf_ddip.physics.likelihood import PoissonLogLikelihood
-from sirf_ddip.recon.ddip import DDIPReconstructor, finetune_loss
+from sirf_ddip.recon.ddip import finetune_loss
 from sirf_ddip.recon.hqs import hqs_image_step
 from sirf_ddip.recon.em import em_update
-from test_ddip_support import DenseDataStep, tiny_bundle
+from test_ddip_support import DenseDataStep, make_ddip, tiny_bundle
 
 FAST = dict(t_start=30, num_steps=4, n_init=4, num_em=2, num_finetune=1, device="cpu", seed=3)
 
@@ -33,12 +33,7 @@ def bundle():
 
 
 def make(ds, bundle, **kw):
-    r = DDIPReconstructor(**{**FAST, **kw})
-    r.set_objective_function(ds)
-    r.set_prior(bundle)
-    r.set_anatomical_image(ds.mr.numpy())
-    r.set_up(np.ones(ds.image_shape))
-    return r
+    return make_ddip(ds, bundle, FAST, **kw)
 
 
 # ---------------------------------------------------------------------- 1. the DDS / DDIP η update

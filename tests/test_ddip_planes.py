@@ -10,18 +10,13 @@ import torch
 from sirf_ddip.errors import DataValueError
 from sirf_ddip.prior.slabs import fold_slabs, slab_coverage, slabs_touching
 from sirf_ddip.recon.ddip import DDIPReconstructor
-from test_ddip_support import DenseDataStep, tiny_bundle
+from test_ddip_support import DenseDataStep, make_ddip, one_torch_thread, tiny_bundle
 
 FAST = dict(t_start=30, num_steps=4, n_init=4, num_em=2, num_finetune=1, device="cpu", seed=3)
 SUBJECT = [3, 4, 5, 6]          # the planes (of 10) that hold the subject; 0-2 and 7-9 are empty
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +46,7 @@ def ds():
 
 
 def make(ds, bundle, mr=True, **kw):
-    r = DDIPReconstructor(**{**FAST, **kw})
-    r.set_objective_function(ds)
-    r.set_prior(bundle)
-    if mr:
-        r.set_anatomical_image(ds.mr.numpy())
-    r.set_up(np.ones(ds.image_shape))
-    return r
+    return make_ddip(ds, bundle, FAST, mr=mr, **kw)
 
 
 def test_slabs_touching_and_partial_fold_closed_form():

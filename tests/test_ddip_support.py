@@ -107,3 +107,24 @@ def tiny_bundle(use_mr: bool = True, seed: int = 0, std: float = 0.02):
     for p in net.parameters():
         p.requires_grad_(False)
     return PriorBundle(net, NoiseSchedule(), PETScaler(), MRScaler() if use_mr else None)
+
+
+def make_ddip(ds, bundle, settings: dict, mr: bool = True, **kw):
+    """A DDIPReconstructor with ``settings`` (+ ``kw``) on ``ds`` and ``bundle`` (with ``ds.mr`` iff ``mr``), set up."""
+    from sirf_ddip.recon.ddip import DDIPReconstructor
+
+    r = DDIPReconstructor(**{**settings, **kw})
+    r.set_objective_function(ds)
+    r.set_prior(bundle)
+    if mr:
+        r.set_anatomical_image(ds.mr.numpy())
+    r.set_up(np.ones(ds.image_shape))
+    return r
+
+
+def one_torch_thread():
+    """Generator body of an autouse fixture: the tiny networks run far faster single-threaded on 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
