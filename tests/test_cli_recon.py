@@ -152,6 +152,12 @@ def test_resume_gives_the_uninterrupted_result(files, monkeypatch):
     monkeypatch.setattr(DDIPReconstructor, "_update", orig)
     assert _runw(w, ["--prompts", prompts, "--mr", mr, "--out", part, "--resume", d / "part_checkpoint", *FAST]) == 0
     np.testing.assert_array_equal(read_image(part).array, read_image(full).array)
+    # the record's times cover the whole run: the warm start and the 2 steps of the interrupted process too
+    rec = json.loads((d / "part_run_record.json").read_text())
+    per = rec["seconds_per_step"]
+    assert per["init_total"] > 0
+    n = len(rec["timesteps"])
+    assert rec["run_seconds_all_sessions"] == pytest.approx(per["total"] * n + per["init_total"], rel=1e-3, abs=0.02)
 
 
 @pytest.mark.slow

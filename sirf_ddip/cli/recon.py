@@ -291,7 +291,9 @@ def _recon(args) -> int:
     dc = recon.data_consistency()
     if recon.prior_planes is not None and not bool(recon.prior_planes.all()):
         print(f"recon: {recon.prior_planes_summary()}")
-    print(f"recon: wrote {out} ({len(recon.timesteps)} diffusion steps, {seconds:.1f} s, "
+    whole = (f", the whole run with the steps before the resume "
+             f"{recon.timings.get('total', 0.0) + recon.timings.get('init', 0.0):.1f} s" if args.resume else "")
+    print(f"recon: wrote {out} ({len(recon.timesteps)} diffusion steps, {seconds:.1f} s{whole}, "
           f"{timing.get('total', 0.0):.2f} s/step); Poisson log-likelihood: warm start "
           f"{dc['loglik_warm_start']:.6g}, output {dc['loglik_output']:.6g} "
           f"({dc.get('loglik_gain', 0.0):+.4g})")
