@@ -268,6 +268,7 @@ def _recon(args) -> int:
     write_image(out, result, overwrite=args.overwrite)
     stem = output_stem(out)
     timing = recon.timing_report()
+    run_seconds = float(recon.timings.get("total", 0.0) + recon.timings.get("init", 0.0))  # all sessions
     bundle = recon.bundle
     write_run_record(folder, cfg, cfg.seed, name=f"{stem}_run_record", extra={
         "inputs": {"prompts": args.prompts, "mult": args.mult, "additive": args.additive, "mr": args.mr,
@@ -280,7 +281,7 @@ def _recon(args) -> int:
         "beta_activity_units": recon.beta_activity, "timesteps": recon.timesteps,
         "data_consistency": recon.data_consistency(),
         "prior_planes": recon.prior_planes_summary(),
-        "run_seconds_all_sessions": round(float(recon.timings.get("total", 0.0) + recon.timings.get("init", 0.0)), 2),
+        "run_seconds_all_sessions": round(run_seconds, 2),
         "prior_card": {k: v for k, v in (getattr(bundle, "card", None) or {}).items()
                        if k in ("format", "weights_sha256", "created", "training", "architecture")},
     })
@@ -291,8 +292,7 @@ def _recon(args) -> int:
     dc = recon.data_consistency()
     if recon.prior_planes is not None and not bool(recon.prior_planes.all()):
         print(f"recon: {recon.prior_planes_summary()}")
-    whole = (f", the whole run with the steps before the resume "
-             f"{recon.timings.get('total', 0.0) + recon.timings.get('init', 0.0):.1f} s" if args.resume else "")
+    whole = f", the whole run with the steps before the resume {run_seconds:.1f} s" if args.resume else ""
     print(f"recon: wrote {out} ({len(recon.timesteps)} diffusion steps, {seconds:.1f} s{whole}, "
           f"{timing.get('total', 0.0):.2f} s/step); Poisson log-likelihood: warm start "
           f"{dc['loglik_warm_start']:.6g}, output {dc['loglik_output']:.6g} "

@@ -74,8 +74,7 @@ def fold_slabs(slabs: torch.Tensor, num_planes: int, idx: torch.Tensor | None = 
     short volume's planes included).
 
     ``idx`` None: the slabs are *all* ``num_slabs(Z)`` slabs. Otherwise they are slabs ``idx`` (distinct indices) and
-    each plane is the mean over the given slabs holding it; a plane that no given slab holds is 0
-    (:func:`slab_coverage` says which planes are covered).
+    each plane is the mean over the given slabs holding it; a plane that no given slab holds is 0.
     """
     if slabs.dim() != 4:
         raise ValueError(f"fold_slabs: expected [N, slab, H, W], got shape {tuple(slabs.shape)}")
@@ -91,13 +90,6 @@ def fold_slabs(slabs: torch.Tensor, num_planes: int, idx: torch.Tensor | None = 
     acc = slabs.new_zeros((num_planes, H, W)).index_add(0, src, slabs.reshape(N * S, H, W))
     cnt = torch.bincount(src, minlength=num_planes).to(slabs.dtype).reshape(num_planes, 1, 1)
     return acc / cnt.clamp_min(1)
-
-
-def slab_coverage(num_planes: int, slab: int, idx: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[num_planes]``: the planes that at least one of slabs ``idx`` holds."""
-    out = torch.zeros(int(num_planes), dtype=torch.bool)
-    out[slab_planes(num_planes, slab, idx.cpu()).reshape(-1)] = True
-    return out
 
 
 def slabs_touching(planes: torch.Tensor, slab: int = 3) -> torch.Tensor:
@@ -307,7 +299,7 @@ class DiffusionPrior:
         idx = self.slab_indices(Z, x_t.device)
         n = int(idx.numel())
         parts = [self.eps_slabs(x_t, t, idx[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
-        return self.fold(torch.cat(parts, 0), Z, None if self.active_slabs is None else idx)
+        return self.fold(torch.cat(parts, 0), Z, idx)
 
     def x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor | None = None,
            clamp: tuple[float, float] | None = None) -> torch.Tensor:

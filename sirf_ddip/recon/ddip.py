@@ -179,7 +179,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.prior_planes: torch.Tensor | None = None   # bool [Z]: planes the prior runs on (None: not chosen yet)
-        self._data_planes: torch.Tensor | None = None   # bool [Z] on the device: planes set by the data alone
+        self._data_planes: torch.Tensor | None = None   # bool [Z, 1, 1] on the device: planes set by the data alone
 
     # ------------------------------------------------------------------ SIRF-style setters
     def set_prior(self, prior: Any = None) -> None:
@@ -533,7 +533,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self.prior_planes = planes.cpu()
         everywhere = bool(planes.all())
         self.prior.set_active_planes(None if everywhere else planes)
-        self._data_planes = None if everywhere else (~planes).to(self.device)
+        self._data_planes = None if everywhere else (~planes).to(self.device).reshape(-1, 1, 1)
         if not everywhere:
             import logging
 
@@ -566,7 +566,7 @@ class DDIPReconstructor(IterativeReconstructor):
         if self._data_planes is None:
             return x0_net
         u = self._to_net(self._x_img).clamp(*self.config.x0_clamp)
-        return torch.where(self._data_planes.reshape(-1, 1, 1), u, x0_net)
+        return torch.where(self._data_planes, u, x0_net)
 
     # ------------------------------------------------------------------ the image step
     def _image_step(self, x0_net: torch.Tensor, x_img: torch.Tensor, num_em: int | None = None) -> torch.Tensor:
@@ -581,7 +581,7 @@ class DDIPReconstructor(IterativeReconstructor):
             self._em_counter += 1
         z = self.prior.from_network(x0_net.detach()).to(ds.dtype)
         if self._data_planes is not None:   # planes without the subject: fused with the previous image (PET grid)
-            z = torch.where(self._data_planes.reshape(-1, 1, 1), x_img.to(z.dtype), z)
+            z = torch.where(self._data_planes, x_img.to(z.dtype), z)
         if cfg.em_start == "x0":
             start = z.clamp_min(1e-3 * float(self.pet_scaler.scale))
         else:
@@ -617,9 +617,10 @@ class DDIPReconstructor(IterativeReconstructor):
         if cfg.finetune:
             self._finetune(xt, t)
             eps = self.prior.eps(xt, t)
-            x0 = self._with_data_planes(sched.tweedie_x0(xt, eps, t).clamp(lo, hi))
             if cfg.ddim_x0 == "hqs":   # the data-fused image steers the trajectory (DDS-style), ε̂ from the adapted net
                 x0 = self._to_net(self._x_img).clamp(lo, hi)
+            else:
+                x0 = self._with_data_planes(sched.tweedie_x0(xt, eps, t).clamp(lo, hi))
         else:
             eps = self.prior.eps(xt, t)
             x0_prior = self._with_data_planes(sched.tweedie_x0(xt, eps, t).clamp(lo, hi))
@@ -631,7 +632,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self._x0_net = x0
         out = self.prior.from_network(x0).to(self.data_step.dtype)
         if self._data_planes is not None:   # the data's own image there (PET grid, unclamped)
-            out = torch.where(self._data_planes.reshape(-1, 1, 1), self._x_img.to(out.dtype), out)
+            out = torch.where(self._data_planes, self._x_img.to(out.dtype), out)
         out = self._masked(out)
         self.loglik_history.append(self._log_likelihood(out))
         if i == len(self._timesteps) - 1 and cfg.final_em > 0:
@@ -675,7 +676,6 @@ class DDIPReconstructor(IterativeReconstructor):
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         Z = self._num_planes
         active = self.prior.slab_indices(Z)          # the slabs the prior runs on (all, or prior_planes')
-        partial = self.prior.active_slabs is not None
         n = int(active.numel())
         m = n if cfg.finetune_slabs == 0 else min(cfg.finetune_slabs, n)
         b = cfg.slab_batch
@@ -686,7 +686,7 @@ class DDIPReconstructor(IterativeReconstructor):
                 idx_all = active.to(xt.device)
                 with torch.enable_grad():
                     eps_s = self.prior.eps_slabs(xt, t, idx_all)
-                eps_v = self.prior.fold(eps_s.detach(), Z, idx_all if partial else None)
+                eps_v = self.prior.fold(eps_s.detach(), Z, idx_all)
                 x0 = self._with_data_planes(sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi))
                 self._x_img = self._image_step(x0, self._x_img)
                 target = self._to_net(self._x_img)
