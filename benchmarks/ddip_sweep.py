@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                         y = r._masked(y)
                     extra = {"final_em_beta": fb} if k > 0 and fb > 0 else {}
                     emit({"case": case.name, "method": "ddip", "settings": {**g, "final_em": k, **extra}, **sc(y),
-                          **common})
+                          **common, "weights": args.weights or "default"})
             if args.score_hqs:
                 emit({"case": case.name, "method": "ddip", "settings": {**g, "output": "hqs"},
                       **sc(r._masked(r._x_img.detach().clone())), **common})

@@ -15,6 +15,7 @@ Examples::
     python benchmarks/full_size.py --rings 32 --skip-osem
     python benchmarks/full_size.py --cli                 # the whole `sirf-ddip osem --subsets 21` command
     python benchmarks/full_size.py --ddip-steps 1 --skip-osem   # + one DDIP step (shipped settings) at full size
+    python benchmarks/full_size.py --device cuda --xy 344 --ddip-steps 50 --ddip-paper-steps 10   # GPU items
 
 Run under ``/usr/bin/time -v`` for the whole process's peak RSS.
 """
@@ -102,29 +103,36 @@ def phantom(grid) -> np.ndarray:
 
 
 def run_ddip_steps(P: Projector, y: torch.Tensor, geom: SinogramGeometry, grid, dev: torch.device,
-                   steps: int) -> None:
-    """``steps`` diffusion steps of DDIP with the shipped settings (``recon/ddip.yaml``) on the full-size data
-    ``y`` (noise-free, scaled to 2e7 counts: a 10 %-dose brain), a head phantom's MR, the shipped prior, and the
-    projector ``P`` already set up. The warm start is cut to one MLEM iteration (``n_init = 1``): it is not what is
-    timed here (20 iterations cost 20 x (forward + back) above). Prints the per-step parts of
-    :meth:`DDIPReconstructor.timing_report` and the peak memory; a full run is ``num_steps`` such steps."""
+                   steps: int, settings: str = "shipped", slab_batch: int | None = None,
+                   mlem_iteration_s: float | None = None) -> None:
+    """``steps`` diffusion steps of DDIP on the full-size data ``y`` (noise-free, scaled to 2e7 counts: a 10 %-dose
+    brain), a head phantom's MR, the shipped prior, and the projector ``P`` already set up. ``settings``:
+    "shipped" (``recon/ddip.yaml``) or "paper" (:meth:`DDIPConfig.paper`: 200 steps, K = 2, all slabs). The warm
+    start is cut to one MLEM iteration (``n_init = 1``): it is not what is timed here (20 iterations cost
+    20 x (forward + back) above). Prints the per-step parts of :meth:`DDIPReconstructor.timing_report` and the
+    whole run's estimate (``num_steps`` such steps + the 20-iteration warm start)."""
     from ddip_grid import _phantom as head_phantom  # same folder; a head-sized MR
 
     from sirf_ddip.data import Image, ProjData
     from sirf_ddip.physics.model import EngineLogLikelihood
+    from sirf_ddip.recon.config import DDIPConfig
     from sirf_ddip.recon.ddip import DDIPReconstructor
 
     _, mr = head_phantom(grid)
     counts = y * (2e7 / max(float(y.sum()), 1.0))
     lik = EngineLogLikelihood(ProjData(counts.cpu().numpy(), geom), grid=grid, device=dev, projector=P)
-    rec = DDIPReconstructor(n_init=1, device=str(dev))
+    base = DDIPConfig.paper() if settings == "paper" else DDIPConfig.shipped()
+    n_init_real = base.n_init
+    run_opts = {"device": str(dev)} | ({"slab_batch": int(slab_batch)} if slab_batch else {})
+    rec = DDIPReconstructor(base.replace(n_init=1, **run_opts))
     rec.set_objective_function(lik)
     rec.set_anatomical_image(Image(mr, grid))
     with _Timer() as t:
         rec.set_up(Image(np.ones(grid.shape, np.float32), grid))
         rec.initialise()
         _sync(dev)
-    print(f"{'DDIP set-up + 1-it warm start':28s}{t.wall:8.2f} s wall {t.cpu:8.2f} s cpu  "
+    t_setup = t
+    print(f"{'DDIP set-up + 1-it warm start':28s}{t.wall:8.2f} s wall {t.cpu:8.2f} s cpu  [{settings} settings] "
           f"({rec.config.num_steps} steps of {int(rec.prior.slab_indices(grid.shape[0]).numel())} of "
           f"{rec.prior.num_slabs(grid.shape[0])} slabs: {rec.prior_planes_summary()}; prior grid: "
           f"{rec.prior_grid.describe() if rec.prior_grid is not None else 'the PET grid'})", flush=True)
@@ -134,15 +142,19 @@ def run_ddip_steps(P: Projector, y: torch.Tensor, geom: SinogramGeometry, grid, 
         _sync(dev)
     rep = rec.timing_report()
     parts = ", ".join(f"{k} {v:.1f}" for k, v in rep.items() if k not in ("init_total",) and v > 0)
-    print(f"{'DDIP step (shipped settings)':28s}{t.wall / steps:8.2f} s wall {t.cpu / steps:8.2f} s cpu  per step; "
-          f"parts (s/step): {parts}", flush=True)
-    print(f"{'DDIP full run (estimate)':28s}{t.wall / steps * rec.config.num_steps / 60:8.1f} min wall  "
-          f"= {rec.config.num_steps} x this step + a {rec.config.n_init}-iteration warm start in a real run",
-          flush=True)
+    print(f"{'DDIP step (' + settings + ')':28s}{t.wall / steps:8.2f} s wall {t.cpu / steps:8.2f} s cpu  per step "
+          f"(mean of {steps}); parts (s/step): {parts}", flush=True)
+    # the real warm start: n_init MLEM iterations of one full forward + back projection each (timed above)
+    it_s = t_setup.wall if mlem_iteration_s is None else mlem_iteration_s
+    whole = t.wall / steps * rec.config.num_steps + t_setup.wall + (n_init_real - 1) * it_s
+    print(f"{'DDIP whole run (' + settings + ')':28s}{whole:8.1f} s wall  = {rec.config.num_steps} steps x "
+          f"{t.wall / steps:.2f} s{' (measured: all of them)' if steps >= rec.config.num_steps else ' (extrapolated)'}"
+          f" + set-up with a 1-iteration warm start {t_setup.wall:.2f} s + {n_init_real - 1} more MLEM iterations x "
+          f"{it_s:.2f} s (full forward + back)", flush=True)
 
 
 def run(dev: torch.device, geom: SinogramGeometry, xy: int, threads: int, subsets: int, osem: bool,
-        kernel: str, ddip_steps: int = 0) -> None:
+        kernel: str, ddip_steps: int = 0, paper_steps: int = 0, slab_batch: int | None = None) -> None:
     grid = geom.default_image_grid(xy)
     print(f"\n== {dev.type}: {geom.shape[0]} x {geom.shape[1]} x {geom.shape[2]} bins "
           f"({np.prod(geom.shape) / 1e6:.1f} M), image {grid.shape}, kernel {kernel}, {threads} thread(s)",
@@ -220,7 +232,11 @@ def run(dev: torch.device, geom: SinogramGeometry, xy: int, threads: int, subset
                 _sync(dev)
             line(f"OSEM iteration ({subsets} subs.)", t, f"(STIR {STIR['OSEM iteration (21 subsets)']:.0f} s)")
     if ddip_steps > 0:
-        run_ddip_steps(P, y, geom, grid, dev, ddip_steps)
+        run_ddip_steps(P, y, geom, grid, dev, ddip_steps, slab_batch=slab_batch,
+                       mlem_iteration_s=tf_full.wall + tb_full.wall)
+    if paper_steps > 0:
+        run_ddip_steps(P, y, geom, grid, dev, paper_steps, settings="paper", slab_batch=slab_batch,
+                       mlem_iteration_s=tf_full.wall + tb_full.wall)
     print(f"{'peak memory':28s}{_peak_gb(dev):8.2f} GB ({'RSS' if dev.type == 'cpu' else 'CUDA allocated'})",
           flush=True)
 
@@ -283,6 +299,11 @@ def main(argv=None) -> int:
     ap.add_argument("--study-dir", default=None, help="with --cli: keep the study there (default: a temp dir)")
     ap.add_argument("--ddip-steps", type=int, default=0,
                     help="also time this many DDIP diffusion steps (shipped settings, shipped prior; 0 = none)")
+    ap.add_argument("--ddip-paper-steps", type=int, default=0,
+                    help="also time this many DDIP steps with the paper's settings (200 steps, K = 2, all slabs)")
+    ap.add_argument("--slab-batch", type=int, default=None,
+                    help="slabs per network call in the DDIP steps (a run option: memory and speed only; "
+                         "default: the config's)")
     args = ap.parse_args(argv)
     template = Path(args.template)
     if not template.is_file():
@@ -301,7 +322,8 @@ def main(argv=None) -> int:
         run_cli_osem(geom, args.xy, subsets, args.threads, args.study_dir)
         return 0
     for dev in devs:
-        run(dev, geom, args.xy, args.threads, subsets, not args.skip_osem, args.kernel, args.ddip_steps)
+        run(dev, geom, args.xy, args.threads, subsets, not args.skip_osem, args.kernel, args.ddip_steps,
+            args.ddip_paper_steps, args.slab_batch)
     return 0
 
 

@@ -113,6 +113,8 @@ class TrainConfig:
     num_threads: int = 0
     export_dtype: str = "float16"
     max_seconds: float = 0.0  # > 0: stop (checkpoint + export) once the training loop has run this long
+    init_from: str = ""       # a prior (path, folder or shipped name) whose weights start the training (fine-tuning
+                              # a prior on other data); "" = random initialisation
 
 
 @dataclass
@@ -180,6 +182,65 @@ def build_dataset(cfg: PretrainConfig, show_progress: bool = True):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def initial_prior(cfg: PretrainConfig):
+    """The prior ``cfg.train.init_from`` that starts a fine-tuning run, checked against the config.
+
+    The prior must have the config's architecture, noise schedule and PET/MR scalings: weights trained for
+    other network units would start from a wrong model.
+
+    Returns
+    -------
+    PriorBundle
+
+    Raises
+    ------
+    ConfigError
+        Key ``train.init_from``: the prior differs from the config (names what differs).
+    InputFileError
+        The prior's files are missing or corrupt (from :func:`~sirf_ddip.prior.weights.load_prior`).
+    """
+    from .network import resolve_arch
+    from .weights import load_prior
+
+    bundle = load_prior(cfg.train.init_from, device="cpu")
+    card = bundle.card
+    want = {"architecture": arch_of(cfg),
+            "schedule": NoiseSchedule(cfg.schedule.num_train_steps, cfg.schedule.beta_start,
+                                      cfg.schedule.beta_end).to_dict(),
+            "pet_scaling": {"kind": "pet", **PETScaler.from_dict(cfg.pet_scaling).spec_unfitted()},
+            "mr_scaling": ({"kind": "mr", **MRScaler.from_dict(cfg.mr_scaling).spec_unfitted()}
+                           if cfg.network.use_mr else None)}
+    for key, val in want.items():
+        have = card.get(key)
+        if key == "architecture":
+            have = resolve_arch(dict(have or {}))
+        if _jsonish(have) != _jsonish(val):
+            raise ConfigError(f"key 'train.init_from': prior {cfg.train.init_from!r} ({bundle.path}) has {key} "
+                              f"{have} but the config asks for {val}; use a config with the prior's {key}")
+    return bundle
+
+
+def load_initial_weights(model: torch.nn.Module, cfg: PretrainConfig, bundle=None) -> dict[str, Any]:
+    """Copy the weights of the prior ``cfg.train.init_from`` (:func:`initial_prior`) into ``model``.
+
+    Returns
+    -------
+    dict
+        ``{"prior": name or path, "weights_file": ..., "weights_sha256": ...}`` for the run record and the card.
+    """
+    bundle = initial_prior(cfg) if bundle is None else bundle
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(dtype=own[k].dtype) for k, v in bundle.network.state_dict().items()})
+    return {"prior": str(cfg.train.init_from), "weights_file": bundle.path.name,
+            "weights_sha256": bundle.card.get("weights_sha256")}
+
+
+def _jsonish(x):
+    import json
+
+    return json.loads(json.dumps(x, default=str))
+
+
 def lr_factor(step: int, cfg: PretrainConfig) -> float:
     """LR multiplier at ``step``: linear warm-up, then cosine to ``min_lr_fraction`` (or constant)."""
     o = cfg.optim
@@ -258,6 +319,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
         ckpt_in = Path(resume) / "checkpoint.pt"
         if not ckpt_in.is_file():
             raise InputFileError(ckpt_in, "no checkpoint to resume from")
+    # the starting prior is checked before anything is written or generated; a resumed run has its weights already
+    init_bundle = initial_prior(cfg) if cfg.train.init_from and ckpt_in is None else None
     if main_rank:
         done = [p for p in ("prior.safetensors", "checkpoint.pt", "train_log.csv") if (out / p).exists()]
         resuming_here = resume is not None and Path(resume).resolve() == out.resolve()
@@ -277,6 +340,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
 
     torch.manual_seed(cfg.train.seed)
     model = build_network(arch_of(cfg)).to(dev)
+    init_info = load_initial_weights(model, cfg, init_bundle) if init_bundle is not None else None
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                             weight_decay=cfg.optim.weight_decay)
@@ -303,6 +367,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
             torch.cuda.set_rng_state(ck["cuda_rng"], dev)
         start = int(ck["step"])
         elapsed0 = float(ck.get("elapsed_s", 0.0))
+        init_info = ck.get("initialised_from")
         if start > cfg.train.steps:
             raise ConfigError(f"{ckpt_in}: checkpoint at step {start} is past train.steps {cfg.train.steps}")
 
@@ -319,7 +384,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
         write_run_record(out, to_dict(cfg), seed=cfg.train.seed,
                          extra={"config_file": config_path, "device": str(dev), "world_size": world,
                                 "resumed_from": str(ckpt_in) if ckpt_in else None, "start_step": start,
-                                "data": dataset.description})
+                                "initialised_from": init_info, "data": dataset.description})
         if start == 0 or not log_path.exists():
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(["step", "loss", "lr", "elapsed_s"])
@@ -343,7 +408,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
                           "ema": ema, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "scaler": scaler.state_dict(), "generators": gens, "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                          "elapsed_s": elapsed}, out / "checkpoint.pt")
+                          "elapsed_s": elapsed, "initialised_from": init_info}, out / "checkpoint.pt")
 
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, int(stop_after))
     losses: list[float] = []
@@ -415,7 +480,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
     result["stopped_by_time"] = time_stop
     if (end == cfg.train.steps or time_stop) and main_rank:
         result["card"] = str(export(cfg, model, ema, schedule, dataset, out, seconds, dev, world, overwrite=True,
-                                    steps_done=end, stopped_by_time=time_stop))
+                                    steps_done=end, stopped_by_time=time_stop, initialised_from=init_info))
+    result["initialised_from"] = init_info
     if distributed:
         import torch.distributed as dist
 
@@ -425,7 +491,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
 
 def export(cfg: PretrainConfig, model, ema: dict, schedule: NoiseSchedule, dataset, out: Path, seconds: float,
            dev, world: int, overwrite: bool = False, steps_done: int | None = None,
-           stopped_by_time: bool = False) -> Path:
+           stopped_by_time: bool = False, initialised_from: dict[str, Any] | None = None) -> Path:
     """Write ``out/prior.safetensors`` + card from the EMA weights."""
     from .weights import save_prior
 
@@ -441,6 +507,7 @@ def export(cfg: PretrainConfig, model, ema: dict, schedule: NoiseSchedule, datas
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "weights": "EMA",
+        "initialised_from": initialised_from,
         "config": to_dict(cfg),
         "command": " ".join(["sirf-ddip", *sys.argv[1:]]),   # no machine path (the program's location)
     }
