@@ -2,9 +2,10 @@
 # One prepared GPU session for the figures that need CUDA (issue 11: correctness and speed; issue 9: a prior
 # fine-tuned on hot and cold lesions, scored on validation cases). Prepare first, here:
 #   bash benchmarks/gpu_session_prepare.sh CASE_DIR [CASE_DIR ...]
-# then on the GPU machine (device tool; each part fits one call of <= 10 min, run them back to back):
-#   run(command="bash benchmarks/gpu_session.sh speed",   carry=[".whl", ".devcarry"], timeout_s=590)
-#   run(command="bash benchmarks/gpu_session.sh lesions", carry=[".whl", ".devcarry"], timeout_s=590)
+# then on the GPU machine, ONE device call (a session has 15 min of device time in all, the machine's start
+# included, and one call runs <= 10 min; the steps' own limits add up to ~9.3 min):
+#   run(command="bash benchmarks/gpu_session.sh all", carry=[".whl", ".devcarry"], timeout_s=600)
+# ("speed" or "lesions" runs one half.)
 # Everything it prints also goes to $OUT (at most 8 files come back): speed.log, cuda_check.json, lesions.log,
 # lesions_sweep.jsonl, prior.safetensors + prior.card.json + train_log.csv (the fine-tuned prior, to score on
 # the CPU afterwards). Each step has its own time limit so that one slow step does not lose the others.
@@ -24,7 +25,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+shopt -s nullglob
 CASES=(.devcarry/cases/*)
+[ ${#CASES[@]} -gt 0 ] || { echo "no study folders in .devcarry/cases (run benchmarks/gpu_session_prepare.sh)" >&2; exit 2; }
 NCPU=$(nproc)
 DEV=${DEV:-cuda}
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -33,43 +36,47 @@ if [ "${SMOKE:-0}" = 1 ]; then
   CASES=("${CASES[0]}")
 else
   SIZE=(--xy 344); DDIP=(--ddip-steps 50 --ddip-paper-steps 10); CHECK=(--ddip-steps 10)
-  FT=(--set train.steps="${FINETUNE_STEPS:-1000}"); SWEEP=()
+  FT=(--set train.steps="${FINETUNE_STEPS:-750}"); SWEEP=()
 fi
 step() { echo; echo "== $(date +%T) $*"; }
+quiet() { grep -v -E "(it/s|s/it)[],]" ; }   # progress-bar lines (the figures are printed as plain lines)
 
 speed() {
   step "machine"; nvidia-smi -L; "$PY" -c "import torch, numba, numpy; print('torch', torch.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
   step "CUDA correctness: projector / operator tests (CPU vs CUDA)"
-  timeout 110 "$PY" -m pytest -q -p no:cacheprovider tests/test_projector.py tests/test_operators.py 2>&1 | tail -15
-  step "CUDA vs CPU on ${CASES[0]}: OSEM 5x7 and DDIP 10 steps"
-  timeout 110 "$PY" benchmarks/cuda_check.py "${CASES[0]}" "${CHECK[@]}" --threads "$NCPU" --out "$OUT/cuda_check.json" 2>&1 | grep -v "it/s\]$"
+  timeout 50 "$PY" -m pytest -q -p no:cacheprovider tests/test_projector.py tests/test_operators.py 2>&1 | tail -15
+  step "CUDA vs CPU on ${CASES[0]}: OSEM and DDIP (${CHECK[*]})"
+  timeout 60 "$PY" benchmarks/cuda_check.py "${CASES[0]}" "${CHECK[@]}" --threads "$NCPU" --out "$OUT/cuda_check.json" 2>&1 | quiet
   step "full size on $DEV: mMR span 11 ${SIZE[*]}; DDIP ${DDIP[*]}"
-  timeout 230 "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device "$DEV" \
-    --threads "$NCPU" "${DDIP[@]}" 2>&1 | grep -v "it/s\]$"
+  timeout 150 "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device "$DEV" \
+    --threads "$NCPU" "${DDIP[@]}" 2>&1 | quiet
+}
+
+speed_cpu() {
   step "full size on this machine's CPU ($NCPU threads), for the CUDA/CPU ratio"
-  timeout 110 "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device cpu \
-    --threads "$NCPU" --skip-osem 2>&1 | grep -v "it/s\]$"
+  timeout 45 "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device cpu \
+    --threads "$NCPU" --skip-osem 2>&1 | quiet
 }
 
 lesions() {
   step "fine-tune the shipped prior on subjects with hot and cold lesions (${FT[*]})"
   rm -rf /tmp/prior-lesions
-  timeout 330 "$PY" -m sirf_ddip pretrain configs/pretrain-finetune-lesions.yaml --out /tmp/prior-lesions --device "$DEV" \
-    "${FT[@]}" --set train.max_seconds=240 --set data.workers=$(( NCPU > 1 ? NCPU - 1 : 1 )) \
-    --set data.template_cache="$SIRF_DDIP_TEMPLATE_CACHE" 2>&1 | grep -v "it/s\]$" | tail -5
+  timeout 170 "$PY" -m sirf_ddip pretrain configs/pretrain-finetune-lesions.yaml --out /tmp/prior-lesions --device "$DEV" \
+    "${FT[@]}" --set train.max_seconds="${FINETUNE_SECONDS:-120}" --set data.workers=$(( NCPU > 1 ? NCPU - 1 : 1 )) \
+    --set data.template_cache="$SIRF_DDIP_TEMPLATE_CACHE" 2>&1 | quiet | tail -25
   cp /tmp/prior-lesions/prior.safetensors /tmp/prior-lesions/prior.card.json /tmp/prior-lesions/train_log.csv "$OUT/" \
     || { echo "no fine-tuned prior" >&2; return 1; }
-  step "score: shipped vs fine-tuned prior, DDIP and DDIP without fine-tuning, on ${CASES[*]}"
-  for w in default /tmp/prior-lesions; do
-    timeout 120 "$PY" benchmarks/ddip_sweep.py "${CASES[@]}" --weights "$w" --device "$DEV" "${SWEEP[@]}" \
-      --runs '[{}, {"finetune": false}]' --out "$OUT/lesions_sweep.jsonl" 2>&1 \
-      | grep -v "it/s\]$" | sed "s|^|[$w] |"
+  step "score: shipped vs fine-tuned prior (DDIP, shipped settings) on ${CASES[*]}"
+  for w in /tmp/prior-lesions default; do
+    timeout 40 "$PY" benchmarks/ddip_sweep.py "${CASES[@]}" --weights "$w" --device "$DEV" "${SWEEP[@]}" \
+      --runs '[{}]' --out "$OUT/lesions_sweep.jsonl" 2>&1 | quiet | sed "s|^|[$w] |"
   done
 }
 
+# order: the GPU figures first, the CPU reference last (the cheapest to lose)
 case "$PART" in
-  speed) speed 2>&1 | tee "$OUT/speed.log" ;;
+  speed) { speed; speed_cpu; } 2>&1 | tee "$OUT/speed.log" ;;
   lesions) lesions 2>&1 | tee "$OUT/lesions.log" ;;
-  all) speed 2>&1 | tee "$OUT/speed.log"; lesions 2>&1 | tee "$OUT/lesions.log" ;;
+  all) speed 2>&1 | tee "$OUT/speed.log"; lesions 2>&1 | tee "$OUT/lesions.log"; speed_cpu 2>&1 | tee -a "$OUT/speed.log" ;;
   *) echo "usage: bash benchmarks/gpu_session.sh speed|lesions|all" >&2; exit 2 ;;
 esac

@@ -81,6 +81,8 @@ def test_init_from_starts_at_the_given_prior(tmp_path):
                       show_progress=False)  # the resumed run still names its starting prior
     for k, v in prior.network.state_dict().items():
         assert torch.equal(v, frozen["model"].state_dict()[k].float()), k
+    with pytest.raises(ConfigError, match=r"train\.init_from.*random network"):  # a random start resumed as a fine-tune
+        pretrain(cfg0, tmp_path / "base", resume=tmp_path / "base", dataset=ds, device="cpu", show_progress=False)
     card = load_prior(tmp_path / "frozen").card
     assert card["training"]["initialised_from"]["weights_sha256"] == prior.card["weights_sha256"]
     # lr > 0: on the same batches (same seed) a run from the prior has about the trained prior's loss (0.44 vs the

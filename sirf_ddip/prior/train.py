@@ -367,6 +367,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
             torch.cuda.set_rng_state(ck["cuda_rng"], dev)
         start = int(ck["step"])
         elapsed0 = float(ck.get("elapsed_s", 0.0))
+        ck_init = str(((ck.get("config") or {}).get("train") or {}).get("init_from", "") or "")
+        if cfg.train.init_from and cfg.train.init_from != ck_init:
+            raise ConfigError(f"key 'train.init_from': {ckpt_in} was started from {ck_init or 'a random network'!r}, "
+                              f"not {cfg.train.init_from!r}; resume with the checkpoint's setting")
         init_info = ck.get("initialised_from")
         if start > cfg.train.steps:
             raise ConfigError(f"{ckpt_in}: checkpoint at step {start} is past train.steps {cfg.train.steps}")
