@@ -162,6 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fwhm", type=float, nargs="*", default=[2.0, 3.0, 4.0, 5.0, 6.0, 8.0])
     ap.add_argument("--rdp-betas", type=float, nargs="*", default=[0.003, 0.01, 0.03, 0.1])
     ap.add_argument("--baselines-only", action="store_true")
+    ap.add_argument("--save-dir", default=None,
+                    help="also write every DDIP output (final_em 0) as CASE_<n>.npy here, n = its line in --out")
     ap.add_argument("--out", required=True, help="JSON-lines output")
     args = ap.parse_args(argv)
 
@@ -222,6 +224,11 @@ def main(argv=None) -> int:
             r.run(r.remaining())
             secs = round(time.perf_counter() - t0, 1)
             x = r.x.detach().clone()
+            if args.save_dir:
+                sd = Path(args.save_dir)
+                sd.mkdir(parents=True, exist_ok=True)
+                n = sum(1 for _ in out.open()) if out.is_file() else 0
+                np.save(sd / f"{case.name}_{n}.npy", x.cpu().numpy())
             dc = r.data_consistency()
             common = {"seconds": secs, "loglik_warm_start": round(dc["loglik_warm_start"], 2),
                       "pet_scale": float(r.pet_scaler.scale)}

@@ -3,11 +3,11 @@
 # fine-tuned on hot and cold lesions, scored on validation cases). Prepare first, here:
 #   bash benchmarks/gpu_session_prepare.sh CASE_DIR [CASE_DIR ...]
 # then on the GPU machine, ONE device call (a session has 15 min of device time in all, the machine's start
-# included, and one call runs <= 10 min; the steps' own limits add up to ~9.3 min):
+# included, and one call runs <= 10 min; the steps' own limits add up to ~9.4 min):
 #   run(command="bash benchmarks/gpu_session.sh all", carry=[".whl", ".devcarry"], timeout_s=600)
 # ("speed" or "lesions" runs one half.)
 # Everything it prints also goes to $OUT (at most 8 files come back): speed.log, cuda_check.json, lesions.log,
-# lesions_sweep.jsonl, prior.safetensors + prior.card.json + train_log.csv (the fine-tuned prior, to score on
+# lesions_sweep.jsonl (prior_lesions.py and DDIP lines), prior.safetensors + prior.card.json + train_log.csv (the fine-tuned prior, to score on
 # the CPU afterwards). Each step has its own time limit so that one slow step does not lose the others.
 # SMOKE=1 DEV=cpu PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh all   runs every step at toy sizes on a
 # CPU (a check of the script itself; its figures mean nothing).
@@ -16,7 +16,7 @@ PART=${1:-speed}
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 SIRF_DDIP_TEMPLATE_CACHE=$PWD/.devcarry/templates.npz SIRF_DDIP_CACHE=/tmp/sirf_ddip_cache
+export SIRF_DDIP_PROGRESS=0 PYTHONUNBUFFERED=1 SIRF_DDIP_TEMPLATE_CACHE=$PWD/.devcarry/templates.npz SIRF_DDIP_CACHE=/tmp/sirf_ddip_cache
 PY=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -33,42 +33,46 @@ DEV=${DEV:-cuda}
 if [ "${SMOKE:-0}" = 1 ]; then
   SIZE=(--rings 6 --xy 128); DDIP=(--ddip-steps 1 --ddip-paper-steps 1); CHECK=(--ddip-steps 1 --osem-iterations 1)
   FT=(--set train.steps=2 --set data.num_subjects=2 --set train.batch_size=2); SWEEP=(--set num_steps=1)
-  CASES=("${CASES[0]}")
+  CASES=("${CASES[0]}"); TSCALE=${TSCALE:-4}
 else
   SIZE=(--xy 344); DDIP=(--ddip-steps 50 --ddip-paper-steps 10); CHECK=(--ddip-steps 10)
-  FT=(--set train.steps="${FINETUNE_STEPS:-750}"); SWEEP=()
+  FT=(--set train.steps="${FINETUNE_STEPS:-750}"); SWEEP=(); TSCALE=${TSCALE:-1}
 fi
 step() { echo; echo "== $(date +%T) $*"; }
-quiet() { grep -v -E "(it/s|s/it)[],]" ; }   # progress-bar lines (the figures are printed as plain lines)
+lim() { echo $(( $1 * TSCALE )); }   # a step's time limit (s); SMOKE on a CPU gets 4x, to check every step runs through
+quiet() { tr "\r" "\n" | grep -v -E "(it/s|s/it)[],]" ; }   # progress bars (off: SIRF_DDIP_PROGRESS=0) never hide a result line
 
 speed() {
   step "machine"; nvidia-smi -L; "$PY" -c "import torch, numba, numpy; print('torch', torch.__version__, 'numba', numba.__version__, 'numpy', numpy.__version__, 'cuda', torch.cuda.is_available())"
   step "CUDA correctness: projector / operator tests (CPU vs CUDA)"
-  timeout 50 "$PY" -m pytest -q -p no:cacheprovider tests/test_projector.py tests/test_operators.py 2>&1 | tail -15
+  timeout $(lim 50) "$PY" -m pytest -q -p no:cacheprovider tests/test_projector.py tests/test_operators.py 2>&1 | tail -15
   step "CUDA vs CPU on ${CASES[0]}: OSEM and DDIP (${CHECK[*]})"
-  timeout 60 "$PY" benchmarks/cuda_check.py "${CASES[0]}" "${CHECK[@]}" --threads "$NCPU" --out "$OUT/cuda_check.json" 2>&1 | quiet
+  timeout $(lim 60) "$PY" benchmarks/cuda_check.py "${CASES[0]}" "${CHECK[@]}" --threads "$NCPU" --out "$OUT/cuda_check.json" 2>&1 | quiet
   step "full size on $DEV: mMR span 11 ${SIZE[*]}; DDIP ${DDIP[*]}"
-  timeout 150 "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device "$DEV" \
+  timeout $(lim 150) "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device "$DEV" \
     --threads "$NCPU" "${DDIP[@]}" 2>&1 | quiet
 }
 
 speed_cpu() {
   step "full size on this machine's CPU ($NCPU threads), for the CUDA/CPU ratio"
-  timeout 45 "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device cpu \
+  timeout $(lim 45) "$PY" benchmarks/full_size.py --template .devcarry/template_span11.hs "${SIZE[@]}" --device cpu \
     --threads "$NCPU" --skip-osem 2>&1 | quiet
 }
 
 lesions() {
   step "fine-tune the shipped prior on subjects with hot and cold lesions (${FT[*]})"
   rm -rf /tmp/prior-lesions
-  timeout 170 "$PY" -m sirf_ddip pretrain configs/pretrain-finetune-lesions.yaml --out /tmp/prior-lesions --device "$DEV" \
-    "${FT[@]}" --set train.max_seconds="${FINETUNE_SECONDS:-120}" --set data.workers=$(( NCPU > 1 ? NCPU - 1 : 1 )) \
+  timeout $(lim 150) "$PY" -m sirf_ddip pretrain configs/pretrain-finetune-lesions.yaml --out /tmp/prior-lesions --device "$DEV" \
+    "${FT[@]}" --set train.max_seconds="${FINETUNE_SECONDS:-105}" --set data.workers=$(( NCPU > 1 ? NCPU - 1 : 1 )) \
     --set data.template_cache="$SIRF_DDIP_TEMPLATE_CACHE" 2>&1 | quiet | tail -25
   cp /tmp/prior-lesions/prior.safetensors /tmp/prior-lesions/prior.card.json /tmp/prior-lesions/train_log.csv "$OUT/" \
     || { echo "no fine-tuned prior" >&2; return 1; }
+  step "prior alone: lesion bias of one Tweedie step from the noised truth, shipped vs fine-tuned"
+  timeout $(lim 30) "$PY" benchmarks/prior_lesions.py "${CASES[@]}" --weights default /tmp/prior-lesions --device "$DEV" \
+    --t 100 300 --seeds 0 1 --out "$OUT/lesions_sweep.jsonl" 2>&1
   step "score: shipped vs fine-tuned prior (DDIP, shipped settings) on ${CASES[*]}"
   for w in /tmp/prior-lesions default; do
-    timeout 40 "$PY" benchmarks/ddip_sweep.py "${CASES[@]}" --weights "$w" --device "$DEV" "${SWEEP[@]}" \
+    timeout $(lim 40) "$PY" benchmarks/ddip_sweep.py "${CASES[@]}" --weights "$w" --device "$DEV" "${SWEEP[@]}" \
       --runs '[{}]' --out "$OUT/lesions_sweep.jsonl" 2>&1 | quiet | sed "s|^|[$w] |"
   done
 }

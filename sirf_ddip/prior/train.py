@@ -200,16 +200,15 @@ def initial_prior(cfg: PretrainConfig):
         The prior's files are missing or corrupt (from :func:`~sirf_ddip.prior.weights.load_prior`).
     """
     from .network import resolve_arch
-    from .weights import load_prior
+    from .weights import load_prior, scaling_card_entries
 
     bundle = load_prior(cfg.train.init_from, device="cpu")
     card = bundle.card
     want = {"architecture": arch_of(cfg),
             "schedule": NoiseSchedule(cfg.schedule.num_train_steps, cfg.schedule.beta_start,
                                       cfg.schedule.beta_end).to_dict(),
-            "pet_scaling": {"kind": "pet", **PETScaler.from_dict(cfg.pet_scaling).spec_unfitted()},
-            "mr_scaling": ({"kind": "mr", **MRScaler.from_dict(cfg.mr_scaling).spec_unfitted()}
-                           if cfg.network.use_mr else None)}
+            **scaling_card_entries(PETScaler.from_dict(cfg.pet_scaling),
+                                   MRScaler.from_dict(cfg.mr_scaling) if cfg.network.use_mr else None)}
     for key, val in want.items():
         have = card.get(key)
         if key == "architecture":

@@ -131,8 +131,7 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
         "format": FORMAT,
         "architecture": dict(network.arch),
         "schedule": schedule.to_dict(),
-        "pet_scaling": {"kind": "pet", **pet_scaling.spec_unfitted()},
-        "mr_scaling": None if mr_scaling is None else {"kind": "mr", **mr_scaling.spec_unfitted()},
+        **scaling_card_entries(pet_scaling, mr_scaling),
         "training": training or {},
         "weights_file": path.name,
         "weights_sha256": sha256_file(path),
@@ -143,6 +142,16 @@ def save_prior(path: str | Path, network: ScoreNetwork, schedule: NoiseSchedule,
     }
     write_text(card_path, json.dumps(card, indent=2, default=str))
     return card_path
+
+
+def scaling_card_entries(pet_scaling, mr_scaling) -> dict[str, Any]:
+    """The card's ``pet_scaling`` / ``mr_scaling`` entries (unfitted specs, tagged with their kind).
+
+    One definition for :func:`save_prior`, which writes them, and for checks that compare a config with a
+    card (``prior.train.initial_prior``).
+    """
+    return {"pet_scaling": {"kind": "pet", **pet_scaling.spec_unfitted()},
+            "mr_scaling": None if mr_scaling is None else {"kind": "mr", **mr_scaling.spec_unfitted()}}
 
 
 def _resolve(path_or_dir: str | Path) -> tuple[Path, Path]:
