@@ -163,7 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rdp-betas", type=float, nargs="*", default=[0.003, 0.01, 0.03, 0.1])
     ap.add_argument("--baselines-only", action="store_true")
     ap.add_argument("--save-dir", default=None,
-                    help="also write every DDIP output (final_em 0) as CASE_<n>.npy here, n = its line in --out")
+                    help="also write every DDIP output (final_em 0) as CASE_<n>.npy here, n = the 0-based line "
+                         "of its first result in --out")
     ap.add_argument("--out", required=True, help="JSON-lines output")
     args = ap.parse_args(argv)
 
