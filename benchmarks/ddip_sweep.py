@@ -17,6 +17,9 @@ survive an interruption). Lesions are the connected components of ``mask_lesion.
 Example::
 
     python benchmarks/ddip_sweep.py /work/val/fdg_213_d0.1 --grid beta=3,10 --final-em 0,2,5 --out sweep.jsonl
+
+The validation studies of ``recon/ddip.yaml``'s table: ``sirf-ddip simulate benchmarks/validation/NAME.yaml --out
+VAL/NAME`` for each file there.
 """
 
 from __future__ import annotations
