@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="also append one JSON line per (case, prior, t)")
     args = ap.parse_args(argv)
 
-    from ddip_sweep import lesion_labels
+    from ddip_sweep import Scorer
     from sirf_ddip.io import read_image
     from sirf_ddip.prior.check import check_prior
     from sirf_ddip.prior.weights import load_default, load_prior
@@ -52,10 +52,9 @@ def main(argv=None) -> int:
     print(f"{'case':28s} {'prior':24s} {'t':>4s} {'PSNR':>6s}  lesion bias % (largest first; mean of "
           f"{len(args.seeds)} seeds)")
     for case in map(Path, args.cases):
-        truth = read_image(case / "truth.hv").array.astype(np.float32)
+        sc = Scorer(case, ds=None)  # the case's truth, brain mask and lesions, as ddip_sweep reads them
+        truth, brain, lesions = sc.truth.astype(np.float32), sc.brain, sc.lesions
         mr = read_image(case / "mr.hv").array.astype(np.float32)
-        brain = read_image(case / "mask_brain.hv").array > 0.5
-        lesions = lesion_labels(read_image(case / "mask_lesion.hv").array > 0.5)
         sizes = [int(m.sum()) for m in lesions]
         for name, bundle in priors.items():
             for t in args.t:
