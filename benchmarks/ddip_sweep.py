@@ -170,6 +170,21 @@ def main(argv=None) -> int:
                          "of its first result in --out")
     ap.add_argument("--out", required=True, help="JSON-lines output")
     args = ap.parse_args(argv)
+    need = ("prompts.hs", "mult_factors.hs", "additive_term.hs", "truth.hv", "mr.hv", "mask_brain.hv")
+    for case in map(Path, args.cases):
+        missing = [n for n in need if not (case / n).is_file()]
+        if missing:
+            print(f"ddip_sweep: case folder {case}: missing {', '.join(missing)} (make a validation case with "
+                  "`sirf-ddip simulate benchmarks/validation/NAME.yaml --out DIR`)", file=sys.stderr)
+            return 2
+    if args.runs:
+        try:
+            runs = json.loads(args.runs)
+            if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+                raise ValueError("not a list of objects")
+        except ValueError as exc:
+            print(f"ddip_sweep: --runs must be a JSON list of override objects ({exc})", file=sys.stderr)
+            return 2
 
     from sirf_ddip.config import parse_overrides
     from sirf_ddip.io import read_image
@@ -188,7 +203,7 @@ def main(argv=None) -> int:
     base = parse_overrides(args.overrides)
     grid = parse_grid(args.grid) if (args.grid or not args.runs) else []
     if args.runs:
-        grid += list(json.loads(args.runs))
+        grid += list(runs)
     final_em = [int(v) for v in args.final_em.split(",")]
     final_em_beta = [float(v) for v in args.final_em_beta.split(",")]
 

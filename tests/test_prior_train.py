@@ -100,6 +100,31 @@ def test_init_from_starts_at_the_given_prior(tmp_path):
     assert not (tmp_path / "other").exists()  # checked before anything is written
 
 
+def test_t_max_bounds_the_noise_levels_trained(tmp_path, monkeypatch):
+    """train.t_max: every training t is drawn from U{0, t_max - 1} (without it from the whole schedule); a bound
+    outside [0, T] is a ConfigError naming the key."""
+    from sirf_ddip.prior import train as train_mod
+
+    seen: list[int] = []
+    orig = train_mod.NoiseSchedule.q_sample
+
+    def recording(self, x0, t, noise):
+        seen.extend(int(v) for v in t)
+        return orig(self, x0, t, noise)
+
+    monkeypatch.setattr(train_mod.NoiseSchedule, "q_sample", recording)
+    ds = _dataset()
+    ov = OV + ["train.steps=5", "train.batch_size=8", "train.checkpoint_every=100"]
+    pretrain(load_pretrain_config(None, ov + ["train.t_max=50"]), tmp_path / "low", dataset=ds, device="cpu",
+             show_progress=False)
+    assert len(seen) == 40 and max(seen) < 50 and max(seen) >= 25, seen   # P(all 40 draws < 25) = 2^-40
+    seen.clear()
+    pretrain(load_pretrain_config(None, ov), tmp_path / "all", dataset=ds, device="cpu", show_progress=False)
+    assert len(seen) == 40 and max(seen) >= 50, seen                       # P(all < 50 of 1000) = 0.05^40
+    with pytest.raises(ConfigError, match=r"train\.t_max"):
+        load_pretrain_config(None, OV + ["train.t_max=1001"])
+
+
 def test_shipped_lesion_finetune_config_fits_the_shipped_prior():
     """configs/pretrain-finetune-lesions.yaml starts from the shipped prior: its network, schedule and scalings
     must be the shipped card's, and the subjects it asks for hold hot and cold lesions."""

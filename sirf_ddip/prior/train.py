@@ -1,10 +1,10 @@
 """Pretraining of the diffusion prior (ε-prediction, DDPM loss), single process or DDP, exactly resumable.
 
 ``sirf-ddip pretrain CONFIG.yaml --out DIR`` runs :func:`pretrain`. Per step: a batch of slabs from the dataset,
-``t ~ U{0, T−1}``, ``ε ~ N(0, I)``, ``x_t = q_sample(x_0, t, ε)``, loss ``‖ε̂(x_t, t, mr) − ε‖²`` (mean), AdamW,
-gradient clipping, linear warm-up then cosine (or constant) learning rate, EMA of the weights. All random draws
-of a rank (batch, t, ε) come from one ``torch.Generator`` seeded by ``(train.seed, rank)``; the generator state
-is the sampler state stored in checkpoints.
+``t ~ U{0, T−1}`` (``U{0, t_max−1}`` with ``train.t_max``), ``ε ~ N(0, I)``, ``x_t = q_sample(x_0, t, ε)``,
+loss ``‖ε̂(x_t, t, mr) − ε‖²`` (mean), AdamW, gradient clipping, linear warm-up then cosine (or constant) learning
+rate, EMA of the weights. All random draws of a rank (batch, t, ε) come from one ``torch.Generator`` seeded by
+``(train.seed, rank)``; the generator state is the sampler state stored in checkpoints.
 
 Checkpoints (``DIR/checkpoint.pt``, written atomically every ``train.checkpoint_every`` steps and at the end):
 model, EMA, optimiser, LR scheduler, GradScaler, generator and torch RNG states, step, config. ``--resume DIR``
@@ -115,6 +115,8 @@ class TrainConfig:
     max_seconds: float = 0.0  # > 0: stop (checkpoint + export) once the training loop has run this long
     init_from: str = ""       # a prior (path, folder or shipped name) whose weights start the training (fine-tuning
                               # a prior on other data); "" = random initialisation
+    t_max: int = 0            # > 0: draw t ~ U{0, t_max - 1} only (a fine-tune aimed at the noise levels a DDIP
+                              # run visits, t <= its t_start); 0 = the whole schedule, U{0, T - 1}
 
 
 @dataclass
@@ -144,6 +146,9 @@ def load_pretrain_config(path: str | Path | None, overrides=None) -> PretrainCon
                      ("train.checkpoint_every", cfg.train.checkpoint_every)):
         if val < 1:
             raise ConfigError(f"{src}: key '{key}' must be >= 1, got {val}")
+    if not 0 <= cfg.train.t_max <= cfg.schedule.num_train_steps:
+        raise ConfigError(f"{src}: key 'train.t_max' must be in [0, schedule.num_train_steps = "
+                          f"{cfg.schedule.num_train_steps}] (0: the whole schedule), got {cfg.train.t_max}")
     try:
         arch_of(cfg)
         PETScaler.from_dict(cfg.pet_scaling)
@@ -414,6 +419,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
                           "elapsed_s": elapsed, "initialised_from": init_info}, out / "checkpoint.pt")
 
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, int(stop_after))
+    t_high = cfg.train.t_max if cfg.train.t_max > 0 else schedule.num_train_steps
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()
@@ -423,7 +429,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
     time_stop = False
     for step in bar:
         x0, mr = dataset.sample(local_batch, gen)
-        t = torch.randint(schedule.num_train_steps, (local_batch,), generator=gen)
+        t = torch.randint(t_high, (local_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         x_t = schedule.q_sample(x0, t, noise)
         x_t, noise, t = x_t.to(dev, non_blocking=True), noise.to(dev, non_blocking=True), t.to(dev)
