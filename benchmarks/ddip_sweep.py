@@ -170,9 +170,10 @@ def main(argv=None) -> int:
                          "of its first result in --out")
     ap.add_argument("--out", required=True, help="JSON-lines output")
     args = ap.parse_args(argv)
-    need = ("prompts.hs", "mult_factors.hs", "additive_term.hs", "truth.hv", "mr.hv", "mask_brain.hv")
+    from sirf_ddip.study.study import missing_case_files
+
     for case in map(Path, args.cases):
-        missing = [n for n in need if not (case / n).is_file()]
+        missing = missing_case_files(case, extra=("mr.hv",))
         if missing:
             print(f"ddip_sweep: case folder {case}: missing {', '.join(missing)} (make a validation case with "
                   "`sirf-ddip simulate benchmarks/validation/NAME.yaml --out DIR`)", file=sys.stderr)

@@ -243,3 +243,15 @@ def test_study_runs_real_ddip_variants_with_tiny_priors(tmp_path):
     assert cm["ddip"]["psnr"] != cm["diffusion_no_finetune"]["psnr"]
     abl = json.loads((tmp_path / "s" / "ablations.json").read_text())
     assert abl["t_start"][0]["value"] == 10 and isinstance(abl["t_start"][0]["psnr"], float)
+
+
+def test_load_case_names_the_missing_file(tmp_path):
+    from sirf_ddip.errors import InputFileError
+    from sirf_ddip.study.study import CASE_REQUIRED_FILES, load_case, missing_case_files
+
+    for f in CASE_REQUIRED_FILES[:3]:
+        (tmp_path / f).write_text("!INTERFILE :=\n")
+    assert missing_case_files(tmp_path) == list(CASE_REQUIRED_FILES[3:])
+    assert missing_case_files(tmp_path, extra=("mr.hv",))[-1] == "mr.hv"
+    with pytest.raises(InputFileError, match="truth.hv.*missing from the study case folder"):
+        load_case(tmp_path)

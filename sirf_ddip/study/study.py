@@ -246,16 +246,25 @@ def _read_mask(path: Path) -> np.ndarray:
     return read_image(path).array > 0.5
 
 
+#: The files :func:`load_case` needs in a study case folder (``mr.hv``, ``mask_lesion.hv``, ``case.json`` optional).
+CASE_REQUIRED_FILES = ("prompts.hs", "mult_factors.hs", "additive_term.hs", "truth.hv", "mask_brain.hv",
+                       "mask_gm.hv", "mask_wm.hv")
+
+
+def missing_case_files(case_dir: str | Path, extra: Sequence[str] = ()) -> list[str]:
+    """The names among :data:`CASE_REQUIRED_FILES` (and ``extra``) that are not files in ``case_dir``."""
+    d = Path(case_dir)
+    return [f for f in (*CASE_REQUIRED_FILES, *extra) if not (d / f).is_file()]
+
+
 def load_case(case_dir: str | Path, name: str | None = None, device: str | None = None) -> CaseData:
     """Read a PETRIC-layout case folder (as written by ``simulate_study``) into :class:`CaseData`."""
     from ..io import read_image
     from ..physics.model import EngineLogLikelihood
 
     d = Path(case_dir)
-    for f in ("prompts.hs", "mult_factors.hs", "additive_term.hs", "truth.hv", "mask_brain.hv", "mask_gm.hv",
-              "mask_wm.hv"):
-        if not (d / f).is_file():
-            raise InputFileError(d / f, "file missing from the study case folder")
+    for f in missing_case_files(d):
+        raise InputFileError(d / f, "file missing from the study case folder")
     info = json.loads((d / "case.json").read_text()) if (d / "case.json").is_file() else {}
     truth = read_image(d / "truth.hv")
     ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult_factors.hs", d / "additive_term.hs",
