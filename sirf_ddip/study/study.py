@@ -263,8 +263,9 @@ def load_case(case_dir: str | Path, name: str | None = None, device: str | None 
     from ..physics.model import EngineLogLikelihood
 
     d = Path(case_dir)
-    for f in missing_case_files(d):
-        raise InputFileError(d / f, "file missing from the study case folder")
+    missing = missing_case_files(d)
+    if missing:
+        raise InputFileError(d / missing[0], "file missing from the study case folder")
     info = json.loads((d / "case.json").read_text()) if (d / "case.json").is_file() else {}
     truth = read_image(d / "truth.hv")
     ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult_factors.hs", d / "additive_term.hs",
