@@ -373,3 +373,74 @@ def test_ddim_x0_hqs_steers_with_the_data_fused_image(bundle):
     n.update_current_estimate()
     torch.testing.assert_close(n._x_img, h._x_img)                   # same image step up to here
     assert float((n.x - h.x).abs().max()) > 1e-4
+
+
+# ---------------------------------------------------------------------- smoothed data correction
+def test_smooth_correction_keeps_constants_and_spreads_a_spike_as_a_gaussian():
+    from sirf_ddip.recon.ddip import smooth_correction
+
+    c = torch.full((7, 9, 9), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(smooth_correction(c, 1.5), c)            # normalised: exact up to the end planes
+    spike = torch.zeros(9, 21, 21, dtype=torch.float64)
+    spike[4, 10, 10] = 1.0
+    assert smooth_correction(spike, 0.0) is spike
+    s = smooth_correction(spike, 1.0)
+    # interior (the kernel, +-4 sigma, fits): the sampled 1D Gaussian (sigma 1 voxel) cubed, computed here
+    k = np.exp(-0.5 * np.arange(-4, 5) ** 2)
+    k /= k.sum()
+    assert float(s[4, 10, 10]) == pytest.approx(k[4] ** 3, rel=1e-9)
+    assert float(s[4, 10, 11]) == pytest.approx(k[4] ** 2 * k[5], rel=1e-9)
+    assert float(s[4, 12, 9]) == pytest.approx(k[4] * k[6] * k[3], rel=1e-9)
+    # at an end plane the normaliser restores the lost kernel mass: a spike there keeps its sum
+    edge = torch.zeros(7, 21, 21, dtype=torch.float64)
+    edge[0, 10, 10] = 1.0
+    e = smooth_correction(edge, 1.0)
+    assert float(e[0, 10, 10]) == pytest.approx(k[4] ** 3 / k[4:].sum(), rel=1e-9)
+
+
+def test_correction_sigma_smooths_the_finetuning_target_and_the_hqs_image(bundle, monkeypatch):
+    """``correction_sigma_vox > 0``: the fine-tuning loss sees ``fold(x̂0) + smooth(x_HQS − fold(x̂0))`` and
+    ``ddim_x0: hqs`` steers with ``x̂0 + smooth(x_HQS − x̂0)``; 0 leaves both as they were."""
+    import sirf_ddip.recon.ddip as ddip_mod
+
+    seen = []
+    real = ddip_mod.finetune_loss
+
+    def spy(x0s, hqs_s, fold_s, *a, **k):
+        seen.append((hqs_s.detach().clone(), fold_s.detach().clone()))
+        return real(x0s, hqs_s, fold_s, *a, **k)
+
+    monkeypatch.setattr(ddip_mod, "finetune_loss", spy)
+    ds = DenseDataStep(shape=(3, 16, 16))
+    r = make(ds, bundle, num_steps=2, correction_sigma_vox=1.0, ddim_x0="hqs")
+    r.initialise()
+    t = r.timesteps[0]
+    x0 = r._with_data_planes(r.schedule.tweedie_x0(r._xt, r.prior.eps(r._xt, t), t).clamp(*r.config.x0_clamp))
+    r._finetune(r._xt.clone(), t)
+    hqs_s, fold_s = seen[-1]
+    raw = r._to_net(r._x_img)
+    planes = r.prior.slab_planes(3, r.prior.slab_indices(3))
+    want = ddip_mod.smooth_correction(raw - x0, 1.0)[planes]
+    torch.testing.assert_close(hqs_s - fold_s, want, rtol=1e-5, atol=1e-6)
+    assert float((hqs_s - fold_s - (raw - x0)[planes]).abs().max()) > 1e-3   # it is smoothed, not the raw one
+    with pytest.raises(Exception, match="correction_sigma_vox"):
+        make(ds, bundle, correction_sigma_vox=-1.0)
+
+
+def test_correction_sigma_with_ddim_x0_hqs_steers_with_the_smoothed_image(bundle):
+    """``ddim_x0: hqs`` with ``correction_sigma_vox``: the step's x̂0 is the adapted net's x̂0 plus the smoothed
+    correction towards the HQS image (clamped), not the HQS image itself."""
+    from sirf_ddip.recon.ddip import smooth_correction
+
+    ds = DenseDataStep(shape=(3, 16, 16))
+    h = make(ds, bundle, num_steps=2, ddim_x0="hqs", correction_sigma_vox=1.0)
+    h.initialise()
+    t = h.timesteps[0]
+    xt = h._xt.clone()
+    h.update_current_estimate()
+    lo, hi = h.config.x0_clamp
+    x0_net = h._with_data_planes(h.schedule.tweedie_x0(xt, h.prior.eps(xt, t), t).clamp(lo, hi))  # adapted net
+    raw = h.prior.to_network(h._x_img)
+    want = (x0_net + smooth_correction(raw - x0_net, 1.0)).clamp(lo, hi)
+    torch.testing.assert_close(h._x0_net, want, rtol=1e-5, atol=1e-5)
+    assert float((h._x0_net - raw.clamp(lo, hi)).abs().max()) > 1e-3

@@ -156,6 +156,11 @@ class DDIPConfig:
         estimate only; ``"fold"`` (before 0.2): towards ``x_HQS`` itself, which also penalises each slab's
         disagreement with the slab average ``fold(x̂0)`` (measured: ~98 % of the loss at t = 600, β = 10, so the
         adapters learnt slab consistency instead of the data). The two coincide when all slabs agree exactly.
+    correction_sigma_vox : float
+        Gaussian sigma (voxels, 3D, normalised at the volume's edges) applied to the data's correction
+        ``x_HQS − fold(x̂0)`` before it enters the fine-tuning target (and, with ``ddim_x0 = "hqs"``, the DDIM
+        image ``x̂0 + smooth(x_HQS − x̂0)``). 0 = unsmoothed (the authors' loss). A coherent correction (a lesion
+        the prior lacks) survives, voxel noise of the few EM updates is averaged out.
     slab_consistency : float
         Weight of a separate slab-consistency term ``mean((x̂0_slab − fold(x̂0).detach())²)`` added to the
         ``"data"`` loss (0 = none, the default; 1 restores the ``"fold"`` loss's implicit weight).
@@ -233,6 +238,7 @@ class DDIPConfig:
     train_biases: bool = True
     finetune_target: str = "data"
     slab_consistency: float = 0.0
+    correction_sigma_vox: float = 0.0
     ddim_x0: str = "network"
     fov_mask: bool = True
     prior_planes: str = "anatomy"
@@ -293,6 +299,8 @@ class DDIPConfig:
                 bad(key, "must be one of " + ", ".join(repr(a) for a in allowed))
         if not self.slab_consistency >= 0:
             bad("slab_consistency", "must be >= 0")
+        if not self.correction_sigma_vox >= 0:
+            bad("correction_sigma_vox", "must be >= 0")
         if self.prior_fov_radius_mm is not None and not self.prior_fov_radius_mm > 0:
             bad("prior_fov_radius_mm", "must be > 0 or null")
         if self.final_em < 0:

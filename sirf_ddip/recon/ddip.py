@@ -112,6 +112,23 @@ def finetune_loss(x0_slabs: torch.Tensor, hqs_slabs: torch.Tensor, fold_slabs: t
     return loss
 
 
+def smooth_correction(correction: torch.Tensor, sigma_vox: float) -> torch.Tensor:
+    """Normalised 3D Gaussian smoothing of a correction volume ``[Z, H, W]`` (sigma in voxels).
+
+    ``G * c / G * 1`` with zero padding, so a constant correction is kept exactly up to the volume's edges (a 7-plane
+    volume loses nothing at its end planes); ``sigma_vox = 0`` returns ``correction`` itself.
+    """
+    if sigma_vox <= 0:
+        return correction
+    from .osem import gaussian_filter_mm
+
+    fwhm = float(sigma_vox) * 2.0 * math.sqrt(2.0 * math.log(2.0))
+    one = (1.0, 1.0, 1.0)
+    num = gaussian_filter_mm(correction, fwhm, one)
+    den = gaussian_filter_mm(torch.ones_like(correction), fwhm, one)
+    return num / den
+
+
 class DDIPReconstructor(IterativeReconstructor):
     """HQS-DDIP reconstruction on any :class:`~sirf_ddip.physics.likelihood.PoissonLogLikelihood`.
 
@@ -618,7 +635,11 @@ class DDIPReconstructor(IterativeReconstructor):
             self._finetune(xt, t)
             eps = self.prior.eps(xt, t)
             if cfg.ddim_x0 == "hqs":   # the data-fused image steers the trajectory (DDS-style), ε̂ from the adapted net
-                x0 = self._to_net(self._x_img).clamp(lo, hi)
+                x0 = self._to_net(self._x_img)
+                if cfg.correction_sigma_vox > 0:
+                    x0 = self._smoothed_target(
+                        self._with_data_planes(sched.tweedie_x0(xt, eps, t).clamp(lo, hi)), x0)
+                x0 = x0.clamp(lo, hi)
             else:
                 x0 = self._with_data_planes(sched.tweedie_x0(xt, eps, t).clamp(lo, hi))
         else:
@@ -665,6 +686,13 @@ class DDIPReconstructor(IterativeReconstructor):
         self.loglik_final_em = self._log_likelihood(out)
         return out
 
+    def _smoothed_target(self, x0: torch.Tensor, x_hqs: torch.Tensor) -> torch.Tensor:
+        """``x0 + smooth(x_hqs − x0)`` (network units) with ``correction_sigma_vox``; ``x_hqs`` when it is 0."""
+        sigma = self.config.correction_sigma_vox
+        if sigma <= 0:
+            return x_hqs
+        return x0 + smooth_correction(x_hqs - x0, sigma)
+
     def _finetune(self, xt: torch.Tensor, t: int) -> None:
         """K AdamW steps on the adapters (fresh optimiser), each against a new HQS image."""
         from ..prior.adapters import lora_parameters
@@ -689,14 +717,14 @@ class DDIPReconstructor(IterativeReconstructor):
                 eps_v = self.prior.fold(eps_s.detach(), Z, idx_all)
                 x0 = self._with_data_planes(sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi))
                 self._x_img = self._image_step(x0, self._x_img)
-                target = self._to_net(self._x_img)
+                target = self._smoothed_target(x0, self._to_net(self._x_img))
                 loss = self._slab_loss(xt, t, idx_all, target, x0, eps_s, n * int(np.prod(eps_s.shape[1:])))
                 self.last_loss = float(loss)
             else:
                 eps_v = self.prior.eps(xt, t)
                 x0 = self._with_data_planes(sched.tweedie_x0(xt, eps_v, t).clamp(lo, hi))
                 self._x_img = self._image_step(x0, self._x_img)
-                target = self._to_net(self._x_img)
+                target = self._smoothed_target(x0, self._to_net(self._x_img))
                 pick = torch.arange(n) if m == n else torch.randperm(n, generator=self._gen)[:m]
                 idx = active[pick].to(xt.device)
                 total = 0.0
