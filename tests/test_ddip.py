@@ -71,7 +71,7 @@ def test_volume_eps_matches_prior_slab_inference(ds, bundle):
 
 
 def test_finetune_off_beta_inf_image_step_returns_prior_x0(ds, bundle):
-    r = make(ds, bundle, finetune=False, beta=math.inf)
+    r = make(ds, bundle, finetune=False, beta=math.inf, beta_final=None)
     r.initialise()
     xt = r._xt.clone()
     t = r.timesteps[0]
@@ -86,7 +86,7 @@ def test_finetune_off_beta_inf_image_step_returns_prior_x0(ds, bundle):
 
 def test_beta_zero_is_plain_osem(ds, bundle):
     """β → 0 (finetune off): the HQS image is exactly OSEM continued from the warm start."""
-    r = make(ds, bundle, finetune=False, beta=0.0, num_subsets=2, num_em=3, num_steps=3, em_start="previous")
+    r = make(ds, bundle, finetune=False, beta=0.0, beta_final=None, num_subsets=2, num_em=3, num_steps=3, em_start="previous")
     r.process(progress=False)
     x = torch.ones(ds.image_shape, dtype=ds.dtype)
     for k in range(4 + 3 * 2 * 3):       # n_init=4, S=2 → 2 OSEM iterations (4 sub-its), then 3 steps × K=2 × 3
@@ -100,7 +100,7 @@ def test_beta_zero_is_plain_osem(ds, bundle):
 
 def test_beta_zero_em_from_x0(ds, bundle):
     """em_start = x0 (default), β = 0: the image step is K·N_em plain EM updates from the prior's x̂0."""
-    r = make(ds, bundle, finetune=False, beta=0.0, num_em=2)
+    r = make(ds, bundle, finetune=False, beta=0.0, beta_final=None, num_em=2)
     r.initialise()
     xt = r._xt.clone()
     t = r.timesteps[0]
@@ -133,7 +133,7 @@ def test_pet_scale_is_fitted_inside_the_fov(bundle):
 def test_finetuning_changes_the_output_and_fits_the_data(ds, bundle):
     r_ft = make(ds, bundle)
     r_ft.process(progress=False)
-    r_no = make(ds, bundle, finetune=False, beta=math.inf)
+    r_no = make(ds, bundle, finetune=False, beta=math.inf, beta_final=None)
     r_no.process(progress=False)
     out_ft, out_no = r_ft.get_output(), r_no.get_output()
     assert np.abs(out_ft - out_no).max() > 1e-3

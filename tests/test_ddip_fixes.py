@@ -361,15 +361,16 @@ def test_reconstruct_writes_the_output_into_the_image_in_place(bundle):
 
 def test_ddim_x0_hqs_steers_with_the_data_fused_image(bundle):
     """``ddim_x0: hqs``: the output (and the DDIM step's x̂0) is the step's HQS image, clamped to the network range;
-    ``network`` (default): the adapted network's x̂0, which differs from it."""
+    ``network`` (0.2-0.4): the adapted network's x̂0, which differs from it. Unsmoothed correction here (the
+    smoothed one, the 0.5 default, has its own test below)."""
     ds = DenseDataStep()
-    h = make(ds, bundle, num_steps=2, ddim_x0="hqs")
+    h = make(ds, bundle, num_steps=2, ddim_x0="hqs", correction_sigma_vox=0.0)
     h.update_current_estimate()
     lo, hi = h.config.x0_clamp
     want = h._masked(h.prior.from_network(h.prior.to_network(h._x_img).clamp(lo, hi)).to(h.x.dtype))
     torch.testing.assert_close(h.x, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h._x0_net, h.prior.to_network(h._x_img).clamp(lo, hi))
-    n = make(ds, bundle, num_steps=2)
+    n = make(ds, bundle, num_steps=2, ddim_x0="network", correction_sigma_vox=0.0)
     n.update_current_estimate()
     torch.testing.assert_close(n._x_img, h._x_img)                   # same image step up to here
     assert float((n.x - h.x).abs().max()) > 1e-4

@@ -16,7 +16,8 @@ def test_shipped_ddip_config_is_the_cli_default_and_valid():
     assert DEFAULT_CONFIG == SHIPPED_CONFIG and SHIPPED_CONFIG.is_file()
     cfg = DDIPConfig.shipped()
     # the tuned values documented in the file's header
-    assert cfg.t_start == 600 and cfg.beta == pytest.approx(10.0) and cfg.num_steps == 50
+    assert cfg.t_start == 400 and cfg.beta == pytest.approx(10.0) and cfg.num_steps == 50
+    assert (cfg.ddim_x0, cfg.beta_final, cfg.correction_sigma_vox) == ("hqs", 3.0, 2.0)   # lesion-first (0.5)
     assert DDIPConfig.shipped({"beta": 0.5}).beta == 0.5
 
 
@@ -77,6 +78,9 @@ def test_partial_config_layers_over_the_shipped_settings(tmp_path):
     with pytest.raises(ConfigError, match="'n_init'"):
         DDIPConfig.load(None, ["n_init=true"])
     assert DDIPConfig.paper().beta == pytest.approx(0.01 / 4)        # the paper's 0.01 in [0, 1] units
+    # the authors' code: constant beta, the adapted network's x0, an unsmoothed correction (not the 0.5 shipped set)
+    paper = DDIPConfig.paper()
+    assert (paper.t_start, paper.beta_final, paper.ddim_x0, paper.correction_sigma_vox) == (200, None, "network", 0.0)
 
 
 def test_library_does_not_change_torch_threads():
