@@ -92,7 +92,8 @@ class DDIPConfig:
     Attributes
     ----------
     t_start : int
-        T′, the diffusion step the warm start is forward-noised to (of the schedule's ``T``; paper 200 of 1000, shipped 400).
+        T′, the diffusion step the warm start is forward-noised to (of the schedule's ``T``; paper 200 of 1000,
+        shipped 400, 600 in 0.2-0.4).
     num_steps : int
         Number of (strided) diffusion steps from ``t_start`` to 0 (paper: ``t_start + 1`` = every step; fewer =
         DDIM striding, ``NoiseSchedule.timesteps``).
@@ -112,8 +113,8 @@ class DDIPConfig:
         penalty does not), so no value is right for every study. The penalty is for the whole data: with view
         subsets each subset update uses ``β·s_k/s`` so the fixed point does not depend on ``num_subsets``.
     beta_final : float or None
-        β schedule (network units). ``None`` = constant ``beta`` (before 0.5; shipped: 3). Otherwise β loosens (or tightens)
-        log-linearly in the diffusion time from ``beta`` at ``t_start`` to ``beta_final`` at ``t = 0``:
+        β schedule (network units). ``None`` = constant ``beta`` (before 0.5; shipped: 3). Otherwise β loosens (or
+        tightens) log-linearly in the diffusion time from ``beta`` at ``t_start`` to ``beta_final`` at ``t = 0``:
         ``β(t) = beta · (beta_final / beta)^(1 − t / t_start)`` (:func:`sirf_ddip.recon.hqs.beta_schedule`). A
         ``beta_final`` below ``beta`` lets the data steer the last steps more ("trust the data" towards t = 0).
     num_finetune : int
@@ -160,15 +161,16 @@ class DDIPConfig:
     correction_sigma_vox : float
         Gaussian sigma (voxels, 3D, normalised at the volume's edges) applied to the data's correction
         ``x_HQS − fold(x̂0)`` before it enters the fine-tuning target (and, with ``ddim_x0 = "hqs"``, the DDIM
-        image ``x̂0 + smooth(x_HQS − x̂0)``). 0 = unsmoothed (the authors' loss; before 0.5); shipped 2. A coherent correction (a lesion
-        the prior lacks) survives, voxel noise of the few EM updates is averaged out.
+        image ``x̂0 + smooth(x_HQS − x̂0)``). 0 = unsmoothed (the authors' loss; before 0.5); shipped 2. A coherent
+        correction (a lesion the prior lacks) survives, voxel noise of the few EM updates is averaged out.
     slab_consistency : float
         Weight of a separate slab-consistency term ``mean((x̂0_slab − fold(x̂0).detach())²)`` added to the
         ``"data"`` loss (0 = none, the default; 1 restores the ``"fold"`` loss's implicit weight).
     ddim_x0 : str
         Which clean image the DDIM step (and the output) uses with fine-tuning: ``"network"`` (the
-        authors' code, before 0.5: the adapted network's Tweedie x̂0) or ``"hqs"`` (shipped: the last HQS image, i.e. x̂0 fused with the
-        data, as DDS does; ε̂ still comes from the adapted network). Without fine-tuning the HQS image is always used.
+        authors' code, before 0.5: the adapted network's Tweedie x̂0) or ``"hqs"`` (shipped: the last HQS image,
+        i.e. x̂0 fused with the data, as DDS does; ε̂ still comes from the adapted network). Without fine-tuning the HQS
+        image is always used.
     fov_mask : bool
         Zero the output (and every x̂0 handed out) where the sensitivity is zero, i.e. outside the scanner's field
         of view, where only the network, not the data, sets the value (True).
@@ -284,7 +286,8 @@ class DDIPConfig:
             if not (0 < self.beta_final < float("inf")):
                 bad("beta_final", "must be > 0 and finite, or null (constant beta)")
             if not (0 < self.beta < float("inf")):
-                bad("beta_final", "needs a finite beta > 0 to schedule from (with beta 0 or inf set beta_final: null too)")
+                bad("beta_final",
+                    "needs a finite beta > 0 to schedule from (with beta 0 or inf set beta_final: null too)")
         for key in ("num_finetune", "num_em", "n_init", "finetune_slabs"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
