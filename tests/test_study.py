@@ -179,6 +179,10 @@ def test_shipped_configs_load(name):
         from_dict(SimulationConfig, data)
     if name == "study-paper.yaml":
         assert cfg.ablations.lora_rank and cfg.ablations.t_start and cfg.ablations.beta
+        # "paper settings" means the authors' set, whatever the shipped defaults are (num_steps is capped at T'+1)
+        got = cfg.ddip_config("ddip").algorithm_dict()
+        want = DDIPConfig.paper({"seed": 0}).algorithm_dict()
+        assert {k: v for k, v in got.items() if k != "num_steps"} == {k: v for k, v in want.items() if k != "num_steps"}
 
 
 def test_cli_registers_commands():
