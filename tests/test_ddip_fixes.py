@@ -445,3 +445,44 @@ def test_correction_sigma_with_ddim_x0_hqs_steers_with_the_smoothed_image(bundle
     want = (x0_net + smooth_correction(raw - x0_net, 1.0)).clamp(lo, hi)
     torch.testing.assert_close(h._x0_net, want, rtol=1e-5, atol=1e-5)
     assert float((h._x0_net - raw.clamp(lo, hi)).abs().max()) > 1e-3
+
+
+
+def test_persistent_optimizer_carries_adam_moments_over_the_diffusion_steps(bundle):
+    """``finetune_optimizer``. ``reset`` (the authors'): a fresh AdamW per diffusion step, so with K = 1 every
+    parameter with a gradient moves by exactly lr (Adam's first step is lr*g/|g|), whatever the gradient.
+    ``persist``: one AdamW for the run (step count = every fine-tuning step); on the second diffusion step a parameter
+    whose gradient changed sign moves by at most lr*|0.09 g1 + 0.1 g2|/0.19 / sqrt((0.000999 g1^2 + 0.001 g2^2)/0.001999)
+    < 0.75 lr (betas 0.9 / 0.999 with bias correction), one whose gradient kept its sign by up to ~lr."""
+    from sirf_ddip.prior.adapters import lora_parameters
+
+    lr = 5e-4
+    ds = DenseDataStep()
+    for mode in ("reset", "persist"):
+        r = make(ds, bundle, finetune_optimizer=mode, num_steps=3, weight_decay=0.0, lr=lr)
+        params = lora_parameters(r.network)
+        r.initialise()
+        moves, grads = [], []
+        for _ in range(2):
+            before = torch.cat([p.detach().flatten() for p in params])
+            r.update_current_estimate()
+            moves.append(torch.cat([p.detach().flatten() for p in params]) - before)
+            grads.append(torch.cat([p.grad.detach().flatten() if p.grad is not None else torch.zeros(p.numel())
+                                    for p in params]))
+        live = (grads[0].abs() > 1e-6) & (grads[1].abs() > 1e-6)
+        assert int(live.sum()) > 100
+        if mode == "reset":
+            assert r._optimizer is None
+            for d, g in zip(moves, grads):   # (the gradients are the clipped ones AdamW used; its eps is 1e-8)
+                torch.testing.assert_close(d[live], -lr * g[live] / (g[live].abs() + 1e-8), rtol=1e-3, atol=1e-9)
+        else:
+            assert all(int(st["step"]) == 2 for st in r._optimizer.state.values())
+            g = grads[0][live]
+            torch.testing.assert_close(moves[0][live], -lr * g / (g.abs() + 1e-8), rtol=1e-3, atol=1e-9)
+            g1, g2 = grads[0][live], grads[1][live]
+            m = (0.09 * g1 + 0.1 * g2) / 0.19
+            v = (0.000999 * g1 ** 2 + 0.001 * g2 ** 2) / 0.001999
+            torch.testing.assert_close(moves[1][live], -lr * m / (v.sqrt() + 1e-8), rtol=1e-3, atol=1e-9)
+            flipped = torch.sign(g1) != torch.sign(g2)
+            assert int(flipped.sum()) >= 1
+            assert float(moves[1][live][flipped].abs().max()) < 0.75 * lr

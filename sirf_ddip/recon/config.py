@@ -36,7 +36,7 @@ PAPER_SETTINGS: dict[str, Any] = {
     "num_em": 5, "em_start": "x0", "finetune": True, "lora_rank": 4, "lora_init": "authors",
     "adapter_rule": "authors", "train_biases": True, "finetune_target": "data", "lr": 5e-4, "grad_clip": 1.0,
     "n_init": 20, "num_subsets": 1, "finetune_slabs": 0, "final_em": 0,
-    "beta_final": None, "ddim_x0": "network", "correction_sigma_vox": 0.0,
+    "beta_final": None, "ddim_x0": "network", "correction_sigma_vox": 0.0, "finetune_optimizer": "reset",
 }
 
 
@@ -163,6 +163,14 @@ class DDIPConfig:
         ``x_HQS − fold(x̂0)`` before it enters the fine-tuning target (and, with ``ddim_x0 = "hqs"``, the DDIM
         image ``x̂0 + smooth(x_HQS − x̂0)``). 0 = unsmoothed (the authors' loss; before 0.5); shipped 2. A coherent
         correction (a lesion the prior lacks) survives, voxel noise of the few EM updates is averaged out.
+    finetune_optimizer : str
+        ``"reset"`` (default, the authors' code): a fresh AdamW every diffusion step, so with ``num_finetune = 1``
+        each step moves every adapter parameter by about ``lr·sign(g)`` whatever the gradient's size or
+        consistency; ``"persist"``: one AdamW for the whole run (its moments carry over the diffusion steps), so a
+        parameter whose gradient keeps its sign (a contrast the prior lacks) keeps moving at ``lr`` and one whose
+        gradient flips from step to step (the EM updates' noise) moves less. Measured on the amyloid validation
+        cases (``recon/ddip.yaml``): persist adds voxel noise (SSIM 0.48 / 0.71 against 0.66 / 0.78 with reset), so
+        reset stays the default.
     slab_consistency : float
         Weight of a separate slab-consistency term ``mean((x̂0_slab − fold(x̂0).detach())²)`` added to the
         ``"data"`` loss (0 = none, the default; 1 restores the ``"fold"`` loss's implicit weight).
@@ -197,7 +205,10 @@ class DDIPConfig:
     final_em_beta : float
         β (network units) of those final updates, fused with the DDIP output as HQS image steps (0 = pure EM).
     lr : float
-        AdamW learning rate (5e-4).
+        AdamW learning rate (5e-4, the paper's). With a fresh AdamW per diffusion step (``finetune_optimizer:
+        reset``) each step moves every adapter parameter by about ``lr``, so a run's whole adaptation is about
+        ``num_steps · num_finetune · lr``: lower is smoother, with lesions a little nearer the prior (see
+        ``recon/ddip.yaml``, rows "lr").
     weight_decay : float
         AdamW weight decay (0.01, torch's default, as in the reference code).
     grad_clip : float
@@ -241,6 +252,7 @@ class DDIPConfig:
     train_biases: bool = True
     finetune_target: str = "data"
     slab_consistency: float = 0.0
+    finetune_optimizer: str = "reset"
     correction_sigma_vox: float = 2.0
     ddim_x0: str = "hqs"
     fov_mask: bool = True
@@ -297,7 +309,7 @@ class DDIPConfig:
         choices = {"em_start": ("x0", "previous"), "eta_mode": ("dds", "ddim"), "lora_init": ("authors", "peft"),
                    "adapter_rule": ("authors", "legacy"), "finetune_target": ("data", "fold"),
                    "prior_grid": ("pad_crop", "resample"), "ddim_x0": ("network", "hqs"),
-                   "prior_planes": ("anatomy", "all")}
+                   "prior_planes": ("anatomy", "all"), "finetune_optimizer": ("reset", "persist")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, "must be one of " + ", ".join(repr(a) for a in allowed))

@@ -190,6 +190,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self._em_counter = 0
         self._gen: torch.Generator | None = None
         self.last_loss: float | None = None
+        self._optimizer: torch.optim.Optimizer | None = None   # the run's AdamW (finetune_optimizer "persist")
         self.loglik_warm_start: float | None = None   # Poisson log-likelihood of the warm start
         self.loglik_history: list[float] = []         # ... of the output after every diffusion step
         self.loglik_final_em: float | None = None     # ... after the final data-consistency stage (final_em)
@@ -701,7 +702,12 @@ class DDIPReconstructor(IterativeReconstructor):
         sched = self.schedule
         lo, hi = cfg.x0_clamp
         params = lora_parameters(self.network)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.finetune_optimizer == "persist":
+            if self._optimizer is None:
+                self._optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = self._optimizer
+        else:   # the authors' code: a fresh AdamW each diffusion step
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         Z = self._num_planes
         active = self.prior.slab_indices(Z)          # the slabs the prior runs on (all, or prior_planes')
         n = int(active.numel())
@@ -824,6 +830,7 @@ class DDIPReconstructor(IterativeReconstructor):
             "adapters": ({k: v.cpu() for k, v in adapter_state_dict(self.network).items()}
                          if self.config.finetune else {}),
             "generator": self._gen.get_state(),
+            "optimizer": self._optimizer.state_dict() if self._optimizer is not None else None,
             "em_counter": int(self._em_counter),
             "pet_scale": float(self.pet_scaler.scale),
             "last_loss": self.last_loss,
@@ -881,6 +888,13 @@ class DDIPReconstructor(IterativeReconstructor):
         if self.config.finetune:
             load_adapter_state_dict(self.network, state["adapters"])
         self._gen.set_state(state["generator"])
+        self._optimizer = None
+        if self.config.finetune and state.get("optimizer") is not None:   # finetune_optimizer "persist"
+            from ..prior.adapters import lora_parameters
+
+            self._optimizer = torch.optim.AdamW(lora_parameters(self.network), lr=self.config.lr,
+                                                weight_decay=self.config.weight_decay)
+            self._optimizer.load_state_dict(state["optimizer"])
         self._em_counter = int(state["em_counter"])
         self.prior.set_pet_scale(float(state["pet_scale"]))
         self.last_loss = state.get("last_loss")
