@@ -447,13 +447,12 @@ def test_correction_sigma_with_ddim_x0_hqs_steers_with_the_smoothed_image(bundle
     assert float((h._x0_net - raw.clamp(lo, hi)).abs().max()) > 1e-3
 
 
-
 def test_persistent_optimizer_carries_adam_moments_over_the_diffusion_steps(bundle):
     """``finetune_optimizer``. ``reset`` (the authors'): a fresh AdamW per diffusion step, so with K = 1 every
     parameter with a gradient moves by exactly lr (Adam's first step is lr*g/|g|), whatever the gradient.
-    ``persist``: one AdamW for the run (step count = every fine-tuning step); on the second diffusion step a parameter
-    whose gradient changed sign moves by at most lr*|0.09 g1 + 0.1 g2|/0.19 / sqrt((0.000999 g1^2 + 0.001 g2^2)/0.001999)
-    < 0.75 lr (betas 0.9 / 0.999 with bias correction), one whose gradient kept its sign by up to ~lr."""
+    ``persist``: one AdamW for the run (step count = every fine-tuning step); its second step is Adam's closed form
+    lr*m/sqrt(v), m = (0.09 g1 + 0.1 g2)/0.19, v = (0.000999 g1^2 + 0.001 g2^2)/0.001999 (betas 0.9 / 0.999, bias
+    corrected), so a parameter whose gradient changed sign moves by < 0.75 lr, one that kept it by up to ~lr."""
     from sirf_ddip.prior.adapters import lora_parameters
 
     lr = 5e-4
