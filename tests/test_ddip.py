@@ -86,7 +86,8 @@ def test_finetune_off_beta_inf_image_step_returns_prior_x0(ds, bundle):
 
 def test_beta_zero_is_plain_osem(ds, bundle):
     """β → 0 (finetune off): the HQS image is exactly OSEM continued from the warm start."""
-    r = make(ds, bundle, finetune=False, beta=0.0, beta_final=None, num_subsets=2, num_em=3, num_steps=3, em_start="previous")
+    r = make(ds, bundle, finetune=False, beta=0.0, beta_final=None, num_subsets=2, num_em=3, num_steps=3,
+             em_start="previous")
     r.process(progress=False)
     x = torch.ones(ds.image_shape, dtype=ds.dtype)
     for k in range(4 + 3 * 2 * 3):       # n_init=4, S=2 → 2 OSEM iterations (4 sub-its), then 3 steps × K=2 × 3

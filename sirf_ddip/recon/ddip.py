@@ -695,7 +695,8 @@ class DDIPReconstructor(IterativeReconstructor):
         return x0 + smooth_correction(x_hqs - x0, sigma)
 
     def _finetune(self, xt: torch.Tensor, t: int) -> None:
-        """K AdamW steps on the adapters (fresh optimiser), each against a new HQS image."""
+        """K AdamW steps on the adapters (a fresh optimiser; the run's one with ``finetune_optimizer: persist``), each
+        against a new HQS image."""
         from ..prior.adapters import lora_parameters
 
         cfg = self.config
@@ -704,10 +705,10 @@ class DDIPReconstructor(IterativeReconstructor):
         params = lora_parameters(self.network)
         if cfg.finetune_optimizer == "persist":
             if self._optimizer is None:
-                self._optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                self._optimizer = self._new_optimizer()
             opt = self._optimizer
         else:   # the authors' code: a fresh AdamW each diffusion step
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = self._new_optimizer()
         Z = self._num_planes
         active = self.prior.slab_indices(Z)          # the slabs the prior runs on (all, or prior_planes')
         n = int(active.numel())
@@ -747,6 +748,13 @@ class DDIPReconstructor(IterativeReconstructor):
             opt.step()
             self.timings["finetune_backward"] += time.perf_counter() - t0
             self.counts["finetune_steps"] += 1
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh AdamW over the adapters (``lr``, ``weight_decay``)."""
+        from ..prior.adapters import lora_parameters
+
+        return torch.optim.AdamW(lora_parameters(self.network), lr=self.config.lr,
+                                 weight_decay=self.config.weight_decay)
 
     def _slab_loss(self, xt, t, idx, target, x0_fold, eps_s, denom: int) -> torch.Tensor:
         """Back-propagate the fine-tuning loss (:func:`finetune_loss`) of slabs ``idx``; returns its value."""
@@ -890,10 +898,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self._gen.set_state(state["generator"])
         self._optimizer = None
         if self.config.finetune and state.get("optimizer") is not None:   # finetune_optimizer "persist"
-            from ..prior.adapters import lora_parameters
-
-            self._optimizer = torch.optim.AdamW(lora_parameters(self.network), lr=self.config.lr,
-                                                weight_decay=self.config.weight_decay)
+            self._optimizer = self._new_optimizer()
             self._optimizer.load_state_dict(state["optimizer"])
         self._em_counter = int(state["em_counter"])
         self.prior.set_pet_scale(float(state["pet_scale"]))
