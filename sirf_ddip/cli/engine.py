@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io.template import DATA_HELP, TEMPLATE_HELP
+
 __all__ = ["register"]
 
 
@@ -35,14 +37,15 @@ def register(subparsers) -> None:
                               description="Forward project IMAGE in the geometry of the template sinogram "
                                           "(geometric projector only: no multiplicative or additive terms).")
     p.add_argument("image", metavar="IMAGE", help="image (.hv, .nii, .nii.gz)")
-    p.add_argument("--template", required=True, metavar="SINO.hs", help="projection data giving the geometry")
+    p.add_argument("--template", required=True, metavar="SINO.hs",
+                   help=f"projection-data header giving the output geometry ({TEMPLATE_HELP})")
     p.add_argument("--out", required=True, metavar="OUT.hs", help="output projection data (.hs)")
     _add_common(p)
     p.set_defaults(func=run_forward)
 
     p = subparsers.add_parser("backward", help="back project projection data (A^T y)",
                               description="Back project SINO onto the grid of the image template.")
-    p.add_argument("sino", metavar="SINO.hs", help="projection data (.hs)")
+    p.add_argument("sino", metavar="SINO.hs", help=f"projection data (.hs; {DATA_HELP})")
     p.add_argument("--image-template", required=True, metavar="IMG.hv", help="image giving the grid")
     p.add_argument("--out", required=True, metavar="OUT.hv", help="output image (.hv, .nii, .nii.gz)")
     _add_common(p)
@@ -50,10 +53,10 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("osem", help="OSEM reconstruction (STIR OSMAPOSL semantics)",
                               description="OSEM with STIR OSMAPOSL semantics; model y ~ Poisson(m (A x + a)).")
-    p.add_argument("--prompts", required=True, metavar="P.hs", help="measured prompts (.hs)")
-    p.add_argument("--mult", default=None, metavar="M.hs", help="multiplicative factors m (.hs)")
+    p.add_argument("--prompts", required=True, metavar="P.hs", help=f"measured prompts (.hs; {DATA_HELP})")
+    p.add_argument("--mult", default=None, metavar="M.hs", help=f"multiplicative factors m (.hs; {DATA_HELP})")
     p.add_argument("--additive", default=None, metavar="A.hs",
-                   help="additive term a = (randoms + scatter) / m (.hs, PETRIC convention)")
+                   help=f"additive term a = (randoms + scatter) / m (.hs, PETRIC convention; {DATA_HELP})")
     p.add_argument("--init", required=True, metavar="IMG.hv", help="initial image; fixes the image grid")
     p.add_argument("--iterations", required=True, type=int, metavar="N", help="full iterations")
     p.add_argument("--subsets", required=True, type=int, metavar="S", help="view subsets")
@@ -156,6 +159,7 @@ def _project(args, adjoint: bool) -> int:
 
     from ..data import Image, ProjData
     from ..io import read_image, read_projdata, write_image, write_projdata
+    from ..io.template import read_template_geometry
     from ..utils.checks import require_finite
     from ..utils.device import resolve_device
 
@@ -170,13 +174,14 @@ def _project(args, adjoint: bool) -> int:
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     if adjoint:
-        sino, img = read_projdata(args.sino), read_image(args.image_template)
-        src, img_name, sino_name, what = sino.array, args.image_template, args.sino, "projection data"
+        sino, img = read_projdata(args.sino), read_image(args.image_template)  # data read: exact size
+        geometry, src, img_name, sino_name, what = (sino.geometry, sino.array, args.image_template, args.sino,
+                                                    "projection data")
     else:
-        img, sino = read_image(args.image), read_projdata(args.template)
+        img, geometry = read_image(args.image), read_template_geometry(args.template)  # data file not read
         src, img_name, sino_name, what = img.array, args.image, args.template, "image"
     require_finite(src, sino_name if adjoint else img_name, what)
-    proj = _projector(sino.geometry, img.grid, device, img_name, sino_name)
+    proj = _projector(geometry, img.grid, device, img_name, sino_name)
     with torch.no_grad():
         t = torch.as_tensor(src, device=device)
         res = (proj.adjoint(t) if adjoint else proj.forward(t)).detach().cpu().numpy().astype("float32")
@@ -184,8 +189,8 @@ def _project(args, adjoint: bool) -> int:
     if adjoint:
         write_image(out, Image(res, img.grid), overwrite=args.overwrite)
     else:
-        write_projdata(out, ProjData(res, sino.geometry), overwrite=args.overwrite)
-    _record(out, command, {**inputs, "out": str(out), "device": str(device), "geometry": sino.geometry.describe(),
+        write_projdata(out, ProjData(res, geometry), overwrite=args.overwrite)
+    _record(out, command, {**inputs, "out": str(out), "device": str(device), "geometry": geometry.describe(),
                            "image_grid": img.grid.to_dict()},
             {"project": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite, args)
     print(f"wrote {out}", file=sys.stderr)

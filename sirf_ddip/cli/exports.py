@@ -17,12 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from ..io.template import TEMPLATE_HELP
+
 __all__ = ["register"]
 
 
 def _frame_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", required=True, metavar="T.hs",
-                   help="projection-data template giving the geometry (its data file may be empty or absent)")
+                   help=f"projection-data template giving the geometry ({TEMPLATE_HELP})")
     p.add_argument("--out", required=True, metavar="OUT.hs", help="output projection data (.hs + .s)")
     p.add_argument("--start", type=float, default=None, metavar="S", help="frame start, s from the scan start")
     p.add_argument("--end", type=float, default=None, metavar="E", help="frame end, s from the scan start")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io.template import read_template_geometry
+from ..io.template import DATA_HELP, TEMPLATE_HELP, read_template_geometry
 
 __all__ = ["register", "listmode_to_prompts_and_randoms", "write_projdata_atomic"]
 
@@ -146,7 +146,7 @@ def register(subparsers) -> None:
                                           "of a template sinogram, as STIR's BinNormalisationFromECAT8 "
                                           "computes them (default components; detector gaps at 0).")
     p.add_argument("norm", metavar="NORM.n.hdr", help="Siemens normalisation header (its data file: .n)")
-    p.add_argument("--template", required=True, metavar="T.hs", help="sinogram template (data file may be absent)")
+    p.add_argument("--template", required=True, metavar="T.hs", help=f"sinogram template ({TEMPLATE_HELP})")
     p.add_argument("--out", required=True, metavar="EFF.hs", help="output efficiencies (.hs)")
     p.add_argument("--no", action="append", default=[], choices=_COMPONENT_NAMES, metavar="COMPONENT",
                    help=f"switch a component off (repeatable): {', '.join(_COMPONENT_NAMES)}")
@@ -160,7 +160,7 @@ def register(subparsers) -> None:
                                           "template sinogram, with the engine's ray-tracing projector "
                                           "(STIR's BinNormalisationFromAttenuationImage).")
     _add_mu_args(p, positional=True)
-    p.add_argument("--template", required=True, metavar="T.hs", help="sinogram template (data file may be absent)")
+    p.add_argument("--template", required=True, metavar="T.hs", help=f"sinogram template ({TEMPLATE_HELP})")
     p.add_argument("--out", required=True, metavar="ATT.hs", help="output attenuation factors (.hs)")
     p.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -171,16 +171,16 @@ def register(subparsers) -> None:
                                           "mult_factors.hs (= norm efficiencies x attenuation factors) and "
                                           "additive_term.hs (= (randoms + scatter) / mult_factors).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", metavar="P.hs", help="an existing prompts sinogram (defines the geometry)")
+    src.add_argument("--prompts", metavar="P.hs", help=f"an existing prompts sinogram (defines the geometry; {DATA_HELP})")
     src.add_argument("--listmode", metavar="LM.l.hdr", help="a Siemens listmode file (needs --template)")
-    p.add_argument("--template", metavar="T.hs", help="sinogram template (required with --listmode)")
+    p.add_argument("--template", metavar="T.hs", help=f"sinogram template (required with --listmode; {TEMPLATE_HELP})")
     p.add_argument("--start", type=float, default=None, metavar="S", help="listmode frame start (s)")
     p.add_argument("--end", type=float, default=None, metavar="E", help="listmode frame end (s)")
     p.add_argument("--norm", required=True, metavar="NORM.n.hdr", help="Siemens ECAT8 normalisation")
     _add_mu_args(p, positional=False)
     p.add_argument("--randoms", metavar="R.hs", help="randoms sinogram (default with --listmode: estimated from "
-                                                     "the delayeds)")
-    p.add_argument("--scatter", metavar="SC.hs", help="scatter sinogram (counts, same geometry); none if absent")
+                                                     f"the delayeds; {DATA_HELP})")
+    p.add_argument("--scatter", metavar="SC.hs", help=f"scatter sinogram (counts, same geometry; {DATA_HELP}); none if absent")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-png", action="store_true", help="do not write prepare.png")
     p.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda, ...")

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io.template import DATA_HELP
+
 #: the shipped configuration used when no --config is given (package data, so pip installs have it too)
 from ..recon.config import SHIPPED_CONFIG as DEFAULT_CONFIG  # noqa: E402  (configs/ddip.yaml links to it)
 
@@ -24,9 +26,10 @@ def register(subparsers) -> None:
                     "(OS)EM by half-quadratic splitting, fully 3D. Settings come from configs/ddip.yaml unless "
                     "--config is given; --set KEY=VALUE overrides single keys.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompts", required=True, help="measured prompts, STIR Interfile (.hs)")
-    p.add_argument("--mult", default=None, help="multiplicative factors m (.hs): efficiency × attenuation")
-    p.add_argument("--additive", default=None, help="additive term a = (randoms + scatter)/m (.hs)")
+    p.add_argument("--prompts", required=True, help=f"measured prompts, STIR Interfile (.hs; {DATA_HELP})")
+    p.add_argument("--mult", default=None,
+                   help=f"multiplicative factors m (.hs): efficiency × attenuation ({DATA_HELP})")
+    p.add_argument("--additive", default=None, help=f"additive term a = (randoms + scatter)/m (.hs; {DATA_HELP})")
     p.add_argument("--mr", default=None, help="co-registered T1 MR on the PET grid (.hv, .nii, .nii.gz)")
     p.add_argument("--out", required=True, help="output image (.hv Interfile; .nii/.nii.gz NIfTI)")
     p.add_argument("--config", default=None, help=f"DDIP YAML config (default: {DEFAULT_CONFIG.name} shipped)")

@@ -22,19 +22,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from ..data import Image, ProjData
 from ..errors import GeometryError, GeometryMismatchError, InputFileError, UnsupportedDataError
 from ..geometry.image import ImageGrid
+from ..geometry.sinogram import SinogramGeometry
 from ..utils.atomic import atomic_paths
 from ..utils.provenance import check_output
 from .header import HEADER_ENCODING, InterfileHeader
 
 __all__ = ["read_image", "write_image", "read_projdata", "write_projdata", "read_header_and_array",
-           "segment_layout_from_header", "file_to_memory_order", "memory_to_file_order"]
+           "segment_layout_from_header", "projdata_layout", "ProjDataLayout", "file_to_memory_order",
+           "memory_to_file_order"]
 
 # ----------------------------------------------------------------------------------------------- numbers
 
@@ -520,8 +522,53 @@ def _check_against_scanner(hdr: InterfileHeader, geometry, order: str) -> None:
                                  f"'{ax_key}' and the scanner's 'Number of rings')", key=ax_key)
 
 
+class ProjDataLayout(NamedTuple):
+    """What a projection-data header says, before its data file is looked at (:func:`projdata_layout`)."""
+
+    geometry: SinogramGeometry
+    numbers: list[int]   # segment numbers, as stored in the file
+    axial: list[int]     # axial positions of each segment
+    num_views: int
+    num_tang: int
+    order: str           # "view" or "sinogram" (file axis order)
+
+
+def projdata_layout(hdr: InterfileHeader) -> ProjDataLayout:
+    """The geometry and file layout of a projection-data header; the data file is not opened.
+
+    The one header check of projection data, shared by :func:`read_projdata` (which then reads the data) and
+    :func:`sirf_ddip.io.template.read_template_geometry` (which does not).
+
+    Each segment's axial size is not checked against its ring differences here: STIR reads such a template
+    (``tests/test_listmode.py``'s ``template_seg2.hs``) and places the axial positions by its own offset;
+    :func:`read_projdata` adds that check for data.
+
+    Raises
+    ------
+    InputFileError
+        Wrong number of dimensions, missing matrix size, inconsistent segment keys, matrix sizes that do not
+        match the geometry (the message names the key).
+    UnsupportedDataError
+        TOF or arc-corrected data, more than one time frame.
+    """
+    _check_single_frame(hdr)
+    numbers, axial, order = segment_layout_from_header(hdr)
+    nview_key = "matrix size [3]" if order == "view" else "matrix size [2]"
+    num_views = hdr.get_int(nview_key, required=True)
+    num_tang = hdr.get_int("matrix size [1]", required=True)
+    geometry = _geometry_from_header(hdr)
+    shape = (sum(axial), num_views, num_tang)
+    if shape != tuple(geometry.shape):
+        raise InputFileError(hdr.path, f"data shape {shape} (sinograms, views, tangential) does not match the "
+                             f"geometry described by the header {tuple(geometry.shape)}", key="!matrix size [2]")
+    return ProjDataLayout(geometry, list(numbers), list(axial), num_views, num_tang, order)
+
+
 def read_projdata(path: str | os.PathLike) -> ProjData:
     """Read STIR Interfile projection data (``.hs``) into a :class:`ProjData` (float32, in-memory layout).
+
+    The data file must be exactly as long as the header says (data read). For a header used only as a geometry
+    template (data file empty or absent) use :func:`sirf_ddip.io.template.read_template_geometry`.
 
     Raises
     ------
@@ -531,25 +578,18 @@ def read_projdata(path: str | os.PathLike) -> ProjData:
         TOF data, more than one time frame.
     """
     hdr = InterfileHeader.read(path)
-    _check_single_frame(hdr)
-    numbers, axial, order = segment_layout_from_header(hdr)
-    nview_key = "matrix size [3]" if order == "view" else "matrix size [2]"
-    num_views = hdr.get_int(nview_key, required=True)
-    num_tang = hdr.get_int("matrix size [1]", required=True)
-    geometry = _geometry_from_header(hdr)
-    _check_against_scanner(hdr, geometry, order)
-    count = sum(axial) * num_views * num_tang
-    ax_key = "!matrix size [2]" if order == "view" else "!matrix size [3]"
-    dims = {"!matrix size [1] (tangential positions)": num_tang,
-            f"!{nview_key} (views)": num_views,
-            f"{ax_key} (axial positions, all segments)": sum(axial)}
+    lay = projdata_layout(hdr)
+    _check_against_scanner(hdr, lay.geometry, lay.order)
+    count = sum(lay.axial) * lay.num_views * lay.num_tang
+    nview_key = "matrix size [3]" if lay.order == "view" else "matrix size [2]"
+    ax_key = "!matrix size [2]" if lay.order == "view" else "!matrix size [3]"
+    dims = {"!matrix size [1] (tangential positions)": lay.num_tang,
+            f"!{nview_key} (views)": lay.num_views,
+            f"{ax_key} (axial positions, all segments)": sum(lay.axial)}
     flat = _read_raw(hdr, count, dims)
-    arr = file_to_memory_order(flat, numbers, axial, num_views, num_tang, order)
-    if tuple(arr.shape) != tuple(geometry.shape):
-        raise InputFileError(hdr.path, f"data shape {arr.shape} (sinograms, views, tangential) does not match the "
-                             f"geometry described by the header {tuple(geometry.shape)}", key="!matrix size [2]")
-    meta = {"source": str(hdr.path), "file_axis_order": order}
-    return ProjData(arr, geometry, meta)
+    arr = file_to_memory_order(flat, lay.numbers, lay.axial, lay.num_views, lay.num_tang, lay.order)
+    meta = {"source": str(hdr.path), "file_axis_order": lay.order}
+    return ProjData(arr, lay.geometry, meta)
 
 
 def _segment_layout_of_geometry(geometry) -> tuple[list[int], list[int]]:
