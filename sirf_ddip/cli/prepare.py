@@ -171,16 +171,19 @@ def register(subparsers) -> None:
                                           "mult_factors.hs (= norm efficiencies x attenuation factors) and "
                                           "additive_term.hs (= (randoms + scatter) / mult_factors).")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", metavar="P.hs", help=f"an existing prompts sinogram (defines the geometry; {DATA_HELP})")
+    src.add_argument("--prompts", metavar="P.hs",
+                     help=f"an existing prompts sinogram (defines the geometry; {DATA_HELP})")
     src.add_argument("--listmode", metavar="LM.l.hdr", help="a Siemens listmode file (needs --template)")
-    p.add_argument("--template", metavar="T.hs", help=f"sinogram template (required with --listmode; {TEMPLATE_HELP})")
+    p.add_argument("--template", metavar="T.hs",
+                   help=f"sinogram template (required with --listmode; {TEMPLATE_HELP})")
     p.add_argument("--start", type=float, default=None, metavar="S", help="listmode frame start (s)")
     p.add_argument("--end", type=float, default=None, metavar="E", help="listmode frame end (s)")
     p.add_argument("--norm", required=True, metavar="NORM.n.hdr", help="Siemens ECAT8 normalisation")
     _add_mu_args(p, positional=False)
     p.add_argument("--randoms", metavar="R.hs", help="randoms sinogram (default with --listmode: estimated from "
                                                      f"the delayeds; {DATA_HELP})")
-    p.add_argument("--scatter", metavar="SC.hs", help=f"scatter sinogram (counts, same geometry; {DATA_HELP}); none if absent")
+    p.add_argument("--scatter", metavar="SC.hs",
+                   help=f"scatter sinogram (counts, same geometry; {DATA_HELP}); none if absent")
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-png", action="store_true", help="do not write prepare.png")
     p.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda, ...")
