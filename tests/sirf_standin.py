@@ -12,7 +12,8 @@ Sources (read through the project's search/fetch tools): ``SyneRBI/SIRF`` tag v3
 ``src/recon_buildblock/IterativeReconstruction.cxx``, ``src/iterative/OSMAPOSL/OSMAPOSLReconstruction.cxx``,
 ``src/buildblock/recon_array_functions.cxx``, ``src/include/stir/numerics/divide.inl``,
 ``src/recon_buildblock/find_basic_vs_nums_in_subset.cxx``, ``ForwardProjectorByBin.cxx``,
-``DataSymmetriesForBins_PET_CartesianGrid.{cxx,inl}``, ``GeneralisedObjectiveFunction.cxx``.
+``DataSymmetriesForBins_PET_CartesianGrid.{cxx,inl}``, ``GeneralisedObjectiveFunction.cxx``,
+``src/buildblock/num_threads.cxx``.
 
 Faithful to SIRF/STIR
 ---------------------
@@ -34,6 +35,8 @@ Faithful to SIRF/STIR
   (recon_array_functions.cxx:172-260, 336-377); ``value = data term − penalty`` and ``gradient`` subtracts the
   prior's gradient (``/ S`` per subset, GeneralisedObjectiveFunction.cxx:128-157, 240-251);
 - ``OSMAPOSLReconstructor`` (no prior): STIR's loop and numbering (module docstring of the class below).
+- ``set_max_omp_threads`` / ``get_max_omp_threads`` / ``set_default_num_omp_threads`` /
+  ``get_default_num_omp_threads``: STIR's thread setting as SIRF shows it (the stand-in itself uses one thread).
 
 Not STIR
 --------
@@ -47,6 +50,8 @@ stand-in presets (:data:`SCANNERS`). OSMAPOSL with a prior is not implemented.
 from __future__ import annotations
 
 import copy as _copy
+import math
+import os
 import types
 from dataclasses import dataclass, replace
 
@@ -76,6 +81,61 @@ class MessageRedirector:
 
     def __init__(self, info=None, warn="stdout", errr="stderr"):
         pass
+
+
+# ------------------------------------------------------------------------------------------- OpenMP threads
+# sirf.STIR.set_max_omp_threads / get_max_omp_threads / set_default_num_omp_threads / get_default_num_omp_threads
+# (STIR.py:111-130 at v3.10.0) call cSTIR_setOMPThreads ... (cstir.cpp:114-137), i.e. STIR's set_num_threads,
+# get_max_num_threads, set_default_num_threads, get_default_num_threads (num_threads.cxx:33-91 at rel_6.4.0).
+# The stand-in computes in one thread whatever the setting (numpy/scipy); it keeps the setting so that a script
+# sees what SIRF shows it.
+_omp = {"max_threads": None, "already_set_once": False}
+
+
+def _omp_num_procs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def get_default_num_omp_threads() -> int:
+    """``max(floor(0.9 * processors), 2)`` (1 on one processor), or ``$OMP_NUM_THREADS`` when it is set
+    (num_threads.cxx:70-83)."""
+    n = 1 if _omp_num_procs() == 1 else max(math.floor(_omp_num_procs() * 0.9), 2)
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env is not None:
+        try:
+            n = int(env.strip().split(",")[0])  # C atoi of the leading number
+        except ValueError:
+            n = 0
+    return n
+
+
+def set_max_omp_threads(threads) -> None:
+    """STIR's ``set_num_threads`` (num_threads.cxx:43-67): 0 means the default the first time only, a positive
+    number is ``omp_set_num_threads`` (a non-positive one is taken as 1, as libgomp does)."""
+    n = int(threads)
+    if n == 0:
+        if not _omp["already_set_once"]:
+            _omp["max_threads"] = max(get_default_num_omp_threads(), 1)
+    else:
+        _omp["max_threads"] = max(n, 1)
+    _omp["already_set_once"] = True
+
+
+def get_max_omp_threads() -> int:
+    """``omp_get_max_threads()`` (num_threads.cxx:33-40): before any setting, OpenMP's own default
+    (``$OMP_NUM_THREADS``, else the number of processors)."""
+    if _omp["max_threads"] is not None:
+        return _omp["max_threads"]
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    try:
+        return max(int(env.split(",")[0]), 1)
+    except ValueError:
+        return _omp_num_procs()
+
+
+def set_default_num_omp_threads() -> None:
+    """``set_num_threads(get_default_num_threads())`` (num_threads.cxx:87-91)."""
+    set_max_omp_threads(get_default_num_omp_threads())
 
 
 def get_STIR_version_string():
