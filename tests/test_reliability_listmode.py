@@ -319,3 +319,22 @@ def test_a_real_file_size_limit_is_a_named_error(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "o.s: cannot write (File too large" in lines[0], p.stderr
     assert _digest(tmp_path) == before
+
+
+def test_petsird_frames_follow_the_same_rules(tmp_path, capsys):
+    pytest.importorskip("petsird")
+    from sirf_ddip.geometry.scanner import get_scanner
+    from sirf_ddip.io.petsird_listmode import write_petsird_cylinder
+
+    sc = get_scanner("Siemens mMR").with_rings(2)
+    ev = np.array([[0, 0, 1, 252], [1, 10, 1, 262]])
+    path = write_petsird_cylinder(tmp_path / "e.petsird", sc, [(0, 5, ev, ev[:0]), (5, 10, ev[:1], ev[:0])])
+    tmpl = _template(tmp_path, SinogramGeometry(sc, span=1, max_ring_diff=1))
+    run = ["listmode", str(path), "--template", str(tmpl), "--no-progress"]
+    assert main(run + ["--out", str(tmp_path / "a.hs"), "--start", "1"]) == 2
+    assert "holds no time block of PETSIRD file" in _err(capsys) and not (tmp_path / "a.hs").exists()
+    assert main(run + ["--out", str(tmp_path / "b.hs"), "--end", "1e300"]) == 0
+    assert "frame end 1e+300 s is after the end of the data" in _err(capsys)
+    assert "image duration (sec)[1] := 0.01\n" in (tmp_path / "b.hs").read_text()
+    assert main(run + ["--out", str(tmp_path / "c.hs"), "--events", "delayeds"]) == 0
+    assert "the frame holds no delayeds" in _err(capsys)

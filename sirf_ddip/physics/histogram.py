@@ -639,7 +639,7 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
     pending: list[tuple[np.ndarray, int]] = []
     npend = 0
     stats = {"listmode": str(path), "format": "PETSIRD", "time_blocks_in_frame": 0, "records_in_frame": 0,
-             "tof_bins_summed": True, "first_time_tag_s": None, "last_time_tag_s": None}
+             "tof_bins_summed": True, "first_time_tag_s": None, "last_time_tag_s": None, "last_block_stop_s": None}
 
     def flush():
         nonlocal npend
@@ -658,6 +658,7 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
                     break
                 continue
             stats["time_blocks_in_frame"] += 1
+            stats["last_block_stop_s"] = blk.stop_ms / 1000.0
             if stats["first_time_tag_s"] is None:
                 stats["first_time_tag_s"] = blk.start_ms / 1000.0
             stats["last_time_tag_s"] = blk.start_ms / 1000.0
@@ -677,7 +678,28 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
         bar.close()
     data = sinogram_to_file_order(acc.numpy(), geometry)
     stats["counted"] = float(data.sum(dtype=np.float64))
-    return Histogram(data, geometry, events, float(start or 0.0), end, stats)
+    _check_petsird_frame(path, start, end, stats, bool(data.any()), events)
+    stop = stats["last_block_stop_s"]  # the frame ends at its end, or at the end of the data
+    return Histogram(data, geometry, events, float(start or 0.0), stop if end is None else min(end, stop), stats)
+
+
+def _check_petsird_frame(path: Path, start, end, stats: dict, nonzero: bool, events: str) -> None:
+    """The PETSIRD frame rules of :func:`_check_frame_coverage`: refuse a frame with no time block, warn when
+    the data end before the frame end or nothing was counted."""
+    import warnings
+
+    from ..errors import ConfigError, InputFileWarning
+
+    if stats["time_blocks_in_frame"] == 0:
+        raise ConfigError(f"frame [{start or 0.0:g} s, {'end' if end is None else f'{end:g} s'}) holds no time "
+                          f"block of PETSIRD file {path}: nothing to count")
+    stop = stats["last_block_stop_s"]
+    if end is not None and end > stop + 1e-9:
+        warnings.warn(InputFileWarning(path, f"frame end {end:g} s is after the end of the data (the last time "
+                                       f"block in the frame ends at {stop:g} s): the frame is {start or 0.0:g} s "
+                                       f"to {stop:g} s"), stacklevel=3)
+    if not nonzero:
+        warnings.warn(InputFileWarning(path, f"the frame holds no {events}: the sinogram is all zero"), stacklevel=3)
 
 
 def histogram_listmode(listmode: str | os.PathLike, geometry: SinogramGeometry, start: float | None = None,
