@@ -244,7 +244,7 @@ def test_truncated_and_inconsistent_files_are_refused(tmp_path):
     (tmp_path / "t.l").unlink()
     with pytest.raises(InputFileError, match="not found"):
         read_listmode_header(tmp_path / "t.l.hdr")
-    corrupt = read_listmode_header(_write_lm(tmp_path, [(1 << 30) | (4084 * 252 * 344 + 5)], name="c"))
+    corrupt = read_listmode_header(_write_lm(tmp_path, [1 << 31, (1 << 30) | (4084 * 252 * 344 + 5)], name="c"))
     with pytest.raises(DataValueError, match="beyond the span-1 sinogram"):
         ListmodeHistogrammer(corrupt, SinogramGeometry("Siemens mMR", span=11, max_ring_diff=60)).histogram()
 
