@@ -108,3 +108,26 @@ class OutputExistsError(SirfDdipError, FileExistsError):
     def __init__(self, path: str | Path):
         self.path = str(path)
         super().__init__(f"{self.path}: output exists; refusing to overwrite (pass --overwrite / overwrite=True)")
+
+
+class InputFileWarning(UserWarning):
+    """An inconsistency in an input file that STIR tolerates: we go on as STIR does and say so.
+
+    The message names the file, the key and both values; ``--strict`` (or
+    :func:`sirf_ddip.utils.leniency.strict_inputs`) turns it into an :class:`InputFileError`.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file at fault.
+    message : str
+        What is inconsistent and what is done about it.
+    key : str, optional
+        The header key at fault, if any.
+    """
+
+    def __init__(self, path: str | Path, message: str, key: str | None = None):
+        self.path = str(path)
+        self.key = key
+        where = f"{self.path}" + (f" [key '{key}']" if key is not None else "")
+        super().__init__(f"{where}: {message}")

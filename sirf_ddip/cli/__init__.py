@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     name = f"sirf-ddip {args.command}"
+    from ..utils.leniency import collect_input_warnings
+
     try:
-        rc = args.func(args)
+        with collect_input_warnings(name):  # input warnings as one line each (commands may also record them)
+            rc = args.func(args)
     except SirfDdipError as exc:
         if debug:
             traceback.print_exc()

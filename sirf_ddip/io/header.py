@@ -4,6 +4,10 @@ Keys are normalised: leading ``!`` dropped, lower case, runs of white space coll
 ``[`` removed (``"!matrix size [1]"`` -> ``"matrix size [1]"``).  The ``Scanner parameters :=`` block keys are
 stored with the same normalisation (they are unique in STIR headers).  Every lookup error names the file
 and the key.
+
+A key given more than once takes its last value, as in STIR's ``KeyParser`` (each occurrence assigns the
+variable again); when the values differ, one :class:`~sirf_ddip.errors.InputFileWarning` names the key and both
+values (strict mode, :func:`~sirf_ddip.utils.leniency.strict_inputs`, refuses the header instead).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputFileError
+from ..utils.leniency import lenient
 
 _WS = re.compile(r"\s+")
 
@@ -27,6 +32,11 @@ def decode_header(raw: bytes) -> str:
         return raw.decode(HEADER_ENCODING)
     except UnicodeDecodeError:
         return raw.decode("latin-1")
+
+
+def _same_value(value: str) -> str:
+    """A value as compared for repeated keys (case, white space and ``{ }`` spacing ignored)."""
+    return "".join(value.split()).lower()
 
 
 def normalise_key(key: str) -> str:
@@ -54,8 +64,14 @@ class InterfileHeader:
         self.entries = entries
         self._map: dict[str, str] = {}
         for k, v in entries:
-            if k not in self._map:  # first occurrence wins (STIR behaviour for repeated keys)
-                self._map[k] = v
+            old = self._map.get(k)
+            if old is not None and v == "":
+                continue  # STIR assigns nothing for a key without a value
+            if old and _same_value(old) != _same_value(v):
+                lenient(self.path, f"key given twice with different values {old!r} and {v!r}; using the last, "
+                        f"{v!r} (as STIR)", key=k,
+                        refusal=f"key given twice with different values {old!r} and {v!r}")
+            self._map[k] = v  # the last occurrence wins, as in STIR
 
     # ------------------------------------------------------------------ construction
     @classmethod

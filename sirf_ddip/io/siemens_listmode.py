@@ -13,7 +13,9 @@ and its header parser ``InterfileListmodeHeaderSiemens`` (``src/IO/InterfileHead
   other bits 29-30: other tags (dead time, gating, ...), ignored as STIR does.
 
 Only the uncompressed, non-TOF 32-bit format is supported (as STIR's class); the header is checked for it
-and the data file for its length, so that bad input fails with a message naming the file and the key.
+and the data file for its length, so that bad input fails with a message naming the file and the key. Where
+STIR goes on (a ``%segment table`` or ``%total listmode word counts`` that does not describe the file), we go
+on as STIR does with a warning naming the key and both values (see :func:`read_listmode_header`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import numpy as np
 from ..errors import InputFileError, UnsupportedDataError
 from ..geometry.detectors import crystals_for_view_tangential
 from ..geometry.scanner import Scanner, get_scanner
+from ..utils.leniency import is_strict, lenient, strict_inputs
 from .header import InterfileHeader
 
 __all__ = ["SiemensListmodeHeader", "read_listmode_header", "iter_listmode_words", "ecat_segment_sequence",
-           "EVENT_TAG_BIT", "PROMPT_BIT", "OFFSET_MASK", "TIME_MASK"]
+           "file_time_span", "EVENT_TAG_BIT", "PROMPT_BIT", "OFFSET_MASK", "TIME_MASK"]
 
 #: word layout (STIR ``CListEventDataECAT8_32bit`` / ``CListTimeDataECAT8_32bit``, little-endian bit fields)
 EVENT_TAG_BIT = 31
@@ -141,19 +144,31 @@ def _find_data_file(hdr: InterfileHeader) -> Path:
     raise InputFileError(hdr.path, f"listmode data file {str(cand[0])!r} not found", key="name of data file")
 
 
-def read_listmode_header(path: str | os.PathLike) -> SiemensListmodeHeader:
+def read_listmode_header(path: str | os.PathLike, strict: bool | None = None) -> SiemensListmodeHeader:
     """Parse and check a Siemens PETLINK listmode header (``.l.hdr``).
+
+    Where STIR is lenient, so is this (an :class:`~sirf_ddip.errors.InputFileWarning` names the key and both
+    values; ``strict=True``, or :func:`~sirf_ddip.utils.leniency.strict_inputs`, refuses instead):
+
+    - the offsets are decoded with the scanner's span-1 layout for ``%maximum ring difference`` whatever the
+      ``%segment table`` says (real mMR headers carry the 11-entry span-11 table there; STIR's
+      ``CListEventECAT8_32bit`` never reads it);
+    - the data file is read to its end whatever ``%total listmode word counts`` says (STIR ignores that key; a
+      header of the whole acquisition with a cut file is common); a shorter file's warning gives the time span
+      its time tags cover.
 
     Raises
     ------
     InputFileError
-        Missing keys, an unknown scanner, an inconsistent segment table, a missing data file, or a data file
-        that is shorter than the header's word count or not a whole number of words (truncated ``.l``).
+        Missing keys, an unknown scanner, ``%number of segments`` other than the table's length (STIR refuses it
+        too), a missing or empty data file, a data file that is not a whole number of words (truncated ``.l``);
+        in strict mode also the inconsistencies above and header keys given twice with different values.
     UnsupportedDataError
         TOF listmode (more than one TOF bin), compressed listmode, an event word size other than 32 bits,
         axial compression other than 1 (STIR's ``CListEventECAT8_32bit`` refuses it as well).
     """
-    hdr = InterfileHeader.read(path)
+    with strict_inputs(is_strict(strict)):  # keys given twice: the last wins (STIR), with a warning
+        hdr = InterfileHeader.read(path)
     fmt = (hdr.get("data format") or "").strip().lower()
     if fmt and fmt != "coincidencelist":
         raise UnsupportedDataError(hdr.path, f"data format {hdr.get('data format')!r} is not listmode "
@@ -205,12 +220,17 @@ def read_listmode_header(path: str | os.PathLike) -> SiemensListmodeHeader:
     nseg = hdr.get_int("%number of segments")
     table = hdr.get_int_list("%segment table", required=True)
     expected = [scanner.num_rings - abs(d) for d in ecat_segment_sequence(mrd)]
-    if nseg is not None and nseg != len(table):
+    if nseg is not None and nseg != len(table):  # STIR refuses this too (InterfileRawDataHeaderSiemens)
         raise InputFileError(hdr.path, f"'%number of segments' is {nseg} but the segment table has {len(table)} "
                              "entries", key="%segment table")
     if list(table) != expected:
-        raise InputFileError(hdr.path, f"segment table does not describe a span-1 sinogram with maximum ring "
-                             f"difference {mrd} (expected {expected[:5]}...)", key="%segment table")
+        # STIR decodes the offsets with the scanner's span-1 sinogram of this maximum ring difference and does not
+        # read the table (CListEventECAT8_32bit); real mMR headers carry the span-11 table here
+        lenient(hdr.path, f"the segment table {_short(table)} ({len(table)} segments) is not the span-1 layout of "
+                f"the {scanner.name} with maximum ring difference {mrd} ({_short(expected)}, {len(expected)} "
+                "segments); decoding with the scanner's span-1 layout, as STIR does", key="%segment table",
+                refusal=f"segment table does not describe a span-1 sinogram with maximum ring difference {mrd} "
+                        f"(expected {expected[:5]}...)", strict=strict)
     offset = hdr.get_int("data offset in bytes", 0) or 0
     if offset < 0:
         raise InputFileError(hdr.path, f"negative data offset {offset}", key="!data offset in bytes")
@@ -221,16 +241,73 @@ def read_listmode_header(path: str | os.PathLike) -> SiemensListmodeHeader:
         raise InputFileError(data_path, f"listmode file is truncated: {nbytes} bytes after the offset is not a whole "
                              f"number of 32-bit words (header {hdr.path})", key="%total listmode word counts")
     nwords = nbytes // 4
-    if words_hdr is not None and nwords < words_hdr:
-        raise InputFileError(data_path, f"listmode file is truncated: {nwords} words, header says {words_hdr} "
-                             f"(header {hdr.path})", key="%total listmode word counts")
-    if words_hdr is not None:
-        nwords = words_hdr  # STIR reads to the end; a longer file has trailing bytes we do not interpret
+    if nwords == 0:
+        raise InputFileError(data_path, f"listmode file holds no events or time tags (0 words after the offset of "
+                             f"{offset} bytes; header {hdr.path})", key="name of data file")
+    if words_hdr is not None and nwords != words_hdr:
+        _word_count_differs(hdr.path, data_path, offset, nwords, words_hdr, strict)
     return SiemensListmodeHeader(
         path=hdr.path, data_path=data_path, scanner=scanner, num_views=nviews, num_tangential=ntang,
-        max_ring_diff=mrd, segment_table=tuple(table), data_offset=offset, num_words=int(nwords),
+        max_ring_diff=mrd, segment_table=tuple(expected), data_offset=offset, num_words=int(nwords),
         duration_s=hdr.get_float("image duration (sec)"), header_word_count=words_hdr,
         extra={"time_sync": hdr.get("%time_sync"), "study_time": hdr.get("%study time (hh:mm:ss gmt+00:00)")})
+
+
+def _short(values: list[int]) -> str:
+    v = list(values)
+    return "{" + ",".join(map(str, v[:5])) + (",...}" if len(v) > 5 else "}")
+
+
+def _word_count_differs(header_path: Path, data_path: Path, offset: int, nwords: int, words_hdr: int,
+                        strict: bool | None) -> None:
+    """STIR ignores ``%total listmode word counts`` and reads the file to its end: warn (or refuse if strict)."""
+    key = "%total listmode word counts"
+    if nwords < words_hdr:
+        span = file_time_span(data_path, offset, nwords)
+        covers = ("it holds no time tags" if span is None else
+                  f"its time tags cover {span[0]:g} s to {span[1]:g} s from the scan start")
+        lenient(data_path, f"listmode file is shorter than its header says: {nwords} words, header {header_path} "
+                f"says {words_hdr}; reading the {nwords} words to the end of the file, as STIR does ({covers})",
+                key=key, refusal=f"listmode file is truncated: {nwords} words, header says {words_hdr} "
+                                 f"(header {header_path})", strict=strict)
+    else:
+        lenient(data_path, f"listmode file is longer than its header says: {nwords} words, header {header_path} "
+                f"says {words_hdr}; reading all {nwords} words to the end of the file, as STIR does", key=key,
+                refusal=f"listmode file has {nwords} words, more than the {words_hdr} its header {header_path} "
+                        "says", strict=strict)
+
+
+def file_time_span(data_path: str | os.PathLike, offset: int, nwords: int,
+                   probe_words: int = 1 << 20) -> tuple[float, float] | None:
+    """First and last time tag (s from the scan start) of a listmode data file, or None if it has none.
+
+    Reads at most ``probe_words`` words from each end, then scans inwards (bounded memory).
+    """
+    dt = np.dtype("<u4")
+    with open(data_path, "rb") as f:
+        first = None
+        pos = 0
+        while pos < nwords and first is None:
+            f.seek(offset + 4 * pos)
+            w = np.fromfile(f, dtype=dt, count=min(probe_words, nwords - pos))
+            if w.size == 0:
+                break
+            k = np.flatnonzero((w >> 29) == 0b100)
+            if k.size:
+                first = int(w[k[0]] & TIME_MASK) / 1000.0
+            pos += w.size
+        if first is None:
+            return None
+        end = nwords
+        while end > 0:
+            lo = max(0, end - probe_words)
+            f.seek(offset + 4 * lo)
+            w = np.fromfile(f, dtype=dt, count=end - lo)
+            k = np.flatnonzero((w >> 29) == 0b100)
+            if k.size:
+                return first, int(w[k[-1]] & TIME_MASK) / 1000.0
+            end = lo
+    return first, first
 
 
 def iter_listmode_words(header: SiemensListmodeHeader, chunk_words: int = 1 << 22,

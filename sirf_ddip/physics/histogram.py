@@ -49,7 +49,7 @@ from ..utils.progress import progress
 
 __all__ = ["EVENT_TYPES", "FrameSelector", "ListmodeHistogrammer", "Histogram", "histogram_listmode",
            "check_same_scanner", "iter_frame_words", "histogram_petsird", "sinogram_to_file_order",
-           "write_flat_projdata"]
+           "write_flat_projdata", "flat_projdata_header", "write_flat_data"]
 
 #: event selections, as STIR's ``store prompts`` / ``store delayeds`` pairs
 EVENT_TYPES = ("prompts", "delayeds", "trues")
@@ -97,10 +97,15 @@ class FrameSelector:
     """
 
     def __init__(self, start: float | None = None, end: float | None = None):
+        from ..errors import ConfigError
+
         self.start = float(start) if start is not None else 0.0
         self.end = float(end) if end is not None else None
+        for name, v in (("start", self.start), ("end", self.end)):
+            if v is not None and not math.isfinite(v):
+                raise ConfigError(f"frame {name} must be a finite number of seconds, got {v}")
         if self.end is not None and self.end <= self.start:
-            raise ValueError(f"frame end {self.end} s must be after its start {self.start} s")
+            raise ConfigError(f"frame end {self.end} s must be after its start {self.start} s")
         self.started = self.start <= 0.0  # STIR: ``while (current_time < start_time)`` with current_time = 0
         self.done = False
         self.first_tag_s: float | None = None  # first time tag inside the frame
@@ -180,11 +185,18 @@ class Histogram:
 
     def write(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write as STIR Interfile (``.hs`` + ``.s``, view by view), atomically; see :func:`write_flat_projdata`."""
-        extra = {"number of time frames": "1",
-                 "image relative start time (sec)[1]": _fmt(self.start_s),
-                 "image duration (sec)[1]": _fmt((self.end_s if self.end_s is not None
-                                                  else (self.stats.get("last_time_tag_s") or 0.0)) - self.start_s)}
-        return write_flat_projdata(path, self.data, self.geometry, overwrite=overwrite, extra=extra)
+        return write_flat_projdata(path, self.data, self.geometry, overwrite=overwrite, extra=self.frame_keys())
+
+    @property
+    def duration_s(self) -> float:
+        """Frame duration: to the frame end the data reach, else to the last time tag read (0 without tags)."""
+        end = self.end_s if self.end_s is not None else (self.stats.get("last_time_tag_s") or self.start_s)
+        return max(0.0, float(end) - self.start_s)
+
+    def frame_keys(self) -> dict[str, str]:
+        """The Interfile time-frame keys of the histogram's header."""
+        return {"number of time frames": "1", "image relative start time (sec)[1]": _fmt(self.start_s),
+                "image duration (sec)[1]": _fmt(self.duration_s)}
 
 
 def _fmt(v: float) -> str:
@@ -196,13 +208,17 @@ def write_flat_projdata(path: str | os.PathLike, flat: np.ndarray, geometry: Sin
     """Write float32 projection data already in STIR's view-by-view file order (``.hs`` + ``.s``).
 
     Both files are written under temporary names in the output folder and then renamed (``os.replace``),
-    data file first, so a failure never leaves a half-written or overwritten output.
+    data file first (:func:`~sirf_ddip.utils.atomic.atomic_paths`), so a failure never leaves a half-written or
+    overwritten output.
 
     Raises
     ------
     OutputExistsError
         If either file exists and ``overwrite`` is False.
+    OutputWriteError
+        If writing fails (disk full, file-size limit); the previous files are unchanged.
     """
+    from ..utils.atomic import atomic_paths
     from ..utils.provenance import check_output
 
     path = Path(path)
@@ -211,27 +227,29 @@ def write_flat_projdata(path: str | os.PathLike, flat: np.ndarray, geometry: Sin
     data_path = path.with_suffix(".s")
     check_output(path, overwrite)
     check_output(data_path, overwrite)
+    text = flat_projdata_header(path, geometry, extra)
+    with atomic_paths(data_path, path) as (tmp_data, tmp_hdr):
+        write_flat_data(tmp_data, flat, geometry)
+        tmp_hdr.write_text(text, encoding="utf-8")
+    return path
+
+
+def flat_projdata_header(path: str | os.PathLike, geometry: SinogramGeometry, extra: dict | None = None) -> str:
+    """Text of the ``.hs`` header of :func:`write_flat_projdata` (its data file: ``path`` with suffix ``.s``)."""
+    lines = geometry.header_lines(data_file=Path(path).with_suffix(".s").name, storage="view", extra=extra)
+    return "\n".join(lines) + "\n"
+
+
+def write_flat_data(file: str | os.PathLike, flat: np.ndarray, geometry: SinogramGeometry) -> None:
+    """Write the ``.s`` data of :func:`write_flat_projdata` (little-endian float32) to ``file``, in blocks."""
     flat = np.asarray(flat)
     size = geometry.num_sinograms * geometry.num_views * geometry.num_tangential
     if flat.size != size:
         raise ValueError(f"{flat.size} values for a geometry of {size} bins")
-    tag = f".tmp{os.getpid()}"
-    tmp_data = data_path.with_name(data_path.name + tag)
-    tmp_hdr = path.with_name(path.name + tag)
-    lines = geometry.header_lines(data_file=data_path.name, storage="view", extra=extra)
-    try:
-        with open(tmp_data, "wb") as f:
-            step = 1 << 24
-            for i in range(0, size, step):
-                np.ascontiguousarray(flat[i:i + step], dtype="<f4").tofile(f)
-        tmp_hdr.write_text("\n".join(lines) + "\n")
-        os.replace(tmp_data, data_path)
-        os.replace(tmp_hdr, path)
-    finally:
-        for p in (tmp_data, tmp_hdr):
-            if p.exists():
-                p.unlink()
-    return path
+    with open(file, "wb") as f:
+        step = 1 << 24
+        for i in range(0, size, step):
+            f.write(np.ascontiguousarray(flat[i:i + step], dtype="<f4").tobytes())
 
 
 class ListmodeHistogrammer:
@@ -351,12 +369,19 @@ class ListmodeHistogrammer:
         data = sinogram_to_file_order(acc, self.geometry)  # adds the threads' sinograms on the way
         if rows > 1:
             _release_after_first_row(acc)
+        if not data.any():
+            import warnings
+
+            from ..errors import InputFileWarning
+
+            warnings.warn(InputFileWarning(h.data_path, f"the frame holds no {events} ({sel.records:,} records in "
+                                           "it): the sinogram is all zero"), stacklevel=2)
         stats = {"listmode": str(h.path), "records_in_frame": int(sel.records), "threads": nt,
                  "private_sinograms": rows,
                  "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed, "cpu_seconds": cpu,
                  "first_time_tag_s": sel.first_tag_s, "last_time_tag_s": sel.last_tag_s,
-                 "last_time_tag_in_file_s": sel.last_tag_read_s}
-        return Histogram(data, self.geometry, events, float(start or 0.0), end, stats)
+                 "last_time_tag_in_file_s": sel.last_tag_read_s, "frame_end_reached_s": sel.end_s}
+        return Histogram(data, self.geometry, events, float(start or 0.0), sel.end_s, stats)
 
 
 #: extra memory allowed for the threads' private sinograms (beyond it, threads split the bins instead)
@@ -410,15 +435,23 @@ def default_threads(threads: int | None = None) -> int:
     return n
 
 
+#: time between two time tags of the mMR listmode (``%timing tagwords interval (msec)``), in s: a frame end
+#: less than this after the last time tag is the end of the file, not a frame the file does not reach
+TAG_INTERVAL_S = 0.001
+
+
 @dataclass
 class FrameProgress:
-    """What :func:`stream_frame` saw of the frame: records inside it, time tags, corrupt events."""
+    """What :func:`stream_frame` saw of the frame: records inside it, time tags, corrupt events, and the frame
+    end that the data reach (``end_s``: the requested end, or None when the file ends before it)."""
 
     records: int = 0
     bad: int = 0
     first_tag_s: float | None = None
     last_tag_s: float | None = None
     last_tag_read_s: float | None = None
+    started: bool = False
+    end_s: float | None = None
 
 
 def stream_frame(header: SiemensListmodeHeader, process, start: float | None = None, end: float | None = None,
@@ -507,11 +540,47 @@ def stream_frame(header: SiemensListmodeHeader, process, start: float | None = N
                     out.last_tag_s = out.last_tag_read_s = tag_s(last_ms)
                 if stop >= 0:
                     out.last_tag_read_s = tag_s(int(words[stop] & TIME_MASK))
+                    out.end_s = sel.end
                     break
             fut.cancel()
     finally:
         bar.close()
+    out.started = started
+    _check_frame_coverage(header, sel, out)
     return out
+
+
+def _check_frame_coverage(header: SiemensListmodeHeader, sel: FrameSelector, out: FrameProgress) -> None:
+    """Refuse a frame that starts after the data; warn when the data end before the frame or have no time tags.
+
+    Raises
+    ------
+    ConfigError
+        If no time tag of the file is at or after the frame start (the frame holds nothing).
+    """
+    import warnings
+
+    from ..errors import ConfigError, InputFileWarning
+
+    last = out.last_tag_read_s
+    if not out.started:
+        where = f"its last time tag is at {last:g} s" if last is not None else "it has no time tags"
+        raise ConfigError(f"frame start {sel.start:g} s is after the end of listmode {header.data_path} ({where}): "
+                          "the frame holds no events")
+    if out.first_tag_s is None and last is None:
+        warnings.warn(InputFileWarning(header.data_path, f"no time tags: all {out.records:,} records were counted "
+                                       "but the time they cover is unknown (frame duration written as 0)"),
+                      stacklevel=3)
+    if sel.end is not None and sel.end > 0.01 and out.end_s is None:
+        if last is not None and sel.end <= last + TAG_INTERVAL_S + 1e-9:
+            out.end_s = sel.end  # the frame ends with the file
+        elif last is not None:
+            warnings.warn(InputFileWarning(header.data_path, f"frame end {sel.end:g} s is after the end of the data "
+                                           f"(last time tag {last:g} s): the frame is {sel.start:g} s to {last:g} s"),
+                          stacklevel=3)
+    if sel.end is not None and sel.end <= 0.01:
+        warnings.warn(f"frame end {sel.end:g} s <= 0.01 s is ignored, as in STIR's lm_to_projdata: the frame runs "
+                      "to the end of the data", RuntimeWarning, stacklevel=3)
 
 
 def sinogram_to_file_order(acc: np.ndarray, geometry: SinogramGeometry) -> np.ndarray:
@@ -570,7 +639,7 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
     pending: list[tuple[np.ndarray, int]] = []
     npend = 0
     stats = {"listmode": str(path), "format": "PETSIRD", "time_blocks_in_frame": 0, "records_in_frame": 0,
-             "tof_bins_summed": True, "first_time_tag_s": None, "last_time_tag_s": None}
+             "tof_bins_summed": True, "first_time_tag_s": None, "last_time_tag_s": None, "last_block_stop_s": None}
 
     def flush():
         nonlocal npend
@@ -589,6 +658,7 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
                     break
                 continue
             stats["time_blocks_in_frame"] += 1
+            stats["last_block_stop_s"] = blk.stop_ms / 1000.0
             if stats["first_time_tag_s"] is None:
                 stats["first_time_tag_s"] = blk.start_ms / 1000.0
             stats["last_time_tag_s"] = blk.start_ms / 1000.0
@@ -608,7 +678,28 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
         bar.close()
     data = sinogram_to_file_order(acc.numpy(), geometry)
     stats["counted"] = float(data.sum(dtype=np.float64))
-    return Histogram(data, geometry, events, float(start or 0.0), end, stats)
+    _check_petsird_frame(path, start, end, stats, bool(data.any()), events)
+    stop = stats["last_block_stop_s"]  # the frame ends at its end, or at the end of the data
+    return Histogram(data, geometry, events, float(start or 0.0), stop if end is None else min(end, stop), stats)
+
+
+def _check_petsird_frame(path: Path, start, end, stats: dict, nonzero: bool, events: str) -> None:
+    """The PETSIRD frame rules of :func:`_check_frame_coverage`: refuse a frame with no time block, warn when
+    the data end before the frame end or nothing was counted."""
+    import warnings
+
+    from ..errors import ConfigError, InputFileWarning
+
+    if stats["time_blocks_in_frame"] == 0:
+        raise ConfigError(f"frame [{start or 0.0:g} s, {'end' if end is None else f'{end:g} s'}) holds no time "
+                          f"block of PETSIRD file {path}: nothing to count")
+    stop = stats["last_block_stop_s"]
+    if end is not None and end > stop + 1e-9:
+        warnings.warn(InputFileWarning(path, f"frame end {end:g} s is after the end of the data (the last time "
+                                       f"block in the frame ends at {stop:g} s): the frame is {start or 0.0:g} s "
+                                       f"to {stop:g} s"), stacklevel=3)
+    if not nonzero:
+        warnings.warn(InputFileWarning(path, f"the frame holds no {events}: the sinogram is all zero"), stacklevel=3)
 
 
 def histogram_listmode(listmode: str | os.PathLike, geometry: SinogramGeometry, start: float | None = None,

@@ -126,6 +126,18 @@ def write_run_record(folder: str | Path, config: Any = None, seed: int | None = 
         The JSON file written.
     """
     folder = ensure_folder(folder)
+    texts = run_record_texts(folder, config, seed, command, extra, name)
+    for path, text in texts.items():  # atomically (a temporary name, renamed when complete), the record last
+        write_text(path, text)
+    return folder / f"{name}.json"
+
+
+def run_record_texts(folder: str | Path, config: Any = None, seed: int | None = None,
+                     command: list[str] | None = None, extra: Mapping[str, Any] | None = None,
+                     name: str = "run_record") -> dict[Path, str]:
+    """The files of :func:`write_run_record` and their texts, the JSON record last (nothing is written), so that
+    a command can write them in one set with its outputs (:func:`~sirf_ddip.utils.atomic.atomic_paths`)."""
+    folder = Path(folder)
     record = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command if command is not None else sys.argv,
@@ -136,15 +148,14 @@ def write_run_record(folder: str | Path, config: Any = None, seed: int | None = 
     }
     if extra:
         record.update({k: _jsonable(v) for k, v in extra.items()})
-    out = folder / f"{name}.json"
-    text = json.dumps(record, indent=2, default=str)
+    texts: dict[Path, str] = {}
     if config is not None:
         import yaml
 
-        write_text(folder / f"{name}_config.yaml", yaml.safe_dump(_jsonable(config), sort_keys=False,
-                                                                   allow_unicode=True))
-    write_text(out, text)  # atomically (a temporary name, renamed when complete), the record last
-    return out
+        texts[folder / f"{name}_config.yaml"] = yaml.safe_dump(_jsonable(config), sort_keys=False,
+                                                               allow_unicode=True)
+    texts[folder / f"{name}.json"] = json.dumps(record, indent=2, default=str)
+    return texts
 
 
 def run_record_paths(folder: str | Path, name: str = "run_record", with_config: bool = True) -> list[Path]:
