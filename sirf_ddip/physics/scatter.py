@@ -109,34 +109,31 @@ def scatter_points_from_mu(mu_small: np.ndarray, voxel_size: tuple[float, float,
 
 
 def detector_positions(num_views: int, tangential: np.ndarray, num_detectors: int, radius_mm: float,
-                       ring_z_mm: np.ndarray, view_offset_rad: float = 0.0):
-    """Detector coordinates of a non-arc-corrected sinogram's (view, tangential) bins.
+                       view_offset_rad: float = 0.0):
+    """Crystal positions of a non-arc-corrected sinogram's (view, tangential) bins (STIR's detector pairs).
 
-    Returns ``(xy, ia, ib)``: the unique transaxial detector positions (n, 2) as (y, x) mm and, per
-    (view, tangential) bin, the indices of its two detectors.  The LOR of view ``phi`` and ``s`` meets the ring
-    at ``(s cos phi +- a sin phi, s sin phi -+ a cos phi)``, ``a = sqrt(R^2 - s^2)``.
+    Returns ``(xy, ia, ib)``: the transaxial positions (num_detectors, 2) as (y, x) mm of the crystals, and per
+    (view, tangential) bin the crystals ``(c1, c2)`` of STIR's table
+    (:func:`~sirf_ddip.geometry.detectors.crystals_for_view_tangential`).  Crystal ``c`` sits at the angle
+    ``-pi/2 + 2 pi c / N + view offset``: the LOR of an even tangential position ``t`` of view ``phi`` then meets
+    the ring at ``(s cos phi +- a sin phi, s sin phi -+ a cos phi)``, ``s = R sin(t pi / N)``; odd ``t`` bins
+    join crystals half a crystal off the view's angle, as the real detector pairs do.
     """
-    phi = np.arange(num_views) * (math.pi / num_views) + view_offset_rad
-    s = radius_mm * np.sin(np.asarray(tangential) * math.pi / num_detectors)
-    a = np.sqrt(radius_mm ** 2 - s ** 2)
-    P, S = np.meshgrid(phi, s, indexing="ij")
-    A = np.broadcast_to(a[None, :], P.shape)
-    xa, ya = S * np.cos(P) + A * np.sin(P), S * np.sin(P) - A * np.cos(P)
-    xb, yb = S * np.cos(P) - A * np.sin(P), S * np.sin(P) + A * np.cos(P)
-    pts = np.concatenate([np.stack([ya.ravel(), xa.ravel()], 1), np.stack([yb.ravel(), xb.ravel()], 1)])
-    ang = np.round(np.arctan2(pts[:, 0], pts[:, 1]) / (2 * math.pi / num_detectors)).astype(np.int64) % num_detectors
-    uniq, inv = np.unique(ang, return_inverse=True)
-    xy = np.zeros((len(uniq), 2))
-    xy[inv] = pts
-    n = P.size
-    return xy, inv[:n].reshape(P.shape), inv[n:].reshape(P.shape)
+    from ..geometry.detectors import crystals_for_view_tangential
+    V, T = np.meshgrid(np.arange(num_views), np.asarray(tangential), indexing="ij")
+    c1, c2 = crystals_for_view_tangential(V, T, num_detectors)
+    psi = -math.pi / 2 + 2 * math.pi * np.arange(num_detectors) / num_detectors + view_offset_rad
+    xy = np.stack([radius_mm * np.sin(psi), radius_mm * np.cos(psi)], axis=1)
+    return xy, np.asarray(c1), np.asarray(c2)
 
 
 def ray_integrals(images: torch.Tensor, voxel_size, start: torch.Tensor, stop: torch.Tensor,
-                  chunk: int = 8192) -> torch.Tensor:
+                  chunk: int = 8192, full_start_voxel: bool = True) -> torch.Tensor:
     """Siddon line integrals (mm * value) of ``images`` (k, nz, ny, nx) from ``start`` to ``stop`` (n, 3) mm.
 
     Points are (z, y, x) mm from the scanner centre; images are centred on the scanner.  Returns (k, n).
+    With ``full_start_voxel`` (STIR's ``RayTraceVoxelsOnCartesianGrid``) the trace starts where the ray enters
+    the voxel holding ``start``, so that voxel gets its full chord.
     """
     k, nz, ny, nx = images.shape
     dev, dt = images.device, images.dtype
@@ -150,6 +147,12 @@ def ray_integrals(images: torch.Tensor, voxel_size, start: torch.Tensor, stop: t
         p1 = stop[c0:c0 + chunk] / vs + (shape - 1) / 2
         d = p1 - p0
         lo, hi = torch.full_like(d[:, 0], 0.0), torch.full_like(d[:, 0], 1.0)
+        if full_start_voxel:
+            c = torch.floor(p0 + 0.5)
+            sd = torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)
+            back = torch.where(d > 0, (c - 0.5 - p0) / sd, (c + 0.5 - p0) / sd)
+            back = torch.where(d.abs() < 1e-12, torch.full_like(back, -1e30), back)
+            lo = back.max(dim=1).values
         alphas = []
         for ax in range(3):
             dd = d[:, ax:ax + 1]
