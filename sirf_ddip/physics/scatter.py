@@ -163,8 +163,9 @@ def ray_integrals(images: torch.Tensor, voxel_size, start: torch.Tensor, stop: t
             amax = torch.maximum(a_first, a_last)
             flat_ax = dd[:, 0].abs() < 1e-12
             inside = (p0[:, ax] >= -0.5) & (p0[:, ax] <= shape[ax] - 0.5)
-            amin = torch.where(flat_ax, torch.where(inside, torch.zeros_like(amin), torch.ones_like(amin) * 2), amin)
-            amax = torch.where(flat_ax, torch.where(inside, torch.ones_like(amax), -torch.ones_like(amax)), amax)
+            big = torch.full_like(amin, 1e30)
+            amin = torch.where(flat_ax, torch.where(inside, -big, big), amin)
+            amax = torch.where(flat_ax, torch.where(inside, big, -big), amax)
             lo, hi = torch.maximum(lo, amin), torch.minimum(hi, amax)
             alphas.append(torch.where(flat_ax[:, None], torch.zeros_like(al), al))
         al = torch.cat(alphas + [lo[:, None], hi[:, None]], dim=1)
