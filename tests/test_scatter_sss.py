@@ -81,7 +81,7 @@ def test_single_scatter_matches_stir_on_the_mmr_scatter_template(cylinder):
     out = sc.single_scatter(**args).numpy()
     rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert rel < 1.5e-5                                      # achieved 4.1e-6 (8.5e-3 without the full start voxel)
-XX
+    assert out.sum() == pytest.approx(3309.72, rel=1e-5)     # STIR's log total 3309.72; achieved 3309.72
 
 
 def test_single_scatter_needs_stirs_full_start_voxel_chord(cylinder):
