@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["ELECTRON_RADIUS_CM", "klein_nishina_differential", "klein_nishina_total", "detection_efficiency",
-           "max_cos_angle", "ScatterPoints", "scatter_points_from_mu", "ray_integrals", "detector_positions",
+           "max_cos_angle", "zoom_for_scatter_points", "ScatterPoints", "scatter_points_from_mu", "ray_integrals", "detector_positions",
            "single_scatter"]
 
 #: classical electron radius (cm), STIR's value
@@ -79,6 +79,26 @@ def max_cos_angle(lower_kev: float, approx: float, resolution: float) -> float:
     ln2 = math.log(2.0)
     return 2.0 - (8176.0 * ln2) / (q * (511.0 + 16.0 * lower_kev * ln2 / q
                                         - math.sqrt(511.0) * math.sqrt(511.0 + 32.0 * lower_kev * ln2 / q)))
+
+
+def _overlap_weights(n_in: int, v_in: float, n_out: int, v_out: float) -> np.ndarray:
+    """(n_out, n_in) fraction of each output voxel covered by each input voxel (both centred on 0)."""
+    ci = (np.arange(n_in) - (n_in - 1) / 2.0) * v_in
+    co = (np.arange(n_out) - (n_out - 1) / 2.0) * v_out
+    lo = np.maximum((ci - v_in / 2)[None, :], (co - v_out / 2)[:, None])
+    hi = np.minimum((ci + v_in / 2)[None, :], (co + v_out / 2)[:, None])
+    return np.clip(hi - lo, 0.0, None) / v_out
+
+
+def zoom_for_scatter_points(mu: np.ndarray, voxel_size, shape_out, voxel_out) -> np.ndarray:
+    """The down-sampled mu image STIR places scatter points in: each output voxel holds the mean of ``mu`` over
+    its extent (STIR's ``zoom_image`` preserving values: overlap interpolation), both images centred.
+
+    For the mMR scatter template STIR uses ``voxel_out = (62/7 vz, default bin size, default bin size)`` and
+    ``shape_out = (num_rings, 17, 17)`` (``../shared/scatter/cylinder_mmr``); here both are given explicitly.
+    """
+    W = [_overlap_weights(n, v, m, w) for n, v, m, w in zip(np.shape(mu), voxel_size, shape_out, voxel_out)]
+    return np.einsum("az,by,cx,zyx->abc", W[0], W[1], W[2], np.asarray(mu, dtype=np.float64))
 
 
 @dataclass
