@@ -226,6 +226,9 @@ def initial_prior(cfg: PretrainConfig):
         have = card.get(key)
         if key == "architecture":
             have = resolve_arch(dict(have or {}))
+            if val["mr_null"] and not have["mr_null"]:
+                # adding the learned "no MR" input to a prior without one (MR-dropout fine-tuning) is allowed
+                have = {**have, "mr_null": True}
         if _jsonish(have) != _jsonish(val):
             raise ConfigError(f"key 'train.init_from': prior {cfg.train.init_from!r} ({bundle.path}) has {key} "
                               f"{have} but the config asks for {val}; use a config with the prior's {key}")
