@@ -79,7 +79,8 @@ def region_weight(mni: np.ndarray, centre, axes, edge_mm: float = 6.0) -> np.nda
 
 def apply_departures(activity: np.ndarray, *, gm: np.ndarray, wm: np.ndarray, brain: np.ndarray,
                      sd_mm: np.ndarray, mni: np.ndarray, voxel_mm, gm_activity: np.ndarray,
-                     rng: np.random.Generator, spec: dict, smooth_field) -> tuple[np.ndarray, np.ndarray, dict]:
+                     rng: np.random.Generator, spec: dict, smooth_field,
+                     planes: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Apply the departures of ``spec`` (:func:`resolve_spec`) to ``activity`` (returns a new array).
 
     Parameters
@@ -92,6 +93,8 @@ def apply_departures(activity: np.ndarray, *, gm: np.ndarray, wm: np.ndarray, br
     gm_activity : the GM part of ``activity`` (what hypometabolism reduces)
     rng : the departures' own random stream
     smooth_field : ``(rng, shape, voxel, spacing_mm, n) -> [n, z, y, x]`` smooth unit-SD fields
+    planes : (start, stop), optional
+        Plane range of the lesion centres.
 
     Returns
     -------
@@ -129,6 +132,10 @@ def apply_departures(activity: np.ndarray, *, gm: np.ndarray, wm: np.ndarray, br
 
     # lesions: hot and cold spheres in cortical GM, deep GM and WM
     sites = site_masks(gm, wm, sd_mm)
+    if planes is not None:
+        keep = np.zeros(shape[0], dtype=bool)
+        keep[max(int(planes[0]), 0):int(planes[1])] = True
+        sites = {k: v & keep[:, None, None] for k, v in sites.items()}
     lo_n, hi_n = spec["num_lesions"]
     n_les = int(rng.integers(int(lo_n), int(hi_n) + 1))
     zc, yc, xc = (np.arange(n) * v for n, v in zip(shape, (vz, vy, vx)))

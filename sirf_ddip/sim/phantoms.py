@@ -362,7 +362,8 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
                  deform: bool = True, lesions: bool | None = None, pose: str | None = None, rim: bool = True,
                  axial_offset_mm: float = 0.0, templates: dict | None = None,
                  lesion_planes: tuple[int, int] | None = None, lesion_kinds: tuple[str, ...] | None = None,
-                 num_lesions: int | None = None, departures: dict | bool | None = None) -> Subject:
+                 num_lesions: int | None = None, departures: dict | bool | None = None,
+                 departure_planes: tuple[int, int] | None = None) -> Subject:
     """A random subject resampled onto ``grid`` (one interpolation pass from template space).
 
     Parameters
@@ -401,6 +402,8 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
         them. Drawn from their own random stream and applied to the activity only: the MR (and everything
         else) is bit-identical to the subject without them. ``meta["departures"]`` records them and
         ``masks["departure"]`` / ``fractions["departure"]`` show where they are.
+    departure_planes : (start, stop), optional
+        Plane index range where the departures' lesion centres may lie.
 
     Returns
     -------
@@ -554,7 +557,7 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
         activity, departure, dep_meta = apply_departures(
             activity, gm=gm, wm=wm, brain=brain, sd_mm=sd, mni=mni, voxel_mm=(vz, vy, vx),
             gm_activity=(upt["gm"] * gm * mod).astype(np.float32), rng=subject_rng(seed, split, 4),
-            spec=dep_spec, smooth_field=_smooth_field)
+            spec=dep_spec, smooth_field=_smooth_field, planes=departure_planes)
 
     # ---------------------------------------------------------------- MR (T1-like)
     gamma = float(rng_m.uniform(0.85, 1.15))
