@@ -142,3 +142,36 @@ def test_shipped_lesion_finetune_config_fits_the_shipped_prior():
     assert info["weights_sha256"] == shipped.card["weights_sha256"]
     for k, v in shipped.network.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
+
+
+def test_mr_dropout_finetunes_a_prior_without_null_mr(tmp_path, monkeypatch):
+    """train.mr_dropout: a prior without the learned "no MR" input starts an MR-dropout run (every shared weight
+    copied, lr 0 keeps them exactly), about the asked fraction of samples get the null MR, and mr_dropout without
+    network.mr_null is a ConfigError naming the key."""
+    from sirf_ddip.prior.network import ScoreNetwork
+
+    ds = _dataset()
+    pretrain(load_pretrain_config(None, OV + ["train.steps=2", "train.checkpoint_every=100"]), tmp_path / "base",
+             dataset=ds, device="cpu", show_progress=False)
+    dropped: list[float] = []
+    orig = ScoreNetwork.forward
+
+    def recording(self, x_t, t, mr=None, drop_mr=None):
+        dropped.append(float(torch.as_tensor(drop_mr).float().mean()) if drop_mr is not None else 0.0)
+        return orig(self, x_t, t, mr, drop_mr)
+
+    monkeypatch.setattr(ScoreNetwork, "forward", recording)
+    cfg = load_pretrain_config(None, OV + ["train.steps=30", "train.batch_size=8", "optim.lr=0",
+                                           "train.checkpoint_every=100", "network.mr_null=true",
+                                           "train.mr_dropout=0.25", f"train.init_from={tmp_path / 'base'}"])
+    out = pretrain(cfg, tmp_path / "drop", dataset=ds, device="cpu", show_progress=False)
+    frac = sum(dropped[:30]) / 30
+    assert 0.15 < frac < 0.35, frac          # 240 Bernoulli(0.25) draws: sd 0.028
+    base = load_prior(tmp_path / "base").network.state_dict()
+    sd = out["model"].state_dict()
+    assert set(sd) - set(base) == {"mr_null"}
+    for k, v in base.items():
+        assert torch.equal(v, sd[k].float()), k
+    assert load_prior(tmp_path / "drop").network.has_mr_null
+    with pytest.raises(ConfigError, match=r"train\.mr_dropout"):
+        load_pretrain_config(None, OV + ["train.mr_dropout=0.2"])

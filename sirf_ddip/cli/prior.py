@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     c.add_argument("--mr", default=None, help="co-registered MR on the same grid (needed by MR-guided priors)")
     c.add_argument("--t", type=int, default=200, help="diffusion step (0..T-1; default 200)")
     c.add_argument("--seed", type=int, default=0, help="noise seed")
+    c.add_argument("--mr-guidance", type=float, default=1.0,
+                   help="classifier-free MR guidance w (1: MR-conditioned; 0: the prior's learned no-MR input; "
+                        "w != 1 needs a prior trained with MR dropout)")
     c.add_argument("--out", required=True, help="denoised image output")
     c.add_argument("--noisy-out", default=None, help="also write the noisy image")
     c.add_argument("--mask", default=None, help="mask image (non-zero = inside) for the PSNR")
@@ -65,7 +68,8 @@ def _check(args) -> int:
     from ..prior.check import run_check
 
     res = run_check(args.image, args.mr, args.t, args.seed, args.out, noisy_out=args.noisy_out,
-                    weights=args.weights, device=args.device, overwrite=args.overwrite, mask_path=args.mask)
+                    weights=args.weights, device=args.device, overwrite=args.overwrite, mask_path=args.mask,
+                    mr_guidance=args.mr_guidance)
     print(res.summary())
     return 0
 

@@ -90,9 +90,26 @@ def _check_outputs(out: Path, noisy_out: Path | None, inputs: list, overwrite: b
         raise OutputPathError(noisy_out, "shares its data file with --out", "--noisy-out")
 
 
+def check_guidance(bundle, w: float) -> None:
+    """Raise :class:`ConfigError` (key ``--mr-guidance``) unless ``w`` is finite, ≥ 0 and, when ≠ 1, the prior
+    has a learned "no MR" input."""
+    from .guidance import check_mr_guidance, needs_unconditioned
+
+    try:
+        w = check_mr_guidance(w)
+    except ValueError as exc:
+        raise ConfigError(f"--mr-guidance: {exc}") from None
+    if needs_unconditioned(w) and bundle.uses_mr and not getattr(bundle.network, "has_mr_null", False):
+        raise ConfigError(f"--mr-guidance {w}: prior {getattr(bundle, 'path', '') or 'default'} has no learned "
+                          "'no MR' input (not trained with MR dropout); use --mr-guidance 1")
+
+
 def check_prior(bundle, image: np.ndarray, mr: np.ndarray | None, t: int, seed: int = 0,
-                mask: np.ndarray | None = None, device=None, batch_size: int = 16) -> CheckResult:
-    """Noise ``image`` to step ``t`` and denoise it with one Tweedie step (arrays ``[z, y, x]``, image units)."""
+                mask: np.ndarray | None = None, device=None, batch_size: int = 16,
+                mr_guidance: float = 1.0) -> CheckResult:
+    """Noise ``image`` to step ``t`` and denoise it with one Tweedie step (arrays ``[z, y, x]``, image units).
+
+    ``mr_guidance`` is the classifier-free MR guidance ``w`` (:mod:`sirf_ddip.prior.guidance`)."""
     from ..utils.checks import require_finite
     from ..utils.device import resolve_device
 
@@ -108,6 +125,7 @@ def check_prior(bundle, image: np.ndarray, mr: np.ndarray | None, t: int, seed: 
             raise GeometryMismatchError(f"check_prior: MR shape {mr.shape} != image shape {image.shape}")
         require_finite(mr, "check_prior: MR", "MR image")
     check_step(bundle, t)
+    check_guidance(bundle, mr_guidance)
     dev = resolve_device(device)
     pet_s = bundle.pet_scaling.fit(image)
     x0 = torch.from_numpy(pet_s.to_net(image).astype(np.float32)).to(dev)
@@ -121,7 +139,7 @@ def check_prior(bundle, image: np.ndarray, mr: np.ndarray | None, t: int, seed: 
     bundle.network.to(dev)
     with torch.no_grad():
         x_t = bundle.schedule.q_sample(x0, int(t), noise)
-        x0_hat = predict_x0(bundle, x_t, int(t), mr_t, batch_size=batch_size)
+        x0_hat = predict_x0(bundle, x_t, int(t), mr_t, batch_size=batch_size, mr_guidance=mr_guidance)
     a = float(bundle.schedule.alphas_cumprod[int(t)])
     noisy_net = (x_t / math.sqrt(a)).cpu().numpy()
     noisy = pet_s.from_net(noisy_net).astype(np.float32)
@@ -135,7 +153,7 @@ def check_prior(bundle, image: np.ndarray, mr: np.ndarray | None, t: int, seed: 
 
 def run_check(image_path: str | Path, mr_path: str | Path | None, t: int, seed: int, out: str | Path,
               noisy_out: str | Path | None = None, weights: str | Path | None = None, device=None,
-              overwrite: bool = False, mask_path: str | Path | None = None) -> CheckResult:
+              overwrite: bool = False, mask_path: str | Path | None = None, mr_guidance: float = 1.0) -> CheckResult:
     """File-level check (the CLI): read, :func:`check_prior`, write the outputs in the input's grid and units."""
     from ..io import read_image, write_image
     from .weights import load_default, load_prior
@@ -149,6 +167,7 @@ def run_check(image_path: str | Path, mr_path: str | Path | None, t: int, seed: 
     device = resolve_device(device)
     bundle = load_prior(weights, device=device) if weights else load_default(device=device)
     check_step(bundle, t)
+    check_guidance(bundle, mr_guidance)
     if bundle.uses_mr and mr_path is None:
         raise ConfigError(f"prior {getattr(bundle, 'path', '') or 'default'} is MR-conditioned; give the "
                           "co-registered MR with --mr")
@@ -165,7 +184,7 @@ def run_check(image_path: str | Path, mr_path: str | Path | None, t: int, seed: 
         m_img = read_image(mask_path)
         img.grid.check_matches(m_img.grid, what=f"mask {mask_path}", other_what=f"PET image {image_path}")
         mask = np.asarray(m_img.array) != 0
-    res = check_prior(bundle, img.array, mr_arr, t, seed, mask=mask, device=device)
+    res = check_prior(bundle, img.array, mr_arr, t, seed, mask=mask, device=device, mr_guidance=mr_guidance)
     write_image(out, img.with_array(res.denoised), overwrite=overwrite)
     if noisy_out is not None:
         write_image(noisy_out, img.with_array(res.noisy), overwrite=overwrite)

@@ -35,6 +35,9 @@ DEFAULT_ARCH: dict[str, Any] = {
     "norm_num_groups": 16,
     "use_mr": True,
     "slab": 3,
+    # a learned "no MR" input (MR dropout in training, classifier-free MR guidance at sampling); False keeps
+    # the parameter set of priors trained without it
+    "mr_null": False,
 }
 
 
@@ -88,7 +91,8 @@ class ScoreNetwork(nn.Module):
     arch : dict
         Keys: ``channels`` (list of int per level), ``attention_levels`` (list of bool), ``num_res_blocks``
         (int or list), ``num_head_channels`` (int), ``norm_num_groups`` (int, must divide every channel count),
-        ``use_mr`` (bool), ``slab`` (int, odd; 3). Missing keys take :data:`DEFAULT_ARCH` values; unknown keys
+        ``use_mr`` (bool), ``slab`` (int, odd; 3), ``mr_null`` (bool: a learned "no MR" input, see
+        :meth:`null_mr`; needs ``use_mr``). Missing keys take :data:`DEFAULT_ARCH` values; unknown keys
         are errors.
 
     Attributes
@@ -120,13 +124,26 @@ class ScoreNetwork(nn.Module):
             norm_num_groups=arch["norm_num_groups"],
             num_head_channels=arch["num_head_channels"],
         )
+        self.has_mr_null = bool(arch["mr_null"])
+        if self.has_mr_null:
+            # one learned value per MR plane, broadcast over H, W; starts at the MR background level (-1)
+            self.mr_null = nn.Parameter(torch.full((1, self.slab, 1, 1), -1.0))
 
     @property
     def spatial_multiple(self) -> int:
         """H and W must be multiples of this (``2 ** (levels - 1)``)."""
         return 2 ** (self.levels - 1)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, mr: torch.Tensor | None = None) -> torch.Tensor:
+    def null_mr(self, like: torch.Tensor) -> torch.Tensor:
+        """The learned "no MR" input shaped like ``like [B, slab, H, W]`` (raises if the arch has no ``mr_null``)."""
+        if not self.has_mr_null:
+            raise ValueError("ScoreNetwork: this prior has no learned 'no MR' input (architecture mr_null is "
+                             "false), so it cannot predict without the MR; use mr_guidance = 1 or a prior "
+                             "trained with MR dropout")
+        return self.mr_null.to(like.dtype).expand(like.shape)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, mr: torch.Tensor | None = None,
+                drop_mr: torch.Tensor | bool | None = None) -> torch.Tensor:
         """Predict ε.
 
         Parameters
@@ -137,6 +154,9 @@ class ScoreNetwork(nn.Module):
             Diffusion step(s) in ``[0, num_train_steps)``.
         mr : tensor [B, slab, H, W] or None
             Normalised MR slabs; required iff :attr:`uses_mr`.
+        drop_mr : bool or bool tensor [B], optional
+            Replace the MR of all (True) or of the flagged samples by the learned "no MR" input
+            (:meth:`null_mr`): MR dropout in training, the unconditioned ε̂ of MR guidance at sampling.
         """
         if x_t.dim() != 4 or x_t.shape[1] != self.slab:
             raise ValueError(f"ScoreNetwork: x_t must be [B, {self.slab}, H, W] (a {self.slab}-plane PET slab), "
@@ -152,7 +172,15 @@ class ScoreNetwork(nn.Module):
             if mr.shape != x_t.shape:
                 raise ValueError(f"ScoreNetwork: MR slabs shape {tuple(mr.shape)} != PET slabs shape "
                                  f"{tuple(x_t.shape)}")
-            inp = torch.cat([x_t, mr.to(x_t.dtype)], dim=1)
+            mr = mr.to(x_t.dtype)
+            if drop_mr is not None and drop_mr is not False:
+                null = self.null_mr(mr)
+                if isinstance(drop_mr, bool):
+                    mr = null
+                else:
+                    drop = torch.as_tensor(drop_mr, device=mr.device).reshape(-1, 1, 1, 1)
+                    mr = torch.where(drop, null, mr)
+            inp = torch.cat([x_t, mr], dim=1)
         else:
             if mr is not None:
                 raise ValueError("ScoreNetwork: this prior is not MR-conditioned (use_mr=False) but an MR was "
@@ -191,6 +219,9 @@ def resolve_arch(arch: dict[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"network arch: 'norm_num_groups' {out['norm_num_groups']} must divide every "
                              f"channel count, not {c}")
     out["use_mr"] = bool(out["use_mr"])
+    out["mr_null"] = bool(out["mr_null"])
+    if out["mr_null"] and not out["use_mr"]:
+        raise ValueError("network arch: 'mr_null' (a learned 'no MR' input) needs 'use_mr': true")
     out["slab"] = int(out["slab"])
     if out["slab"] < 1 or out["slab"] % 2 == 0:
         raise ValueError(f"network arch: 'slab' must be a positive odd number, got {out['slab']}")

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+from .guidance import check_mr_guidance, guided_eps, needs_conditioned, needs_unconditioned
 from .network import ScoreNetwork, crop_padding, pad_to_multiple
 
 
@@ -109,14 +111,24 @@ def gather_slabs(vol: torch.Tensor, slab: int, idx: torch.Tensor) -> torch.Tenso
 
 
 def run_network(network: nn.Module, xs: torch.Tensor, t: int, ms: torch.Tensor | None = None,
-                pad_value: float = 0.0, mr_pad_value: float = -1.0) -> torch.Tensor:
+                pad_value: float = 0.0, mr_pad_value: float = -1.0, mr_guidance: float = 1.0) -> torch.Tensor:
     """ε of a batch of slabs ``xs [b, slab, H, W]`` (MR slabs ``ms`` iff the network uses MR), with ``H, W``
-    padded to the network's multiple by the constants ``pad_value`` / ``mr_pad_value`` and cropped back."""
+    padded to the network's multiple by the constants ``pad_value`` / ``mr_pad_value`` and cropped back.
+
+    ``mr_guidance`` ``w`` (:mod:`sirf_ddip.prior.guidance`): 1 is the one MR-conditioned call; otherwise the
+    network's learned "no MR" input gives ε̂_uncond and the result is ``ε̂_uncond + w (ε̂_cond − ε̂_uncond)``.
+    """
     multiple = int(getattr(network, "spatial_multiple", 1))
     xp, pad = _pad_hw(xs, multiple, pad_value)
     mp = _pad_hw(ms, multiple, mr_pad_value)[0] if ms is not None else None
     tb = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=xs.device)
-    eps = network(xp, tb, mp) if mp is not None else network(xp, tb)
+    if mp is None:
+        eps = network(xp, tb)
+    elif not needs_unconditioned(mr_guidance):
+        eps = network(xp, tb, mp)
+    else:
+        cond = network(xp, tb, mp) if needs_conditioned(mr_guidance) else None
+        eps = guided_eps(cond, network(xp, tb, mp, drop_mr=True), mr_guidance)
     return crop_padding(eps, pad)
 
 
@@ -130,7 +142,8 @@ def _pad_hw(x: torch.Tensor, multiple: int, value: float):
 
 
 def predict_eps(network: ScoreNetwork | nn.Module, x_t_vol: torch.Tensor, t: int, mr_vol: torch.Tensor | None = None,
-                batch_size: int = 16, pad_value: float = 0.0, mr_pad_value: float = -1.0) -> torch.Tensor:
+                batch_size: int = 16, pad_value: float = 0.0, mr_pad_value: float = -1.0,
+                mr_guidance: float = 1.0) -> torch.Tensor:
     """Predicted ε for a whole volume ``[Z, H, W]`` (slab-averaged), differentiable.
 
     Parameters
@@ -145,6 +158,8 @@ def predict_eps(network: ScoreNetwork | nn.Module, x_t_vol: torch.Tensor, t: int
         Slabs per network call.
     pad_value, mr_pad_value : float
         Constant used to pad H, W to the network multiple (background in network units).
+    mr_guidance : float
+        Classifier-free MR guidance ``w`` (:func:`run_network`); 1: the MR-conditioned prediction.
     """
     slab = int(getattr(network, "slab", 3))
     uses_mr = bool(getattr(network, "uses_mr", mr_vol is not None))
@@ -163,12 +178,13 @@ def predict_eps(network: ScoreNetwork | nn.Module, x_t_vol: torch.Tensor, t: int
     for i in range(0, n, b):
         idx = torch.arange(i, min(i + b, n), device=x_t_vol.device)
         ms = gather_slabs(mr_vol.to(x_t_vol.dtype), slab, idx) if uses_mr else None
-        outs.append(run_network(network, gather_slabs(x_t_vol, slab, idx), t, ms, pad_value, mr_pad_value))
+        outs.append(run_network(network, gather_slabs(x_t_vol, slab, idx), t, ms, pad_value, mr_pad_value,
+                                mr_guidance=mr_guidance))
     return fold_slabs(torch.cat(outs, dim=0).to(x_t_vol.dtype), Z)
 
 
 def predict_x0(bundle, x_t_vol: torch.Tensor, t: int, mr_vol: torch.Tensor | None = None, batch_size: int = 16,
-               network: nn.Module | None = None) -> torch.Tensor:
+               network: nn.Module | None = None, mr_guidance: float = 1.0) -> torch.Tensor:
     """Tweedie estimate ``x̂_0`` of a whole volume from ``x_t`` (network units), differentiable.
 
     Parameters
@@ -180,11 +196,14 @@ def predict_x0(bundle, x_t_vol: torch.Tensor, t: int, mr_vol: torch.Tensor | Non
     mr_vol : tensor [Z, H, W] or None (normalised MR)
     network : nn.Module, optional
         Use this network instead of ``bundle.network`` (e.g. a LoRA-adapted copy).
+    mr_guidance : float
+        Classifier-free MR guidance ``w`` (:func:`run_network`).
     """
     net = bundle.network if network is None else network
     a = float(bundle.schedule.alphas_cumprod[int(t)])
     eps = predict_eps(net, x_t_vol, t, mr_vol, batch_size=batch_size, pad_value=bundle.pet_scaling.lo * a ** 0.5,
-                      mr_pad_value=bundle.mr_scaling.lo if bundle.mr_scaling is not None else -1.0)
+                      mr_pad_value=bundle.mr_scaling.lo if bundle.mr_scaling is not None else -1.0,
+                      mr_guidance=mr_guidance)
     return bundle.schedule.tweedie_x0(x_t_vol, eps, int(t))
 
 
@@ -215,7 +234,7 @@ class DiffusionPrior:
     def __init__(self, network: nn.Module, schedule, pet_scaling, mr_net: torch.Tensor | None = None,
                  mr_pad_value: float = -1.0, batch_size: int = 8,
                  timings: dict[str, float] | None = None, counts: dict[str, int] | None = None,
-                 grid=None):
+                 grid=None, mr_guidance: float = 1.0):
         self.grid = grid  # a PriorGrid (PET grid <-> the prior's in-plane grid) or None
         self.network = network
         self.schedule = schedule
@@ -223,6 +242,12 @@ class DiffusionPrior:
         self.pet_scaler = None
         self.mr_net = mr_net
         self.mr_pad_value = float(mr_pad_value)
+        self.mr_guidance = check_mr_guidance(mr_guidance)
+        if needs_unconditioned(self.mr_guidance) and bool(getattr(network, "uses_mr", False)) and \
+                not bool(getattr(network, "has_mr_null", False)):
+            raise ConfigError(f"key 'mr_guidance' = {self.mr_guidance} needs a prior with a learned "
+                             "'no MR' input (trained with MR dropout, architecture mr_null); this one has none, "
+                             "use mr_guidance = 1")
         self.batch_size = max(1, int(batch_size))
         self.slab = int(getattr(network, "slab", 3))
         self.timings = timings if timings is not None else {}
@@ -273,7 +298,8 @@ class DiffusionPrior:
             bool(getattr(self.network, "uses_mr", False)) else None
         t0 = time.perf_counter()
         eps = run_network(self.network, gather_slabs(x_t, self.slab, idx), t, ms,
-                          pad_value=self.pet_scaling.lo * math.sqrt(a), mr_pad_value=self.mr_pad_value)
+                          pad_value=self.pet_scaling.lo * math.sqrt(a), mr_pad_value=self.mr_pad_value,
+                          mr_guidance=self.mr_guidance)
         self.timings["network_forward"] = self.timings.get("network_forward", 0.0) + time.perf_counter() - t0
         self.counts["slab_forwards"] = self.counts.get("slab_forwards", 0) + int(idx.numel())
         return eps

@@ -53,6 +53,7 @@ class NetworkConfig:
     norm_num_groups: int = DEFAULT_ARCH["norm_num_groups"]
     use_mr: bool = True
     slab: int = 3
+    mr_null: bool = False     # a learned "no MR" input (needed by train.mr_dropout and by mr_guidance != 1)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class TrainConfig:
                               # a prior on other data); "" = random initialisation
     t_max: int = 0            # > 0: draw t ~ U{0, t_max - 1} only (a fine-tune aimed at the noise levels a DDIP
                               # run visits, t <= its t_start); 0 = the whole schedule, U{0, T - 1}
+    mr_dropout: float = 0.0   # > 0: each sample's MR is replaced by the learned "no MR" input with this
+                              # probability (needs network.mr_null), so that one prior also predicts without MR
 
 
 @dataclass
@@ -146,6 +149,11 @@ def load_pretrain_config(path: str | Path | None, overrides=None) -> PretrainCon
                      ("train.checkpoint_every", cfg.train.checkpoint_every)):
         if val < 1:
             raise ConfigError(f"{src}: key '{key}' must be >= 1, got {val}")
+    if not 0.0 <= cfg.train.mr_dropout < 1.0:
+        raise ConfigError(f"{src}: key 'train.mr_dropout' must be in [0, 1), got {cfg.train.mr_dropout}")
+    if cfg.train.mr_dropout > 0 and not (cfg.network.mr_null and cfg.network.use_mr):
+        raise ConfigError(f"{src}: key 'train.mr_dropout' = {cfg.train.mr_dropout} needs network.use_mr and "
+                          "network.mr_null: true (the learned 'no MR' input)")
     if not 0 <= cfg.train.t_max <= cfg.schedule.num_train_steps:
         raise ConfigError(f"{src}: key 'train.t_max' must be in [0, schedule.num_train_steps = "
                           f"{cfg.schedule.num_train_steps}] (0: the whole schedule), got {cfg.train.t_max}")
@@ -218,6 +226,9 @@ def initial_prior(cfg: PretrainConfig):
         have = card.get(key)
         if key == "architecture":
             have = resolve_arch(dict(have or {}))
+            if val["mr_null"] and not have["mr_null"]:
+                # adding the learned "no MR" input to a prior without one (MR-dropout fine-tuning) is allowed
+                have = {**have, "mr_null": True}
         if _jsonish(have) != _jsonish(val):
             raise ConfigError(f"key 'train.init_from': prior {cfg.train.init_from!r} ({bundle.path}) has {key} "
                               f"{have} but the config asks for {val}; use a config with the prior's {key}")
@@ -234,7 +245,15 @@ def load_initial_weights(model: torch.nn.Module, cfg: PretrainConfig, bundle=Non
     """
     bundle = initial_prior(cfg) if bundle is None else bundle
     own = model.state_dict()
-    model.load_state_dict({k: v.to(dtype=own[k].dtype) for k, v in bundle.network.state_dict().items()})
+    src = bundle.network.state_dict()
+    # a prior without the learned "no MR" input starts a run that has one: that parameter keeps its
+    # initialisation; every other key must match
+    extra = {"mr_null"} - set(src) if getattr(model, "has_mr_null", False) else set()
+    missing, unexpected = model.load_state_dict({k: v.to(dtype=own[k].dtype) for k, v in src.items()},
+                                                strict=False)
+    if set(missing) - extra or unexpected:
+        raise ConfigError(f"train.init_from {cfg.train.init_from!r}: its weights do not match network.*: "
+                          f"missing {sorted(set(missing) - extra)[:4]}, unexpected {list(unexpected)[:4]}")
     return {"prior": str(cfg.train.init_from), "weights_file": bundle.path.name,
             "weights_sha256": bundle.card.get("weights_sha256")}
 
@@ -431,11 +450,14 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
         x0, mr = dataset.sample(local_batch, gen)
         t = torch.randint(t_high, (local_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        # drawn only when on, so that runs without MR dropout keep their random stream
+        drop = (torch.rand(local_batch, generator=gen) < cfg.train.mr_dropout).to(dev) \
+            if cfg.train.mr_dropout > 0 and mr is not None else None
         x_t = schedule.q_sample(x0, t, noise)
         x_t, noise, t = x_t.to(dev, non_blocking=True), noise.to(dev, non_blocking=True), t.to(dev)
         mr = mr.to(dev, non_blocking=True) if mr is not None else None
         with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
-            eps = net(x_t, t, mr)
+            eps = net(x_t, t, mr) if drop is None else net(x_t, t, mr, drop_mr=drop)
         loss = torch.nn.functional.mse_loss(eps.float(), noise)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

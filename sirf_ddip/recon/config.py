@@ -117,6 +117,11 @@ class DDIPConfig:
         tightens) log-linearly in the diffusion time from ``beta`` at ``t_start`` to ``beta_final`` at ``t = 0``:
         ``β(t) = beta · (beta_final / beta)^(1 − t / t_start)`` (:func:`sirf_ddip.recon.hqs.beta_schedule`). A
         ``beta_final`` below ``beta`` lets the data steer the last steps more ("trust the data" towards t = 0).
+    mr_guidance : float
+        Classifier-free MR guidance ``w`` (:mod:`sirf_ddip.prior.guidance`): ``ε̂ = ε̂_uncond + w (ε̂_cond −
+        ε̂_uncond)``. 1 (shipped) = the MR-conditioned prediction, one network call; 0 = the prior's learned "no
+        MR" input (the no-MR ablation); 0 < w < 1 trusts the MR less. w ≠ 1 needs a prior trained with MR
+        dropout (architecture ``mr_null``).
     num_finetune : int
         K, LoRA fine-tuning iterations per diffusion step (2).
     num_em : int
@@ -265,6 +270,7 @@ class DDIPConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     use_mr: bool = True
+    mr_guidance: float = 1.0
     n_init: int = 20
     num_subsets: int = 1
     finetune_slabs: int = 2
@@ -288,6 +294,8 @@ class DDIPConfig:
 
         if self.t_start < 0:
             bad("t_start", "must be >= 0")
+        if not (self.mr_guidance >= 0 and self.mr_guidance != float("inf")):
+            bad("mr_guidance", "must be a finite number >= 0 (1: MR-conditioned, 0: no MR)")
         if self.num_steps < 1:
             bad("num_steps", "must be >= 1")
         if not 0.0 <= self.eta <= 1.0:

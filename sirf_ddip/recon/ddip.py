@@ -338,7 +338,7 @@ class DDIPReconstructor(IterativeReconstructor):
         self.prior = DiffusionPrior(net, self.schedule, bundle.pet_scaling, mr_net=self._mr_net,
                                     mr_pad_value=self.mr_scaler.lo if self.mr_scaler is not None else -1.0,
                                     batch_size=cfg.slab_batch, timings=self.timings, counts=self.counts,
-                                    grid=self.prior_grid)
+                                    grid=self.prior_grid, mr_guidance=cfg.mr_guidance)
 
     # ------------------------------------------------------------------ estimates
     def _initialise_estimate(self, x: torch.Tensor) -> torch.Tensor:

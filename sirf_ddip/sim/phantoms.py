@@ -63,6 +63,7 @@ from scipy import ndimage
 from ..data import Image
 from ..errors import ConfigError, InputFileError
 from ..geometry.image import ImageGrid
+from .departures import apply_departures, resolve_spec
 
 __all__ = [
     "TRACERS", "POSES", "SPLITS", "HEAD_CENTRE_MNI", "MMR_VOXEL_SIZE_MM", "MU_WATER_PER_CM", "MU_BONE_PER_CM",
@@ -293,7 +294,7 @@ class Subject:
 
 
 def subject_rng(seed: int, split: str, stream: int) -> np.random.Generator:
-    """Generator of one random stream (0 anatomy, 1 uptakes, 2 lesions, 3 MR) of subject ``(seed, split)``."""
+    """Generator of one random stream (0 anatomy, 1 uptakes, 2 lesions, 3 MR, 4 departures) of subject ``(seed, split)``."""
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     if int(seed) < 0:
@@ -361,7 +362,8 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
                  deform: bool = True, lesions: bool | None = None, pose: str | None = None, rim: bool = True,
                  axial_offset_mm: float = 0.0, templates: dict | None = None,
                  lesion_planes: tuple[int, int] | None = None, lesion_kinds: tuple[str, ...] | None = None,
-                 num_lesions: int | None = None) -> Subject:
+                 num_lesions: int | None = None, departures: dict | bool | None = None,
+                 departure_planes: tuple[int, int] | None = None) -> Subject:
     """A random subject resampled onto ``grid`` (one interpolation pass from template space).
 
     Parameters
@@ -395,6 +397,13 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
         stream seeded by ``seed``.
     num_lesions : int, optional
         Number of lesions instead of the drawn 1-3 (``>= 1``; the first lesions are those drawn without it).
+    departures : dict or bool, optional
+        PET that departs from the MR (:mod:`sirf_ddip.sim.departures`): True for the defaults, a dict to override
+        them. Drawn from their own random stream and applied to the activity only: the MR (and everything
+        else) is bit-identical to the subject without them. ``meta["departures"]`` records them and
+        ``masks["departure"]`` / ``fractions["departure"]`` show where they are.
+    departure_planes : (start, stop), optional
+        Plane index range where the departures' lesion centres may lie.
 
     Returns
     -------
@@ -539,6 +548,17 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
                                 "centre_mm_xyz_from_fov_centre": centre_mm_stir})
     activity = np.clip(activity, 0.0, None).astype(np.float32)
 
+    # ---------------------------------------------------------------- departures of the PET from the MR
+    dep_spec = resolve_spec(departures)
+    departure = np.zeros(shape, dtype=np.float32)
+    dep_meta = None
+    if dep_spec is not None:
+        mni = np.stack([(idx[i] + prep["start"][i]) * vox_t[i] + off_t[i] for i in range(3)])
+        activity, departure, dep_meta = apply_departures(
+            activity, gm=gm, wm=wm, brain=brain, sd_mm=sd, mni=mni, voxel_mm=(vz, vy, vx),
+            gm_activity=(upt["gm"] * gm * mod).astype(np.float32), rng=subject_rng(seed, split, 4),
+            spec=dep_spec, smooth_field=_smooth_field, planes=departure_planes)
+
     # ---------------------------------------------------------------- MR (T1-like)
     gamma = float(rng_m.uniform(0.85, 1.15))
     mr = np.power(np.clip(t1, 0.0, None), gamma, dtype=np.float32)
@@ -557,16 +577,16 @@ def make_subject(grid: ImageGrid, tracer: str = "fdg", seed: int = 0, *, split: 
 
     fractions = {"brain": brain, "gm": gm.astype(np.float32), "wm": wm.astype(np.float32),
                  "csf": csf.astype(np.float32), "csf_rim": csf_rim, "skull": skull, "scalp": scalp,
-                 "lesion": lesion}
+                 "lesion": lesion, "departure": departure}
     bmask = brain >= 0.5
     masks = {"brain": bmask, "gm": (gm >= 0.5) & bmask, "wm": (wm >= 0.5) & bmask, "csf": (csf >= 0.5) & bmask,
              "lesion": (lesion >= 0.5) & bmask, "head": (brain + csf_rim + skull + scalp) >= 0.5,
-             "skull": skull >= 0.5, "scalp": scalp >= 0.5}
+             "skull": skull >= 0.5, "scalp": scalp >= 0.5, "departure": (departure >= 0.5) & bmask}
     meta = {"seed": int(seed), "split": split, "tracer": tracer, "pose_name": pose, "pose": p, "deform": bool(deform),
             "deform_amplitude_mm": amp, "rim": bool(rim), "rim_thickness_mm": th, "uptake_kBq_per_mL": upt,
             "global_uptake_scale": glob_scale, "regional_modulation_sd": mod_amp, "lesions": lesion_list,
             "axial_offset_mm": float(axial_offset_mm), "head_centre_mni_mm": list(map(float, c)),
-            "mr": {"gamma": gamma, "bias_log_sd": bias_amp, "noise_sd": noise_sd},
+            "departures": dep_meta, "mr": {"gamma": gamma, "bias_log_sd": bias_amp, "noise_sd": noise_sd},
             "units": {"activity": "kBq/mL", "mu_map": "cm^-1", "mr": "a.u."},
             "templates": str(templates.get("source", "?"))}
     return Subject(activity=Image(activity, grid, {"units": "kBq/mL"}), mr=Image(mr, grid, {"units": "a.u."}),

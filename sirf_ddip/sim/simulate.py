@@ -69,6 +69,9 @@ class SimulationConfig:
     lesion_kinds : list of "hot"/"cold" to draw lesions from instead of the tracer's (None: the tracer's), e.g.
         ``[hot, cold]`` for cold lesions in FDG; the rest of the subject is unchanged
     num_lesions : number of lesions instead of the drawn 1-3 (None: drawn)
+    departures : PET departing from the MR (:mod:`sirf_ddip.sim.departures`; true: the defaults, a mapping to
+        override them, e.g. ``{hypometabolism: 1.0, patterns: [ad], num_lesions: [0, 0]}``); lesion centres lie in
+        the simulated planes
     noise_seed : seed of efficiencies and Poisson noise (default: derived from ``seed``)
     scanner : a preset of :func:`sirf_ddip.geometry.scanner.get_scanner`
     num_rings : simulated rings (None: the whole scanner); the slab is centred on the head + ``axial_offset_mm``
@@ -92,6 +95,7 @@ class SimulationConfig:
     lesions: bool | None = True
     lesion_kinds: list | None = None
     num_lesions: int | None = None
+    departures: dict | bool | None = None
     rim: bool = True
     axial_offset_mm: float = 0.0
     noise_seed: int | None = None
@@ -134,6 +138,16 @@ class SimulationConfig:
             if isinstance(kinds, str) or not kinds or any(k not in ("hot", "cold") for k in kinds):
                 raise ConfigError("simulation: key 'lesion_kinds' must be a non-empty list of 'hot'/'cold', "
                                   f"got {kinds!r}")
+        if self.departures not in (None, True, False) and not isinstance(self.departures, dict):
+            raise ConfigError(f"simulation: key 'departures' must be true/false/null or a mapping, got "
+                              f"{self.departures!r}")
+        if isinstance(self.departures, dict):
+            from .departures import resolve_spec
+
+            try:
+                resolve_spec(self.departures)
+            except ValueError as exc:
+                raise ConfigError(f"simulation: key 'departures': {exc}") from None
         if self.num_lesions is not None and not (isinstance(self.num_lesions, int) and 1 <= self.num_lesions <= 8):
             raise ConfigError(f"simulation: key 'num_lesions' must be an integer in 1..8 or null, got {self.num_lesions!r}")
         if (self.lesion_kinds is not None or self.num_lesions is not None) and self.lesions is False:
@@ -437,7 +451,8 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
                            pose=cfg.pose, rim=cfg.rim, axial_offset_mm=cfg.axial_offset_mm, templates=templates,
                            lesion_planes=(k0, k0 + nz),
                            lesion_kinds=None if cfg.lesion_kinds is None else tuple(cfg.lesion_kinds),
-                           num_lesions=cfg.num_lesions)
+                           num_lesions=cfg.num_lesions, departures=cfg.departures,
+                           departure_planes=(k0, k0 + nz))
     sl = slice(k0, k0 + nz)
     truth = np.ascontiguousarray(subj.activity.array[sl])
     mr = np.ascontiguousarray(subj.mr.array[sl])
@@ -486,6 +501,9 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         write_image(out / "mr.nii.gz", Image(mr, grid), overwrite=overwrite)
     for k in ("brain", "gm", "wm", "lesion"):
         write_image(out / f"mask_{k}.hv", Image(masks[k].astype(np.float32), grid), overwrite=overwrite)
+    if cfg.departures:  # where the PET departs from the MR (departures' lesions and hypometabolic region)
+        write_image(out / "mask_departure.hv", Image(masks["departure"].astype(np.float32), grid),
+                    overwrite=overwrite)
 
     case = {
         "kind": "sirf_ddip simulated brain study",
@@ -495,6 +513,7 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         "sinograms": geometry.shape[0], "image_shape": list(grid.shape), "voxel_size_mm_zyx": list(grid.voxel_size),
         "image_origin_mm_zyx": list(grid.origin),
         "dose_fraction": cfg.dose_fraction,
+        "departures": subj.meta.get("departures"),
         "reference_prompts_full_scanner": cfg.reference_prompts,
         "reference_max_ring_diff": ref_mrd,
         "axial_count_fraction": frac,
