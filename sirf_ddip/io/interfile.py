@@ -498,8 +498,20 @@ def _geometry_from_header(hdr: InterfileHeader):
     return geometry_from_header(hdr)
 
 
-def _check_against_scanner(hdr: InterfileHeader, geometry, order: str) -> None:
-    """Each segment's ring differences and axial positions must be possible on the header's scanner.
+def _check_ring_differences(hdr: InterfileHeader, geometry) -> None:
+    """Each segment's ring differences must be possible on the header's scanner (``|r2 - r1| <= rings - 1``)."""
+    rings = geometry.scanner.num_rings
+    for seg in geometry.segments:
+        a, b = seg.min_ring_diff, seg.max_ring_diff
+        if max(abs(a), abs(b)) > rings - 1:
+            key = "maximum ring difference per segment" if abs(b) >= abs(a) else "minimum ring difference per segment"
+            raise InputFileError(hdr.path, f"segment {seg.number} holds ring differences {a}..{b}, impossible on a "
+                                 f"scanner with {rings} ring(s) (|ring difference| <= {rings - 1}; key 'Number of "
+                                 "rings' in the scanner block)", key=key)
+
+
+def _check_axial_counts(hdr: InterfileHeader, geometry, order: str) -> None:
+    """Each segment's axial positions must be the ones its ring differences give on the header's scanner.
 
     A segment holding ring differences ``a..b`` has one axial position per distinct ring sum ``r1 + r2`` of the
     ring pairs ``(r1, r2)``, ``r2 - r1`` in ``a..b``, both rings on the scanner (STIR's
@@ -509,12 +521,6 @@ def _check_against_scanner(hdr: InterfileHeader, geometry, order: str) -> None:
     ax_key = "!matrix size [2]" if order == "view" else "!matrix size [3]"
     for seg in geometry.segments:
         a, b = seg.min_ring_diff, seg.max_ring_diff
-        worst = max(abs(a), abs(b))
-        if worst > rings - 1:
-            key = "maximum ring difference per segment" if abs(b) >= abs(a) else "minimum ring difference per segment"
-            raise InputFileError(hdr.path, f"segment {seg.number} holds ring differences {a}..{b}, impossible on a "
-                                 f"scanner with {rings} ring(s) (|ring difference| <= {rings - 1}; key 'Number of "
-                                 "rings' in the scanner block)", key=key)
         sums = {2 * r1 + d for d in range(a, b + 1) for r1 in range(rings) if 0 <= r1 + d < rings}
         if len(sums) != seg.num_axial:
             raise InputFileError(hdr.path, f"segment {seg.number} (ring differences {a}..{b}) has {seg.num_axial} "
@@ -539,15 +545,16 @@ def projdata_layout(hdr: InterfileHeader) -> ProjDataLayout:
     The one header check of projection data, shared by :func:`read_projdata` (which then reads the data) and
     :func:`sirf_ddip.io.template.read_template_geometry` (which does not).
 
-    Each segment's axial size is not checked against its ring differences here: STIR reads such a template
-    (``tests/test_listmode.py``'s ``template_seg2.hs``) and places the axial positions by its own offset;
-    :func:`read_projdata` adds that check for data.
+    Ring differences impossible on the scanner are refused. A segment's axial size is not checked against its
+    ring differences here: STIR reads such a template (``../shared``'s ``template_seg2.hs``, see
+    ``tests/test_listmode.py``) and centres each segment's axial positions, as
+    :class:`~sirf_ddip.geometry.sinogram.SinogramGeometry` does; :func:`read_projdata` adds that check for data.
 
     Raises
     ------
     InputFileError
-        Wrong number of dimensions, missing matrix size, inconsistent segment keys, matrix sizes that do not
-        match the geometry (the message names the key).
+        Wrong number of dimensions, missing matrix size, inconsistent segment keys, a ring difference impossible
+        on the scanner, matrix sizes that do not match the geometry (the message names the key).
     UnsupportedDataError
         TOF or arc-corrected data, more than one time frame.
     """
@@ -557,6 +564,7 @@ def projdata_layout(hdr: InterfileHeader) -> ProjDataLayout:
     num_views = hdr.get_int(nview_key, required=True)
     num_tang = hdr.get_int("matrix size [1]", required=True)
     geometry = _geometry_from_header(hdr)
+    _check_ring_differences(hdr, geometry)
     shape = (sum(axial), num_views, num_tang)
     if shape != tuple(geometry.shape):
         raise InputFileError(hdr.path, f"data shape {shape} (sinograms, views, tangential) does not match the "
@@ -579,7 +587,7 @@ def read_projdata(path: str | os.PathLike) -> ProjData:
     """
     hdr = InterfileHeader.read(path)
     lay = projdata_layout(hdr)
-    _check_against_scanner(hdr, lay.geometry, lay.order)
+    _check_axial_counts(hdr, lay.geometry, lay.order)
     count = sum(lay.axial) * lay.num_views * lay.num_tang
     nview_key = "matrix size [3]" if lay.order == "view" else "matrix size [2]"
     ax_key = "!matrix size [2]" if lay.order == "view" else "!matrix size [3]"
