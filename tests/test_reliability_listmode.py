@@ -11,9 +11,6 @@ never reading ``%segment table``).
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import io
 import json
 import os
 import resource
@@ -35,15 +32,12 @@ from sirf_ddip.physics.histogram import ListmodeHistogrammer
 from sirf_ddip.utils.leniency import strict_inputs
 
 from test_listmode import _event, _template, _write_lm
+from test_reliability_outputs import _FullDisk as _FullDiskSmall, _digest
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = Path(__file__).resolve().parent / "data" / "stir_recon_test_pack"
 FRAGMENT = PACK / "PET_ACQ_small.l.hdr.STIR"
 MMR_SPAN11 = SinogramGeometry("Siemens mMR", span=11, max_ring_diff=60)
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def _err(capsys) -> str:
@@ -269,17 +263,10 @@ def test_every_output_is_checked_before_the_inputs_are_read(tmp_path, capsys, bl
         assert _digest(tmp_path) == before and not (tmp_path / "o.hs").exists()
 
 
-class _FullDisk(io.FileIO):
-    """A file whose writes stop after ``room`` bytes with ENOSPC, as on a full disk."""
+class _FullDisk(_FullDiskSmall):
+    """A file whose writes stop after ``room`` bytes with ENOSPC (room for a header, not for the data)."""
 
     room = 1000
-
-    def write(self, b):
-        n = min(len(b), self.room)
-        if n < len(b):
-            super().write(bytes(b[:n]))
-            raise OSError(errno.ENOSPC, "No space left on device", self.name)
-        return super().write(b)
 
 
 @pytest.mark.parametrize("cmd", ["listmode", "randoms"])
