@@ -209,6 +209,38 @@ class TOFProjector(Projector):
 
     backward = adjoint
 
+    def forward_non_tof(self, x, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
+        """The non-TOF projection ``A x`` (one TOF bin's shape) with this projector's matrix and view subsets."""
+        views = self._views_for(subset, num_subsets)
+        X = self._as_tensor(x, self.grid.shape, "image")
+        with _threads(self.device, self.cpu_threads, self.kernel):
+            if self.kernel == "torch":
+                self._current_ops = Projector._torch_ops(self, subset, num_subsets, views)
+                try:
+                    return Projector._forward_torch(self, X, subset, num_subsets, views)
+                finally:
+                    self._current_ops = None
+            with self._buf_lock:
+                return self._forward_numba(X, views)
+
+    def adjoint_non_tof(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
+        """``A^T y`` of non-TOF data ``y`` (one TOF bin's shape): what STIR back projects for a TOF-independent
+        norm (the sensitivity), equal to the TOF back projection of ``y`` repeated in every TOF bin up to the
+        kernel's cut-off, without repeating it."""
+        views = self._views_for(subset, num_subsets)
+        geom = self.geometry
+        nvs = geom.num_views if views is None else len(views)
+        Y = self._as_tensor(y, (geom.num_sinograms, nvs, geom.num_tangential), "non-TOF projection data")
+        with _threads(self.device, self.cpu_threads, self.kernel):
+            if self.kernel == "torch":
+                self._current_ops = Projector._torch_ops(self, subset, num_subsets, views)
+                try:
+                    return Projector._adjoint_torch(self, Y, subset, num_subsets, views)
+                finally:
+                    self._current_ops = None
+            with self._buf_lock:
+                return self._adjoint_numba(Y, views)
+
     def _kernel_args(self):
         e = np.ascontiguousarray(self.tof_edges, dtype=np.float64)
         return e[:, 0].copy(), e[:, 1].copy(), 1.0 / (self.tof_sigma_mm * math.sqrt(2.0))
