@@ -168,12 +168,12 @@ def _hs(extra: str, dims: int = 4) -> str:
             + extra + "!END OF INTERFILE :=\n")
 
 
-def test_tof_header_is_unsupported(tmp_path):
+def test_tof_header_on_scanner_without_tof_is_refused(tmp_path):
     p = tmp_path / "tof.hs"
     p.write_text(_hs("matrix axis label [5] := timing positions\n!matrix size [5] := 33\n%TOF mashing factor := 1\n"
                      "minimum ring difference per segment := {0}\nmaximum ring difference per segment := {0}\n"
                      "number of rings := 1\n", dims=5))
-    with pytest.raises(UnsupportedDataError, match="TOF"):
+    with pytest.raises(InputFileError, match="tof.hs.*TOF data.*no TOF parameters"):
         geometry_from_header(InterfileHeader.read(p))
 
 

@@ -1,5 +1,5 @@
 """Non-TOF sinograms of TOF-capable scanners load (issue 10's bug): the scanner block's TOF keys are
-scanner properties, not data properties; TOF data (a timing axis) are still refused."""
+scanner properties, not data properties.  TOF data (a timing axis) are tested in ``test_tof.py``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from sirf_ddip.data import ProjData
-from sirf_ddip.errors import UnsupportedDataError
 from sirf_ddip.geometry.sinogram import SinogramGeometry
 from sirf_ddip.io import read_projdata, write_projdata
 
@@ -32,17 +31,7 @@ def test_non_tof_sinogram_of_tof_scanner_loads(tmp_path, rng, scanner):
     assert "Maximum number of (unmashed) TOF time bins := 55" in txt
     (tmp_path / "p.hs").write_text(txt)
     back = read_projdata(tmp_path / "p.hs")
+    assert not back.geometry.is_tof
     assert back.geometry.matches(geo)
     np.testing.assert_array_equal(back.array, arr)
 
-
-def test_tof_data_still_refused(tmp_path, rng):
-    geo = SinogramGeometry("Siemens mCT", span=11, max_ring_diff=5, view_mashing=8, num_tangential=7)
-    write_projdata(tmp_path / "p.hs", ProjData(rng.random(geo.shape).astype(np.float32), geo))
-    txt = (tmp_path / "p.hs").read_text()
-    txt = txt.replace("End scanner parameters:=", TOF_SCANNER_KEYS["Siemens mCT"] + "End scanner parameters:=")
-    tof = txt.replace("number of dimensions := 4", "number of dimensions := 5\nmatrix axis label [5] := timing "
-                      "positions\n!matrix size [5] := 13\n%TOF mashing factor := 1")
-    (tmp_path / "tof.hs").write_text(tof)
-    with pytest.raises(UnsupportedDataError, match="tof.hs.*TOF"):
-        read_projdata(tmp_path / "tof.hs")

@@ -29,11 +29,15 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import GeometryMismatchError
+from ..errors import GeometryError, GeometryMismatchError
 from .image import ImageGrid
 from .scanner import Scanner, get_scanner
 
-__all__ = ["Segment", "SinogramGeometry", "span_segments"]
+__all__ = ["Segment", "SinogramGeometry", "span_segments", "SPEED_OF_LIGHT_MM_PER_PS_DIV2"]
+
+#: STIR's ``speed_of_light_in_mm_per_ps_div2`` (``stir/common.h``): a time difference of 1 ps is this many mm
+#: of the emission point's offset from the LOR's mid-point
+SPEED_OF_LIGHT_MM_PER_PS_DIV2 = 0.299792458 * 0.5
 
 
 @dataclass(frozen=True)
@@ -108,11 +112,25 @@ class SinogramGeometry:
         Explicit segment table (ascending segment numbers), e.g. from a header.
     storage : {"view", "sinogram"}
         Axis order of the Interfile data file (segment, view, axial, tang) or (segment, axial, view, tang).
+    tof_mash_factor : int
+        STIR's TOF mashing factor: 0 (default) for non-TOF data; ``f >= 1`` gives
+        ``max_num_timing_poss / f`` TOF bins of ``f`` unmashed positions each (a TOF-ready scanner, see
+        :attr:`Scanner.is_tof_ready`).  STIR needs an odd number of TOF bins; where ``f`` does not divide the
+        scanner's unmashed positions STIR silently drops the left-over ones, which is refused here.
+
+    Notes
+    -----
+    TOF data (:attr:`is_tof`) have :attr:`shape` ``(n_tof, n_sinograms, n_views, n_tangential)`` with the TOF
+    bins ordered by ``timing_pos_num`` ascending (``-(n_tof // 2) .. n_tof // 2``), as SIRF's ``as_array()``;
+    each TOF bin is a complete non-TOF sinogram (:meth:`non_tof`).  TOF bin ``k`` holds emissions whose
+    signed distance ``d`` from the LOR's mid-point lies in ``[low_k, high_k]`` (:meth:`tof_bin_edges_mm`),
+    ``d > 0`` towards STIR's ``a > 0`` end (see :mod:`sirf_ddip.physics.tof`).
     """
 
     def __init__(self, scanner: Scanner | str, span: int = 1, max_ring_diff: int | None = None,
                  view_mashing: int = 1, num_tangential: int | None = None, num_views: int | None = None,
-                 segments: Sequence[tuple[int, int, int]] | None = None, storage: str = "view"):
+                 segments: Sequence[tuple[int, int, int]] | None = None, storage: str = "view",
+                 tof_mash_factor: int = 0):
         if isinstance(scanner, str):
             scanner = get_scanner(scanner)
         self.scanner: Scanner = scanner
@@ -148,6 +166,106 @@ class SinogramGeometry:
             raise ValueError(f"need an odd number of segments (-K..K), got {len(segments)}")
         self.max_ring_diff = max(max(abs(a), abs(b)) for (a, b, _) in segments)
         self._build_segments(segments)
+        self._segment_table = [tuple(t) for t in segments]
+        self._set_tof(tof_mash_factor)
+
+    # ------------------------------------------------------------------ TOF (STIR 6 ProjDataInfo)
+    def _set_tof(self, tof_mash_factor) -> None:
+        """STIR's ``ProjDataInfo::set_tof_mash_factor``.
+
+        Raises
+        ------
+        GeometryError
+            TOF mashing on a scanner without TOF parameters, a mashing factor larger than the scanner's
+            unmashed positions or not dividing them, or an even number of TOF bins (STIR refuses that).
+        """
+        f = int(tof_mash_factor or 0)
+        sc = self.scanner
+        if f < 0:
+            raise GeometryError(f"TOF mashing factor must be >= 0 (0: non-TOF), got {f}")
+        self.tof_mash_factor = f
+        if f == 0:
+            self.num_tof_bins = 1
+            return
+        if not sc.is_tof_ready:
+            raise GeometryError(f"TOF mashing factor {f} given but scanner {sc.name!r} has no TOF parameters "
+                                f"(Maximum number of (unmashed) TOF time bins := {sc.max_num_timing_poss}, "
+                                f"Size of unmashed TOF time bins (ps) := {sc.size_timing_pos_ps:g}, "
+                                f"TOF timing resolution (ps) := {sc.timing_resolution_ps:g})")
+        n = sc.max_num_timing_poss
+        if f > n:
+            raise GeometryError(f"TOF mashing factor {f} is larger than the {n} unmashed TOF bins of {sc.name}")
+        if n % f:
+            raise GeometryError(f"TOF mashing factor {f} does not divide the {n} unmashed TOF bins of {sc.name} "
+                                f"(STIR would drop {n % f} of them)")
+        nb = n // f
+        if nb % 2 == 0:
+            raise GeometryError(f"TOF mashing factor {f} gives {nb} TOF bins for {sc.name}; STIR needs an odd "
+                                "number (a central TOF bin)")
+        self.num_tof_bins = nb
+
+    @property
+    def is_tof(self) -> bool:
+        """True for TOF data (a TOF mashing factor >= 1)."""
+        return self.tof_mash_factor > 0
+
+    @property
+    def min_timing_pos_num(self) -> int:
+        return -(self.num_tof_bins // 2) if self.is_tof else 0
+
+    @property
+    def max_timing_pos_num(self) -> int:
+        return self.num_tof_bins // 2 if self.is_tof else 0
+
+    def timing_pos_nums(self) -> np.ndarray:
+        """STIR's ``timing_pos_num`` of each TOF bin in memory (and file) order."""
+        return np.arange(self.min_timing_pos_num, self.max_timing_pos_num + 1)
+
+    @property
+    def tof_bin_width_mm(self) -> float:
+        """Width of a (mashed) TOF bin along the LOR, ``c/2 * f * size_timing_pos`` (STIR, in float32)."""
+        return float(np.float32(self.tof_mash_factor * self.scanner.size_timing_pos_ps * SPEED_OF_LIGHT_MM_PER_PS_DIV2))
+
+    @property
+    def tof_sigma_mm(self) -> float:
+        """Standard deviation along the LOR of the Gaussian timing kernel: ``c/2 * FWHM / 2.355`` (STIR)."""
+        fwhm = np.float32(self.scanner.timing_resolution_ps * SPEED_OF_LIGHT_MM_PER_PS_DIV2)
+        return float(np.float32(fwhm / np.float32(2.355)))
+
+    def tof_bin_edges_mm(self) -> np.ndarray:
+        """``(n_tof, 2)`` lower and upper edges (mm along the LOR) of every TOF bin, computed in float32 as STIR's
+        ``tof_bin_boundaries_mm`` (``k w -+ (((k + 1) w - (k - 1) w) / 2) / 2``)."""
+        if not self.is_tof:
+            raise GeometryError("non-TOF geometry has no TOF bins")
+        w = np.float32(self.tof_bin_width_mm)
+        k = self.timing_pos_nums()
+        kk = (k.astype(np.float32) * w).astype(np.float32)
+        samp = ((((k + 1).astype(np.float32) * w).astype(np.float32)
+                 - ((k - 1).astype(np.float32) * w).astype(np.float32)) / np.float32(2)).astype(np.float32)
+        half = (samp / np.float32(2)).astype(np.float32)
+        return np.stack([kk - half, kk + half], axis=1).astype(np.float32)
+
+    def tof_delta_time_ps(self) -> np.ndarray:
+        """STIR's ``get_tof_delta_time`` per TOF bin: ``2 d / c`` at the bin centre (ps)."""
+        k = self.timing_pos_nums()
+        centre = (k.astype(np.float32) * np.float32(self.tof_bin_width_mm)).astype(np.float32)
+        return centre.astype(np.float64) / SPEED_OF_LIGHT_MM_PER_PS_DIV2
+
+    def non_tof(self) -> "SinogramGeometry":
+        """The same geometry without TOF (one TOF bin: what a sum over TOF bins lives on)."""
+        if not self.is_tof:
+            return self
+        g = SinogramGeometry(self.scanner, num_views=self.num_views, num_tangential=self.num_tangential,
+                             segments=self._segment_table, storage=self.storage)
+        g.span = self.span
+        return g
+
+    def with_tof_mash_factor(self, tof_mash_factor: int) -> "SinogramGeometry":
+        """The same geometry with another TOF mashing factor (0: non-TOF)."""
+        g = SinogramGeometry(self.scanner, num_views=self.num_views, num_tangential=self.num_tangential,
+                             segments=self._segment_table, storage=self.storage, tof_mash_factor=tof_mash_factor)
+        g.span = self.span
+        return g
 
     # ------------------------------------------------------------------ construction helpers
     def _build_segments(self, table):
@@ -198,8 +316,16 @@ class SinogramGeometry:
 
     # ------------------------------------------------------------------ basic properties
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """(n_sinograms, n_views, n_tangential) in STIR/SIRF memory order."""
+    def shape(self) -> tuple[int, ...]:
+        """(n_sinograms, n_views, n_tangential) in STIR/SIRF memory order; TOF data have the TOF bins first,
+        ``(n_tof, n_sinograms, n_views, n_tangential)``."""
+        if self.is_tof:
+            return (self.num_tof_bins, self.num_sinograms, self.num_views, self.num_tangential)
+        return (self.num_sinograms, self.num_views, self.num_tangential)
+
+    @property
+    def sinogram_shape(self) -> tuple[int, int, int]:
+        """(n_sinograms, n_views, n_tangential) of one TOF bin (the non-TOF shape)."""
         return (self.num_sinograms, self.num_views, self.num_tangential)
 
     @property
@@ -318,6 +444,8 @@ class SinogramGeometry:
         transaxially.
         """
         n = self.num_views
+        if self.is_tof:  # STIR disables the rotational symmetries for TOF data ("untested")
+            return False, False
         s90 = n % 4 == 0
         s180 = n % 2 == 0
         if abs(self.phi()[0]) > 1e-4:
@@ -418,7 +546,16 @@ class SinogramGeometry:
         segs = [(s.min_ring_diff, s.max_ring_diff, s.num_axial) for s in self.segments]
         osegs = [(s.min_ring_diff, s.max_ring_diff, s.num_axial) for s in other.segments]
         return (same_scanner and self.num_views == other.num_views
-                and self.num_tangential == other.num_tangential and segs == osegs)
+                and self.num_tangential == other.num_tangential and segs == osegs
+                and self.tof_mash_factor == other.tof_mash_factor and self._same_tof(other))
+
+    def _same_tof(self, other: "SinogramGeometry") -> bool:
+        if not self.is_tof:
+            return True
+        a, b = self.scanner, other.scanner
+        return (a.max_num_timing_poss == b.max_num_timing_poss
+                and abs(a.size_timing_pos_ps - b.size_timing_pos_ps) <= 1e-3
+                and abs(a.timing_resolution_ps - b.timing_resolution_ps) <= 1e-2)
 
     def check_matches(self, other: "SinogramGeometry", what: str = "data", other_what: str = "template") -> None:
         if not self.matches(other):
@@ -426,9 +563,10 @@ class SinogramGeometry:
                                         f"geometry [{other.describe()}]")
 
     def describe(self) -> str:
+        tof = (f", {self.num_tof_bins} TOF bins (TOF mash {self.tof_mash_factor})" if self.is_tof else "")
         return (f"{self.scanner.name}: {self.num_segments} segments (max ring diff {self.max_ring_diff}, "
                 f"span {self.span}), {self.num_sinograms} sinograms, {self.num_views} views "
-                f"(mash {self.view_mashing}), {self.num_tangential} tangential")
+                f"(mash {self.view_mashing}), {self.num_tangential} tangential{tof}")
 
     def __repr__(self) -> str:
         return f"SinogramGeometry({self.describe()})"
@@ -438,7 +576,8 @@ class SinogramGeometry:
 
     def __hash__(self):
         return hash((self.scanner.name, self.num_views, self.num_tangential,
-                     tuple((s.min_ring_diff, s.max_ring_diff, s.num_axial) for s in self.segments)))
+                     tuple((s.min_ring_diff, s.max_ring_diff, s.num_axial) for s in self.segments),
+                     self.tof_mash_factor))
 
     # ---------------------------------------------------------- Interfile (writing; reading: io.sinogram_header)
     def header_dict(self, storage: str | None = None) -> dict[str, str]:
@@ -459,10 +598,14 @@ class SinogramGeometry:
             "applied corrections": "{None}",
             "!number format": "float",
             "!number of bytes per pixel": "4",
-            "number of dimensions": "4",
+            "number of dimensions": "5" if self.is_tof else "4",
+        }
+        if self.is_tof:  # STIR 6.4: the timing axis first (slowest in the file)
+            d.update({"matrix axis label [5]": "timing positions", "!matrix size [5]": str(self.num_tof_bins)})
+        d.update({
             "matrix axis label [4]": "segment",
             "!matrix size [4]": str(len(segs)),
-        }
+        })
         ax = "{ " + ",".join(str(s.num_axial) for s in segs) + "}"
         if storage == "view":
             d.update({"matrix axis label [3]": "view", "!matrix size [3]": str(self.num_views),
@@ -473,6 +616,10 @@ class SinogramGeometry:
         d.update({
             "matrix axis label [1]": "tangential coordinate",
             "!matrix size [1]": str(self.num_tangential),
+        })
+        if self.is_tof:
+            d["TOF mashing factor"] = str(self.tof_mash_factor)
+        d.update({
             "minimum ring difference per segment": "{ " + ",".join(str(s.min_ring_diff) for s in segs) + "}",
             "maximum ring difference per segment": "{ " + ",".join(str(s.max_ring_diff) for s in segs) + "}",
         })

@@ -13,8 +13,10 @@ Reading follows STIR's Interfile dialect (``InterfileHeader.cxx``):
   segments stored in ascending order, per-segment axial sizes ``{ 1,2,...}``.
 
 In memory (see :mod:`sirf_ddip.data`), projection data are ``(n_sinograms, n_views, n_tangential)`` with
-segments in STIR's sequence ``0, +1, -1, +2, -2, ...``. Only one time frame is supported; TOF data are not
-supported yet. Written files use STIR 6's key set and spelling (``!version of keys := STIR6.0``), are float32
+segments in STIR's sequence ``0, +1, -1, +2, -2, ...``. Only one time frame is supported. TOF data (STIR 6:
+``number of dimensions := 5``, ``matrix axis label [5] := timing positions``, ``TOF mashing factor``) store one
+complete non-TOF block per TOF bin, ``timing_pos_num`` ascending; in memory they are
+``(n_tof, n_sinograms, n_views, n_tangential)``. Written files use STIR 6's key set and spelling (``!version of keys := STIR6.0``), are float32
 little endian, view by view, so that STIR reads them.
 """
 
@@ -35,6 +37,7 @@ from ..utils.provenance import check_output
 from .header import HEADER_ENCODING, InterfileHeader
 
 __all__ = ["read_image", "write_image", "read_projdata", "write_projdata", "read_header_and_array",
+           "tof_axis_from_header",
            "segment_layout_from_header", "projdata_layout", "ProjDataLayout", "file_to_memory_order",
            "memory_to_file_order"]
 
@@ -362,8 +365,40 @@ def write_image(path: str | os.PathLike, image: Image, overwrite: bool = False) 
 
 # ----------------------------------------------------------------------------------------------- proj data
 
+def tof_axis_from_header(hdr: InterfileHeader) -> tuple[int, int]:
+    """``(number of TOF bins, TOF mashing factor)`` of a projection-data header: ``(1, 0)`` for 4-D
+    (non-TOF) data; for 5-D data ``matrix axis label [5]`` must be ``timing positions`` and the mashing factor
+    is ``TOF mashing factor`` (STIR's default 1).
+
+    Raises
+    ------
+    InputFileError
+        5-D data whose fifth axis is not ``timing positions``, or a missing / non-positive size or factor.
+    """
+    ndim = hdr.get_int("number of dimensions", 4) or 4
+    if ndim <= 4:
+        return 1, 0
+    if ndim != 5:
+        raise InputFileError(hdr.path, f"projection data have 4 dimensions (5 with TOF), header says {ndim}",
+                             key="!number of dimensions")
+    lab = " ".join((hdr.get("matrix axis label [5]") or "").lower().split())
+    if lab != "timing positions":
+        raise InputFileError(hdr.path, f"5-D projection data need 'timing positions' as axis 5 (STIR), got "
+                             f"{lab!r}", key="matrix axis label [5]")
+    ntof = hdr.get_int("matrix size [5]", required=True)
+    mash = hdr.get_int("tof mashing factor", None)
+    if mash is None:
+        mash = hdr.get_int("%tof mashing factor", 1)  # STIR's alias
+    if ntof is None or ntof < 1:
+        raise InputFileError(hdr.path, f"number of TOF bins must be >= 1, got {ntof}", key="!matrix size [5]")
+    if mash is None or mash < 1:
+        raise InputFileError(hdr.path, f"TOF data need a TOF mashing factor >= 1, got {mash}",
+                             key="TOF mashing factor")
+    return int(ntof), int(mash)
+
+
 def _is_tof(hdr: InterfileHeader) -> bool:
-    """True if the header describes TOF *data* (a timing axis, 5 dimensions, or more than one TOF bin).
+    """True if a 4-D header nevertheless claims TOF *data* (more than one TOF bin in a data key).
 
     Only data keys count: the ``Scanner parameters`` block of a TOF-capable scanner (mCT, Vision, Discovery
     690/MI) carries scanner properties such as ``Maximum number of (unmashed) TOF time bins := 55`` or
@@ -372,7 +407,7 @@ def _is_tof(hdr: InterfileHeader) -> bool:
     ``timing positions`` axis / ``%TOF mashing factor``).
     """
     if (hdr.get_int("number of dimensions", 4) or 4) > 4:
-        return True
+        return False  # 5-D: read as TOF data (tof_axis_from_header)
     for k in hdr.keys():
         if "tof" not in k or "maximum" in k or "unmashed" in k or "(ps)" in k or "resolution" in k:
             continue  # scanner properties, not data properties
@@ -398,12 +433,15 @@ def segment_layout_from_header(hdr: InterfileHeader) -> tuple[list[int], list[in
     ``"sinogram"`` (``segment, axial, view, tangential``).
     """
     if _is_tof(hdr):
-        raise UnsupportedDataError(hdr.path, "TOF projection data are not supported yet (only non-TOF sinograms)",
-                                   key="%number of TOF time bins")
+        raise UnsupportedDataError(hdr.path, "TOF bins in a 4-D header are not supported yet: TOF "
+                                   "data need 'number of dimensions := 5' and 'matrix axis label [5] := timing "
+                                   "positions' (STIR 6)", key="%number of TOF time bins")
     ndim = hdr.get_int("number of dimensions", required=True)
-    if ndim != 4:
+    if ndim == 5:
+        tof_axis_from_header(hdr)  # checks axis 5
+    elif ndim != 4:
         raise InputFileError(hdr.path, f"projection data must have 4 dimensions (segment, view/axial, "
-                             f"axial/view, tangential), header says {ndim}", key="!number of dimensions")
+                             f"axial/view, tangential; 5 with TOF), header says {ndim}", key="!number of dimensions")
     labels = {i: " ".join((hdr.get(f"matrix axis label [{i}]") or "").lower().split()) for i in (1, 2, 3, 4)}
     if labels[4] and labels[4] != "segment":
         raise InputFileError(hdr.path, f"axis 4 must be 'segment', got {labels[4]!r}", key="matrix axis label [4]")
@@ -556,7 +594,7 @@ def projdata_layout(hdr: InterfileHeader) -> ProjDataLayout:
         Wrong number of dimensions, missing matrix size, inconsistent segment keys, a ring difference impossible
         on the scanner, matrix sizes that do not match the geometry (the message names the key).
     UnsupportedDataError
-        TOF or arc-corrected data, more than one time frame.
+        Arc-corrected data, more than one time frame.
     """
     _check_single_frame(hdr)
     numbers, axial, order = segment_layout_from_header(hdr)
@@ -566,6 +604,8 @@ def projdata_layout(hdr: InterfileHeader) -> ProjDataLayout:
     geometry = _geometry_from_header(hdr)
     _check_ring_differences(hdr, geometry)
     shape = (sum(axial), num_views, num_tang)
+    if geometry.is_tof:
+        shape = (geometry.num_tof_bins,) + shape
     if shape != tuple(geometry.shape):
         raise InputFileError(hdr.path, f"data shape {shape} (sinograms, views, tangential) does not match the "
                              f"geometry described by the header {tuple(geometry.shape)}", key="!matrix size [2]")
@@ -588,14 +628,21 @@ def read_projdata(path: str | os.PathLike) -> ProjData:
     hdr = InterfileHeader.read(path)
     lay = projdata_layout(hdr)
     _check_axial_counts(hdr, lay.geometry, lay.order)
-    count = sum(lay.axial) * lay.num_views * lay.num_tang
+    block = sum(lay.axial) * lay.num_views * lay.num_tang
+    ntof = lay.geometry.num_tof_bins
     nview_key = "matrix size [3]" if lay.order == "view" else "matrix size [2]"
     ax_key = "!matrix size [2]" if lay.order == "view" else "!matrix size [3]"
     dims = {"!matrix size [1] (tangential positions)": lay.num_tang,
             f"!{nview_key} (views)": lay.num_views,
             f"{ax_key} (axial positions, all segments)": sum(lay.axial)}
-    flat = _read_raw(hdr, count, dims)
-    arr = file_to_memory_order(flat, lay.numbers, lay.axial, lay.num_views, lay.num_tang, lay.order)
+    if lay.geometry.is_tof:
+        dims["!matrix size [5] (TOF bins)"] = ntof
+    flat = _read_raw(hdr, block * ntof, dims)
+    if lay.geometry.is_tof:  # one complete non-TOF block per TOF bin, timing_pos_num ascending
+        arr = np.stack([file_to_memory_order(flat[i * block:(i + 1) * block], lay.numbers, lay.axial, lay.num_views,
+                                             lay.num_tang, lay.order) for i in range(ntof)])
+    else:
+        arr = file_to_memory_order(flat, lay.numbers, lay.axial, lay.num_views, lay.num_tang, lay.order)
     meta = {"source": str(hdr.path), "file_axis_order": lay.order}
     return ProjData(arr, lay.geometry, meta)
 
@@ -639,7 +686,10 @@ def write_projdata(path: str | os.PathLike, projdata: ProjData, overwrite: bool 
         raise GeometryMismatchError(f"write_projdata {path}: array shape {arr.shape} != geometry shape "
                                     f"{tuple(geometry.shape)}")
     numbers, axial = _segment_layout_of_geometry(geometry)
-    flat = memory_to_file_order(arr, numbers, axial, order="view")
+    if getattr(geometry, "is_tof", False):
+        flat = np.concatenate([memory_to_file_order(a, numbers, axial, order="view") for a in arr])
+    else:
+        flat = memory_to_file_order(arr, numbers, axial, order="view")
     lines = geometry.header_lines(data_file=data_path.name, storage="view",
                                   extra={"number of time frames": "1",
                                          "start vertical bed position (mm)": "0",

@@ -8,6 +8,7 @@ parsed header (:class:`~sirf_ddip.io.header.InterfileHeader`) into them, followi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ..errors import GeometryError, InputFileError, UnsupportedDataError
@@ -59,6 +60,7 @@ def scanner_from_header(hdr: InterfileHeader) -> Scanner:
         v = hdr.get_int(key) if attr in _INT_OPTIONAL else hdr.get_float(key)
         if v is not None:
             extra[attr] = v
+    tof = _tof_scanner_keys(hdr, base)
     try:
         return Scanner(
             name=name.strip(),
@@ -74,9 +76,51 @@ def scanner_from_header(hdr: InterfileHeader) -> Scanner:
             default_num_arc_corrected_bins=(hdr.get_int("default number of arc-corrected bins")
                                             or (base.default_num_arc_corrected_bins if base else 0)),
             extra=extra,
+            max_num_timing_poss=tof[0], size_timing_pos_ps=tof[1], timing_resolution_ps=tof[2],
         )
     except GeometryError as exc:
         raise InputFileError(hdr.path, str(exc), key="Scanner parameters") from None
+
+
+#: STIR's TOF scanner keys and their aliases (``InterfilePDFSHeader``), in the order of ``Scanner``'s fields
+_TOF_KEYS = (("Maximum number of (unmashed) TOF time bins", ("number of tof time bins",), "max_num_timing_poss", 0),
+             ("Size of unmashed TOF time bins (ps)", ("size of timing bin (ps)",), "size_timing_pos_ps", 0.001),
+             ("TOF timing resolution (ps)", ("timing resolution (ps)",), "timing_resolution_ps", 0.01))
+
+
+def _tof_scanner_keys(hdr: InterfileHeader, base: Scanner | None) -> tuple[int, float, float]:
+    """The scanner's TOF keys: the header's, else the preset's; a header value that differs from the preset
+    is used with a warning naming the key and both values (as STIR's ``InterfileHeader.cxx``)."""
+    out = []
+    for key, aliases, attr, tol in _TOF_KEYS:
+        raw = None
+        for k in (key,) + aliases:
+            raw = hdr.get_int(k) if attr == "max_num_timing_poss" else hdr.get_float(k)
+            if raw is not None:
+                break
+        preset = getattr(base, attr) if base is not None else 0
+        if raw is None or raw < 0:
+            out.append(preset)
+            continue
+        if base is not None and base.is_tof_ready and abs(raw - preset) > tol:
+            warnings.warn(f"{hdr.path}: '{key}' is {raw} in the header but {preset} for STIR's {base.name}; "
+                          "using the header's value (as STIR)", RuntimeWarning, stacklevel=4)
+        out.append(raw)
+    return int(out[0]), float(out[1]), float(out[2])
+
+
+def _check_tof(hdr: InterfileHeader, scanner: Scanner, ntof: int, tof_mash: int) -> None:
+    """TOF data need a TOF-ready scanner and a mashing factor that divides its unmashed TOF bins."""
+    if not scanner.is_tof_ready:
+        raise InputFileError(hdr.path, f"TOF data ({ntof} TOF bins) but scanner '{scanner.name}' has no TOF "
+                             "parameters (Maximum number of (unmashed) TOF time bins, Size of unmashed TOF time "
+                             "bins (ps), TOF timing resolution (ps))",
+                             key="Maximum number of (unmashed) TOF time bins")
+    n = scanner.max_num_timing_poss
+    if tof_mash > n or n % tof_mash:
+        raise InputFileError(hdr.path, f"TOF mashing factor {tof_mash} does not divide the scanner's {n} unmashed "
+                             f"TOF bins (STIR would silently drop {n % tof_mash if tof_mash <= n else n} of them)",
+                             key="TOF mashing factor")
 
 
 def geometry_from_header(hdr: InterfileHeader) -> SinogramGeometry:
@@ -85,7 +129,7 @@ def geometry_from_header(hdr: InterfileHeader) -> SinogramGeometry:
     Raises
     ------
     UnsupportedDataError
-        For TOF data, arc-corrected data or non-cylindrical scanners.
+        For arc-corrected data or non-cylindrical scanners.
     InputFileError
         For missing or inconsistent keys (the message names the file and the key).
     """
@@ -97,15 +141,14 @@ def geometry_from_header(hdr: InterfileHeader) -> SinogramGeometry:
         if lab is None:
             raise InputFileError(path, "required key missing", key=f"matrix axis label [{k}]")
         labels[lab.strip().lower()] = k
-    tof_keys = [k for k in hdr.keys() if "tof mashing" in k or "number of tof" in k]
-    if ndim == 5 or any("timing" in lab for lab in labels) or (
-            tof_keys and any((hdr.get_float(k) or 0) > 1 for k in tof_keys if "number" in k)):
-        raise UnsupportedDataError(path, "TOF projection data are not supported yet (sirf_ddip handles "
-                                   "non-TOF sinograms only); unlist or TOF-mash to 1 bin with STIR first",
-                                   key="matrix axis label [5] / TOF mashing factor")
-    if ndim != 4:
-        raise InputFileError(path, f"expected 4 dimensions (segment, view, axial, tangential), got {ndim}",
-                             key="number of dimensions")
+    from .interfile import tof_axis_from_header
+
+    ntof, tof_mash = tof_axis_from_header(hdr)
+    if ndim == 5:
+        labels.pop("timing positions", None)
+    elif ndim != 4:
+        raise InputFileError(path, f"expected 4 dimensions (segment, view, axial, tangential; 5 with TOF), got "
+                             f"{ndim}", key="number of dimensions")
     need = ["segment", "view", "axial coordinate", "tangential coordinate"]
     for lab in need:
         if lab not in labels:
@@ -136,6 +179,16 @@ def geometry_from_header(hdr: InterfileHeader) -> SinogramGeometry:
                   segments=list(zip(mins, maxs, num_axial)), storage=storage)
     except ValueError as exc:
         raise InputFileError(path, str(exc), key="minimum/maximum ring difference per segment") from None
+    if tof_mash:
+        _check_tof(hdr, scanner, ntof, tof_mash)
+        try:
+            geo = geo.with_tof_mash_factor(tof_mash)
+        except GeometryError as exc:
+            raise InputFileError(path, str(exc), key="TOF mashing factor") from None
+        if geo.num_tof_bins != ntof:
+            raise InputFileError(path, f"{ntof} TOF bins in the data, but TOF mashing factor {tof_mash} of the "
+                                 f"scanner's {scanner.max_num_timing_poss} unmashed TOF bins gives "
+                                 f"{geo.num_tof_bins} (STIR refuses this)", key="!matrix size [5]")
     if scanner.detectors_per_ring % (2 * num_views) != 0:
         raise InputFileError(path, f"{num_views} views do not divide {scanner.detectors_per_ring}/2 "
                              "detectors (STIR needs an integer view mashing factor)",

@@ -48,16 +48,17 @@ __all__ = ["PoissonLogLikelihood", "SMALL_NUM", "MAX_QUOTIENT", "viewgram_small_
 def viewgram_small_values(y: torch.Tensor, segment_slices: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
     """STIR's per-viewgram threshold ``max(max(y over the viewgram) · 1e-6, 0)``, broadcast to ``y``'s shape.
 
-    ``y`` is ``(n_sino, n_views, n_tang)``; a viewgram is one segment's sinograms at one view.
+    ``y`` is ``(n_sino, n_views, n_tang)`` or TOF ``(n_tof, n_sino, n_views, n_tang)``; a viewgram is one
+    segment's sinograms at one view (and, for TOF data, one TOF bin, as STIR's TOF viewgrams).
     ``segment_slices`` lists ``(start, stop)`` sinogram ranges per segment (default: all sinograms one segment).
     """
     if segment_slices is None:
-        segment_slices = [(0, y.shape[0])]
+        segment_slices = [(0, y.shape[-3])]
     out = torch.empty_like(y)
     for a, b in segment_slices:
-        blk = y[a:b]
-        mx = blk.amax(dim=(0, 2), keepdim=True) if blk.numel() else blk
-        out[a:b] = torch.clamp(mx * SMALL_NUM, min=0.0).expand_as(blk)
+        blk = y[..., a:b, :, :]
+        mx = blk.amax(dim=(-3, -1), keepdim=True) if blk.numel() else blk
+        out[..., a:b, :, :] = torch.clamp(mx * SMALL_NUM, min=0.0).expand_as(blk)
     return out
 
 

@@ -76,10 +76,22 @@ def build_additive(mult: torch.Tensor | None, randoms: torch.Tensor | None,
     return torch.where(mult > 0, bg / safe, torch.zeros_like(bg))
 
 
-def _check_shape(t: torch.Tensor, shape: tuple, name: str, ref_name: str, what: str) -> None:
-    if tuple(t.shape) != tuple(shape):
-        raise GeometryMismatchError(f"{what} {name} has shape {tuple(t.shape)} but prompts {ref_name} have "
-                                    f"shape {tuple(shape)} (sinograms, views, tangential)")
+def _check_shape(t: torch.Tensor, shape: tuple, name: str, ref_name: str, what: str,
+                 non_tof_shape: tuple | None = None) -> None:
+    """``t`` must have the prompts' shape; with TOF prompts, ``non_tof_shape`` (one TOF bin's shape) is also
+    accepted (TOF-independent multiplicative factors, broadcast over the TOF bins)."""
+    if tuple(t.shape) == tuple(shape) or (non_tof_shape is not None and tuple(t.shape) == tuple(non_tof_shape)):
+        return
+    axes = "(TOF bins, sinograms, views, tangential)" if len(shape) == 4 else "(sinograms, views, tangential)"
+    if len(shape) == 4 and tuple(t.shape) == tuple(shape[1:]):
+        raise GeometryMismatchError(f"{what} {name} are non-TOF, shape {tuple(t.shape)}, but prompts {ref_name} "
+                                    f"are TOF data of shape {tuple(shape)} {axes}: give them per TOF bin")
+    if len(shape) == 3 and len(t.shape) == 4 and tuple(t.shape[1:]) == tuple(shape):
+        raise GeometryMismatchError(f"{what} {name} are TOF data ({t.shape[0]} TOF bins) but prompts {ref_name} "
+                                    f"are non-TOF, shape {tuple(shape)}")
+    raise GeometryMismatchError(f"{what} {name} has shape {tuple(t.shape)} but prompts {ref_name} have "
+                                f"shape {tuple(shape)} {axes}" + (f" (or, for TOF-independent factors, "
+                                f"{tuple(non_tof_shape)})" if non_tof_shape is not None else ""))
 
 
 class SubsetOperator(LinearOperator):
@@ -102,7 +114,9 @@ class SubsetOperator(LinearOperator):
         self.dtype = getattr(projector, "dtype", torch.float32)
         self._args = subsets.projector_args(subset)
         geom = subsets.geometry
-        self._out = (int(geom.shape[0]), len(subsets.views(subset)), int(geom.shape[2]))
+        out = [int(v) for v in geom.shape]
+        out[-2] = len(subsets.views(subset))  # (n_tof,) n_sino, views of the subset, n_tang
+        self._out = tuple(out)
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -185,7 +199,7 @@ class AcquisitionModel:
             self._ops[key] = SubsetOperator(self.projector, subs, s)
         A = self._ops[key]
         m = subs.restrict(self.mult, s) if with_factors else None  # sliced per call: no second copy of m is kept
-        return A if m is None else MultiplicativeFactors(m) @ A
+        return A if m is None else MultiplicativeFactors(m, A.out_shape) @ A
 
     # -------------------------------------------------------------- operators
     def geometric_forward(self, x: torch.Tensor, subset: int | None = None,
@@ -291,22 +305,26 @@ class EngineLogLikelihood(PoissonLogLikelihood):
         shape = tuple(prompts.array.shape)
         self._shape = shape
 
-        def load(obj, what):
+        tof = bool(getattr(self.geometry, "is_tof", False))
+
+        def load(obj, what, broadcast_tof=False):
             if obj is None:
                 return None
             name = _name(obj, what)
+            t = _as_tensor(obj, self.device, dtype)
+            _check_shape(t, shape, name, self._prompts_name, what,
+                         non_tof_shape=tuple(shape[1:]) if (tof and broadcast_tof) else None)
             if isinstance(obj, ProjData):
+                ref = self.geometry.non_tof() if (tof and t.dim() == 3) else self.geometry
                 try:
-                    obj.geometry.check_matches(self.geometry, what=f"{what} {name}",
+                    obj.geometry.check_matches(ref, what=f"{what} {name}",
                                                other_what=f"prompts {self._prompts_name}")
                 except AttributeError:
                     pass
-            t = _as_tensor(obj, self.device, dtype)
-            _check_shape(t, shape, name, self._prompts_name, what)
             validate_sinogram(t, name, what)
             return t
 
-        m = load(mult, "multiplicative factors")
+        m = load(mult, "multiplicative factors", broadcast_tof=True)
         a = load(additive, "additive term")
         r = load(randoms, "randoms")
         s = load(scatter, "scatter")
@@ -414,10 +432,18 @@ class EngineLogLikelihood(PoissonLogLikelihood):
         key = (S or 1, s)
         if key not in self._sens:
             m = self._data(self.model.mult, s, S)
+            tof = len(self._shape) == 4
             if m is None:
                 nv = len(self.subset_views(s))
-                m = torch.ones((self._shape[0], nv, self._shape[2]), device=self.device, dtype=self.dtype)
-            self._sens[key] = self.model.geometric_adjoint(m, s, S)
+                m = torch.ones((self._shape[-3], nv, self._shape[-1]), device=self.device, dtype=self.dtype)
+                if tof and not hasattr(self.projector, "adjoint_non_tof"):
+                    m = m.expand(self._shape[0], *m.shape)
+            if tof and m.dim() == 3:
+                # a TOF-independent m: STIR back projects it non-TOF, which is the sum over TOF bins of the TOF
+                # back projections up to the kernel's cut-off (1.2e-5 of the maximum on d690_tof_2d)
+                self._sens[key] = self.projector.adjoint_non_tof(m, *self._args(subset))
+            else:
+                self._sens[key] = self.model.geometric_adjoint(m, s, S)
         return self._sens[key]
 
     def backprojected_ratio(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:

@@ -112,24 +112,31 @@ class MultiplicativeFactors(LinearOperator):
     Parameters
     ----------
     factors : torch.Tensor
-        ``m``; its shape is both ``in_shape`` and ``out_shape``. Real, so the operator is self-adjoint and
-        its norm is ``max |m|``.
+        ``m``; its shape is both ``in_shape`` and ``out_shape`` unless ``shape`` is given. Real, so the operator
+        is self-adjoint and its norm is ``max |m|``.
+    shape : tuple, optional
+        Shape of the data the factors act on, when ``m`` broadcasts to it (a TOF-independent norm of shape
+        ``(n_sino, n_views, n_tang)`` on TOF data ``(n_tof, n_sino, n_views, n_tang)``: never copied per TOF bin).
     """
 
-    def __init__(self, factors: torch.Tensor):
+    def __init__(self, factors: torch.Tensor, shape: tuple | None = None):
         if not isinstance(factors, torch.Tensor):
             factors = torch.as_tensor(factors)
         self.factors = factors
         self.device = factors.device
         self.dtype = factors.dtype
+        self._shape = tuple(factors.shape) if shape is None else tuple(int(v) for v in shape)
+        if torch.broadcast_shapes(tuple(factors.shape), self._shape) != self._shape:
+            raise GeometryMismatchError(f"MultiplicativeFactors: factors of shape {tuple(factors.shape)} do not "
+                                        f"broadcast to data of shape {self._shape}")
 
     @property
     def in_shape(self) -> tuple[int, ...]:
-        return tuple(self.factors.shape)
+        return self._shape
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.factors.shape)
+        return self._shape
 
     def _check(self, t: torch.Tensor, what: str) -> torch.Tensor:
         if tuple(t.shape) != self.in_shape:

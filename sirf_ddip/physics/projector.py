@@ -110,10 +110,18 @@ class Projector(LinearOperator):
 
     Notes
     -----
+    For a TOF geometry (``geometry.is_tof``) the constructor returns a :class:`sirf_ddip.physics.tof.TOFProjector`.
     ``forward(x)`` maps ``x[z, y, x]`` to ``y[sinogram, view, tang]`` (STIR/SIRF memory order); ``adjoint`` is its
     exact transpose.  Arrays may be numpy or torch; the output is a torch tensor on ``device`` (use
     :meth:`forward_numpy` / :meth:`adjoint_numpy` for numpy in/out).
     """
+
+    def __new__(cls, geometry=None, *args, **kwargs):
+        """``Projector(tof_geometry, ...)`` is a :class:`sirf_ddip.physics.tof.TOFProjector`."""
+        if cls is Projector and getattr(geometry, "is_tof", False):
+            from .tof import TOFProjector
+            return super().__new__(TOFProjector)
+        return super().__new__(cls)
 
     def __init__(self, geometry: SinogramGeometry, grid: ImageGrid, device=None, dtype: torch.dtype = torch.float32,
                  num_tangential_lors: int = 3, use_mirror: bool = True, cache: bool = True,

@@ -91,11 +91,12 @@ class ViewSubsets:
         return self._tensors[key]
 
     def restrict(self, t: torch.Tensor | None, subset: int | None) -> torch.Tensor | None:
-        """The subset's views of a sinogram ``t[:, views, :]`` (``t`` itself for all views; ``None`` stays)."""
+        """The subset's views of a sinogram ``t[..., views, :]`` (``t`` itself for all views; ``None`` stays);
+        TOF data ``(n_tof, n_sino, n_views, n_tang)`` and non-TOF factors alike."""
         if t is None:
             return None
         v = self.views_tensor(subset, t.device)
-        return t if v is None else t.index_select(1, v)
+        return t if v is None else t.index_select(t.dim() - 2, v)
 
     def projector_args(self, subset: int | None) -> tuple[int | None, int | None]:
         """``(subset, num_subsets)`` as the projector's ``forward``/``adjoint`` take them (``(None, None)``: all)."""

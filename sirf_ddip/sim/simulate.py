@@ -76,6 +76,9 @@ class SimulationConfig:
     scanner : a preset of :func:`sirf_ddip.geometry.scanner.get_scanner`
     num_rings : simulated rings (None: the whole scanner); the slab is centred on the head + ``axial_offset_mm``
     span, max_ring_diff, view_mashing, num_tangential : projection-data geometry (STIR semantics)
+    tof_mash_factor : 0 (default) for non-TOF data; ``f >= 1`` simulates TOF data with the scanner's unmashed TOF
+        bins mashed by ``f`` (a TOF scanner: mCT, Vision 600, Discovery 690 / MI); the multiplicative factors are
+        TOF-independent and written once per LOR, the additive term per TOF bin
     image_xy : transaxial image size (voxels of the scanner's default bin size)
     reference_prompts : prompts of a 100 % dose scan with the whole scanner (see module docstring)
     reference_max_ring_diff : the whole scanner's max ring difference for that reference (None: mMR 60, else all)
@@ -105,6 +108,7 @@ class SimulationConfig:
     max_ring_diff: int | None = 3
     view_mashing: int = 1
     num_tangential: int | None = None
+    tof_mash_factor: int = 0
     image_xy: int = 128
     reference_prompts: float = 2.0e8
     reference_max_ring_diff: int | None = None
@@ -191,9 +195,10 @@ def build_geometry(cfg: SimulationConfig):
         sc = sc.with_rings(cfg.num_rings)
     try:
         return SinogramGeometry(sc, span=cfg.span, max_ring_diff=cfg.max_ring_diff, view_mashing=cfg.view_mashing,
-                                num_tangential=cfg.num_tangential)
+                                num_tangential=cfg.num_tangential, tof_mash_factor=cfg.tof_mash_factor)
     except ValueError as exc:
-        raise ConfigError(f"simulation: geometry keys (span, max_ring_diff, view_mashing, num_tangential): {exc}") \
+        raise ConfigError(f"simulation: geometry keys (span, max_ring_diff, view_mashing, num_tangential, "
+                          f"tof_mash_factor): {exc}") \
             from None
 
 
@@ -339,28 +344,39 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     ----------
     truth : activity ``[z, y, x]`` (kBq/mL)
     mu_map_per_cm : μ-map ``[z, y, x]`` (cm⁻¹) on the same grid
-    geometry : SinogramGeometry of the data
-    forward : ``A``: image ``[z, y, x]`` (numpy) → sinograms ``geometry.shape`` (line integrals in units of
+    geometry : SinogramGeometry of the data (TOF or not)
+    forward : ``A``: image ``[z, y, x]`` (numpy) → sinograms ``geometry.shape`` (TOF ones for a TOF geometry; line
+        integrals in units of
         ``length_unit_mm``; STIR's ray tracing and the built-in projector give lengths in units of the x voxel size,
         which is why STIR scales μ-maps by ``v_x / 10`` before projecting them)
     target_trues : expected total of ``m ⊙ A x``
     rng : generator for efficiencies, randoms pattern and Poisson noise
     brain_fraction : optional ``[z, y, x]`` weights; its expected trues are reported as ``trues_brain``
-    mu_forward : projector for ``mu_map_per_cm`` (same geometry and length unit) when the μ-map is on another
-        grid than ``truth`` (e.g. :func:`padded_grid`, see :func:`attenuation_padding`); default ``forward``
+    mu_forward : projector for ``mu_map_per_cm`` (same geometry and length unit, non-TOF) when the μ-map is on
+        another grid than ``truth`` (e.g. :func:`padded_grid`, see :func:`attenuation_padding`), or for TOF data;
+        default ``forward``
+
+    Notes
+    -----
+    TOF data: ``mult`` (efficiencies x attenuation) is TOF-independent, shape ``geometry.sinogram_shape``; the
+    scatter is blurred within each TOF bin and the randoms are spread evenly over the TOF bins (as the STIR
+    reference case ``d690_tof_2d``).
     """
     if target_trues <= 0:
         raise ConfigError(f"target trues must be > 0, got {target_trues}")
     shape = tuple(geometry.shape)
+    tof = bool(getattr(geometry, "is_tof", False))
+    sino_shape = tuple(geometry.sinogram_shape) if tof else shape
     ax = np.asarray(forward(np.asarray(truth, dtype=np.float32)), dtype=np.float64)
     if ax.shape != shape:
         raise GeometryMismatchError(f"forward projection shape {ax.shape} != geometry shape {shape}")
     mu_fwd = forward if mu_forward is None else mu_forward
     mu_proj = np.asarray(mu_fwd(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64)
-    if mu_proj.shape != shape:
-        raise GeometryMismatchError(f"μ-map forward projection shape {mu_proj.shape} != geometry shape {shape}")
+    if mu_proj.shape != sino_shape:
+        raise GeometryMismatchError(f"μ-map forward projection shape {mu_proj.shape} != (non-TOF) geometry shape "
+                                    f"{sino_shape}")
     att = np.exp(-0.1 * float(length_unit_mm) * mu_proj)
-    eff = detector_efficiencies(geometry, rng, efficiency_sd)
+    eff = detector_efficiencies(geometry.non_tof() if tof else geometry, rng, efficiency_sd)
     norm_att = eff * att
     c = target_trues / float((norm_att * ax).sum())
     mult32 = (c * norm_att).astype(np.float32)
@@ -372,15 +388,21 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     scatter = np.zeros(shape)
     if s_total > 0:
         bin_mm = float(np.median(np.abs(np.diff(geometry.s())))) if geometry.num_tangential > 1 else 2.0
-        scat_shape = _smooth_sino(ax * att, geometry, 40.0 / bin_mm, 3.0, 1.5) * eff
+        if tof:  # blurred within each TOF bin
+            scat_shape = np.stack([_smooth_sino(b * att, geometry, 40.0 / bin_mm, 3.0, 1.5) for b in ax]) * eff
+        else:
+            scat_shape = _smooth_sino(ax * att, geometry, 40.0 / bin_mm, 3.0, 1.5) * eff
         scatter = scat_shape * (s_total / scat_shape.sum())
     # randoms: a fraction of the prompts, ∝ singles products (efficiencies), mildly modulated
     p_total = (t_total + s_total) / (1.0 - randoms_fraction)
     r_total = randoms_fraction * p_total
     randoms = np.zeros(shape)
     if r_total > 0:
-        mod = 1.0 + 0.05 * np.cos(2 * np.pi * (np.arange(shape[1]) / shape[1] + rng.random()))[None, :, None]
+        nv = sino_shape[1]
+        mod = 1.0 + 0.05 * np.cos(2 * np.pi * (np.arange(nv) / nv + rng.random()))[None, :, None]
         r_shape = eff * mod
+        if tof:  # randoms are uniform in time: evenly over the TOF bins
+            r_shape = np.broadcast_to(r_shape, shape)
         randoms = r_shape * (r_total / r_shape.sum())
     additive32 = ((randoms + scatter) / mult).astype(np.float32)
     expected = mult * (ax + additive32.astype(np.float64))
@@ -474,6 +496,7 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
     noise_seed = cfg.noise_seed if cfg.noise_seed is not None else 1_000_003 * (cfg.seed + 1) + ph.SPLITS[cfg.split][0]
     rng = np.random.default_rng(np.random.SeedSequence([0x4E4F, int(noise_seed)]))
     fwd = forward if forward is not None else _numpy_forward(geometry, grid, cfg.device)
+    tof = geometry.is_tof
     # μ-map for the attenuation: the slab plus the head's planes that the edge LOR tubes reach (built-in
     # projector only: a test projector given as ``forward`` knows only the slab grid)
     mu_att, mu_fwd, mu_pad = mu, None, 0
@@ -482,7 +505,9 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         if mu_pad > 0:
             idx = np.clip(np.arange(k0 - mu_pad, k0 + nz + mu_pad), 0, nz_full - 1)  # edge planes repeat
             mu_att = np.ascontiguousarray(subj.mu_map.array[idx])
-            mu_fwd = _numpy_forward(geometry, padded_grid(grid, mu_pad), cfg.device)
+            mu_fwd = _numpy_forward(geometry.non_tof(), padded_grid(grid, mu_pad), cfg.device)
+        elif tof:
+            mu_fwd = _numpy_forward(geometry.non_tof(), grid, cfg.device)
     sim = simulate_data(truth, mu_att, geometry, fwd, target_trues, rng, scatter_fraction=cfg.scatter_fraction,
                         randoms_fraction=cfg.randoms_fraction, efficiency_sd=cfg.efficiency_sd,
                         brain_fraction=brain_frac,
@@ -491,7 +516,8 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
 
     meta = {"originating system": sc_name}
     write_projdata(out / "prompts.hs", ProjData(sim.prompts, geometry, dict(meta)), overwrite=overwrite)
-    write_projdata(out / "mult_factors.hs", ProjData(sim.mult, geometry, dict(meta)), overwrite=overwrite)
+    write_projdata(out / "mult_factors.hs", ProjData(sim.mult, geometry.non_tof() if tof else geometry, dict(meta)),
+                   overwrite=overwrite)  # TOF data: a TOF-independent norm, once per LOR (STIR accepts it)
     write_projdata(out / "additive_term.hs", ProjData(sim.additive, geometry, dict(meta)), overwrite=overwrite)
     write_image(out / "truth.hv", Image(truth, grid, {"units": "kBq/mL"}), overwrite=overwrite)
     write_image(out / "mr.hv", Image(mr, grid, {"units": "a.u."}), overwrite=overwrite)
@@ -510,7 +536,8 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         "config": asdict(cfg),
         "scanner": sc_name, "num_rings": geometry.scanner.num_rings, "span": geometry.span,
         "max_ring_diff": geometry.max_ring_diff, "views": geometry.num_views, "tang": geometry.num_tangential,
-        "sinograms": geometry.shape[0], "image_shape": list(grid.shape), "voxel_size_mm_zyx": list(grid.voxel_size),
+        "sinograms": geometry.num_sinograms, "tof_bins": geometry.num_tof_bins,
+        "tof_mash_factor": geometry.tof_mash_factor, "image_shape": list(grid.shape), "voxel_size_mm_zyx": list(grid.voxel_size),
         "image_origin_mm_zyx": list(grid.origin),
         "dose_fraction": cfg.dose_fraction,
         "departures": subj.meta.get("departures"),

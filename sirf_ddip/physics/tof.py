@@ -1,0 +1,411 @@
+"""Time-of-flight projection: STIR 6's TOF kernel applied to the non-TOF ray-tracing matrix.
+
+What STIR does (UCL/STIR ``ProjMatrixByBin::apply_tof_kernel`` / ``get_tof_value``, ``ProjDataInfo::
+set_tof_mash_factor``), and what is reproduced here:
+
+- The TOF matrix of bin ``(segment, view, axial, tang, k)`` is the non-TOF ray-tracing matrix of
+  ``(segment, view, axial, tang)`` (:mod:`sirf_ddip.physics.raytrace`: the same elements, 3 tangential LORs)
+  with every element's value multiplied by the Gaussian timing response integrated over TOF bin ``k``,
+  evaluated at the element's *voxel centre*:
+
+  ``w_k(d) = 0.5 [erf((high_k - d) / (sqrt(2) sigma)) - erf((low_k - d) / (sqrt(2) sigma))]``,
+
+  set to 0 when both ``(low_k - d)`` and ``(high_k - d)`` are at least ``4 sqrt(2) sigma`` on the same side.
+  ``sigma = c/2 * FWHM / 2.355`` (the scanner's ``TOF timing resolution (ps)``); ``[low_k, high_k]`` are
+  :meth:`SinogramGeometry.tof_bin_edges_mm`.
+- ``d`` is the signed distance of the voxel centre from the LOR's mid-point along the LOR, positive towards
+  STIR's ``a > 0`` end of ``X = s cos(phi) + a sin(phi)``, ``Y = s sin(phi) - a cos(phi)``, ``Z = m - a tan(theta)``:
+  ``d = (x sin(phi) - y cos(phi) - (z - m) tan(theta)) / sqrt(1 + tan(theta)^2)`` (x, y from the scanner axis,
+  z from the scanner centre), with the bin's central ``(phi, s)`` and ``tan(theta)``.
+- Summed over the TOF bins, the weights are 1 (up to the cut-off, ``erfc(4) ~ 1.5e-8``, and the bins' total
+  range), so the TOF projection summed over TOF bins is the non-TOF projection.
+
+Design: the non-TOF matrix (and its process / disk cache) is shared with the non-TOF :class:`Projector` of the
+same geometry; the TOF projector keeps, per stored element, only its ``d`` (float32, one number per element,
+shared by every axial position and the z-mirrored segment: ``(z - m) tan(theta)`` is the same for both) and
+evaluates the kernel while projecting (compiled CPU kernels in :mod:`sirf_ddip.physics._tof_kernels`; on other
+devices per TOF bin a sparse matrix whose values are ``vals * w_k(d)``, computed on the device).  Multiplicative
+factors that do not depend on TOF (norm, attenuation) are broadcast over the TOF axis by the caller, never
+copied per bin.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ..errors import GeometryMismatchError
+from ..geometry.image import ImageGrid
+from ..geometry.sinogram import SinogramGeometry
+from .projector import Projector, _threads, _to_torch_csr, _TorchSeg
+from .raytrace import SystemMatrix
+
+__all__ = ["TOFProjector", "tof_kernel_weights", "element_tof_coordinates", "TOF_CUTOFF"]
+
+#: STIR's cut-off of the integrated Gaussian: 0 once both bin edges are this many ``sqrt(2) sigma`` away
+TOF_CUTOFF = 4.0
+
+_D_CACHE: dict = {}
+
+
+def tof_kernel_weights(d, edges: np.ndarray, sigma_mm: float):
+    """STIR's ``get_tof_value`` for every TOF bin: ``w[..., k]`` for TOF coordinates ``d`` (mm; numpy or torch).
+
+    Parameters
+    ----------
+    d : array or tensor
+        Signed distances from the LOR's mid-point (mm).
+    edges : (n_tof, 2) array
+        Lower and upper edges of the TOF bins (mm), :meth:`SinogramGeometry.tof_bin_edges_mm`.
+    sigma_mm : float
+        Standard deviation of the Gaussian timing response along the LOR (mm).
+    """
+    r = 1.0 / (sigma_mm * math.sqrt(2.0))
+    if isinstance(d, torch.Tensor):
+        e = torch.as_tensor(np.asarray(edges, np.float64), device=d.device, dtype=torch.float64)
+        dn1 = (e[:, 0] - d.double()[..., None]) * r
+        dn2 = (e[:, 1] - d.double()[..., None]) * r
+        w = 0.5 * (torch.erf(dn2) - torch.erf(dn1))
+        out = ((dn1 >= TOF_CUTOFF) & (dn2 >= TOF_CUTOFF)) | ((dn1 <= -TOF_CUTOFF) & (dn2 <= -TOF_CUTOFF))
+        return torch.where(out, torch.zeros_like(w), w).to(d.dtype if d.is_floating_point() else torch.float32)
+    from scipy.special import erf
+    d = np.asarray(d, np.float64)[..., None]
+    dn1 = (np.asarray(edges, np.float64)[:, 0] - d) * r
+    dn2 = (np.asarray(edges, np.float64)[:, 1] - d) * r
+    w = 0.5 * (erf(dn2) - erf(dn1))
+    out = ((dn1 >= TOF_CUTOFF) & (dn2 >= TOF_CUTOFF)) | ((dn1 <= -TOF_CUTOFF) & (dn2 <= -TOF_CUTOFF))
+    return np.where(out, 0.0, w)
+
+
+def point_tof_coordinate(geometry: SinogramGeometry, x_mm, y_mm, z_mm=0.0, segment: int = 0, axial: int = 0,
+                         tang: int | None = None) -> np.ndarray:
+    """TOF coordinate ``d`` (mm) of a point for every view of a bin (STIR's convention, see module docstring)."""
+    phi = geometry.phi()
+    t = geometry.num_tangential // 2 if tang is None else int(tang)
+    tt = float(np.asarray(geometry.tantheta(segment, geometry.s()[t])))
+    m = geometry.m(segment)[axial]
+    return (x_mm * np.sin(phi) - y_mm * np.cos(phi) - (z_mm - m) * tt) / math.sqrt(1.0 + tt * tt)
+
+
+def element_tof_coordinates(geometry: SinogramGeometry, grid: ImageGrid, sm: SystemMatrix) -> dict:
+    """Per planned segment, ``d`` (float32 mm) of every stored element of the non-TOF matrix ``sm``.
+
+    Element ``e`` of row ``view * nt + tang`` stores ``c = yx * P + q + Z0``: voxel ``yx`` of the traced plane
+    ``q`` for axial position 0; its centre is ``x = ox + ix vx``, ``y = oy + iy vy``,
+    ``z = (q - (nz - 1) / 2) vz + oz`` and the LOR's mid-point is at ``m`` of axial position 0."""
+    nz, ny, nx = grid.shape
+    vz, vy, vx = grid.voxel_size
+    oz, oy, ox = grid.origin
+    nt = geometry.num_tangential
+    phi = geometry.phi()
+    sphi, cphi = np.sin(phi), np.cos(phi)
+    s = geometry.s()
+    out = {}
+    for p in sm.plans:
+        indptr = sm.indptr[p.number]
+        nrows = indptr.size - 1
+        rows = np.repeat(np.arange(nrows, dtype=np.int64), np.diff(indptr))
+        v, t = rows // nt, rows % nt
+        c = sm.cols[p.number].astype(np.int64)
+        yx = c // sm.P
+        q = c % sm.P - sm.Z0
+        x = ox + (yx % nx) * vx
+        y = oy + (yx // nx) * vy
+        tant = np.asarray(geometry.tantheta(p.number, s), dtype=np.float64) * np.ones(nt)
+        d = x * sphi[v] - y * cphi[v]
+        if np.any(tant != 0):
+            z = (q - (nz - 1) / 2.0) * vz + oz
+            m0 = geometry.segment(p.number).m_mm[0]
+            tt = tant[t]
+            d = (d - (z - m0) * tt) / np.sqrt(1.0 + tt * tt)
+        out[p.number] = np.ascontiguousarray(d, dtype=np.float32)
+    return out
+
+
+class TOFProjector(Projector):
+    """Geometric TOF projector ``A_TOF`` (no factors) matching STIR 6's ``ProjMatrixByBinUsingRayTracing`` on TOF
+    data: ``forward(x)`` is ``[n_tof, n_sinograms, n_views_in_subset, n_tang]``.
+
+    Takes the arguments of :class:`Projector` (``Projector(tof_geometry, grid)`` returns one of these).  View
+    subsets follow the TOF geometry (STIR disables the rotational symmetries for TOF data, so subset ``s`` of
+    ``S`` is the views ``v % S == s``).  ``kernel="auto"`` is the compiled CPU kernel on the CPU and the torch
+    kernel on other devices.
+    """
+
+    def __init__(self, geometry: SinogramGeometry, grid: ImageGrid, device=None, dtype: torch.dtype = torch.float32,
+                 num_tangential_lors: int = 3, use_mirror: bool = True, cache: bool = True,
+                 cpu_threads: int | None = None, max_operand_bytes: int = 256 * 2 ** 20,
+                 max_accumulator_bytes: int = 2 * 2 ** 30, kernel: str = "auto",
+                 disk_cache: bool | None = None, setup_threads: int | None = None):
+        if not getattr(geometry, "is_tof", False):
+            raise GeometryMismatchError(f"TOFProjector needs a TOF geometry, got [{geometry.describe()}]")
+        from ..utils.device import resolve_device
+        if kernel == "auto":
+            kernel = "numba" if resolve_device(device).type == "cpu" else "torch"
+        super().__init__(geometry, grid, device, dtype, num_tangential_lors, use_mirror, cache, cpu_threads,
+                         max_operand_bytes, max_accumulator_bytes, kernel, disk_cache, setup_threads)
+        self.tof_edges = geometry.tof_bin_edges_mm()
+        self.tof_sigma_mm = geometry.tof_sigma_mm
+        self.num_tof_bins = geometry.num_tof_bins
+        self._d = None
+
+    @property
+    def non_tof_shape(self) -> tuple[int, int, int]:
+        return self.geometry.sinogram_shape
+
+    def non_tof_projector(self) -> Projector:
+        """The non-TOF projector of the same geometry and grid (sharing the traced matrix)."""
+        return Projector(self.geometry.non_tof(), self.grid, device=self.device, dtype=self.dtype,
+                         num_tangential_lors=self.num_tangential_lors, use_mirror=self.use_mirror,
+                         cache=self._use_cache, cpu_threads=self.cpu_threads, disk_cache=self.disk_cache)
+
+    def _tof_d(self) -> dict:
+        if self._d is None:
+            sm = self._matrix()
+            key = self._key if self._use_cache else None
+            d = _D_CACHE.get(key) if key is not None else None
+            if d is None:
+                d = element_tof_coordinates(self.geometry, self.grid, sm)
+                if key is not None:
+                    _D_CACHE[key] = d
+            self._d = d
+        return self._d
+
+    def set_up(self) -> float:
+        import time
+        t0 = time.perf_counter()
+        self._matrix()
+        self._tof_d()
+        if self.kernel == "torch":
+            self._tof_structs(None, None, None)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ apply
+    def forward(self, x, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
+        """``A_TOF x`` for the views of ``subset``: ``[n_tof, n_sino, n_views_in_subset, n_tang]``."""
+        views = self._views_for(subset, num_subsets)
+        X = self._as_tensor(x, self.grid.shape, "image")
+        with _threads(self.device, self.cpu_threads, self.kernel):
+            if self.kernel == "torch":
+                return self._forward_torch_tof(X, subset, num_subsets, views)
+            with self._buf_lock:
+                return self._forward_numba_tof(X, views)
+
+    def adjoint(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
+        """``A_TOF^T y`` for TOF data ``[n_tof, n_sino, n_views_in_subset, n_tang]`` of ``subset``."""
+        views = self._views_for(subset, num_subsets)
+        geom = self.geometry
+        nvs = geom.num_views if views is None else len(views)
+        Y = self._as_tensor(y, (self.num_tof_bins, geom.num_sinograms, nvs, geom.num_tangential),
+                            "TOF projection data")
+        with _threads(self.device, self.cpu_threads, self.kernel):
+            if self.kernel == "torch":
+                return self._adjoint_torch_tof(Y, subset, num_subsets, views)
+            with self._buf_lock:
+                return self._adjoint_numba_tof(Y, views)
+
+    backward = adjoint
+
+    def forward_non_tof(self, x, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
+        """The non-TOF projection ``A x`` (one TOF bin's shape) with this projector's matrix and view subsets."""
+        views = self._views_for(subset, num_subsets)
+        X = self._as_tensor(x, self.grid.shape, "image")
+        with _threads(self.device, self.cpu_threads, self.kernel):
+            if self.kernel == "torch":
+                self._current_ops = Projector._torch_ops(self, subset, num_subsets, views)
+                try:
+                    return Projector._forward_torch(self, X, subset, num_subsets, views)
+                finally:
+                    self._current_ops = None
+            with self._buf_lock:
+                return self._forward_numba(X, views)
+
+    def adjoint_non_tof(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
+        """``A^T y`` of non-TOF data ``y`` (one TOF bin's shape): what STIR back projects for a TOF-independent
+        norm (the sensitivity), equal to the TOF back projection of ``y`` repeated in every TOF bin up to the
+        kernel's cut-off, without repeating it."""
+        views = self._views_for(subset, num_subsets)
+        geom = self.geometry
+        nvs = geom.num_views if views is None else len(views)
+        Y = self._as_tensor(y, (geom.num_sinograms, nvs, geom.num_tangential), "non-TOF projection data")
+        with _threads(self.device, self.cpu_threads, self.kernel):
+            if self.kernel == "torch":
+                self._current_ops = Projector._torch_ops(self, subset, num_subsets, views)
+                try:
+                    return Projector._adjoint_torch(self, Y, subset, num_subsets, views)
+                finally:
+                    self._current_ops = None
+            with self._buf_lock:
+                return self._adjoint_numba(Y, views)
+
+    def _kernel_args(self):
+        e = np.ascontiguousarray(self.tof_edges, dtype=np.float64)
+        return e[:, 0].copy(), e[:, 1].copy(), 1.0 / (self.tof_sigma_mm * math.sqrt(2.0))
+
+    # ------------------------------------------------------------------ numba (CPU)
+    def _forward_numba_tof(self, X: torch.Tensor, views) -> torch.Tensor:
+        from ._tof_kernels import tof_forward_rows
+        sm = self._matrix()
+        dd = self._tof_d()
+        geom = self.geometry
+        vsel = np.arange(geom.num_views, dtype=np.int64) if views is None else np.asarray(views, np.int64)
+        nt = geom.num_tangential
+        src = self._sources(np.ascontiguousarray(X.detach().numpy()), sm)
+        ntof = self.num_tof_bins
+        out = np.zeros((ntof, geom.num_sinograms, vsel.size * nt), self._np_dtype())
+        dummy = np.zeros(1, out.dtype)
+        lo, hi, r = self._kernel_args()
+        for p in sm.plans:
+            keys = self._src_keys(p)
+            mirror = p.mirror_shift is not None
+            tof_forward_rows(sm.indptr[p.number], sm.cols[p.number], sm.vals[p.number], dd[p.number], lo, hi, r,
+                             vsel, nt, src[keys[0]].reshape(-1), src[keys[1]].reshape(-1) if mirror else dummy, 0,
+                             p.mirror_shift if mirror else 0, p.num_axial, p.k, out, geom.segment_offset(p.number),
+                             geom.segment_offset(-p.number) if mirror else 0, mirror)
+        return torch.from_numpy(out.reshape(ntof, geom.num_sinograms, vsel.size, nt))
+
+    def _adjoint_numba_tof(self, Y: torch.Tensor, views) -> torch.Tensor:
+        from ._kernels import num_threads
+        from ._tof_kernels import tof_adjoint_rows
+        sm = self._matrix()
+        dd = self._tof_d()
+        geom = self.geometry
+        nz, ny, nx = self.grid.shape
+        vsel = np.arange(geom.num_views, dtype=np.int64) if views is None else np.asarray(views, np.int64)
+        nt = geom.num_tangential
+        ntof = self.num_tof_bins
+        Y3 = np.ascontiguousarray(Y.detach().numpy()).reshape(ntof, geom.num_sinograms, vsel.size * nt)
+        dt = Y3.dtype
+        dests = sorted({k for p in sm.plans for k in self._src_keys(p)})
+        per = sm.nyx * sm.P * dt.itemsize * len(dests)
+        nthr = max(1, min(num_threads(), int(self.max_accumulator_bytes // max(1, per))))
+        acc = {}
+        for dkey in dests:
+            acc[dkey] = self._buffer(("acc", dkey), (nthr, sm.nyx * sm.P), dt)
+            acc[dkey].fill(0)
+        dummy = np.zeros((1, 1), dt)
+        rows_all = (vsel[:, None] * nt + np.arange(nt)[None, :]).ravel()
+        lo, hi, r = self._kernel_args()
+        for p in sm.plans:
+            keys = self._src_keys(p)
+            mirror = p.mirror_shift is not None
+            indptr = sm.indptr[p.number]
+            cum = np.concatenate([[0], np.cumsum(indptr[rows_all + 1] - indptr[rows_all])])
+            bounds = np.searchsorted(cum, np.linspace(0, cum[-1], nthr + 1)).astype(np.int64)
+            bounds[0], bounds[-1] = 0, rows_all.size
+            tof_adjoint_rows(indptr, sm.cols[p.number], sm.vals[p.number], dd[p.number], lo, hi, r, vsel, nt, Y3,
+                             geom.segment_offset(p.number), geom.segment_offset(-p.number) if mirror else 0,
+                             p.num_axial, p.k, 0, p.mirror_shift if mirror else 0, acc[keys[0]],
+                             acc[keys[1]] if mirror else dummy, mirror, bounds)
+        return torch.from_numpy(self._gather_accumulators(acc, nthr, sm, dt))
+
+    def _gather_accumulators(self, acc: dict, nthr: int, sm: SystemMatrix, dt) -> np.ndarray:
+        """The image from the per-thread plane-padded accumulators (as :meth:`Projector._adjoint_numba`)."""
+        nz, ny, nx = self.grid.shape
+        img = np.zeros((nz, sm.nyx), dt)
+        Z0 = sm.Z0
+        for (flipped, zw), a in acc.items():
+            for i in range(1, nthr):
+                np.add(a[0], a[i], out=a[0])
+            g = a[0].reshape(sm.nyx, sm.P)
+            tgt = img[::-1] if flipped else img
+            if zw == (1.0,):
+                tgt += g[:, Z0:Z0 + nz].T
+                continue
+            for j, w in enumerate(zw):
+                if w == 0:
+                    continue
+                lo = max(0, j - Z0)
+                tgt[lo:] += w * g[:, Z0 + lo - j:Z0 + nz - j].T
+        return img.reshape(nz, ny, nx)
+
+    # ------------------------------------------------------------------ torch (any device)
+    def _tof_structs(self, subset, num_subsets, views) -> list:
+        """Per planned segment: CSR structure on the device, values, ``d`` and the transpose's permutation."""
+        key = ("tof", None if views is None else (int(num_subsets), int(subset)))
+        if key in self._dev_ops:
+            return self._dev_ops[key]
+        sm = self._matrix()
+        dd = self._tof_d()
+        nt = self.geometry.num_tangential
+        out = []
+        for p in sm.plans:
+            q, yx = sm.plane_range(p.number)
+            qmin = int(q.min()) if q.size else 0
+            nq = int(q.max()) - qmin + 1 if q.size else 1
+            shape = (sm.indptr[p.number].size - 1, nq * sm.nyx)
+            idx = sp.csr_matrix((np.arange(1, q.size + 1, dtype=np.float64), (q - qmin) * sm.nyx + yx,
+                                 sm.indptr[p.number]), shape=shape)
+            if views is not None:
+                idx = idx[(np.asarray(views)[:, None] * nt + np.arange(nt)[None, :]).ravel()]
+            order = idx.data.astype(np.int64) - 1  # element of each stored entry (row subset)
+            idxT = idx.T.tocsr()
+            orderT = idxT.data.astype(np.int64) - 1
+            dev = self.device
+
+            def t(a, dt=torch.int64):
+                return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dt)
+
+            out.append(dict(p=p, qmin=qmin, nq=nq, shape=(idx.shape[0], shape[1]),
+                            crow=t(idx.indptr), col=t(idx.indices), crowT=t(idxT.indptr), colT=t(idxT.indices),
+                            vals=t(sm.vals[p.number][order], self.dtype), valsT=t(sm.vals[p.number][orderT], self.dtype),
+                            d=t(dd[p.number][order], torch.float32), dT=t(dd[p.number][orderT], torch.float32)))
+        self._dev_ops[key] = out
+        return out
+
+    def _bin_ops(self, structs: list, k: int) -> list:
+        e = self.tof_edges[k:k + 1]
+        ops = []
+        for s in structs:
+            w = tof_kernel_weights(s["d"], e, self.tof_sigma_mm)[..., 0].to(self.dtype) * s["vals"]
+            wT = tof_kernel_weights(s["dT"], e, self.tof_sigma_mm)[..., 0].to(self.dtype) * s["valsT"]
+            A = torch.sparse_csr_tensor(s["crow"], s["col"], w, size=s["shape"], check_invariants=False)
+            AT = torch.sparse_csr_tensor(s["crowT"], s["colT"], wT, size=(s["shape"][1], s["shape"][0]),
+                                         check_invariants=False)
+            p = s["p"]
+            ops.append(_TorchSeg(p.number, s["qmin"], s["nq"], p.k, p.num_axial, p.zw, p.mirror_shift, A, AT))
+        return ops
+
+    def _forward_torch_tof(self, X, subset, num_subsets, views) -> torch.Tensor:
+        structs = self._tof_structs(subset, num_subsets, views)
+        outs = []
+        for k in range(self.num_tof_bins):
+            self._current_ops = self._bin_ops(structs, k)
+            outs.append(Projector._forward_torch(self, X, subset, num_subsets, views))
+        self._current_ops = None
+        return torch.stack(outs)
+
+    def _adjoint_torch_tof(self, Y, subset, num_subsets, views) -> torch.Tensor:
+        structs = self._tof_structs(subset, num_subsets, views)
+        acc = None
+        for k in range(self.num_tof_bins):
+            self._current_ops = self._bin_ops(structs, k)
+            b = Projector._adjoint_torch(self, Y[k], subset, num_subsets, views)
+            acc = b if acc is None else acc + b
+        self._current_ops = None
+        return acc
+
+    def _torch_ops(self, subset=None, num_subsets=None, views=None):
+        ops = getattr(self, "_current_ops", None)
+        if ops is None:
+            raise GeometryMismatchError("internal: TOF torch operators requested outside a TOF projection")
+        return ops
+
+    # ------------------------------------------------------------------ checks
+    def adjointness_test(self, num_trials: int = 3, seed: int = 0, subset=None, num_subsets=None) -> float:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        worst = 0.0
+        views = self._views_for(subset, num_subsets)
+        nvs = self.geometry.num_views if views is None else len(views)
+        geom = self.geometry
+        for _ in range(num_trials):
+            x = torch.rand(self.grid.shape, generator=g, dtype=torch.float64).to(self.dtype)
+            y = torch.rand((self.num_tof_bins, geom.num_sinograms, nvs, geom.num_tangential), generator=g,
+                           dtype=torch.float64).to(self.dtype)
+            lhs = float(torch.sum(self.forward(x, subset, num_subsets).double() * y.to(self.device).double()))
+            rhs = float(torch.sum(x.to(self.device).double() * self.adjoint(y, subset, num_subsets).double()))
+            worst = max(worst, abs(lhs - rhs) / max(abs(lhs), 1e-30))
+        return worst
