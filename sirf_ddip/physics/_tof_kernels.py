@@ -2,9 +2,11 @@
 TOF kernel evaluated per element (see :mod:`sirf_ddip.physics.tof`).
 
 Element ``e`` of a row has non-TOF weight ``w[e]``, image index ``c[e]`` and TOF coordinate ``d[e]`` (mm); TOF
-bin ``k`` gets ``w[e] * 0.5 (erf((hi_k - d) r) - erf((lo_k - d) r))`` with ``r = 1 / (sqrt(2) sigma)``, zero
-when both scaled edge distances are beyond ``+-4`` on the same side (STIR's ``get_tof_value``).  Only the TOF
-bins within that cut-off are visited.
+bin ``k`` gets ``w[e] W(d - centre_k)``, ``W`` being STIR's integrated Gaussian (``get_tof_value``, zero beyond
+its cut-off), read from a table (as STIR's ``erf_interpolation``) by linear interpolation: ``table[j] =
+W(-U + j h)`` with ``M`` samples per TOF bin width, so that every TOF bin of an element shares one interpolation
+fraction (bin ``k`` reads ``pos - k M``, ``pos = (d - centre_0 + U) / h``).  Only the TOF bins within the
+cut-off are visited; the table's error is below 1e-7 of the kernel's peak (:func:`sirf_ddip.physics.tof.kernel_table`).
 """
 
 from __future__ import annotations
@@ -17,36 +19,24 @@ from numba import prange
 
 __all__ = ["tof_forward_rows", "tof_adjoint_rows"]
 
-CUT = 4.0
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _bin_range(d, lo, hi, r):
-    """First and last TOF bin whose kernel value can be non-zero for coordinate ``d`` (bins of equal width)."""
-    ntof = lo.size
-    w = hi[0] - lo[0]
-    reach = CUT / r
-    k0 = int(math.floor((d - reach - hi[0]) / w))
-    k1 = int(math.floor((d + reach - lo[0]) / w)) + 1
+def _bin_range(pos, M, J, ntof):
+    """TOF bins ``k`` whose table position ``pos - k M`` lies in ``[0, J - 1)``."""
+    k0 = int(math.ceil((pos - (J - 1)) / M))
+    k1 = int(math.floor(pos / M))
     return max(0, k0), min(ntof - 1, k1)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _tof_value(d, lo_k, hi_k, r):
-    d1 = (lo_k - d) * r
-    d2 = (hi_k - d) * r
-    if (d1 >= CUT and d2 >= CUT) or (d1 <= -CUT and d2 <= -CUT):
-        return 0.0
-    return 0.5 * (math.erf(d2) - math.erf(d1))
-
-
 @numba.njit(parallel=True, nogil=True, cache=True)
-def tof_forward_rows(indptr, cols, vals, dcoord, lo, hi, r, views, nt, src, srcm, off, offm, na, k, out, pos0,
-                     posm0, mirror):
+def tof_forward_rows(indptr, cols, vals, dcoord, table, c0, U, h, M, views, nt, src, srcm, off, offm, na, k, out,
+                     pos0, posm0, mirror):
     """``out[b, pos0 + a, i] = sum_e w_e t_b(d_e) src[c_e + off + a k]`` (and the z-mirrored segment into
     ``posm0 + na - 1 - a`` from ``srcm``) for local rows ``i`` of the views ``views``."""
     nr = views.size * nt
-    ntof = lo.size
+    ntof = out.shape[0]
+    J = table.size
     for i in prange(nr):
         r_ = views[i // nt] * nt + (i % nt)
         acc = np.zeros((ntof, na), out.dtype)
@@ -63,9 +53,13 @@ def tof_forward_rows(indptr, cols, vals, dcoord, lo, hi, r, views, nt, src, srcm
                 bm = cols[e] + offm
                 for a in range(na):
                     gm[a] = srcm[bm + a * k]
-            k0, k1 = _bin_range(d, lo, hi, r)
+            pos = (d - c0 + U) / h
+            k0, k1 = _bin_range(pos, M, J, ntof)
+            j0 = int(math.floor(pos))
+            f = pos - j0
             for kk in range(k0, k1 + 1):
-                t = _tof_value(d, lo[kk], hi[kk], r)
+                j = j0 - kk * M
+                t = table[j] + f * (table[j + 1] - table[j])
                 if t <= 0.0:
                     continue
                 wt = w * t
@@ -83,12 +77,13 @@ def tof_forward_rows(indptr, cols, vals, dcoord, lo, hi, r, views, nt, src, srcm
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def tof_adjoint_rows(indptr, cols, vals, dcoord, lo, hi, r, views, nt, Y, pos0, posm0, na, k, off, offm, dst, dstm,
-                     mirror, bounds):
+def tof_adjoint_rows(indptr, cols, vals, dcoord, table, c0, U, h, M, views, nt, Y, pos0, posm0, na, k, off, offm,
+                     dst, dstm, mirror, bounds):
     """Adjoint of :func:`tof_forward_rows`: ``dst[ch, c_e + off + a k] += w_e sum_b t_b(d_e) Y[b, pos0 + a, i]``
     (and the mirrored segment into ``dstm``), local rows ``bounds[ch] .. bounds[ch + 1]`` by chunk ``ch``."""
     nch = bounds.size - 1
-    ntof = lo.size
+    ntof = Y.shape[0]
+    J = table.size
     for ch in prange(nch):
         y = np.empty((ntof, na), Y.dtype)
         ym = np.empty((ntof, na), Y.dtype)
@@ -107,9 +102,13 @@ def tof_adjoint_rows(indptr, cols, vals, dcoord, lo, hi, r, views, nt, Y, pos0, 
                 for a in range(na):
                     s[a] = 0.0
                     sm[a] = 0.0
-                k0, k1 = _bin_range(d, lo, hi, r)
+                pos = (d - c0 + U) / h
+                k0, k1 = _bin_range(pos, M, J, ntof)
+                j0 = int(math.floor(pos))
+                f = pos - j0
                 for kk in range(k0, k1 + 1):
-                    t = _tof_value(d, lo[kk], hi[kk], r)
+                    j = j0 - kk * M
+                    t = table[j] + f * (table[j + 1] - table[j])
                     if t <= 0.0:
                         continue
                     for a in range(na):
