@@ -20,13 +20,28 @@ from numba import prange
 __all__ = ["tof_forward_rows", "tof_adjoint_rows"]
 
 
-
 @numba.njit(nogil=True, cache=True, inline="always")
 def _bin_range(pos, M, J, ntof):
     """TOF bins ``k`` whose table position ``pos - k M`` lies in ``[0, J - 1)``."""
     k0 = int(math.ceil((pos - (J - 1)) / M))
     k1 = int(math.floor(pos / M))
     return max(0, k0), min(ntof - 1, k1)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _table_window(d, c0, U, h, M, J, ntof):
+    """``(k0, k1, j0, f)``: the TOF bins ``k0..k1`` an element at TOF coordinate ``d`` reaches, and its table
+    position ``pos = j0 + f`` (bin ``k`` reads the table at ``j0 - k M`` with fraction ``f``)."""
+    pos = (d - c0 + U) / h
+    k0, k1 = _bin_range(pos, M, J, ntof)
+    j0 = int(math.floor(pos))
+    return k0, k1, j0, pos - j0
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _table_value(table, j, f):
+    """The kernel table at ``j + f`` by linear interpolation."""
+    return table[j] + f * (table[j + 1] - table[j])
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -53,13 +68,9 @@ def tof_forward_rows(indptr, cols, vals, dcoord, table, c0, U, h, M, views, nt, 
                 bm = cols[e] + offm
                 for a in range(na):
                     gm[a] = srcm[bm + a * k]
-            pos = (d - c0 + U) / h
-            k0, k1 = _bin_range(pos, M, J, ntof)
-            j0 = int(math.floor(pos))
-            f = pos - j0
+            k0, k1, j0, f = _table_window(d, c0, U, h, M, J, ntof)
             for kk in range(k0, k1 + 1):
-                j = j0 - kk * M
-                t = table[j] + f * (table[j + 1] - table[j])
+                t = _table_value(table, j0 - kk * M, f)
                 if t <= 0.0:
                     continue
                 wt = w * t
@@ -102,13 +113,9 @@ def tof_adjoint_rows(indptr, cols, vals, dcoord, table, c0, U, h, M, views, nt, 
                 for a in range(na):
                     s[a] = 0.0
                     sm[a] = 0.0
-                pos = (d - c0 + U) / h
-                k0, k1 = _bin_range(pos, M, J, ntof)
-                j0 = int(math.floor(pos))
-                f = pos - j0
+                k0, k1, j0, f = _table_window(d, c0, U, h, M, J, ntof)
                 for kk in range(k0, k1 + 1):
-                    j = j0 - kk * M
-                    t = table[j] + f * (table[j + 1] - table[j])
+                    t = _table_value(table, j0 - kk * M, f)
                     if t <= 0.0:
                         continue
                     for a in range(na):

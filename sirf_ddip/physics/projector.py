@@ -72,6 +72,14 @@ class _TorchSeg:
     AT: torch.Tensor
 
 
+
+def _row_bounds(indptr: np.ndarray, rows: np.ndarray, nthr: int) -> np.ndarray:
+    """``nthr + 1`` boundaries splitting ``rows`` into chunks of about equal numbers of matrix elements."""
+    cum = np.concatenate([[0], np.cumsum(indptr[rows + 1] - indptr[rows])])
+    bounds = np.searchsorted(cum, np.linspace(0, cum[-1], nthr + 1)).astype(np.int64)
+    bounds[0], bounds[-1] = 0, rows.size
+    return bounds
+
 class Projector(LinearOperator):
     """Geometric PET projector ``A`` (no factors) matching STIR's ray-tracing matrix.
 
@@ -219,27 +227,30 @@ class Projector(LinearOperator):
             raise GeometryMismatchError(f"{what} shape {tuple(t.shape)} does not match expected {tuple(shape)}")
         return t.to(device=self.device, dtype=self.dtype)
 
+    def _data_shape(self, views) -> tuple[int, int, int]:
+        """``(n_sino, n_views_in_subset, n_tang)`` of one (non-TOF) projection of the views ``views``."""
+        geom = self.geometry
+        return (geom.num_sinograms, geom.num_views if views is None else len(views), geom.num_tangential)
+
+    def _run(self, torch_fn, numba_fn, T: torch.Tensor, subset, num_subsets, views) -> torch.Tensor:
+        """Apply ``torch_fn(T, subset, num_subsets, views)`` or ``numba_fn(T, views)``, as :attr:`kernel` says."""
+        with _threads(self.device, self.cpu_threads, self.kernel):
+            if self.kernel == "torch":
+                return torch_fn(T, subset, num_subsets, views)
+            with self._buf_lock:
+                return numba_fn(T, views)
+
     def forward(self, x, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A x`` for the views of ``subset`` (all views if None): ``[n_sino, n_views_in_subset, n_tang]``."""
         views = self._views_for(subset, num_subsets)
         X = self._as_tensor(x, self.grid.shape, "image")
-        with _threads(self.device, self.cpu_threads, self.kernel):
-            if self.kernel == "torch":
-                return self._forward_torch(X, subset, num_subsets, views)
-            with self._buf_lock:
-                return self._forward_numba(X, views)
+        return self._run(self._forward_torch, self._forward_numba, X, subset, num_subsets, views)
 
     def adjoint(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A^T y`` (back projection) for data of the views of ``subset``; returns ``[z, y, x]``."""
         views = self._views_for(subset, num_subsets)
-        geom = self.geometry
-        nvs = geom.num_views if views is None else len(views)
-        Y = self._as_tensor(y, (geom.num_sinograms, nvs, geom.num_tangential), "projection data")
-        with _threads(self.device, self.cpu_threads, self.kernel):
-            if self.kernel == "torch":
-                return self._adjoint_torch(Y, subset, num_subsets, views)
-            with self._buf_lock:
-                return self._adjoint_numba(Y, views)
+        Y = self._as_tensor(y, self._data_shape(views), "projection data")
+        return self._run(self._adjoint_torch, self._adjoint_numba, Y, subset, num_subsets, views)
 
     backward = adjoint
 
@@ -307,35 +318,43 @@ class Projector(LinearOperator):
         return torch.from_numpy(out.reshape(geom.num_sinograms, vsel.size, nt))
 
     def _adjoint_numba(self, Y: torch.Tensor, views: np.ndarray | None) -> torch.Tensor:
-        from ._kernels import adjoint_rows, num_threads
+        from ._kernels import adjoint_rows
         sm = self._matrix()
         geom = self.geometry
-        nz, ny, nx = self.grid.shape
         vsel = np.arange(geom.num_views, dtype=np.int64) if views is None else np.asarray(views, np.int64)
         nt = geom.num_tangential
         Y2 = np.ascontiguousarray(Y.detach().numpy()).reshape(geom.num_sinograms, vsel.size * nt)
         dt = Y2.dtype
-        dests = sorted({k for p in sm.plans for k in self._src_keys(p)})
-        # one accumulator per destination and thread, as many threads as the memory bound allows
-        per = sm.nyx * sm.P * dt.itemsize * len(dests)
-        nthr = max(1, min(num_threads(), int(self.max_accumulator_bytes // max(1, per))))
-        acc = {}
-        for d in dests:
-            acc[d] = self._buffer(("acc", d), (nthr, sm.nyx * sm.P), dt)
-            acc[d].fill(0)
+        acc, nthr = self._accumulators(sm, dt)
         dummy = np.zeros((1, 1), dt)
         rows_all = (vsel[:, None] * nt + np.arange(nt)[None, :]).ravel()
         for p in sm.plans:
             keys = self._src_keys(p)
             mirror = p.mirror_shift is not None
             indptr = sm.indptr[p.number]
-            cum = np.concatenate([[0], np.cumsum(indptr[rows_all + 1] - indptr[rows_all])])
-            bounds = np.searchsorted(cum, np.linspace(0, cum[-1], nthr + 1)).astype(np.int64)
-            bounds[0], bounds[-1] = 0, rows_all.size
+            bounds = _row_bounds(indptr, rows_all, nthr)
             adjoint_rows(indptr, sm.cols[p.number], sm.vals[p.number], vsel, nt, Y2, geom.segment_offset(p.number),
                          geom.segment_offset(-p.number) if mirror else 0, p.num_axial, p.k, 0,
                          p.mirror_shift if mirror else 0, acc[keys[0]], acc[keys[1]] if mirror else dummy, mirror,
                          bounds)
+        return torch.from_numpy(self._gather_accumulators(acc, nthr, sm, dt))
+
+    def _accumulators(self, sm: SystemMatrix, dt) -> tuple[dict, int]:
+        """Zeroed plane-padded accumulators, one per destination and thread, as many threads as the memory bound
+        allows: ``({destination key: array [n_threads, nyx * P]}, n_threads)``."""
+        from ._kernels import num_threads
+        dests = sorted({k for p in sm.plans for k in self._src_keys(p)})
+        per = sm.nyx * sm.P * np.dtype(dt).itemsize * len(dests)
+        nthr = max(1, min(num_threads(), int(self.max_accumulator_bytes // max(1, per))))
+        acc = {}
+        for d in dests:
+            acc[d] = self._buffer(("acc", d), (nthr, sm.nyx * sm.P), dt)
+            acc[d].fill(0)
+        return acc, nthr
+
+    def _gather_accumulators(self, acc: dict, nthr: int, sm: SystemMatrix, dt) -> np.ndarray:
+        """The image ``[z, y, x]`` from the per-thread plane-padded accumulators of :meth:`_accumulators`."""
+        nz, ny, nx = self.grid.shape
         img = np.zeros((nz, sm.nyx), dt)
         Z0 = sm.Z0
         for (flipped, zw), a in acc.items():
@@ -351,7 +370,7 @@ class Projector(LinearOperator):
                     continue
                 lo = max(0, j - Z0)  # planes z with a stored G[z - j]
                 tgt[lo:] += w * g[:, Z0 + lo - j:Z0 + nz - j].T
-        return torch.from_numpy(img.reshape(nz, ny, nx))
+        return img.reshape(nz, ny, nx)
 
     # ------------------------------------------------------------------ torch kernel (any device)
     def _torch_ops(self, subset=None, num_subsets=None, views=None) -> list[_TorchSeg]:
@@ -381,8 +400,9 @@ class Projector(LinearOperator):
         per = sm.nq * ny * nx * torch.finfo(self.dtype).bits // 8 * (2 if sm.mirror_shift is not None else 1)
         return max(1, min(sm.num_axial, int(self.max_operand_bytes // max(per, 1))))
 
-    def _forward_torch(self, X, subset, num_subsets, views) -> torch.Tensor:
-        ops = self._torch_ops(subset, num_subsets, views)
+    def _forward_torch(self, X, subset, num_subsets, views, ops=None) -> torch.Tensor:
+        """``ops``: the segments' sparse operators (default :meth:`_torch_ops`; the TOF projector passes one TOF bin's)."""
+        ops = self._torch_ops(subset, num_subsets, views) if ops is None else ops
         nz, ny, nx = self.grid.shape
         Xf = X.reshape(nz, ny * nx)
         Xflip = torch.flip(Xf, dims=(0,))
@@ -411,8 +431,9 @@ class Projector(LinearOperator):
                     out[neg0 + na - a1:neg0 + na - a0] = Y[:, nc:].T.reshape(nc, nvs, nt).flip(0)
         return out
 
-    def _adjoint_torch(self, Y, subset, num_subsets, views) -> torch.Tensor:
-        ops = self._torch_ops(subset, num_subsets, views)
+    def _adjoint_torch(self, Y, subset, num_subsets, views, ops=None) -> torch.Tensor:
+        """``ops``: the segments' sparse operators (default :meth:`_torch_ops`; the TOF projector passes one TOF bin's)."""
+        ops = self._torch_ops(subset, num_subsets, views) if ops is None else ops
         geom = self.geometry
         nvs = geom.num_views if views is None else len(views)
         nt = geom.num_tangential

@@ -40,7 +40,7 @@ import torch
 from ..errors import GeometryMismatchError
 from ..geometry.image import ImageGrid
 from ..geometry.sinogram import SinogramGeometry
-from .projector import Projector, _threads, _to_torch_csr, _TorchSeg
+from .projector import Projector, _row_bounds, _to_torch_csr, _TorchSeg
 from .raytrace import SystemMatrix
 
 __all__ = ["TOFProjector", "tof_kernel_weights", "element_tof_coordinates", "kernel_table", "point_tof_coordinate",
@@ -208,58 +208,25 @@ class TOFProjector(Projector):
         """``A_TOF x`` for the views of ``subset``: ``[n_tof, n_sino, n_views_in_subset, n_tang]``."""
         views = self._views_for(subset, num_subsets)
         X = self._as_tensor(x, self.grid.shape, "image")
-        with _threads(self.device, self.cpu_threads, self.kernel):
-            if self.kernel == "torch":
-                return self._forward_torch_tof(X, subset, num_subsets, views)
-            with self._buf_lock:
-                return self._forward_numba_tof(X, views)
+        return self._run(self._forward_torch_tof, self._forward_numba_tof, X, subset, num_subsets, views)
 
     def adjoint(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A_TOF^T y`` for TOF data ``[n_tof, n_sino, n_views_in_subset, n_tang]`` of ``subset``."""
         views = self._views_for(subset, num_subsets)
-        geom = self.geometry
-        nvs = geom.num_views if views is None else len(views)
-        Y = self._as_tensor(y, (self.num_tof_bins, geom.num_sinograms, nvs, geom.num_tangential),
-                            "TOF projection data")
-        with _threads(self.device, self.cpu_threads, self.kernel):
-            if self.kernel == "torch":
-                return self._adjoint_torch_tof(Y, subset, num_subsets, views)
-            with self._buf_lock:
-                return self._adjoint_numba_tof(Y, views)
+        Y = self._as_tensor(y, (self.num_tof_bins,) + self._data_shape(views), "TOF projection data")
+        return self._run(self._adjoint_torch_tof, self._adjoint_numba_tof, Y, subset, num_subsets, views)
 
     backward = adjoint
 
     def forward_non_tof(self, x, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """The non-TOF projection ``A x`` (one TOF bin's shape) with this projector's matrix and view subsets."""
-        views = self._views_for(subset, num_subsets)
-        X = self._as_tensor(x, self.grid.shape, "image")
-        with _threads(self.device, self.cpu_threads, self.kernel):
-            if self.kernel == "torch":
-                self._current_ops = Projector._torch_ops(self, subset, num_subsets, views)
-                try:
-                    return Projector._forward_torch(self, X, subset, num_subsets, views)
-                finally:
-                    self._current_ops = None
-            with self._buf_lock:
-                return self._forward_numba(X, views)
+        return Projector.forward(self, x, subset, num_subsets)
 
     def adjoint_non_tof(self, y, subset: int | None = None, num_subsets: int | None = None) -> torch.Tensor:
         """``A^T y`` of non-TOF data ``y`` (one TOF bin's shape): what STIR back projects for a TOF-independent
         norm (the sensitivity), equal to the TOF back projection of ``y`` repeated in every TOF bin up to the
         kernel's cut-off, without repeating it."""
-        views = self._views_for(subset, num_subsets)
-        geom = self.geometry
-        nvs = geom.num_views if views is None else len(views)
-        Y = self._as_tensor(y, (geom.num_sinograms, nvs, geom.num_tangential), "non-TOF projection data")
-        with _threads(self.device, self.cpu_threads, self.kernel):
-            if self.kernel == "torch":
-                self._current_ops = Projector._torch_ops(self, subset, num_subsets, views)
-                try:
-                    return Projector._adjoint_torch(self, Y, subset, num_subsets, views)
-                finally:
-                    self._current_ops = None
-            with self._buf_lock:
-                return self._adjoint_numba(Y, views)
+        return Projector.adjoint(self, y, subset, num_subsets)
 
     def _kernel_args(self):
         if getattr(self, "_table", None) is None:
@@ -289,24 +256,16 @@ class TOFProjector(Projector):
         return torch.from_numpy(out.reshape(ntof, geom.num_sinograms, vsel.size, nt))
 
     def _adjoint_numba_tof(self, Y: torch.Tensor, views) -> torch.Tensor:
-        from ._kernels import num_threads
         from ._tof_kernels import tof_adjoint_rows
         sm = self._matrix()
         dd = self._tof_d()
         geom = self.geometry
-        nz, ny, nx = self.grid.shape
         vsel = np.arange(geom.num_views, dtype=np.int64) if views is None else np.asarray(views, np.int64)
         nt = geom.num_tangential
         ntof = self.num_tof_bins
         Y3 = np.ascontiguousarray(Y.detach().numpy()).reshape(ntof, geom.num_sinograms, vsel.size * nt)
         dt = Y3.dtype
-        dests = sorted({k for p in sm.plans for k in self._src_keys(p)})
-        per = sm.nyx * sm.P * dt.itemsize * len(dests)
-        nthr = max(1, min(num_threads(), int(self.max_accumulator_bytes // max(1, per))))
-        acc = {}
-        for dkey in dests:
-            acc[dkey] = self._buffer(("acc", dkey), (nthr, sm.nyx * sm.P), dt)
-            acc[dkey].fill(0)
+        acc, nthr = self._accumulators(sm, dt)
         dummy = np.zeros((1, 1), dt)
         rows_all = (vsel[:, None] * nt + np.arange(nt)[None, :]).ravel()
         table, c0, U, h, M = self._kernel_args()
@@ -314,35 +273,13 @@ class TOFProjector(Projector):
             keys = self._src_keys(p)
             mirror = p.mirror_shift is not None
             indptr = sm.indptr[p.number]
-            cum = np.concatenate([[0], np.cumsum(indptr[rows_all + 1] - indptr[rows_all])])
-            bounds = np.searchsorted(cum, np.linspace(0, cum[-1], nthr + 1)).astype(np.int64)
-            bounds[0], bounds[-1] = 0, rows_all.size
+            bounds = _row_bounds(indptr, rows_all, nthr)
             tof_adjoint_rows(indptr, sm.cols[p.number], sm.vals[p.number], dd[p.number], table, c0, U, h, M, vsel,
                              nt, Y3,
                              geom.segment_offset(p.number), geom.segment_offset(-p.number) if mirror else 0,
                              p.num_axial, p.k, 0, p.mirror_shift if mirror else 0, acc[keys[0]],
                              acc[keys[1]] if mirror else dummy, mirror, bounds)
         return torch.from_numpy(self._gather_accumulators(acc, nthr, sm, dt))
-
-    def _gather_accumulators(self, acc: dict, nthr: int, sm: SystemMatrix, dt) -> np.ndarray:
-        """The image from the per-thread plane-padded accumulators (as :meth:`Projector._adjoint_numba`)."""
-        nz, ny, nx = self.grid.shape
-        img = np.zeros((nz, sm.nyx), dt)
-        Z0 = sm.Z0
-        for (flipped, zw), a in acc.items():
-            for i in range(1, nthr):
-                np.add(a[0], a[i], out=a[0])
-            g = a[0].reshape(sm.nyx, sm.P)
-            tgt = img[::-1] if flipped else img
-            if zw == (1.0,):
-                tgt += g[:, Z0:Z0 + nz].T
-                continue
-            for j, w in enumerate(zw):
-                if w == 0:
-                    continue
-                lo = max(0, j - Z0)
-                tgt[lo:] += w * g[:, Z0 + lo - j:Z0 + nz - j].T
-        return img.reshape(nz, ny, nx)
 
     # ------------------------------------------------------------------ torch (any device)
     def _tof_structs(self, subset, num_subsets, views) -> list:
@@ -393,28 +330,16 @@ class TOFProjector(Projector):
 
     def _forward_torch_tof(self, X, subset, num_subsets, views) -> torch.Tensor:
         structs = self._tof_structs(subset, num_subsets, views)
-        outs = []
-        for k in range(self.num_tof_bins):
-            self._current_ops = self._bin_ops(structs, k)
-            outs.append(Projector._forward_torch(self, X, subset, num_subsets, views))
-        self._current_ops = None
-        return torch.stack(outs)
+        return torch.stack([self._forward_torch(X, subset, num_subsets, views, ops=self._bin_ops(structs, k))
+                            for k in range(self.num_tof_bins)])
 
     def _adjoint_torch_tof(self, Y, subset, num_subsets, views) -> torch.Tensor:
         structs = self._tof_structs(subset, num_subsets, views)
         acc = None
         for k in range(self.num_tof_bins):
-            self._current_ops = self._bin_ops(structs, k)
-            b = Projector._adjoint_torch(self, Y[k], subset, num_subsets, views)
+            b = self._adjoint_torch(Y[k], subset, num_subsets, views, ops=self._bin_ops(structs, k))
             acc = b if acc is None else acc + b
-        self._current_ops = None
         return acc
-
-    def _torch_ops(self, subset=None, num_subsets=None, views=None):
-        ops = getattr(self, "_current_ops", None)
-        if ops is None:
-            raise GeometryMismatchError("internal: TOF torch operators requested outside a TOF projection")
-        return ops
 
     # ------------------------------------------------------------------ checks
     def adjointness_test(self, num_trials: int = 3, seed: int = 0, subset=None, num_subsets=None) -> float:
