@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -374,3 +375,42 @@ def test_ddip_on_tof_data():
     out = r2.x.float().reshape(grid.shape)
     assert torch.isfinite(out).all()
     assert ds.value(out) > ds.value(torch.ones(grid.shape))
+
+
+# ------------------------------------------------------------------------------------------------ listmode
+def test_petsird_tof_listmode_histograms_into_tof_bins(tmp_path):
+    """A TOF sinogram written as PETSIRD events (each count at an unmashed TOF position inside its mashed bin,
+    half of the events with the detectors listed the other way round, i.e. the opposite TOF sign) histograms
+    back exactly into the TOF bins (STIR: d > 0 towards the bin's detector 1); summed over TOF it is the
+    non-TOF histogram; a file whose TOF bins are not the scanner's is a one-line error."""
+    pytest.importorskip("petsird")
+    from test_petsird import _events_from_sinogram
+
+    from sirf_ddip.io.petsird_listmode import write_petsird_cylinder
+    from sirf_ddip.physics.histogram import histogram_petsird
+    sc = get_scanner("GE Discovery 690").with_rings(2)
+    g = SinogramGeometry(sc, span=1, max_ring_diff=1, view_mashing=4, num_tangential=91, tof_mash_factor=5)
+    rng = np.random.default_rng(2)
+    truth = np.zeros(g.shape, np.float32)
+    np.add.at(truth.reshape(-1), rng.integers(0, truth.size, 400), 1)
+    half_u = (sc.max_num_timing_poss - 1) // 2
+    rows = []
+    for k in range(g.num_tof_bins):
+        ev = _events_from_sinogram(truth[k], g.non_tof())
+        u = k * g.tof_mash_factor - half_u + rng.integers(0, g.tof_mash_factor, len(ev))  # towards STIR's det 1
+        flip = rng.random(len(ev)) < 0.5
+        ev = np.where(flip[:, None], ev[:, [2, 3, 0, 1]], ev)
+        rows.append(np.column_stack([ev, np.where(flip, -u, u)]))
+    ev = np.concatenate(rows)
+    path = write_petsird_cylinder(tmp_path / "tof.petsird", sc, [(0, 1000, ev, ev[:0])], tof=True)
+    h = histogram_petsird(path, g)
+    assert not h.stats["tof_bins_summed"]
+    got = h.to_projdata().array
+    np.testing.assert_array_equal(got, truth)
+    np.testing.assert_array_equal(histogram_petsird(path, g.non_tof()).to_projdata().array, truth.sum(0))
+    out = h.write(tmp_path / "tof.hs")
+    np.testing.assert_array_equal(read_projdata(out).array, truth)
+    with pytest.raises(GeometryMismatchError, match="TOF bins") as exc:
+        histogram_petsird(path, SinogramGeometry(replace(sc, max_num_timing_poss=53), span=1, max_ring_diff=1,
+                                                 view_mashing=4, num_tangential=91, tof_mash_factor=1))
+    assert "\n" not in str(exc.value)
