@@ -391,7 +391,8 @@ class TOFProjector(Projector):
 
             out.append(dict(p=p, qmin=qmin, nq=nq, shape=(idx.shape[0], shape[1]),
                             crow=t(idx.indptr), col=t(idx.indices), crowT=t(idxT.indptr), colT=t(idxT.indices),
-                            vals=t(sm.vals[p.number][order], self.dtype), valsT=t(sm.vals[p.number][orderT], self.dtype),
+                            vals=t(sm.vals[p.number][order], self.dtype),
+                            valsT=t(sm.vals[p.number][orderT], self.dtype),
                             d=t(dd[p.number][order], torch.float32), dT=t(dd[p.number][orderT], torch.float32)))
         self._dev_ops[key] = out
         return out
