@@ -16,7 +16,7 @@ import torch
 from scipy.special import erf
 
 from sirf_ddip.data import ProjData
-from sirf_ddip.errors import ConfigError, GeometryError, GeometryMismatchError, InputFileError
+from sirf_ddip.errors import ConfigError, GeometryError, GeometryMismatchError, InputFileError, InputFileWarning
 from sirf_ddip.geometry.image import ImageGrid
 from sirf_ddip.geometry.scanner import get_scanner
 from sirf_ddip.geometry.sinogram import SinogramGeometry
@@ -138,11 +138,23 @@ def test_bad_tof_headers_are_one_line_errors(tmp_path, old, new, key, msg):
     """TOF bins that disagree with the scanner, a mashing factor that does not divide its TOF bins, TOF data on a
     scanner without TOF keys: named one-line errors (never a silent non-TOF read)."""
     p = _tof_header(tmp_path, old, new)
-    with pytest.warns(RuntimeWarning) if "Maximum number" in old else _nothing():
+    with pytest.warns(InputFileWarning, match="for STIR's GE Discovery 690") if "Maximum number" in old else _nothing():
         with pytest.raises(InputFileError) as exc:
             read_projdata(p)
     s = str(exc.value)
     assert "\n" not in s and "bad.hs" in s and key.lower() in s.lower() and msg in s, s
+
+
+def test_scanner_tof_keys_differing_from_stirs_preset_warn_or_refuse_when_strict(tmp_path):
+    """A header's TOF resolution that differs from STIR's preset is used with a warning (as STIR); strict refuses."""
+    from sirf_ddip.utils.leniency import strict_inputs
+    p = _tof_header(tmp_path, "TOF timing resolution (ps)                 := 550",
+                    "TOF timing resolution (ps)                 := 500")
+    with pytest.warns(InputFileWarning, match="TOF timing resolution.*500 in the header but 550"):
+        g = read_projdata(p).geometry
+    assert g.scanner.timing_resolution_ps == 500 and g.tof_sigma_mm == pytest.approx(500 * 0.1498962 / 2.355, rel=1e-5)
+    with strict_inputs(), pytest.raises(InputFileError, match="TOF timing resolution"):
+        read_projdata(p)
 
 
 class _nothing:
