@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from scipy.special import erf
 
 from sirf_ddip.data import ProjData
-from sirf_ddip.errors import GeometryError, GeometryMismatchError, InputFileError
+from sirf_ddip.errors import ConfigError, GeometryError, GeometryMismatchError, InputFileError, InputFileWarning
 from sirf_ddip.geometry.image import ImageGrid
 from sirf_ddip.geometry.scanner import get_scanner
 from sirf_ddip.geometry.sinogram import SinogramGeometry
@@ -137,11 +138,23 @@ def test_bad_tof_headers_are_one_line_errors(tmp_path, old, new, key, msg):
     """TOF bins that disagree with the scanner, a mashing factor that does not divide its TOF bins, TOF data on a
     scanner without TOF keys: named one-line errors (never a silent non-TOF read)."""
     p = _tof_header(tmp_path, old, new)
-    with pytest.warns(RuntimeWarning) if "Maximum number" in old else _nothing():
+    with pytest.warns(InputFileWarning, match="for STIR's GE Discovery 690") if "Maximum number" in old else _nothing():
         with pytest.raises(InputFileError) as exc:
             read_projdata(p)
     s = str(exc.value)
     assert "\n" not in s and "bad.hs" in s and key.lower() in s.lower() and msg in s, s
+
+
+def test_scanner_tof_keys_differing_from_stirs_preset_warn_or_refuse_when_strict(tmp_path):
+    """A header's TOF resolution that differs from STIR's preset is used with a warning (as STIR); strict refuses."""
+    from sirf_ddip.utils.leniency import strict_inputs
+    p = _tof_header(tmp_path, "TOF timing resolution (ps)                 := 550",
+                    "TOF timing resolution (ps)                 := 500")
+    with pytest.warns(InputFileWarning, match="TOF timing resolution.*500 in the header but 550"):
+        g = read_projdata(p).geometry
+    assert g.scanner.timing_resolution_ps == 500 and g.tof_sigma_mm == pytest.approx(500 * 0.1498962 / 2.355, rel=1e-5)
+    with strict_inputs(), pytest.raises(InputFileError, match="TOF timing resolution"):
+        read_projdata(p)
 
 
 class _nothing:
@@ -374,3 +387,105 @@ def test_ddip_on_tof_data():
     out = r2.x.float().reshape(grid.shape)
     assert torch.isfinite(out).all()
     assert ds.value(out) > ds.value(torch.ones(grid.shape))
+
+
+# ------------------------------------------------------------------------------------------------ listmode
+def test_petsird_tof_listmode_histograms_into_tof_bins(tmp_path):
+    """A TOF sinogram written as PETSIRD events (each count at an unmashed TOF position inside its mashed bin,
+    half of the events with the detectors listed the other way round, i.e. the opposite TOF sign) histograms
+    back exactly into the TOF bins (STIR: d > 0 towards the bin's detector 1); summed over TOF it is the
+    non-TOF histogram; a file whose TOF bins are not the scanner's is a one-line error."""
+    pytest.importorskip("petsird")
+    from test_petsird import _events_from_sinogram
+
+    from sirf_ddip.io.petsird_listmode import write_petsird_cylinder
+    from sirf_ddip.physics.histogram import histogram_petsird
+    sc = get_scanner("GE Discovery 690").with_rings(2)
+    g = SinogramGeometry(sc, span=1, max_ring_diff=1, view_mashing=4, num_tangential=91, tof_mash_factor=5)
+    rng = np.random.default_rng(2)
+    truth = np.zeros(g.shape, np.float32)
+    np.add.at(truth.reshape(-1), rng.integers(0, truth.size, 400), 1)
+    half_u = (sc.max_num_timing_poss - 1) // 2
+    rows = []
+    for k in range(g.num_tof_bins):
+        ev = _events_from_sinogram(truth[k], g.non_tof())
+        u = k * g.tof_mash_factor - half_u + rng.integers(0, g.tof_mash_factor, len(ev))  # towards STIR's det 1
+        flip = rng.random(len(ev)) < 0.5
+        ev = np.where(flip[:, None], ev[:, [2, 3, 0, 1]], ev)
+        rows.append(np.column_stack([ev, np.where(flip, -u, u)]))
+    ev = np.concatenate(rows)
+    path = write_petsird_cylinder(tmp_path / "tof.petsird", sc, [(0, 1000, ev, ev[:0])], tof=True)
+    h = histogram_petsird(path, g)
+    assert not h.stats["tof_bins_summed"]
+    got = h.to_projdata().array
+    np.testing.assert_array_equal(got, truth)
+    np.testing.assert_array_equal(histogram_petsird(path, g.non_tof()).to_projdata().array, truth.sum(0))
+    out = h.write(tmp_path / "tof.hs")
+    np.testing.assert_array_equal(read_projdata(out).array, truth)
+    with pytest.raises(GeometryMismatchError, match="TOF bins") as exc:
+        histogram_petsird(path, SinogramGeometry(replace(sc, max_num_timing_poss=53), span=1, max_ring_diff=1,
+                                                 view_mashing=4, num_tangential=91, tof_mash_factor=1))
+    assert "\n" not in str(exc.value)
+
+
+def test_map_rdp_on_tof_data():
+    """MAP-RDP runs on the TOF likelihood (STIR's d690_tof_2d data, non-TOF norm): its objective increases
+    monotonically and matches log-likelihood − β RDP."""
+    from sirf_ddip.recon.map_rdp import MAPRDPReconstructor
+    d = _case()
+    ds = EngineLogLikelihood.from_files(d / "prompts.hs", d / "mult_factors_nontof.hs", d / "additive_term.hs",
+                                        image_template=d / "init.hv", device="cpu")
+    init = torch.ones(ds.image_shape)
+    rec = MAPRDPReconstructor(beta=0.05, epsilon=0.01)
+    rec.set_objective_function(ds)
+    rec.set_num_subiterations(8)
+    rec.set_up(init)
+    rec.set_current_estimate(init)
+    rec.process(progress=False)
+    h = np.array(rec.history)
+    assert np.all(np.diff(h) >= -1e-6 * abs(h[0])) and h[-1] > h[0]
+    assert rec.objective(rec.x) == pytest.approx(ds.value(rec.x) - 0.05 * rec.prior.value(rec.x), rel=1e-6)
+
+
+def test_non_default_axial_grid_traces_each_segment():
+    """An image of 3 planes on 3 rings (STIR's default has 5): STIR's TOF z (voxel z minus the ring centre) is
+    not the ray tracer's, so segment −d is not +d mirrored; each segment is traced on its own and the TOF sum is
+    still the non-TOF projection, and the projector stays adjoint."""
+    from sirf_ddip.physics.tof import axial_tof_offset_mm
+    g = _small_tof_geometry()
+    grid = ImageGrid((3, 30, 30), (3.27, 4.0, 4.0))
+    assert axial_tof_offset_mm(g, grid) == pytest.approx(-3.27)
+    P = Projector(g, grid)
+    assert not P.use_mirror and Projector(g, ImageGrid((5, 30, 30), (3.27, 4.0, 4.0))).use_mirror
+    x = np.random.default_rng(1).random(grid.shape).astype(np.float32)
+    y = P.forward_numpy(x)
+    yn = Projector(g.non_tof(), grid).forward_numpy(x)
+    assert np.abs(y.sum(0) - yn).max() / yn.max() < 1e-5
+    assert P.adjointness_test(1) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ simulation
+def test_simulate_tof_study(tmp_path):
+    """``simulate`` with ``tof_mash_factor``: TOF prompts and additive term, a TOF-independent mult written once
+    per LOR, and the files are the model: Σ m (A_TOF truth + a) = the expected prompts; summed over TOF bins,
+    the trues are the non-TOF trues; a TOF mashing factor on a non-TOF scanner is a config error."""
+    from sirf_ddip.sim import simulate as sim
+    cfg = sim.SimulationConfig(scanner="GE Discovery 690", num_rings=1, max_ring_diff=0, view_mashing=8,
+                               num_tangential=61, image_xy=32, tof_mash_factor=11, dose_fraction=0.5, seed=2,
+                               write_nifti=False)
+    out = sim.simulate_study(cfg, tmp_path / "s")
+    case = json.loads((out / "case.json").read_text())
+    y, m, a = (read_projdata(out / f"{n}.hs") for n in ("prompts", "mult_factors", "additive_term"))
+    truth = read_image(out / "truth.hv")
+    assert y.geometry.is_tof and y.array.shape == (5, 1, 36, 61) and case["tof_bins"] == 5
+    assert not m.geometry.is_tof and m.array.shape == (1, 36, 61)
+    assert a.array.shape == y.array.shape
+    P = Projector(y.geometry, truth.grid)
+    ax = P.forward_numpy(truth.array).astype(np.float64)
+    expected = m.array[None].astype(np.float64) * (ax + a.array)
+    assert expected.sum() == pytest.approx(case["expected_prompts"], rel=1e-5)
+    assert y.array.sum() == case["total_prompts"]
+    trues_nt = m.array.astype(np.float64) * Projector(y.geometry.non_tof(), truth.grid).forward_numpy(truth.array)
+    assert float((m.array[None] * ax).sum()) == pytest.approx(float(trues_nt.sum()), rel=1e-5)
+    with pytest.raises(ConfigError, match="tof_mash_factor"):
+        sim.build_geometry(sim.SimulationConfig(scanner="Siemens mMR", tof_mash_factor=1))

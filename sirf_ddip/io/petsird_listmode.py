@@ -8,8 +8,10 @@ and a TOF index, grouped in time blocks (``EventTimeBlock.time_interval`` in ms)
 :class:`PetsirdCylinder` maps the detecting elements of one module type onto our ``(ring, crystal)`` indices
 from their centres: rings by ``z`` (ascending), crystals by the azimuth ``atan2(y, x)`` (ascending from the
 first element's angle), which requires a single layer of equally spaced crystals on complete rings. The events
-are then binned by :mod:`sirf_ddip.physics.histogram` as the Siemens listmode is. Energy bins are merged, and
-TOF indices are summed over (a non-TOF histogram), as STIR does when it un-TOFs data.
+are then binned by :mod:`sirf_ddip.physics.histogram` as the Siemens listmode is. Energy bins are merged. TOF indices
+are summed over for a non-TOF target (as STIR does when it un-TOFs data), or binned into the TOF bins of a TOF
+target (:func:`petsird_tof_positions`): PETSIRD stores ``(t1 - t2) c / 2`` of the two detection bins (negative:
+the first detector fired first, the emission is nearer to it).
 
 :func:`write_petsird_cylinder` writes such a file (used to check the reader against the package's own writer).
 The ``petsird`` package deserialises every event into a Python object; that per-event cost is the package's,
@@ -30,7 +32,7 @@ from ..errors import InputFileError, UnsupportedDataError
 from ..geometry.scanner import Scanner, get_scanner
 
 __all__ = ["PetsirdCylinder", "PetsirdEvents", "read_petsird_header", "iter_petsird_events",
-           "write_petsird_cylinder"]
+           "write_petsird_cylinder", "petsird_tof_positions"]
 
 
 def _petsird():
@@ -142,6 +144,34 @@ class PetsirdEvents:
     delayed_tof: np.ndarray
 
 
+def petsird_tof_positions(info, scanner: Scanner, path: str | os.PathLike = "<petsird>", module_type: int = 0
+                          ) -> np.ndarray:
+    """Unmashed STIR TOF position ``u`` (``-(n-1)/2 .. (n-1)/2``) of each PETSIRD TOF index, as the signed
+    position of the emission from the LOR's mid-point towards the *first* detection bin, in units of the
+    scanner's unmashed TOF bin (``c/2 * Size of unmashed TOF time bins (ps)``).
+
+    Raises
+    ------
+    GeometryMismatchError
+        If the file's TOF bins are not the scanner's unmashed TOF bins (number, width, centred on 0).
+    """
+    from ..errors import GeometryMismatchError
+    from ..geometry.sinogram import SPEED_OF_LIGHT_MM_PER_PS_DIV2
+
+    edges = np.asarray(info.tof_bin_edges[module_type][module_type].edges, dtype=np.float64)
+    n = edges.size - 1
+    w = scanner.size_timing_pos_ps * SPEED_OF_LIGHT_MM_PER_PS_DIV2
+    widths = np.diff(edges)
+    if (not scanner.is_tof_ready or n != scanner.max_num_timing_poss
+            or np.abs(widths - w).max() > 1e-3 * w + 1e-4 or abs(edges[0] + edges[-1]) > 1e-3 * w + 1e-4):
+        raise GeometryMismatchError(f"{path}: PETSIRD has {n} TOF bins of {widths.mean():.4g} mm from "
+                                    f"{edges[0]:.4g} mm; the TOF template needs the {scanner.name}'s "
+                                    f"{scanner.max_num_timing_poss} unmashed TOF bins of {w:.4g} mm centred on 0")
+    # value (t1 - t2) c/2 at bin centre i; emission offset towards the first detector = -value
+    centre = (edges[:-1] + edges[1:]) / 2
+    return np.rint(-centre / w).astype(np.int64)
+
+
 def read_petsird_header(path: str | os.PathLike):
     """The ``petsird.Header`` of a binary PETSIRD file."""
     petsird = _petsird()
@@ -187,12 +217,14 @@ def iter_petsird_events(path: str | os.PathLike, module_pair: tuple[int, int] = 
 
 
 def write_petsird_cylinder(path: str | os.PathLike, scanner: Scanner, blocks: list[tuple[int, int, np.ndarray,
-                           np.ndarray]], overwrite: bool = False) -> Path:
+                           np.ndarray]], overwrite: bool = False, tof: bool = False) -> Path:
     """Write a PETSIRD file for a cylinder of ``scanner.num_rings x detectors_per_ring`` crystals.
 
     One module type: ``detectors_per_ring`` modules (module ``k`` rotated by ``2 pi k / N``), each a column of
-    ``num_rings`` crystals (element ``j`` = ring ``j``); one energy bin, one TOF bin. ``blocks`` are
-    ``(start_ms, stop_ms, prompts, delayeds)`` with ``(n, 4)`` arrays of ``(ring1, crystal1, ring2, crystal2)``.
+    ``num_rings`` crystals (element ``j`` = ring ``j``); one energy bin; one TOF bin, or with ``tof`` the
+    scanner's unmashed TOF bins.  ``blocks`` are ``(start_ms, stop_ms, prompts, delayeds)`` with ``(n, 4)``
+    arrays of ``(ring1, crystal1, ring2, crystal2)``, or with ``tof`` ``(n, 5)`` arrays whose last column is the
+    unmashed TOF position ``u`` of the emission towards detector 1 (units of the unmashed TOF bin width).
     Written under a temporary name, then renamed.
     """
     petsird = _petsird()
@@ -225,17 +257,30 @@ def write_petsird_cylinder(path: str | os.PathLike, scanner: Scanner, blocks: li
     initialize_scanner_information_dimensions(info, 1, allocate_detection_bin_efficiencies=False,
                                               allocate_module_pair_efficiencies=False)
     span = 2 * scanner.effective_radius_mm
-    info.tof_bin_edges[0][0] = petsird.BinEdges(edges=np.array([-span, span], dtype=np.float32))
-    info.tof_resolution[0][0] = 1e4
+    if tof:
+        from ..geometry.sinogram import SPEED_OF_LIGHT_MM_PER_PS_DIV2
+        ntof = scanner.max_num_timing_poss
+        wt = scanner.size_timing_pos_ps * SPEED_OF_LIGHT_MM_PER_PS_DIV2
+        info.tof_bin_edges[0][0] = petsird.BinEdges(edges=((np.arange(ntof + 1) - ntof / 2) * wt).astype(np.float32))
+        info.tof_resolution[0][0] = scanner.timing_resolution_ps * SPEED_OF_LIGHT_MM_PER_PS_DIV2
+    else:
+        info.tof_bin_edges[0][0] = petsird.BinEdges(edges=np.array([-span, span], dtype=np.float32))
+        info.tof_resolution[0][0] = 1e4
     info.event_energy_bin_edges[0] = petsird.BinEdges(edges=np.array([430.0, 610.0], dtype=np.float32))
     info.energy_resolution_at_511[0] = 0.145
 
     def events(arr: np.ndarray) -> list:
-        arr = np.asarray(arr, dtype=np.int64).reshape(-1, 4)
+        arr = np.asarray(arr, dtype=np.int64).reshape(-1, 5 if tof else 4)
         b1 = arr[:, 1] * nr + arr[:, 0]
         b2 = arr[:, 3] * nr + arr[:, 2]
         hi, lo = np.maximum(b1, b2), np.minimum(b1, b2)  # PETSIRD: detection_bins[0] >= detection_bins[1]
-        return [petsird.CoincidenceEvent(detection_bins=[int(x), int(y)], tof_idx=0) for x, y in zip(hi, lo)]
+        if tof:  # index of (t1 - t2) c/2 = -u w for the stored first detector (u flips with the order)
+            u = np.where(b1 >= b2, arr[:, 4], -arr[:, 4])
+            idx = (scanner.max_num_timing_poss - 1) // 2 - u
+        else:
+            idx = np.zeros(len(arr), np.int64)
+        return [petsird.CoincidenceEvent(detection_bins=[int(x), int(y)], tof_idx=int(k))
+                for x, y, k in zip(hi, lo, idx)]
 
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:

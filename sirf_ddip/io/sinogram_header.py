@@ -8,12 +8,12 @@ parsed header (:class:`~sirf_ddip.io.header.InterfileHeader`) into them, followi
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from ..errors import GeometryError, InputFileError, UnsupportedDataError
 from ..geometry.scanner import _INT_OPTIONAL, _OPTIONAL_KEYS, Scanner, get_scanner
 from ..geometry.sinogram import SinogramGeometry
+from ..utils.leniency import lenient
 from .header import InterfileHeader
 
 __all__ = ["scanner_from_header", "geometry_from_header"]
@@ -103,8 +103,8 @@ def _tof_scanner_keys(hdr: InterfileHeader, base: Scanner | None) -> tuple[int, 
             out.append(preset)
             continue
         if base is not None and base.is_tof_ready and abs(raw - preset) > tol:
-            warnings.warn(f"{hdr.path}: '{key}' is {raw} in the header but {preset} for STIR's {base.name}; "
-                          "using the header's value (as STIR)", RuntimeWarning, stacklevel=4)
+            lenient(hdr.path, f"{raw:g} in the header but {preset:g} for STIR's {base.name}; using the header's "
+                    "value (as STIR)", key=key)
         out.append(raw)
     return int(out[0]), float(out[1]), float(out[2])
 

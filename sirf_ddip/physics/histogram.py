@@ -180,7 +180,12 @@ class Histogram:
         g = self.geometry
         numbers = [s.number for s in g.segments]
         axial = [s.num_axial for s in g.segments]
-        arr = file_to_memory_order(self.data, numbers, axial, g.num_views, g.num_tangential, "view")
+        if getattr(g, "is_tof", False):  # one file-order block per TOF bin
+            blk = g.num_sinograms * g.num_views * g.num_tangential
+            arr = np.stack([file_to_memory_order(self.data[i * blk:(i + 1) * blk], numbers, axial, g.num_views,
+                                                 g.num_tangential, "view") for i in range(g.num_tof_bins)])
+        else:
+            arr = file_to_memory_order(self.data, numbers, axial, g.num_views, g.num_tangential, "view")
         return ProjData(arr, g, {"source": self.stats.get("listmode", ""), "events": self.events})
 
     def write(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -243,7 +248,8 @@ def flat_projdata_header(path: str | os.PathLike, geometry: SinogramGeometry, ex
 def write_flat_data(file: str | os.PathLike, flat: np.ndarray, geometry: SinogramGeometry) -> None:
     """Write the ``.s`` data of :func:`write_flat_projdata` (little-endian float32) to ``file``, in blocks."""
     flat = np.asarray(flat)
-    size = geometry.num_sinograms * geometry.num_views * geometry.num_tangential
+    size = (geometry.num_sinograms * geometry.num_views * geometry.num_tangential
+            * getattr(geometry, "num_tof_bins", 1))
     if flat.size != size:
         raise ValueError(f"{flat.size} values for a geometry of {size} bins")
     with open(file, "wb") as f:
@@ -614,8 +620,11 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
     """Histogram a PETSIRD listmode whose scanner is a cylinder of detectors (see
     :mod:`sirf_ddip.io.petsird_listmode`) onto ``geometry``, with the same binning as the Siemens listmode.
 
-    Time blocks are in the frame when ``start <= block start < end`` (ms from the scan start); TOF indices
-    and energy bins are summed over.
+    Time blocks are in the frame when ``start <= block start < end`` (ms from the scan start); energy bins
+    are summed over, and so are the TOF indices unless ``geometry`` is TOF: then each event goes to the TOF bin
+    of its emission point's signed position ``d`` along the LOR (STIR: ``d > 0`` towards the bin's detector 1,
+    so the position flips where the event's detector order is the reverse of STIR's), with the geometry's TOF
+    mashing (:func:`sirf_ddip.io.petsird_listmode.petsird_tof_positions`).
     """
     import torch
 
@@ -633,18 +642,24 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
                                     f"({b.num_rings} x {b.detectors_per_ring})")
     binner = DetectorPairBinner(geometry)
     size = binner.size
-    acc = torch.zeros(size + 1, dtype=torch.int32)
+    tof = bool(getattr(geometry, "is_tof", False))
+    if tof:
+        from ..io.petsird_listmode import petsird_tof_positions
+        upos = petsird_tof_positions(info, geometry.scanner, path, module_type)
+        half_unmashed = (geometry.scanner.max_num_timing_poss - 1) // 2
+    total = size * (geometry.num_tof_bins if tof else 1)
+    acc = torch.zeros(total + 1, dtype=torch.int32)
     lo_ms = 1000.0 * (start or 0.0)
     hi_ms = 1000.0 * end if end is not None else math.inf
     pending: list[tuple[np.ndarray, int]] = []
     npend = 0
     stats = {"listmode": str(path), "format": "PETSIRD", "time_blocks_in_frame": 0, "records_in_frame": 0,
-             "tof_bins_summed": True, "first_time_tag_s": None, "last_time_tag_s": None, "last_block_stop_s": None}
+             "tof_bins_summed": not tof, "first_time_tag_s": None, "last_time_tag_s": None, "last_block_stop_s": None}
 
     def flush():
         nonlocal npend
         for flat, w in pending:
-            idx = torch.from_numpy(np.where(flat >= 0, flat, size))
+            idx = torch.from_numpy(np.where(flat >= 0, flat, total))
             acc.scatter_add_(0, idx, torch.full((flat.size,), w, dtype=torch.int32))
         pending.clear()
         npend = 0
@@ -662,21 +677,36 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
             if stats["first_time_tag_s"] is None:
                 stats["first_time_tag_s"] = blk.start_ms / 1000.0
             stats["last_time_tag_s"] = blk.start_ms / 1000.0
-            for arr, w, use in ((blk.prompts, 1, events in ("prompts", "trues")),
-                                (blk.delayeds, -1 if events == "trues" else 1, events in ("delayeds", "trues"))):
+            for arr, tix, w, use in ((blk.prompts, blk.prompt_tof, 1, events in ("prompts", "trues")),
+                                     (blk.delayeds, blk.delayed_tof, -1 if events == "trues" else 1,
+                                      events in ("delayeds", "trues"))):
                 stats["records_in_frame"] += int(arr.shape[0])
                 if not use or arr.shape[0] == 0:
                     continue
                 r1, c1 = cyl.detectors(arr[:, 0])
                 r2, c2 = cyl.detectors(arr[:, 1])
-                pending.append((binner.bin_index(r1, c1, r2, c2, order="sinogram"), w))
+                flat = binner.bin_index(r1, c1, r2, c2, order="sinogram")
+                if tof:
+                    if tix.size and (tix.min() < 0 or tix.max() >= upos.size):
+                        raise InputFileError(path, f"TOF index outside the file's {upos.size} TOF bins",
+                                             key="tof_idx")
+                    _, keep = binner.view_tangential_index(c1, c2)
+                    u = np.where(keep, upos[tix], -upos[tix])  # towards STIR's detector 1 of the bin
+                    k = (u + half_unmashed) // geometry.tof_mash_factor
+                    flat = np.where(flat >= 0, k * size + flat, -1)
+                pending.append((flat, w))
                 npend += arr.shape[0]
             if npend > (1 << 22):
                 flush()
         flush()
     finally:
         bar.close()
-    data = sinogram_to_file_order(acc.numpy(), geometry)
+    if tof:  # each TOF bin's block from "sinogram" to file order
+        blocks = acc.numpy()[:total].reshape(geometry.num_tof_bins, size)
+        nt = geometry.non_tof()
+        data = np.concatenate([sinogram_to_file_order(np.ascontiguousarray(b), nt).copy() for b in blocks])
+    else:
+        data = sinogram_to_file_order(acc.numpy(), geometry)
     stats["counted"] = float(data.sum(dtype=np.float64))
     _check_petsird_frame(path, start, end, stats, bool(data.any()), events)
     stop = stats["last_block_stop_s"]  # the frame ends at its end, or at the end of the data

@@ -44,7 +44,7 @@ from .projector import Projector, _row_bounds, _to_torch_csr, _TorchSeg
 from .raytrace import SystemMatrix
 
 __all__ = ["TOFProjector", "tof_kernel_weights", "element_tof_coordinates", "kernel_table", "point_tof_coordinate",
-           "TOF_CUTOFF"]
+           "axial_tof_offset_mm", "TOF_CUTOFF"]
 
 #: STIR's cut-off of the integrated Gaussian: 0 once both bin edges are this many ``sqrt(2) sigma`` away
 TOF_CUTOFF = 4.0
@@ -113,13 +113,17 @@ def point_tof_coordinate(geometry: SinogramGeometry, x_mm, y_mm, z_mm=0.0, segme
 def element_tof_coordinates(geometry: SinogramGeometry, grid: ImageGrid, sm: SystemMatrix) -> dict:
     """Per planned segment, ``d`` (float32 mm) of every stored element of the non-TOF matrix ``sm``.
 
-    Element ``e`` of row ``view * nt + tang`` stores ``c = yx * P + q + Z0``: voxel ``yx`` of the traced plane
-    ``q`` for axial position 0; its centre is ``x = ox + ix vx``, ``y = oy + iy vy``,
-    ``z = (q - (nz - 1) / 2) vz + oz`` and the LOR's mid-point is at ``m`` of axial position 0."""
+    Element ``e`` of row ``view * nt + tang`` stores ``c = yx * P + q + Z0``: voxel ``yx`` of image plane ``q``
+    for axial position 0; its centre is ``x = ox + ix vx``, ``y = oy + iy vy`` and, as STIR 6.4's
+    ``apply_tof_kernel`` takes it, ``z = q vz + oz - (N_rings - 1) / 2 * ring_spacing`` (the voxel's physical z
+    minus the scanner's axial centre); the LOR's mid-point is at ``m`` of axial position 0.  For STIR's default
+    image (``2 N_rings - 1`` planes of half the ring spacing) this is the plane's offset from the scanner centre
+    that the ray tracer uses (:func:`axial_tof_offset_mm` is 0)."""
     nz, ny, nx = grid.shape
     vz, vy, vx = grid.voxel_size
     oz, oy, ox = grid.origin
     nt = geometry.num_tangential
+    sc = geometry.scanner
     phi = geometry.phi()
     sphi, cphi = np.sin(phi), np.cos(phi)
     s = geometry.s()
@@ -137,12 +141,20 @@ def element_tof_coordinates(geometry: SinogramGeometry, grid: ImageGrid, sm: Sys
         tant = np.asarray(geometry.tantheta(p.number, s), dtype=np.float64) * np.ones(nt)
         d = x * sphi[v] - y * cphi[v]
         if np.any(tant != 0):
-            z = (q - (nz - 1) / 2.0) * vz + oz
+            z = q * vz + oz - (sc.num_rings - 1) / 2.0 * sc.ring_spacing_mm
             m0 = geometry.segment(p.number).m_mm[0]
             tt = tant[t]
             d = (d - (z - m0) * tt) / np.sqrt(1.0 + tt * tt)
         out[p.number] = np.ascontiguousarray(d, dtype=np.float32)
     return out
+
+
+def axial_tof_offset_mm(geometry: SinogramGeometry, grid: ImageGrid) -> float:
+    """How far STIR's TOF kernel's z (voxel z minus the scanner's ring centre) is from the ray tracer's z (the
+    image's index centre aligned with the scanner centre, shifted by the origin): ``(nz - 1) / 2 vz - (N_rings -
+    1) / 2 ring_spacing``; 0 for STIR's default image."""
+    nz, vz = grid.shape[0], grid.voxel_size[0]
+    return (nz - 1) / 2.0 * vz - (geometry.scanner.num_rings - 1) / 2.0 * geometry.scanner.ring_spacing_mm
 
 
 class TOFProjector(Projector):
@@ -152,7 +164,9 @@ class TOFProjector(Projector):
     Takes the arguments of :class:`Projector` (``Projector(tof_geometry, grid)`` returns one of these).  View
     subsets follow the TOF geometry (STIR disables the rotational symmetries for TOF data, so subset ``s`` of
     ``S`` is the views ``v % S == s``).  ``kernel="auto"`` is the compiled CPU kernel on the CPU and the torch
-    kernel on other devices.
+    kernel on other devices.  For an image that is not STIR's default axially (``nz != 2 N_rings - 1`` planes of
+    half the ring spacing) with oblique segments, every segment is traced on its own (``use_mirror=False``):
+    STIR's TOF coordinate then depends on the segment's sign (:func:`axial_tof_offset_mm`).
     """
 
     def __init__(self, geometry: SinogramGeometry, grid: ImageGrid, device=None, dtype: torch.dtype = torch.float32,
@@ -165,6 +179,10 @@ class TOFProjector(Projector):
         from ..utils.device import resolve_device
         if kernel == "auto":
             kernel = "numba" if resolve_device(device).type == "cpu" else "torch"
+        oblique = any(abs(sg.average_ring_diff) > 1e-4 for sg in geometry.segments)
+        if use_mirror and oblique and abs(axial_tof_offset_mm(geometry, grid)) > 1e-4:
+            # STIR's TOF z is not symmetric about the image centre here, so segment -d is not segment +d mirrored
+            use_mirror = False
         super().__init__(geometry, grid, device, dtype, num_tangential_lors, use_mirror, cache, cpu_threads,
                          max_operand_bytes, max_accumulator_bytes, kernel, disk_cache, setup_threads)
         self.tof_edges = geometry.tof_bin_edges_mm()
@@ -310,7 +328,8 @@ class TOFProjector(Projector):
 
             out.append(dict(p=p, qmin=qmin, nq=nq, shape=(idx.shape[0], shape[1]),
                             crow=t(idx.indptr), col=t(idx.indices), crowT=t(idxT.indptr), colT=t(idxT.indices),
-                            vals=t(sm.vals[p.number][order], self.dtype), valsT=t(sm.vals[p.number][orderT], self.dtype),
+                            vals=t(sm.vals[p.number][order], self.dtype),
+                            valsT=t(sm.vals[p.number][orderT], self.dtype),
                             d=t(dd[p.number][order], torch.float32), dT=t(dd[p.number][orderT], torch.float32)))
         self._dev_ops[key] = out
         return out
