@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Record the DDIP golden hashes of the current code in ``tests/data/ddip_golden.json``.
+
+Run this only when a change of DDIP's numerics is intended (and say so in the commit); a refactoring must leave
+``tests/test_ddip_golden.py`` passing against the recorded file. The cases are in ``tests/ddip_golden_case.py``.
+
+Usage::
+
+    PYTHONPATH=. python tools/make_ddip_golden.py [--out tests/data/ddip_golden.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ddip_golden_case import CASES, dumps, environment, run_case
+
+    from sirf_ddip.utils.atomic import write_text
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(ROOT / "tests" / "data" / "ddip_golden.json"))
+    args = p.parse_args(argv)
+    record = {"environment": environment(), "cases": {name: run_case(name) for name in CASES}}
+    write_text(args.out, dumps(record))
+    print(f"wrote {args.out} ({len(CASES)} cases)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
