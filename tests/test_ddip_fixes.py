@@ -11,7 +11,7 @@ import torch
 
 from sirf_ddip.prior.schedule import NoiseSchedule
 from sirf_ddip.physics.likelihood import PoissonLogLikelihood
-from sirf_ddip.recon.ddip import finetune_loss
+from sirf_ddip.prior.adaptation import finetune_loss
 from sirf_ddip.recon.hqs import hqs_image_step
 from sirf_ddip.recon.em import em_update
 from test_ddip_support import DenseDataStep, make_ddip, tiny_bundle
@@ -378,7 +378,7 @@ def test_ddim_x0_hqs_steers_with_the_data_fused_image(bundle):
 
 # ---------------------------------------------------------------------- smoothed data correction
 def test_smooth_correction_keeps_constants_and_spreads_a_spike_as_a_gaussian():
-    from sirf_ddip.recon.ddip import smooth_correction
+    from sirf_ddip.prior.adaptation import smooth_correction
 
     c = torch.full((7, 9, 9), 0.3, dtype=torch.float64)
     torch.testing.assert_close(smooth_correction(c, 1.5), c)            # normalised: exact up to the end planes
@@ -402,16 +402,16 @@ def test_smooth_correction_keeps_constants_and_spreads_a_spike_as_a_gaussian():
 def test_correction_sigma_smooths_the_finetuning_target_and_the_hqs_image(bundle, monkeypatch):
     """``correction_sigma_vox > 0``: the fine-tuning loss sees ``fold(x̂0) + smooth(x_HQS − fold(x̂0))`` and
     ``ddim_x0: hqs`` steers with ``x̂0 + smooth(x_HQS − x̂0)``; 0 leaves both as they were."""
-    import sirf_ddip.recon.ddip as ddip_mod
+    import sirf_ddip.prior.adaptation as adaptation_mod
 
     seen = []
-    real = ddip_mod.finetune_loss
+    real = adaptation_mod.finetune_loss
 
     def spy(x0s, hqs_s, fold_s, *a, **k):
         seen.append((hqs_s.detach().clone(), fold_s.detach().clone()))
         return real(x0s, hqs_s, fold_s, *a, **k)
 
-    monkeypatch.setattr(ddip_mod, "finetune_loss", spy)
+    monkeypatch.setattr(adaptation_mod, "finetune_loss", spy)
     ds = DenseDataStep(shape=(3, 16, 16))
     r = make(ds, bundle, num_steps=2, correction_sigma_vox=1.0, ddim_x0="hqs")
     r.initialise()
@@ -421,7 +421,7 @@ def test_correction_sigma_smooths_the_finetuning_target_and_the_hqs_image(bundle
     hqs_s, fold_s = seen[-1]
     raw = r._to_net(r._x_img)
     planes = r.prior.slab_planes(3, r.prior.slab_indices(3))
-    want = ddip_mod.smooth_correction(raw - x0, 1.0)[planes]
+    want = adaptation_mod.smooth_correction(raw - x0, 1.0)[planes]
     torch.testing.assert_close(hqs_s - fold_s, want, rtol=1e-5, atol=1e-6)
     assert float((hqs_s - fold_s - (raw - x0)[planes]).abs().max()) > 1e-3   # it is smoothed, not the raw one
     with pytest.raises(Exception, match="correction_sigma_vox"):
@@ -431,7 +431,7 @@ def test_correction_sigma_smooths_the_finetuning_target_and_the_hqs_image(bundle
 def test_correction_sigma_with_ddim_x0_hqs_steers_with_the_smoothed_image(bundle):
     """``ddim_x0: hqs`` with ``correction_sigma_vox``: the step's x̂0 is the adapted net's x̂0 plus the smoothed
     correction towards the HQS image (clamped), not the HQS image itself."""
-    from sirf_ddip.recon.ddip import smooth_correction
+    from sirf_ddip.prior.adaptation import smooth_correction
 
     ds = DenseDataStep(shape=(3, 16, 16))
     h = make(ds, bundle, num_steps=2, ddim_x0="hqs", correction_sigma_vox=1.0)
@@ -471,11 +471,11 @@ def test_persistent_optimizer_carries_adam_moments_over_the_diffusion_steps(bund
         live = (grads[0].abs() > 1e-6) & (grads[1].abs() > 1e-6)
         assert int(live.sum()) > 100
         if mode == "reset":
-            assert r._optimizer is None
+            assert r.adaptation.optimizer is None
             for d, g in zip(moves, grads):   # (the gradients are the clipped ones AdamW used; its eps is 1e-8)
                 torch.testing.assert_close(d[live], -lr * g[live] / (g[live].abs() + 1e-8), rtol=1e-3, atol=1e-9)
         else:
-            assert all(int(st["step"]) == 2 for st in r._optimizer.state.values())
+            assert all(int(st["step"]) == 2 for st in r.adaptation.optimizer.state.values())
             g = grads[0][live]
             torch.testing.assert_close(moves[0][live], -lr * g / (g.abs() + 1e-8), rtol=1e-3, atol=1e-9)
             g1, g2 = grads[0][live], grads[1][live]

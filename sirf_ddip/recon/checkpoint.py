@@ -89,3 +89,18 @@ def read_checkpoint(folder: str | os.PathLike, config: dict[str, Any],
         raise InputFileError(path, f"checkpoint image shape {state.get('image_shape')} != {list(image_shape)}",
                              key="image_shape")
     return state
+
+
+def check_resumable(state: dict[str, Any], folder: str | os.PathLike, prior_grid: str | None,
+                    xt_shape: tuple[int, ...]) -> None:
+    """:class:`InputFileError` when a checkpoint was made on another prior grid or with another ``x_t`` shape.
+
+    ``prior_grid`` is this run's ``PriorGrid.describe()`` (None: the PET grid is the prior's own).
+    """
+    where = Path(folder) / CHECKPOINT_FILE
+    if "prior_grid" in state and state["prior_grid"] != prior_grid:
+        raise InputFileError(where, f"checkpoint made on {state['prior_grid'] or 'the prior grid itself'}, "
+                                    f"this run is on {prior_grid or 'the prior grid itself'}", key="prior_grid")
+    if tuple(state["xt"].shape) != tuple(xt_shape):
+        raise InputFileError(where, f"checkpoint x_t shape {tuple(state['xt'].shape)} != this run's "
+                                    f"{tuple(xt_shape)} (another prior or prior grid)", key="xt")
