@@ -18,7 +18,7 @@ Example::
 
     python benchmarks/ddip_sweep.py /work/val/fdg_213_d0.1 --grid beta=3,10 --final-em 0,2,5 --out sweep.jsonl
 
-The validation studies of ``recon/ddip.yaml``'s table: ``sirf-ddip simulate benchmarks/validation/NAME.yaml --out
+The validation studies of ``docs/VALIDATION.md``'s table: ``sirf-ddip simulate benchmarks/validation/NAME.yaml --out
 VAL/NAME`` for each file there.
 """
 
@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_grid(items: list[str]) -> list[dict]:
@@ -149,7 +148,8 @@ def baselines(case: Path, ds, sc: Scorer, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="+", help="case folders (PETRIC layout with truth.hv, mr.hv, mask_brain.hv)")
-    ap.add_argument("--config", default=str(REPO / "configs" / "ddip.yaml"))
+    ap.add_argument("--config", default=None, help="YAML layered over the shipped settings (or the preset)")
+    ap.add_argument("--preset", default=None, help="start from DDIPConfig.preset(NAME): paper, 0.4, 0.2, 0.1")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key=value for every run")
     ap.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (cartesian product)")
     ap.add_argument("--runs", default=None, help="JSON list of override dicts, run after the --grid product")
@@ -233,7 +233,7 @@ def main(argv=None) -> int:
             ov.update(g)
             ov["device"] = str(dev)
             ov["final_em"] = 0
-            cfg = DDIPConfig.load(args.config, ov)
+            cfg = DDIPConfig.load(args.config, ov, preset=args.preset)
             t0 = time.perf_counter()
             r = DDIPReconstructor(cfg)
             r.set_objective_function(ds)

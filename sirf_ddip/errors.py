@@ -131,3 +131,7 @@ class InputFileWarning(UserWarning):
         self.key = key
         where = f"{self.path}" + (f" [key '{key}']" if key is not None else "")
         super().__init__(f"{where}: {message}")
+
+
+class ConfigWarning(UserWarning):
+    """A setting that still loads but should be given another way (e.g. a superseded value: use its preset)."""

@@ -307,17 +307,17 @@ def test_beta_schedule_closed_form():
 
 
 def test_reconstructor_uses_the_scheduled_beta_in_every_image_step(bundle, monkeypatch):
-    import sirf_ddip.recon.ddip as ddip_mod
+    import sirf_ddip.recon.image_step as image_step_mod
     from sirf_ddip.recon.hqs import beta_activity, beta_schedule
 
     seen = []
-    real = ddip_mod.hqs_image_step
+    real = image_step_mod.hqs_image_step
 
     def spy(ds, x, z, beta, num_em, subsets, timer=None):
         seen.append(beta)
         return real(ds, x, z, beta, num_em, subsets, timer=timer)
 
-    monkeypatch.setattr(ddip_mod, "hqs_image_step", spy)
+    monkeypatch.setattr(image_step_mod, "hqs_image_step", spy)
     ds = DenseDataStep()
     r = make(ds, bundle, num_steps=4, beta=8.0, beta_final=0.5)
     r.process(progress=False)
@@ -367,7 +367,7 @@ def test_ddim_x0_hqs_steers_with_the_data_fused_image(bundle):
     h = make(ds, bundle, num_steps=2, ddim_x0="hqs", correction_sigma_vox=0.0)
     h.update_current_estimate()
     lo, hi = h.config.x0_clamp
-    want = h._masked(h.prior.from_network(h.prior.to_network(h._x_img).clamp(lo, hi)).to(h.x.dtype))
+    want = h.image_step.masked(h.prior.from_network(h.prior.to_network(h._x_img).clamp(lo, hi)).to(h.x.dtype))
     torch.testing.assert_close(h.x, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h._x0_net, h.prior.to_network(h._x_img).clamp(lo, hi))
     n = make(ds, bundle, num_steps=2, ddim_x0="network", correction_sigma_vox=0.0)
@@ -416,7 +416,7 @@ def test_correction_sigma_smooths_the_finetuning_target_and_the_hqs_image(bundle
     r = make(ds, bundle, num_steps=2, correction_sigma_vox=1.0, ddim_x0="hqs")
     r.initialise()
     t = r.timesteps[0]
-    x0 = r._with_data_planes(r.schedule.tweedie_x0(r._xt, r.prior.eps(r._xt, t), t).clamp(*r.config.x0_clamp))
+    x0 = r._tweedie(r._xt, r.prior.eps(r._xt, t), t)
     r._finetune(r._xt.clone(), t)
     hqs_s, fold_s = seen[-1]
     raw = r._to_net(r._x_img)
@@ -440,7 +440,7 @@ def test_correction_sigma_with_ddim_x0_hqs_steers_with_the_smoothed_image(bundle
     xt = h._xt.clone()
     h.update_current_estimate()
     lo, hi = h.config.x0_clamp
-    x0_net = h._with_data_planes(h.schedule.tweedie_x0(xt, h.prior.eps(xt, t), t).clamp(lo, hi))  # adapted net
+    x0_net = h._tweedie(xt, h.prior.eps(xt, t), t)  # adapted net
     raw = h.prior.to_network(h._x_img)
     want = (x0_net + smooth_correction(raw - x0_net, 1.0)).clamp(lo, hi)
     torch.testing.assert_close(h._x0_net, want, rtol=1e-5, atol=1e-5)

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--mr", default=None, help="co-registered T1 MR on the PET grid (.hv, .nii, .nii.gz)")
     p.add_argument("--out", required=True, help="output image (.hv Interfile; .nii/.nii.gz NIfTI)")
     p.add_argument("--config", default=None, help=f"DDIP YAML config (default: {DEFAULT_CONFIG.name} shipped)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="start from a named preset instead of the shipped settings: paper (the authors'), 0.4, 0.2, "
+                        "0.1 (superseded releases; docs/VALIDATION.md); --config and --set layer over it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set num_steps=50; repeatable")
     p.add_argument("--image-template", default=None,
@@ -60,8 +63,8 @@ def output_stem(out: Path) -> str:
 
 
 def resolve_config(config: str | None, overrides: list[str], seed: int | None, device: str | None,
-                   no_mr: bool, threads: int | None = None):
-    """The run's :class:`DDIPConfig`: shipped or given YAML, then ``--set``, then the explicit flags."""
+                   no_mr: bool, threads: int | None = None, preset: str | None = None):
+    """The run's :class:`DDIPConfig`: shipped, ``--preset``, the given YAML, ``--set``, then the explicit flags."""
     from ..config import parse_overrides
     from ..recon.config import DDIPConfig
 
@@ -75,7 +78,7 @@ def resolve_config(config: str | None, overrides: list[str], seed: int | None, d
         ov["num_threads"] = int(threads)
     if no_mr:
         ov["use_mr"] = False
-    return DDIPConfig.load(path, ov), path   # the file layers over the shipped settings
+    return DDIPConfig.load(path, ov, preset=preset), path   # the file layers over the shipped settings
 
 
 def build_data_step(args, grid, device, num_subsets: int):
@@ -211,7 +214,7 @@ def _recon(args) -> int:
     if args.no_mr and args.mr:
         raise ConfigError("--no-mr and --mr given together; drop one")
     cfg, cfg_path = resolve_config(args.config, args.overrides, args.seed, args.device, args.no_mr,
-                                   getattr(args, "threads", None))
+                                   getattr(args, "threads", None), getattr(args, "preset", None))
     checkpointing = cfg.checkpoint_every > 0
     if args.checkpoint_dir:
         ck_dir = Path(args.checkpoint_dir)
@@ -277,7 +280,8 @@ def _recon(args) -> int:
         "inputs": {"prompts": args.prompts, "mult": args.mult, "additive": args.additive, "mr": args.mr,
                    "image_template": args.image_template, "weights": str(getattr(bundle, "path", None) or
                                                                          args.weights or "default"),
-                   "config_file": str(cfg_path) if cfg_path else None, "resume": args.resume},
+                   "config_file": str(cfg_path) if cfg_path else None, "preset": getattr(args, "preset", None),
+                   "resume": args.resume},
         "input_identity": identity["inputs"],
         "output": str(out), "device": str(device), "seconds": round(seconds, 2),
         "seconds_per_step": timing, "pet_scale": float(recon.pet_scaler.scale),
@@ -303,8 +307,33 @@ def _recon(args) -> int:
     return 0
 
 
+#: volumes with fewer planes than this show every axial plane instead of the central three orthogonal slices (the
+#: coronal and sagittal views of a 7-plane volume would be a few pixels high)
+MIN_PLANES_FOR_ORTHOGONAL = 16
+
+
+def slice_panels(array, voxel_size_zyx) -> list[tuple[str, Any, float]]:
+    """The panels of the slice PNG: ``(title, 2D slice, aspect)``; aspect = height/width of a pixel (voxel sizes).
+
+    Fewer than :data:`MIN_PLANES_FOR_ORTHOGONAL` planes: every axial plane. Otherwise the central axial, coronal
+    and sagittal slices.
+    """
+    import numpy as np
+
+    a = np.asarray(array)
+    nz, ny, nx = a.shape
+    vz, vy, vx = (float(v) for v in voxel_size_zyx)
+    if nz < MIN_PLANES_FOR_ORTHOGONAL:
+        return [(f"z = {k}", a[k], vy / vx) for k in range(nz)]
+    return [("axial (z = %d)" % (nz // 2), a[nz // 2], vy / vx),
+            ("coronal (y = %d)" % (ny // 2), a[:, ny // 2, :], vz / vx),
+            ("sagittal (x = %d)" % (nx // 2), a[:, :, nx // 2], vz / vy)]
+
+
 def save_slices_png(array, voxel_size_zyx, path: Path, title: str = "", units: str = "") -> Path:
-    """Central axial, coronal and sagittal slices of ``array[z, y, x]`` with one colour bar (Agg backend)."""
+    """Slices of ``array[z, y, x]`` (:func:`slice_panels`) with one colour bar (Agg backend), written atomically."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,21 +341,22 @@ def save_slices_png(array, voxel_size_zyx, path: Path, title: str = "", units: s
     import numpy as np
 
     a = np.asarray(array, dtype=np.float32)
-    nz, ny, nx = a.shape
-    vz, vy, vx = voxel_size_zyx
     vmax = float(np.percentile(a, 99.9)) if a.size else 1.0
     vmax = vmax if vmax > 0 else float(a.max() or 1.0)
-    views = [("axial (z = %d)" % (nz // 2), a[nz // 2], vy / vx),
-             ("coronal (y = %d)" % (ny // 2), a[:, ny // 2, :], vz / vx),
-             ("sagittal (x = %d)" % (nx // 2), a[:, :, nx // 2], vz / vy)]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    panels = slice_panels(a, voxel_size_zyx)
+    rows = math.ceil(len(panels) / 5) if len(panels) > 3 else 1      # at most 5 panels a row
+    cols = math.ceil(len(panels) / rows)
+    fig, axes = plt.subplots(rows, cols, figsize=(12, 4.2) if len(panels) <= 3 else (2.6 * cols + 1.2, 2.8 * rows),
+                             squeeze=False)
+    axes = list(axes.ravel())
     im = None
-    for ax, (name, sl, aspect) in zip(axes, views):
+    for ax, (name, sl, aspect) in zip(axes, panels):
         im = ax.imshow(sl, cmap="inferno", vmin=0, vmax=vmax, origin="upper",
                        aspect=aspect, interpolation="nearest")
         ax.set_title(name)
+    for ax in axes:
         ax.axis("off")
-    cb = fig.colorbar(im, ax=list(axes), shrink=0.85)
+    cb = fig.colorbar(im, ax=axes, shrink=0.85)
     cb.set_label(units)
     if title:
         fig.suptitle(title)

@@ -8,6 +8,7 @@ against :func:`finetune_loss` over a mini-batch of slabs. The projector never en
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable
@@ -83,6 +84,17 @@ def attach_lora(network: nn.Module, rank: int, alpha: float | None, train_biases
     reset_adapters(network, generator=generator)
 
 
+def adapted_copy(network: nn.Module, device, cfg, generator: torch.Generator) -> nn.Module:
+    """A frozen float32 eval-mode copy of ``network`` on ``device``, with seeded LoRA adapters when
+    ``cfg.finetune`` (keys ``lora_rank``, ``lora_alpha``, ``train_biases``, ``adapter_rule``, ``lora_init``)."""
+    net = copy.deepcopy(network).to(device).float().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if cfg.finetune:
+        attach_lora(net, cfg.lora_rank, cfg.lora_alpha, cfg.train_biases, cfg.adapter_rule, cfg.lora_init, generator)
+    return net
+
+
 class LoRAAdaptation:
     """Fine-tuning of a LoRA-adapted :class:`~sirf_ddip.prior.slabs.DiffusionPrior` during sampling.
 
@@ -119,6 +131,16 @@ class LoRAAdaptation:
         self.loss_target, self.consistency = target, consistency
         self.correction_sigma_vox = correction_sigma_vox
         self.optimizer: torch.optim.Optimizer | None = None   # the run's AdamW (policy "persist")
+
+    @classmethod
+    def from_config(cls, cfg, prior, generator: torch.Generator) -> "LoRAAdaptation | None":
+        """The adaptation a DDIP config asks for (its keys of the same names); None when ``cfg.finetune`` is false."""
+        if not cfg.finetune:
+            return None
+        return cls(prior, generator, num_finetune=cfg.num_finetune, finetune_slabs=cfg.finetune_slabs, lr=cfg.lr,
+                   weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, optimizer=cfg.finetune_optimizer,
+                   target=cfg.finetune_target, consistency=cfg.slab_consistency,
+                   correction_sigma_vox=cfg.correction_sigma_vox)
 
     @property
     def network(self) -> nn.Module:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError
 from .schedule import NoiseSchedule
 
 
@@ -42,7 +43,11 @@ class DDIMSampler:
     @classmethod
     def build(cls, schedule: NoiseSchedule, t_start: int, num_steps: int, eta: float, eta_mode: str,
               x0_clamp) -> "DDIMSampler":
-        """The sampler from ``t_start`` in ``num_steps`` strided steps."""
+        """The sampler from ``t_start`` in ``num_steps`` strided steps (:class:`ConfigError` if ``t_start`` is not
+        a step of ``schedule``)."""
+        if not 0 <= t_start < schedule.num_train_steps:
+            raise ConfigError(f"DDIP config: key 't_start' = {t_start} outside [0, "
+                              f"{schedule.num_train_steps - 1}] of the prior's schedule")
         lo, hi = x0_clamp
         return cls(schedule, schedule.timesteps(t_start, num_steps), eta, eta_mode, (lo, hi))
 

@@ -1,11 +1,11 @@
 """DDIP checkpoint files: one ``torch.save`` state per folder, written atomically, read with checks.
 
-The reconstructor (:meth:`sirf_ddip.recon.ddip.DDIPReconstructor.save_checkpoint` / ``load_checkpoint``) decides
-*what* a state holds (x_t, the HQS image, x̂0, adapters, RNG state, step, the algorithm settings); this module owns
-the file: its name and format tag, the atomic write (temporary name in the same folder, then ``os.replace``, so an
-interrupted save leaves the previous checkpoint intact), the JSON sidecar a user can read, and the checks on
-reading (missing, corrupt, other format, other algorithm settings, other image shape), each a named error naming
-the file and the key.
+:class:`CheckpointMixin` says *what* a state of :class:`sirf_ddip.recon.ddip.DDIPReconstructor` holds (x_t, the
+HQS image, x̂0, adapters, RNG state, step, the algorithm settings); this module also owns the file: its name and
+format tag, the atomic write (temporary name in the same folder, then ``os.replace``, so an interrupted save leaves
+the previous checkpoint intact), the JSON sidecar a user can read, and the checks on reading (missing, corrupt,
+other format, other algorithm settings, other image shape, other prior grid), each a named error naming the file
+and the key.
 """
 
 from __future__ import annotations
@@ -104,3 +104,76 @@ def check_resumable(state: dict[str, Any], folder: str | os.PathLike, prior_grid
     if tuple(state["xt"].shape) != tuple(xt_shape):
         raise InputFileError(where, f"checkpoint x_t shape {tuple(state['xt'].shape)} != this run's "
                                     f"{tuple(xt_shape)} (another prior or prior grid)", key="xt")
+
+
+class CheckpointMixin:
+    """``save_checkpoint`` / ``load_checkpoint`` of :class:`~sirf_ddip.recon.ddip.DDIPReconstructor`: what its
+    state holds (:meth:`_checkpoint_state`) and how it is put back (:meth:`_restore_checkpoint_state`)."""
+
+    def save_checkpoint(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/ddip_checkpoint.pt``: the state (:meth:`_checkpoint_state`) and the algorithm settings."""
+        from .base import NotSetUpError
+
+        self._require_setup()
+        if self._xt is None:
+            raise NotSetUpError("DDIP: nothing to checkpoint before the warm start")
+        return write_checkpoint(folder, self._checkpoint_state(), self.config.algorithm_dict())
+
+    def load_checkpoint(self, folder: str | os.PathLike) -> None:
+        """Restore a :meth:`save_checkpoint` state (after ``set_up`` on the same data, prior and MR).
+
+        Raises
+        ------
+        InputFileError
+            Missing/corrupt checkpoint, or one of another image shape or prior grid.
+        ConfigError
+            An algorithm key differs (the ``run`` options need not match).
+        """
+        from .config import DDIPConfig
+
+        self._require_setup()
+        state = read_checkpoint(folder, self.config.algorithm_dict(), tuple(self.data_step.image_shape),
+                                defaults=DDIPConfig().algorithm_dict())
+        grid, ds = self.prior_grid, self.data_step
+        hw = ds.image_shape[1:] if grid is None else grid.prior_shape_yx
+        check_resumable(state, folder, None if grid is None else grid.describe(),
+                        tuple(int(v) for v in (ds.image_shape[0], *hw)))
+        self._restore_checkpoint_state(state)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """x_t, the HQS image, x̂0, the output, the adapters and optimiser, the RNG, the step, the EM count, the PET
+        scale, the prior's grid and planes, and the diagnostics and timings so far."""
+        cpu = {k: getattr(self, a).detach().cpu() for k, a in
+               (("xt", "_xt"), ("x_img", "_x_img"), ("x0_net", "_x0_net"), ("x", "x"))}
+        ad = self.adaptation.state_dict() if self.adaptation is not None else {"adapters": {}, "optimizer": None}
+        planes = self.prior_planes
+        return {"iteration": int(self.iteration), "timesteps": [int(t) for t in self.sampler.timesteps],
+                "image_shape": [int(s) for s in self.data_step.image_shape], **cpu, **ad,
+                "generator": self._gen.get_state(), "em_counter": int(self.image_step.em_counter),
+                "pet_scale": float(self.pet_scaler.scale), "last_loss": self.last_loss,
+                "user_init": bool(self._user_init), "loglik_warm_start": self.loglik_warm_start,
+                "loglik_history": [float(v) for v in self.loglik_history], "loglik_final_em": self.loglik_final_em,
+                "prior_grid": None if self.prior_grid is None else self.prior_grid.describe(),
+                "prior_planes": [bool(v) for v in planes.tolist()] if planes is not None else None,
+                "timings": dict(self.timings), "counts": dict(self.counts)}
+
+    def _restore_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Put a :meth:`_checkpoint_state` (read and checked) back."""
+        dev, dt = self.device, self.data_step.dtype
+        self.sampler.timesteps = list(state["timesteps"])
+        self._xt, self._x0_net = state["xt"].to(dev), state["x0_net"].to(dev)
+        self._x_img, self.x = state["x_img"].to(dev, dt), state["x"].to(dev, dt)
+        if self.adaptation is not None:
+            self.adaptation.load_state_dict(state["adapters"], state.get("optimizer"))
+        self._gen.set_state(state["generator"])
+        self.image_step.em_counter = int(state["em_counter"])
+        self.prior.set_pet_scale(float(state["pet_scale"]))
+        self.last_loss, self._user_init = state.get("last_loss"), bool(state.get("user_init", False))
+        self.loglik_warm_start, self.loglik_final_em = state.get("loglik_warm_start"), state.get("loglik_final_em")
+        self.loglik_history = [float(v) for v in state.get("loglik_history", [])]
+        planes = state.get("prior_planes")   # a checkpoint from before prior_planes ran the prior on every plane
+        self._use_prior_planes(torch.tensor(planes, dtype=torch.bool) if planes is not None else None)
+        for mine, key in ((self.timings, "timings"), (self.counts, "counts")):   # the whole run's time and work
+            mine.clear()
+            mine.update(state.get(key) or {})
+        self.iteration = int(state["iteration"])

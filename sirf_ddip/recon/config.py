@@ -14,13 +14,16 @@ also be given flat (``--set device=cpu`` = ``--set run.device=cpu``) and read fl
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import deep_merge, from_dict, parse_overrides, read_yaml, to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigWarning
 
 
 #: the shipped settings (package data; ``configs/ddip.yaml`` in a source checkout links to it)
@@ -38,6 +41,34 @@ PAPER_SETTINGS: dict[str, Any] = {
     "n_init": 20, "num_subsets": 1, "finetune_slabs": 0, "final_em": 0,
     "beta_final": None, "ddim_x0": "network", "correction_sigma_vox": 0.0, "finetune_optimizer": "reset",
 }
+
+#: named presets, each layered over the shipped settings (``DDIPConfig.preset(name)``, ``sirf-ddip recon --preset``):
+#: the authors' settings and those of superseded releases (docs/VALIDATION.md has what each one measured)
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": PAPER_SETTINGS,
+    # 0.2-0.4: T' = 600, the adapted network's x̂0 in the DDIM step, constant beta, unsmoothed correction
+    "0.4": {"t_start": 600, "ddim_x0": "network", "beta_final": None, "correction_sigma_vox": 0.0},
+}
+#: 0.2: as 0.4, and the prior on every plane (before 0.3's prior_planes)
+PRESETS["0.2"] = {**PRESETS["0.4"], "prior_planes": "all"}
+#: 0.1: as 0.2, with the sampler, LoRA initialisation, adapter rule, loss and FOV handling that 0.2 replaced
+PRESETS["0.1"] = {**PRESETS["0.2"], "eta_mode": "ddim", "lora_init": "peft", "adapter_rule": "legacy",
+                  "finetune_target": "fold", "fov_mask": False}
+
+#: values that only reproduce a superseded release: key -> (value, the preset that sets it); a config file or
+#: override that sets one by hand loads with a warning naming the key and the preset
+SUPERSEDED: dict[str, tuple[Any, str]] = {"eta_mode": ("ddim", "0.1"), "lora_init": ("peft", "0.1"),
+                                          "adapter_rule": ("legacy", "0.1"), "finetune_target": ("fold", "0.1"),
+                                          "prior_planes": ("all", "0.2")}
+
+
+def warn_superseded(data: dict[str, Any], source: str) -> None:
+    """One warning per key of ``data`` set to a value of :data:`SUPERSEDED` (naming the key and the preset)."""
+    for key, (value, preset) in SUPERSEDED.items():
+        if key in data and data[key] == value:
+            warnings.warn(f"{source}: key '{key}' = {value!r} only reproduces release {preset} (superseded); "
+                          f"use --preset {preset} (DDIPConfig.preset({preset!r})) for that release's settings",
+                          ConfigWarning, stacklevel=3)
 
 
 @dataclass
@@ -174,7 +205,7 @@ class DDIPConfig:
         consistency; ``"persist"``: one AdamW for the whole run (its moments carry over the diffusion steps), so a
         parameter whose gradient keeps its sign (a contrast the prior lacks) keeps moving at ``lr`` and one whose
         gradient flips from step to step (the EM updates' noise) moves less. Measured on the amyloid validation
-        cases (``recon/ddip.yaml``): persist adds voxel noise (SSIM 0.48 / 0.71 against 0.66 / 0.78 with reset), so
+        cases (``docs/VALIDATION.md``): persist adds voxel noise (SSIM 0.48 / 0.71 against 0.66 / 0.78 with reset), so
         reset stays the default.
     slab_consistency : float
         Weight of a separate slab-consistency term ``mean((x̂0_slab − fold(x̂0).detach())²)`` added to the
@@ -213,7 +244,7 @@ class DDIPConfig:
         AdamW learning rate (5e-4, the paper's). With a fresh AdamW per diffusion step (``finetune_optimizer:
         reset``) each step moves every adapter parameter by about ``lr``, so a run's whole adaptation is about
         ``num_steps · num_finetune · lr``: lower is smoother, with lesions a little nearer the prior (see
-        ``recon/ddip.yaml``, rows "lr").
+        ``docs/VALIDATION.md``, rows "lr").
     weight_decay : float
         AdamW weight decay (0.01, torch's default, as in the reference code).
     grad_clip : float
@@ -368,6 +399,27 @@ class DDIPConfig:
         return from_dict(cls, _route_run_keys(data), source=source)
 
     @classmethod
+    def coerce(cls, config: Any = None, overrides: dict[str, Any] | None = None) -> "DDIPConfig":
+        """A config for :class:`~sirf_ddip.recon.ddip.DDIPReconstructor`: from a DDIPConfig (copied), a mapping, a
+        YAML path or None (the shipped settings), plus ``overrides``; fine-tuning needs ``num_finetune >= 1``."""
+        if config is None:
+            cfg = cls.shipped()
+        elif isinstance(config, DDIPConfig):
+            cfg = copy.deepcopy(config)
+        elif isinstance(config, dict):
+            cfg = cls.from_dict(config)
+        elif isinstance(config, (str, os.PathLike)):
+            cfg = cls.load(config)
+        else:
+            raise TypeError(f"DDIPReconstructor: config must be a DDIPConfig, dict or YAML path, not "
+                            f"{type(config).__name__}")
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        if cfg.finetune and cfg.num_finetune < 1:
+            raise ConfigError("DDIP config: key 'num_finetune' must be >= 1 when finetune is true "
+                              "(use finetune=false for the no-adaptation baseline)")
+        return cfg
+
+    @classmethod
     def shipped(cls, overrides=None) -> "DDIPConfig":
         """The shipped settings, :data:`SHIPPED_CONFIG`, plus overrides (dict or ``key=value`` strings)."""
         return cls.load(None, overrides)
@@ -375,22 +427,37 @@ class DDIPConfig:
     @classmethod
     def paper(cls, overrides=None) -> "DDIPConfig":
         """The authors' settings (:data:`PAPER_SETTINGS`, β converted to our units), plus overrides."""
-        base = cls.load(None, PAPER_SETTINGS)
+        return cls.preset("paper", overrides)
+
+    @classmethod
+    def preset(cls, name: str, overrides=None) -> "DDIPConfig":
+        """The named preset (:data:`PRESETS`: ``"paper"``, ``"0.4"``, ``"0.2"``, ``"0.1"``) over the shipped
+        settings, plus overrides."""
+        base = cls.load(None, preset=name)
         return base.replace(**(dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)))
 
     @classmethod
-    def load(cls, path=None, overrides=None) -> "DDIPConfig":
-        """The shipped settings, then the YAML file ``path`` (optional; only the keys it names), then overrides
-        (a mapping or ``key=value`` strings). Unknown keys and wrong types are :class:`ConfigError` naming the file
-        and the key."""
+    def load(cls, path=None, overrides=None, preset: str | None = None) -> "DDIPConfig":
+        """The shipped settings, then the ``preset`` (:data:`PRESETS`, optional), then the YAML file ``path``
+        (optional; only the keys it names; the shipped file itself adds nothing), then overrides (a mapping or
+        ``key=value`` strings). Unknown keys, presets and wrong types are :class:`ConfigError` naming the file and
+        the key; a file or override that sets a superseded value by hand warns (:data:`SUPERSEDED`)."""
         data = _route_run_keys(read_yaml(SHIPPED_CONFIG))
         source = "DDIP config"
-        if path is not None:
-            data = deep_merge(data, _route_run_keys(read_yaml(path)))
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"DDIP config: unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+            data = deep_merge(data, _route_run_keys(PRESETS[preset]))
+            source = f"DDIP config (preset {preset})"
+        if path is not None and Path(path).resolve() != SHIPPED_CONFIG:
+            user = _route_run_keys(read_yaml(path))
+            warn_superseded(user, str(path))
+            data = deep_merge(data, user)
             source = str(path)
         if overrides:
-            ov = dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides)
-            data = deep_merge(data, _route_run_keys(ov))
+            ov = _route_run_keys(dict(overrides) if isinstance(overrides, dict) else parse_overrides(overrides))
+            warn_superseded(ov, "--set")
+            data = deep_merge(data, ov)
             source = f"{source} (+ overrides)"
         return from_dict(cls, data, source=source)
 

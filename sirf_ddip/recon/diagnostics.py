@@ -55,3 +55,22 @@ def timing_report(timings: dict[str, float], steps: int) -> dict[str, float]:
     out = {k: v / n for k, v in timings.items() if k != "init"}
     out["init_total"] = timings.get("init", 0.0)
     return out
+
+
+class DiagnosticsMixin:
+    """The diagnostics of :class:`~sirf_ddip.recon.ddip.DDIPReconstructor` (its ``loglik_*``, ``timings``,
+    ``counts``, ``last_loss``)."""
+
+    def data_consistency(self) -> dict[str, Any]:
+        """The run's data-consistency record (:func:`data_consistency`)."""
+        return data_consistency(self.loglik_warm_start, self.loglik_history, self.loglik_final_em)
+
+    def progress_info(self) -> dict[str, Any]:
+        """The fields of the progress line (:func:`progress_fields`)."""
+        t = self.sampler.t(self.iteration - 1) if self.configured and self.iteration > 0 else None
+        return progress_fields(t, self.last_loss, self.loglik_warm_start, self.loglik_history,
+                               self.loglik_final_em, self.timings.get("total") or 0.0, self.iteration)
+
+    def timing_report(self) -> dict[str, float]:
+        """Mean seconds per diffusion step by part (network forward, fine-tune backward, projector, EM, total)."""
+        return timing_report(self.timings, self.iteration)

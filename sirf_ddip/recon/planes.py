@@ -107,6 +107,12 @@ def condition_on_mr(data_step: Any, mr_input: Any, bundle: Any, prior_grid: Any,
     return mr_input, scaler, scaler.to_net(mr_p.to(device, torch.float32))
 
 
+def fov_of(data_step: Any, prior_grid: Any = None) -> torch.Tensor:
+    """Where the output may be non-zero: the scanner's FOV (sensitivity > 0), or ``prior_grid``'s mask of it."""
+    sens = data_step.sensitivity(None)
+    return sens > 0 if prior_grid is None else prior_grid.fov_mask(sens)
+
+
 def anatomy_planes(sens: np.ndarray, vol: np.ndarray, ref: float, what: str, smooth_vox: float = 0.0) -> torch.Tensor:
     """The planes (bool ``[Z]``, CPU) where ``vol`` shows the subject inside the FOV (``sens > 0``).
 
@@ -133,6 +139,35 @@ def anatomy_planes(sens: np.ndarray, vol: np.ndarray, ref: float, what: str, smo
                              f"{100 * ANATOMY_LEVEL:g} % of its reference level {ref:.4g}); check the image and "
                              f"its registration, or set prior_planes: all")
     return planes
+
+
+def choose_prior_planes(mode: str, sens: torch.Tensor, mr: torch.Tensor | None, mr_scale: float | None,
+                        warm_start: torch.Tensor, pet_scale: float, smooth_vox: float) -> torch.Tensor:
+    """The planes the prior runs on (bool ``[Z]``, CPU): ``"all"``, or (``"anatomy"``) where the MR (when the prior
+    is MR-conditioned: ``mr`` on the PET grid, reference ``mr_scale``) or else the in-plane smoothed warm start
+    (reference ``pet_scale``) shows the subject (:func:`anatomy_planes`)."""
+    if mode == "all":
+        return torch.ones(int(sens.shape[0]), dtype=torch.bool)
+    as_np = lambda v: v.detach().to("cpu", torch.float64).numpy()   # noqa: E731
+    if mr is not None:
+        return anatomy_planes(as_np(sens), as_np(mr), float(mr_scale), "the MR")
+    return anatomy_planes(as_np(sens), as_np(warm_start), float(pet_scale), "the warm start", smooth_vox)
+
+
+def fit_pet_scaler(prior: Any, image: torch.Tensor, sens: torch.Tensor, fov_fraction: float, smooth_vox: float):
+    """Fit ``prior``'s PET scaler on ``image`` where ``sens`` exceeds ``fov_fraction`` of its maximum, after
+    in-plane Gaussian smoothing (σ ``smooth_vox`` voxels); returns it (:class:`DataValueError` if it cannot)."""
+    from scipy.ndimage import gaussian_filter
+
+    arr = image.detach().to("cpu", torch.float64).numpy()
+    sens = sens.detach().to("cpu", torch.float64).numpy()
+    arr = np.where(sens > fov_fraction * float(sens.max()), arr, 0.0)
+    if smooth_vox > 0:
+        arr = gaussian_filter(arr, [0.0, smooth_vox, smooth_vox], mode="constant")
+    try:
+        return prior.fit_pet(arr)
+    except ValueError as exc:
+        raise DataValueError(f"DDIP: cannot normalise the starting image for the prior: {exc}") from None
 
 
 class PlaneSplit:
@@ -187,3 +222,32 @@ class PlaneSplit:
         """Log :meth:`summary` when some planes are the data's alone."""
         if not self.everywhere:
             logging.getLogger("sirf_ddip").info("DDIP: %s", self.summary())
+
+
+class PriorPlanesMixin:
+    """The PET scaler and the prior planes of :class:`~sirf_ddip.recon.ddip.DDIPReconstructor`, chosen on its warm
+    start (its ``prior``, ``data_step``, ``config``, MR)."""
+
+    def fit_pet_scaler(self, image: torch.Tensor):
+        """Fit the prior's PET scaler on ``image`` (:func:`fit_pet_scaler`); returns it."""
+        return fit_pet_scaler(self.prior, image, self.data_step.sensitivity(None), self.config.scale_fov_fraction,
+                              self.config.scale_smooth_vox)
+
+    def choose_prior_planes(self, warm_start: torch.Tensor) -> torch.Tensor:
+        """The planes the prior runs on (``prior_planes``; :func:`choose_prior_planes`)."""
+        mr = self.data_step.to_tensor(self._mr_input) if self._mr_net is not None else None
+        return choose_prior_planes(self.config.prior_planes, self.data_step.sensitivity(None), mr,
+                                   self.mr_scaler.scale if mr is not None else None, warm_start,
+                                   float(self.pet_scaler.scale), self.config.scale_smooth_vox)
+
+    def _use_prior_planes(self, planes: torch.Tensor | None) -> None:
+        """Run the prior on ``planes`` (bool [Z]; None = all) and set the others from the data alone."""
+        self._planes = PlaneSplit(planes, int(self.data_step.image_shape[0]), self.device,
+                                  "the MR" if self._mr_net is not None else "the warm start")
+        self.prior_planes = self._planes.planes
+        self.prior.set_active_planes(None if self._planes.everywhere else self.prior_planes)
+        self._planes.log()
+
+    def prior_planes_summary(self) -> str:
+        """One line: which planes the prior runs on (for logs and the run record)."""
+        return "prior planes not chosen yet (after the warm start)" if self._planes is None else self._planes.summary()

@@ -33,3 +33,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     elif dev.type not in ("cpu", "mps"):
         raise DeviceError(f"--device {device}: device type {dev.type!r} is not supported (use auto, cpu or cuda)")
     return dev
+
+
+def require_device_kind(want: str | None, have: str | torch.device, key: str = "device") -> torch.device:
+    """``have`` (the data's device); :class:`ConfigError` when the setting ``want`` (not "auto") asks for another
+    kind of device."""
+    from ..errors import ConfigError
+
+    if want not in ("auto", None) and resolve_device(want).type != torch.device(have).type:
+        raise ConfigError(f"DDIP config: key '{key}' is {want!r} but the data step's tensors are on "
+                          f"{have}; build the data step on the same device")
+    return torch.device(have)
