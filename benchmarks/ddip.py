@@ -5,6 +5,7 @@ Usage::
     python benchmarks/ddip.py                       # CPU (and CUDA when present), shipped config + paper config
     python benchmarks/ddip.py --steps 2 --devices cpu --xy 128 --setups ref2d,mmr4
     python benchmarks/ddip.py --weights PATH        # a trained prior (default: shipped, else random init)
+    python benchmarks/ddip.py --sirf                # on real sirf.STIR objects vs the engine (ddip_sirf.py)
 
 Set-ups (built-in engine, Siemens mMR, span 1, ray-tracing projector):
 
@@ -155,7 +156,13 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--sirf", action="store_true",
+                    help="per-step cost on real sirf.STIR objects vs the engine (benchmarks/ddip_sirf.py)")
     a = ap.parse_args(argv)
+    if a.sirf:
+        from ddip_sirf import main as sirf_main
+
+        return sirf_main(["--steps", str(a.steps)] + (["--threads", str(a.threads)] if a.threads else []))
     if a.threads:
         torch.set_num_threads(a.threads)
     devs = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if a.devices == "auto" else a.devices.split(",")
