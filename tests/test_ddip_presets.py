@@ -26,6 +26,7 @@ def test_presets_layer_over_the_shipped_settings():
     assert DDIPConfig.preset("paper") == DDIPConfig.paper()
     assert {k: DDIPConfig.paper().algorithm_dict()[k] for k in PAPER_SETTINGS} == PAPER_SETTINGS
     assert DDIPConfig.preset("0.4", {"seed": 3}).seed == 3
+    assert sorted(PRESETS) == ["0.1", "0.2", "0.4", "paper"]
     with pytest.raises(ConfigError, match="unknown preset '0.3'.*paper, 0.4"):
         DDIPConfig.preset("0.3")
 
