@@ -4,7 +4,9 @@ One source of truth: the dataclass defaults **are** the shipped settings (``sirf
 from ``configs/ddip.yaml``; a test checks that they agree), so ``DDIPConfig()``, ``DDIPConfig.shipped()``,
 ``DDIPReconstructor()`` and ``sirf-ddip recon`` without ``--config`` all run the same thing, and a partial
 ``--config`` file only changes the keys it names. The authors' values (Hashimoto & Gong 2025, DDIPrecon_for_PET)
-are :data:`PAPER_SETTINGS` / :meth:`DDIPConfig.paper`.
+are :data:`PAPER_SETTINGS` / :meth:`DDIPConfig.paper`; those and the settings of superseded releases are named
+presets (:data:`PRESETS`, :meth:`DDIPConfig.preset`, ``sirf-ddip recon --preset``) layered over the shipped ones,
+so that the values only an old release used (:data:`SUPERSEDED`) need not be set key by key (doing so warns).
 
 Two sections: the *algorithm* keys (everything that changes the result; a checkpoint must match them to resume)
 at the top level, and the *run options* (:class:`DDIPRunOptions`: device, CPU threads, slab batch, checkpoint
