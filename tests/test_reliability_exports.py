@@ -359,3 +359,60 @@ def test_prepare_never_writes_nan_inf_mult_factors(tmp_path, capsys, material, t
     err = _err(capsys)
     assert err.count("\n") == 0 and "component 4 (axial effects) is 0" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- templates
+def _edit_ring_diffs(src: Path, dst: Path, mins: str, maxs: str) -> Path:
+    out = []
+    for ln in src.read_text().splitlines():
+        if ln.startswith("minimum ring difference per segment"):
+            ln = f"minimum ring difference per segment := {mins}"
+        elif ln.startswith("maximum ring difference per segment"):
+            ln = f"maximum ring difference per segment := {maxs}"
+        out.append(ln)
+    dst.write_text("\n".join(out) + "\n")
+    return dst
+
+
+def test_a_template_with_min_ring_difference_above_max_is_swapped_with_a_warning_as_stir(tmp_path, capsys, material):
+    """STIR's ``ProjDataInfoCylindrical`` warns "min_ring_difference ... is larger than max_ring_difference ...
+    Swapping them around" and swaps them; so do we (``--strict`` refuses)."""
+    from sirf_ddip.errors import InputFileError, InputFileWarning
+    from sirf_ddip.io.template import read_template_geometry
+    from sirf_ddip.utils.leniency import strict_inputs
+
+    geom = SinogramGeometry("Siemens mMR", span=11, max_ring_diff=16, num_tangential=41, view_mashing=4)
+    good = tmp_path / "good.hs"
+    good.write_text("\n".join(geom.header_lines()) + "\n")
+    bad = _edit_ring_diffs(good, tmp_path / "bad.hs", "{-16,-5,6}", "{-6,5,16}")
+    assert read_template_geometry(bad).matches(geom)  # the edit is a no-op: the file as written
+    bad = _edit_ring_diffs(good, tmp_path / "bad.hs", "{-6,-5,16}", "{-16,5,6}")
+    with pytest.warns(InputFileWarning) as rec:
+        got = read_template_geometry(bad)
+    msgs = [str(w.message) for w in rec if isinstance(w.message, InputFileWarning)]
+    assert len(msgs) == 2  # segments -1 and +1
+    assert msgs[0].startswith(f"{bad} [key 'minimum ring difference per segment']: segment -1: minimum ring "
+                              "difference -6 is larger than the maximum -16") and "swapped, as STIR does" in msgs[0]
+    assert "segment 1: minimum ring difference 16 is larger than the maximum 6" in msgs[1]
+    assert got.matches(geom)
+    with strict_inputs(), pytest.raises(InputFileError, match="segment -1: minimum ring difference -6 is larger"):
+        read_template_geometry(bad)
+    out = tmp_path / "e.hs"
+    assert main(["norm", str(MMR / "norm.n.hdr"), "--template", str(bad), "--out", str(out)]) == 0
+    assert "sirf-ddip norm: warning:" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "e_run_record.json").read_text())["warnings"]) == 2
+    np.testing.assert_array_equal(read_projdata(out).array,
+                                  ecat8_efficiencies(read_ecat8_norm(MMR / "norm.n.hdr"), geom))
+
+
+def test_a_template_ring_difference_beyond_the_scanner_is_refused(tmp_path, capsys, material):
+    geom = SinogramGeometry("Siemens mMR", span=11, max_ring_diff=16, num_tangential=41, view_mashing=4)
+    good = tmp_path / "good.hs"
+    good.write_text("\n".join(geom.header_lines()) + "\n")
+    bad = _edit_ring_diffs(good, tmp_path / "bad.hs", "{-70,-5,6}", "{-6,5,70}")
+    for cmd, src in (("norm", MMR / "norm.n.hdr"), ("attenuation", MMR / "mu_map.hv")):
+        assert main([cmd, str(src), "--template", str(bad), "--out", str(tmp_path / "o.hs")]) == 2
+        err = _err(capsys)
+        assert err.count("\n") == 0 and "bad.hs [key 'minimum ring difference per segment']: segment -1 holds ring " \
+            "differences -70..-6, impossible on a scanner with 64 ring(s)" in err
+        assert not (tmp_path / "o.hs").exists()

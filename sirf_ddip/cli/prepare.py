@@ -158,8 +158,8 @@ def _write_set(projdata: dict[Path, Any], texts: dict[Path, str], overwrite: boo
             _umask_mode(str(tmps[k]))
             k += 1
         for t, text in zip(tmps[k:], texts.values()):
-            with open(t, "w", encoding="utf-8") as f:
-                f.write(text)
+            with open(t, "wb") as f:
+                f.write(text.encode("utf-8"))
 
 
 def _hs_outputs(out: Path, overwrite: bool, inputs: dict[Path, str]) -> tuple[Path, Path]:
