@@ -174,6 +174,13 @@ def geometry_from_header(hdr: InterfileHeader) -> SinogramGeometry:
         raise UnsupportedDataError(path, "arc-corrected projection data are not supported (only STIR's "
                                    "non-arc-corrected cylindrical geometry)", key="applied corrections")
     scanner = scanner_from_header(hdr)
+    for i, (a, b) in enumerate(zip(mins, maxs)):
+        if a > b:  # STIR's ProjDataInfoCylindrical warns and swaps them
+            lenient(path, f"segment {i - nseg // 2}: minimum ring difference {a} is larger than the maximum {b} "
+                    "(key 'maximum ring difference per segment'); they are swapped, as STIR does",
+                    key="minimum ring difference per segment",
+                    refusal=f"segment {i - nseg // 2}: minimum ring difference {a} is larger than the maximum {b}")
+            mins[i], maxs[i] = b, a
     try:
         geo = SinogramGeometry(scanner, num_views=num_views, num_tangential=num_tang,
                   segments=list(zip(mins, maxs, num_axial)), storage=storage)

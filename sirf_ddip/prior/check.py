@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, GeometryMismatchError, OutputPathError
+from ..errors import ConfigError, DataValueError, GeometryMismatchError, OutputPathError
 from .slabs import predict_x0
 
 
@@ -127,11 +127,17 @@ def check_prior(bundle, image: np.ndarray, mr: np.ndarray | None, t: int, seed: 
     check_step(bundle, t)
     check_guidance(bundle, mr_guidance)
     dev = resolve_device(device)
-    pet_s = bundle.pet_scaling.fit(image)
+    try:
+        pet_s = bundle.pet_scaling.fit(image)
+    except ValueError as exc:  # no positive signal: not a PET image the prior can be checked on
+        raise DataValueError(f"check_prior: image: {exc}") from None
     x0 = torch.from_numpy(pet_s.to_net(image).astype(np.float32)).to(dev)
     mr_t, mr_scale = None, None
     if bundle.uses_mr:
-        mr_s = bundle.mr_scaling.fit(mr)
+        try:
+            mr_s = bundle.mr_scaling.fit(mr)
+        except ValueError as exc:
+            raise DataValueError(f"check_prior: MR: {exc}") from None
         mr_scale = mr_s.scale
         mr_t = torch.from_numpy(mr_s.to_net(mr).astype(np.float32)).to(dev)
     g = torch.Generator().manual_seed(int(seed))
@@ -176,14 +182,20 @@ def run_check(image_path: str | Path, mr_path: str | Path | None, t: int, seed: 
     mr_arr = None
     if mr_path is not None:
         mr_img = read_image(mr_path)
-        img.grid.check_matches(mr_img.grid, what=f"MR {mr_path}", other_what=f"PET image {image_path}")
+        mr_img.grid.check_matches(img.grid, what=f"MR {mr_path}", other_what=f"PET image {image_path}")
         require_finite(mr_img.array, str(mr_path), "MR image")
         mr_arr = mr_img.array
     mask = None
     if mask_path is not None:
         m_img = read_image(mask_path)
-        img.grid.check_matches(m_img.grid, what=f"mask {mask_path}", other_what=f"PET image {image_path}")
+        m_img.grid.check_matches(img.grid, what=f"mask {mask_path}", other_what=f"PET image {image_path}")
         mask = np.asarray(m_img.array) != 0
+    for arr, path, what in ((img.array, image_path, "PET image"), (mr_arr, mr_path, "MR image"),
+                            (mask, mask_path, "mask")):
+        if arr is not None and not np.any(np.asarray(arr) > 0):
+            raise DataValueError(f"{path}: the {what} has no positive value (all zero or negative): the prior's "
+                                 f"scaling is fitted to its positive signal, there is none to "
+                                 f"{'denoise' if what == 'PET image' else 'use'}")
     res = check_prior(bundle, img.array, mr_arr, t, seed, mask=mask, device=device, mr_guidance=mr_guidance)
     write_image(out, img.with_array(res.denoised), overwrite=overwrite)
     if noisy_out is not None:

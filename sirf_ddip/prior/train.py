@@ -8,7 +8,10 @@ rate, EMA of the weights. All random draws of a rank (batch, t, ε) come from on
 
 Checkpoints (``DIR/checkpoint.pt``, written atomically every ``train.checkpoint_every`` steps and at the end):
 model, EMA, optimiser, LR scheduler, GradScaler, generator and torch RNG states, step, config. ``--resume DIR``
-continues from it; on CPU (and deterministic kernels) the result is bit-for-bit that of an uninterrupted run.
+continues from it; on CPU (and deterministic kernels) the result is bit-for-bit that of an uninterrupted run. A
+resume refuses a config that changes what the checkpoint trained (:data:`RESUME_IDENTITY`: network, schedule,
+data, seeds, batch), naming the key and both values, and warns about a changed learning rate (:data:`RESUME_WARNED`),
+kept on the card (``training.resume_changes``); a truncated checkpoint is a named error.
 
 Outputs: ``DIR/prior.safetensors`` + ``DIR/prior.card.json`` (EMA weights, fp16 by default), ``DIR/train_log.csv``
 (step, loss, lr, elapsed s), ``DIR/run_record.json`` (resolved config, seed, versions).
@@ -294,6 +297,95 @@ def _dist_info() -> tuple[int, int, int]:
     return world, rank, local
 
 
+#: Config keys that make a checkpoint what it is: a resume with another value would train another model than the
+#: one the checkpoint's steps trained (and the card would claim it): refused. Sections (all their keys) and keys.
+RESUME_IDENTITY = ("network", "schedule", "data", "pet_scaling", "mr_scaling", "train.seed", "train.batch_size",
+                   "train.t_max", "train.mr_dropout")  # train.init_from: checked on its own (pretrain)
+#: Keys of those sections that do not change what is trained (where caches live, worker processes).
+RESUME_OPERATIONAL = ("data.workers", "data.template_cache", "data.subjects_cache")
+#: Keys that may change on a resume (the remaining steps use the new value): a warning naming both values, kept
+#: in the run record and on the card (``training.resume_changes``); ``train.steps`` only where the cosine LR
+#: schedule depends on it (more steps with a constant LR continue the run exactly).
+RESUME_WARNED = ("optim", "train.ema_decay", "train.steps")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict) and v and key not in ("pet_scaling", "mr_scaling", "data.subject_options"):
+                out.update(_flat(v, key))
+            else:
+                out[key] = v
+        return out
+    return {prefix: d}
+
+
+def _in(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
+
+
+def check_resume_config(ckpt: Path, saved: dict, cfg: PretrainConfig, step: int) -> list[dict[str, Any]]:
+    """Compare the config of a checkpoint with the one it is resumed with.
+
+    Returns
+    -------
+    list of dict
+        The changed keys of :data:`RESUME_WARNED` (``key``, ``checkpoint``, ``now``, ``from_step``), each also
+        warned about (an :class:`~sirf_ddip.errors.InputFileWarning` naming the key and both values).
+
+    Raises
+    ------
+    ResumeMismatchError
+        A key of :data:`RESUME_IDENTITY` differs (the key and both values named). Keys a checkpoint of an older
+        version does not hold are not compared.
+    ConfigError
+        ``train.init_from`` names another starting prior than the checkpoint's.
+    """
+    import warnings
+
+    from ..errors import InputFileWarning, ResumeMismatchError
+
+    ck_init = str((saved.get("train") or {}).get("init_from", "") or "")
+    if cfg.train.init_from and cfg.train.init_from != ck_init:
+        raise ConfigError(f"key 'train.init_from': {ckpt} was started from {ck_init or 'a random network'!r}, "
+                          f"not {cfg.train.init_from!r}; resume with the checkpoint's setting")
+    was, now = _flat(_jsonish(saved)), _flat(_jsonish(to_dict(cfg)))
+    changes = []
+    for key in sorted(now):
+        if key not in was or was[key] == now[key] or _in(key, RESUME_OPERATIONAL):
+            continue
+        if _in(key, RESUME_IDENTITY):
+            what = {"network": "the network architecture", "schedule": "the noise schedule",
+                    "data": "the training data"}.get(key.split(".")[0], "what the checkpoint trained")
+            raise ResumeMismatchError(f"{ckpt} [key '{key}']: the checkpoint was trained with {was[key]!r}, the "
+                                      f"config says {now[key]!r}: {what} differs; resume with the checkpoint's value "
+                                      "or start a new run")
+        if key == "train.steps" and cfg.optim.lr_schedule == "constant":
+            continue
+        if _in(key, RESUME_WARNED):
+            changes.append({"key": key, "checkpoint": was[key], "now": now[key], "from_step": step})
+            warnings.warn(InputFileWarning(ckpt, f"{key} changed on resume: {was[key]!r} in the checkpoint, "
+                                           f"{now[key]!r} now; steps after {step} use {now[key]!r} (recorded on the "
+                                           "card)", key=key), stacklevel=2)
+    return changes
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A pretraining checkpoint, or an :class:`InputFileError` naming it (truncated, corrupt, not ours)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated zip, a pickle error, a file of something else
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise InputFileError(path, f"cannot read the checkpoint (truncated or corrupt?): {reason}") from None
+    need = ("step", "arch", "model", "ema", "optimizer", "scheduler", "scaler", "generators", "torch_rng")
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise InputFileError(path, f"not a sirf-ddip pretraining checkpoint (missing {', '.join(missing)})")
+    return ck
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -338,10 +430,14 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
         torch.set_num_threads(cfg.train.num_threads)
 
     ckpt_in = None
+    ck = None
+    resume_changes: list[dict[str, Any]] = []
     if resume is not None:
         ckpt_in = Path(resume) / "checkpoint.pt"
         if not ckpt_in.is_file():
             raise InputFileError(ckpt_in, "no checkpoint to resume from")
+        ck = load_checkpoint(ckpt_in)  # checked against the config before any data are built or files written
+        resume_changes = check_resume_config(ckpt_in, ck.get("config") or {}, cfg, int(ck["step"]))
     # the starting prior is checked before anything is written or generated; a resumed run has its weights already
     init_bundle = initial_prior(cfg) if cfg.train.init_from and ckpt_in is None else None
     if main_rank:
@@ -374,8 +470,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
     gen = torch.Generator().manual_seed(int(cfg.train.seed) * 1_000_003 + rank)
     start = 0
     elapsed0 = 0.0
-    if ckpt_in is not None:
-        ck = torch.load(ckpt_in, map_location="cpu", weights_only=False)
+    if ck is not None:
         if ck.get("arch") != arch_of(cfg):
             raise ConfigError(f"{ckpt_in}: checkpoint architecture {ck.get('arch')} differs from the config's")
         model.load_state_dict(ck["model"])
@@ -390,11 +485,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
             torch.cuda.set_rng_state(ck["cuda_rng"], dev)
         start = int(ck["step"])
         elapsed0 = float(ck.get("elapsed_s", 0.0))
-        ck_init = str(((ck.get("config") or {}).get("train") or {}).get("init_from", "") or "")
-        if cfg.train.init_from and cfg.train.init_from != ck_init:
-            raise ConfigError(f"key 'train.init_from': {ckpt_in} was started from {ck_init or 'a random network'!r}, "
-                              f"not {cfg.train.init_from!r}; resume with the checkpoint's setting")
         init_info = ck.get("initialised_from")
+        resume_changes = list(ck.get("resume_changes") or []) + resume_changes
         if start > cfg.train.steps:
             raise ConfigError(f"{ckpt_in}: checkpoint at step {start} is past train.steps {cfg.train.steps}")
 
@@ -411,7 +503,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
         write_run_record(out, to_dict(cfg), seed=cfg.train.seed,
                          extra={"config_file": config_path, "device": str(dev), "world_size": world,
                                 "resumed_from": str(ckpt_in) if ckpt_in else None, "start_step": start,
-                                "initialised_from": init_info, "data": dataset.description})
+                                "resume_changes": resume_changes, "initialised_from": init_info,
+                                "data": dataset.description})
         if start == 0 or not log_path.exists():
             with open(log_path, "w", newline="") as f:
                 csv.writer(f).writerow(["step", "loss", "lr", "elapsed_s"])
@@ -435,7 +528,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
                           "ema": ema, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "scaler": scaler.state_dict(), "generators": gens, "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                          "elapsed_s": elapsed, "initialised_from": init_info}, out / "checkpoint.pt")
+                          "elapsed_s": elapsed, "initialised_from": init_info, "resume_changes": resume_changes},
+                         out / "checkpoint.pt")
 
     end = cfg.train.steps if stop_after is None else min(cfg.train.steps, int(stop_after))
     t_high = cfg.train.t_max if cfg.train.t_max > 0 else schedule.num_train_steps
@@ -511,7 +605,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
     result["stopped_by_time"] = time_stop
     if (end == cfg.train.steps or time_stop) and main_rank:
         result["card"] = str(export(cfg, model, ema, schedule, dataset, out, seconds, dev, world, overwrite=True,
-                                    steps_done=end, stopped_by_time=time_stop, initialised_from=init_info))
+                                    steps_done=end, stopped_by_time=time_stop, initialised_from=init_info,
+                                    resume_changes=resume_changes))
     result["initialised_from"] = init_info
     if distributed:
         import torch.distributed as dist
@@ -522,8 +617,10 @@ def pretrain(cfg: PretrainConfig, out: str | Path, resume: str | Path | None = N
 
 def export(cfg: PretrainConfig, model, ema: dict, schedule: NoiseSchedule, dataset, out: Path, seconds: float,
            dev, world: int, overwrite: bool = False, steps_done: int | None = None,
-           stopped_by_time: bool = False, initialised_from: dict[str, Any] | None = None) -> Path:
-    """Write ``out/prior.safetensors`` + card from the EMA weights."""
+           stopped_by_time: bool = False, initialised_from: dict[str, Any] | None = None,
+           resume_changes: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``out/prior.safetensors`` + card from the EMA weights (``resume_changes``: the settings changed on
+    a resume, see :func:`check_resume_config`, so that the card says which values trained which steps)."""
     from .weights import save_prior
 
     training = {
@@ -539,6 +636,7 @@ def export(cfg: PretrainConfig, model, ema: dict, schedule: NoiseSchedule, datas
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "weights": "EMA",
         "initialised_from": initialised_from,
+        "resume_changes": list(resume_changes or []),
         "config": to_dict(cfg),
         "command": " ".join(["sirf-ddip", *sys.argv[1:]]),   # no machine path (the program's location)
     }

@@ -635,6 +635,47 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, overwrite: bool = False, *,
     return metrics
 
 
+def _read_json(path: Path, what: str) -> Any:
+    from ..errors import InputFileError
+
+    if not path.is_file():
+        raise InputFileError(path, f"no {what} file{' (a folder)' if path.is_dir() else ''}: run the study first "
+                             "(without --report-only)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputFileError(path, f"the {what} file is not UTF-8 text (corrupt?)") from None
+    except json.JSONDecodeError as exc:
+        raise InputFileError(path, f"the {what} file is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                             f"{exc.msg}); rerun the study to rewrite it") from None
+
+
+def read_metrics(path: str | Path, cases: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``metrics.json`` of a study, checked: a JSON object whose ``cases`` holds results (a method → result
+    object per case), for at least one of ``cases`` when given.
+
+    Raises
+    ------
+    InputFileError
+        The file is missing, not JSON, or holds no results (``{}``, no ``cases``, none of the study's cases).
+    """
+    from ..errors import InputFileError
+
+    path = Path(path)
+    metrics = _read_json(path, "metrics")
+    got = metrics.get("cases") if isinstance(metrics, dict) else None
+    if not isinstance(got, dict) or not got:
+        raise InputFileError(path, "holds no results (no case under 'cases'): nothing to report; rerun the study",
+                             key="cases")
+    for cname, cm in got.items():
+        if not isinstance(cm, dict) or not all(isinstance(r, dict) for r in cm.values()):
+            raise InputFileError(path, f"case {cname!r} is not a method -> result mapping", key=f"cases.{cname}")
+    if cases is not None and not any(c in got for c in cases):
+        raise InputFileError(path, f"holds results for {', '.join(map(repr, got))}, none of the study's cases "
+                             f"({', '.join(map(repr, cases))}): another study's folder or config?", key="cases")
+    return metrics
+
+
 def rebuild_report(out_dir: str | Path, cfg: StudyConfig, load_case_fn: Callable | None = None,
                    folders: Mapping[str, Path] | None = None, wall_time_s: float | None = None) -> Path:
     """(Re)build ``out_dir/report.html`` from ``metrics.json``, ``ablations.json`` and the saved images."""
@@ -642,9 +683,9 @@ def rebuild_report(out_dir: str | Path, cfg: StudyConfig, load_case_fn: Callable
     from .report import ReportCase, build_report
 
     out_dir = Path(out_dir)
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = read_metrics(out_dir / "metrics.json", [c.name for c in cfg.cases])
     abl_path = out_dir / "ablations.json"
-    ablations = json.loads(abl_path.read_text()) if abl_path.is_file() else None
+    ablations = _read_json(abl_path, "ablations") if abl_path.is_file() else None
     folders = folders or {c.name: out_dir / "data" / c.name for c in cfg.cases}
     if load_case_fn is None:
         load_case_fn = lambda name, folder: load_case(folder, name=name, device="cpu")  # noqa: E731

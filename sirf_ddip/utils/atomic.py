@@ -85,7 +85,8 @@ def atomic_paths(*paths: str | os.PathLike) -> Iterator[list[Path]]:
             with contextlib.suppress(OSError):
                 t.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
-            bad = next((f for f, t in zip(finals, tmps) if str(t) == getattr(exc, "filename", None)), finals[0])
+            name = getattr(exc, "filename", None)
+            bad = next((f for f, t in zip(finals, tmps) if name is not None and str(t) == str(name)), finals[0])
             raise OutputWriteError(bad, _reason(exc)) from exc
         raise
     try:
