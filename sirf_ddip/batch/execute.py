@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from .plan import DONE_RECORD, IMAGE_NAME, Task
 
-__all__ = ["run_task", "THREADS_ENV", "CHECKPOINT_DIR", "ATTEMPT_RECORD", "LOG_FILE"]
+__all__ = ["run_task", "EVENT_TOPIC", "THREADS_ENV", "CHECKPOINT_DIR", "ATTEMPT_RECORD", "LOG_FILE"]
 
 #: torch threads per worker, set by the cluster that started the worker (see :mod:`.cluster`)
 THREADS_ENV = "SIRF_DDIP_TORCH_THREADS"
@@ -237,6 +237,23 @@ _COMMAND_NAMES = {"prepare": "prepare", "osem": "osem", "map_rdp": "batch map_rd
                   "report": "batch report"}
 
 
+#: the Dask event topic on which a task says that it started (and where: worker address, process id)
+EVENT_TOPIC = "sirf_ddip.batch"
+
+
+def _announce(task: Task) -> None:
+    """Tell the client (through the scheduler's event log) that this task runs here, when on a Dask worker."""
+    try:
+        from distributed import get_worker
+        from distributed.worker import thread_state
+
+        w = get_worker()
+    except (ImportError, ValueError):  # not on a Dask worker (run in this process)
+        return
+    w.log_event(EVENT_TOPIC, {"key": getattr(thread_state, "key", None), "label": task.label,
+                              "worker": w.address, "pid": os.getpid()})
+
+
 def run_task(task: Task) -> dict[str, Any]:
     """Run ``task`` here (a Dask worker, or this process) and return ``{"status", "message", "seconds", ...}``.
 
@@ -247,6 +264,7 @@ def run_task(task: Task) -> dict[str, Any]:
     from ..utils.atomic import ensure_folder, write_text
 
     t0 = time.perf_counter()
+    _announce(task)
     threads = _threads()
     if threads:
         import torch
