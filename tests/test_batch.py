@@ -287,3 +287,15 @@ def test_worker_killed_during_ddip_is_retried_and_resumes_to_the_uninterrupted_i
     assert np.array_equal(read_image(out / "s1" / "ddip" / "image.hv").array, single)
     log = [json.loads(x) for x in (out / "s1" / "ddip" / "image_log.jsonl").read_text().splitlines()]
     assert len(log) >= DDIP_SET["num_steps"]
+
+
+def test_sirf_ddip_and_the_batch_command_import_without_dask():
+    import subprocess
+    import sys
+
+    code = ("import sys, sirf_ddip.cli as c; c.build_parser(); import sirf_ddip.batch.runner, "
+            "sirf_ddip.batch.execute, sirf_ddip.batch.summary; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'dask', 'distributed', 'dask_jobqueue'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == "[]"
