@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
     cores, gpus, mem = machine_resources()
     print(f"machine: {cores} cores, {gpus} GPUs, {mem / 2**30 if mem else float('nan'):.0f} GiB; load {_load()}")
-    work = Path(args.work or tempfile.mkdtemp(prefix="sirf_ddip_batch_bench_"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="sirf_ddip_batch_bench_")).resolve()
     try:
         study = work / "study"
         if not (study / "prompts.hs").is_file():

@@ -299,3 +299,37 @@ def test_sirf_ddip_and_the_batch_command_import_without_dask():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_prepare_job_writes_what_the_prepare_command_writes(tmp_path):
+    """A scanner export -> PETRIC layout through the batch's prepare job (in this process), equal to the command."""
+    from conftest import SHARED
+
+    from sirf_ddip.batch.execute import run_task
+    from sirf_ddip.data import ProjData
+    from sirf_ddip.geometry.sinogram import SinogramGeometry
+    from sirf_ddip.io import read_projdata, write_projdata
+
+    mmr = SHARED / "real-mmr"
+    if not all((mmr / n).is_file() for n in ("norm.n.hdr", "norm.n", "mu_map.hv", "mu_map.v")):
+        pytest.skip(f"real mMR material not found in {mmr}")
+    geom = SinogramGeometry("Siemens mMR", span=11, max_ring_diff=5, num_tangential=41)
+    export = tmp_path / "export"
+    export.mkdir()
+    rng = np.random.default_rng(3)
+    write_projdata(export / "p.hs", ProjData(rng.poisson(5.0, geom.shape).astype(np.float32), geom))
+    write_projdata(export / "r.hs", ProjData(np.full(geom.shape, 0.5, np.float32), geom))
+    m = _manifest(tmp_path, f"studies: [{{name: e1, data: export}}]\njobs:\n  prep: {{method: prepare, prompts: p.hs, "
+                            f"randoms: r.hs, norm: {mmr / 'norm.n.hdr'}, mu: {mmr / 'mu_map.hv'}}}\n")
+    (task,) = plan_tasks(load_manifest(m), tmp_path / "out")
+    res = run_task(task)
+    assert res["status"] == "done", res
+    assert main(["prepare", "--prompts", str(export / "p.hs"), "--randoms", str(export / "r.hs"), "--norm",
+                 str(mmr / "norm.n.hdr"), "--mu", str(mmr / "mu_map.hv"), "--out-dir", str(tmp_path / "single")]) == 0
+    for f in ("prompts.hs", "mult_factors.hs", "additive_term.hs"):
+        assert np.array_equal(read_projdata(task.folder / f).array, read_projdata(tmp_path / "single" / f).array)
+    assert {"prompts.hs", "prepare_record.json", "prepare.png"} <= set(res["outputs"])
+    later = plan_tasks(load_manifest(_manifest(tmp_path, m.read_text() + "  osem: {method: osem, iterations: 1, "
+                                                          "subsets: 1}\n")), tmp_path / "out")
+    assert later[1].deps == ["prep"] and later[1].data_dir == task.folder     # downstream jobs read its output

@@ -159,8 +159,9 @@ def _parse_job(src: str, name: str, raw: Any, base: Path) -> JobSpec:
             raise ConfigError(f"{src}: key '{where}.{k}' is required for method {method}")
     if method == "prepare" and ("prompts" in settings) == ("listmode" in settings):
         raise ConfigError(f"{src}: key '{where}' needs exactly one of 'prompts' and 'listmode'")
-    if method == "prepare" and "norm" not in settings:
-        raise ConfigError(f"{src}: key '{where}.norm' is required for method prepare")
+    for k in ("norm", "mu"):
+        if method == "prepare" and k not in settings:
+            raise ConfigError(f"{src}: key '{where}.{k}' is required for method prepare")
     if "set" in settings:
         set_overrides(settings["set"])   # its keys are checked by the DDIP config when the job runs
     return JobSpec(name, method, settings)

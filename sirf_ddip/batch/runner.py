@@ -162,6 +162,15 @@ def run_batch(manifest: Manifest, out: str | Path, *, handle=None, start: Callab
                 if handle.dashboard:
                     p.echo(f"[batch] Dask dashboard: {handle.dashboard}")
             _loop(records, by, handle, retries, p, change)
+    except KeyboardInterrupt:  # say what was done; the unfinished tasks are failed ("interrupted"), rerun resumes
+        for r in records:
+            if not r.finished:
+                if r.future is not None:
+                    r.future.cancel()
+                r.message = "interrupted (Ctrl-C); rerun the batch to resume"
+                r.status = "failed"
+        write_summary(out, records, manifest)
+        raise
     finally:
         if own is not None:
             own.close()
