@@ -144,6 +144,14 @@ def test_plan_orders_dependencies_and_fingerprints_follow_inputs(tmp_path):
     (data / "truth.hv").write_text("t")              # only the report reads the truth
     again = [t.fingerprint for t in plan_tasks(load_manifest(p), tmp_path / "out")]
     assert again[:2] == after[:2] and again[2] != after[2]
+    (tmp_path / "w.safetensors").write_text("w")
+    (tmp_path / "w.card.json").write_text("{}")
+    p2 = _manifest(tmp_path, p.read_text() + "  ddip: {method: ddip, weights: w.safetensors}\n")
+    d1 = next(t for t in plan_tasks(load_manifest(p2), tmp_path / "out") if t.job == "ddip").fingerprint
+    time.sleep(0.01)
+    (tmp_path / "w.safetensors").write_text("w2")  # another prior: the DDIP job reruns
+    d2 = next(t for t in plan_tasks(load_manifest(p2), tmp_path / "out") if t.job == "ddip").fingerprint
+    assert d1 != d2
 
 
 # ------------------------------------------------------------------------------------------- clusters

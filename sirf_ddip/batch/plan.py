@@ -129,10 +129,26 @@ def _input_files(task: Task) -> dict[str, Path]:
     if task.data_dir == task.study_dir:
         files.update({role: task.data_file(role) for role in PETRIC_FILES})
     files["mr"] = task.study_dir / MR_FILE
-    for k in ("config", "weights"):
-        if s.get(k):
-            files[k] = Path(s[k])
+    if task.method == "ddip":
+        files.update(_prior_and_config(s.get("weights"), s.get("config")))
     return files
+
+
+def _prior_and_config(weights: str | None, config: str | None) -> dict[str, Path]:
+    """A DDIP job's prior (weights file and card; the shipped one by default) and config files (the shipped
+    settings always, a given file over them), so that a new prior or new shipped settings rerun it."""
+    from ..errors import InputFileError
+    from ..prior.weights import resolve_weights
+    from ..recon.config import SHIPPED_CONFIG
+
+    out: dict[str, Path] = {"shipped_config": SHIPPED_CONFIG}
+    if config:
+        out["config"] = Path(config)
+    try:
+        out["weights"], out["weights_card"] = resolve_weights(weights)
+    except InputFileError:   # reported by the job itself, with the command's message
+        out["weights"] = Path(str(weights))
+    return out
 
 
 def _fingerprint(task: Task, dep_prints: Mapping[str, str]) -> str:
