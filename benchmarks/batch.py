@@ -6,8 +6,8 @@
    minutes).
 2. *Batch vs sequential*: ``--studies`` copies of one simulated study (``--size tiny``: 2 mMR rings, 3 × 12 × 12;
    ``quick``: configs/study-quick.yaml's 4-ring slab, 7 × 128 × 128), 3 methods each (OSEM, MAP-RDP from the
-   OSEM image, DDIP with the shipped prior); sequential = every job in this process one after another (torch
-   on all cores, as a single command runs), batch = ``run_batch`` on the default LocalCluster (sized to the
+   OSEM image, DDIP with the shipped prior); sequential = every job one after another, each in a new process
+   as a single command runs (``--baseline inprocess``: all in this process), torch on all cores; batch = ``run_batch`` on the default LocalCluster (sized to the
    machine); then the outputs are compared and a second batch run is timed (it should do no work).
 
 Shared machines vary: the load average is printed before and after; compare figures within one run only::
@@ -73,7 +73,23 @@ def overhead(work: Path, study: Path, n: int) -> None:
           f"(all done: {all(r.status == 'done' for r in recs)})")
 
 
-def batch_vs_sequential(work: Path, study: Path, n: int, size: str) -> None:
+def _one_process(task, work: Path) -> dict:
+    """Run one task in a fresh Python process (what a single command costs: start-up, imports, set-up)."""
+    import pickle
+    import subprocess
+    import sys
+
+    p = work / "task.pkl"
+    p.write_bytes(pickle.dumps(task))
+    code = ("import pickle, json, sys; from sirf_ddip.batch.execute import run_task; "
+            f"r = run_task(pickle.load(open({str(p)!r}, 'rb'))); print(json.dumps(r, default=str))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import json
+
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def batch_vs_sequential(work: Path, study: Path, n: int, size: str, baseline: str = "process") -> None:
     import numpy as np
     import torch
 
@@ -95,12 +111,13 @@ def batch_vs_sequential(work: Path, study: Path, n: int, size: str) -> None:
     t0 = time.perf_counter()
     seq = {}
     for t in plan_tasks(m, work / "seq"):
-        r = run_task(t)
+        r = _one_process(t, work) if baseline == "process" else run_task(t)
         seq[t.label] = r
         if r["status"] != "done":
             print(f"sequential {t.label}: {r['message']}")
     t_seq = time.perf_counter() - t0
-    print(f"sequential: {len(seq)} jobs in {t_seq:.1f} s (torch {cores} threads; per method: "
+    print(f"sequential ({'one process per job, as single commands' if baseline == 'process' else 'all jobs in one process'}"
+          f"): {len(seq)} jobs in {t_seq:.1f} s (torch {cores} threads; per method: "
           + ", ".join(f"{j} {np.mean([r['seconds'] for k, r in seq.items() if k.endswith('/' + j)]):.1f} s"
                       for j in ("osem", "map", "ddip")) + ")")
     t0 = time.perf_counter()
@@ -128,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overhead-jobs", type=int, default=12)
     ap.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
     ap.add_argument("--skip", choices=("overhead", "compare"), default=None)
+    ap.add_argument("--baseline", choices=("process", "inprocess"), default="process",
+                    help="sequential jobs each in a new process (as single commands) or all in this one")
     args = ap.parse_args(argv)
     os.environ.setdefault("SIRF_DDIP_PROGRESS", "0")
     from sirf_ddip.batch.cluster import machine_resources
@@ -146,7 +165,7 @@ def main(argv=None) -> int:
         if args.skip != "overhead":
             overhead(work, study, args.overhead_jobs)
         if args.skip != "compare":
-            batch_vs_sequential(work, study, args.studies, args.size)
+            batch_vs_sequential(work, study, args.studies, args.size, args.baseline)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

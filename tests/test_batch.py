@@ -241,12 +241,16 @@ def test_three_studies_one_broken_then_a_rerun_skips_everything(studies, cluster
     assert "gone.s" in html and "PSNR" in html and ">s2<" in html
     assert any("bad/osem: FAILED: sirf-ddip osem: error:" in ln for ln in lines)
     assert any(ln.startswith("[batch] done 4, skipped 0, running 0, failed 2, left 0") for ln in lines)
-    # a re-run does no work: every complete job skipped, files untouched
+    # a re-run (the command, on the running scheduler) does no work: every complete job skipped, files
+    # untouched; the broken study fails again: exit status 3
     stamp = {p: p.stat().st_mtime_ns for p in (out / "s1").rglob("*") if p.is_file()}
-    lines2, echo2 = _lines()
-    recs2 = run_batch(load_manifest(m), out, handle=cluster, echo=echo2)
-    assert [r.status for r in recs2 if r.task.study != "bad"] == ["skipped"] * 4
-    assert all(r.attempts == 0 for r in recs2 if r.task.study != "bad")
+    capsys.readouterr()
+    assert main(["batch", str(m), "--out", str(out), "--scheduler", cluster.client.scheduler.address]) == 3
+    err = capsys.readouterr().err
+    jobs2 = json.loads((out / "batch.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs2 if j["study"] != "bad"] == ["skipped"] * 4
+    assert [j["status"] for j in jobs2 if j["study"] == "bad"] == ["failed"] * 2
+    assert "s2/map: skipped" in err and "bad/osem: FAILED" in err
     assert stamp == {p: p.stat().st_mtime_ns for p in (out / "s1").rglob("*") if p.is_file()}
 
 
@@ -275,11 +279,12 @@ def test_worker_killed_during_ddip_is_retried_and_resumes_to_the_uninterrupted_i
 
     sets = ", ".join(f"{k}: {v}" for k, v in DDIP_SET.items())
     m = _manifest(tmp_path, f"studies: [{{name: s1, data: {studies / 's1'}}}]\n"
-                            f"jobs:\n  ddip: {{method: ddip, seed: 0, weights: {weights}, set: {{{sets}}}}}\n")
+                            f"jobs:\n  ddip: {{method: ddip, seed: 0, weights: {weights}, set: {{{sets}}}}}\n"
+                            "  report: {method: report}\n")
     out = tmp_path / "out"
     kills: list = []
     lines, echo = _lines()
-    (rec,) = run_batch(load_manifest(m), out, handle=cluster, echo=echo, on_change=_watch_and_kill(out, kills))
+    rec, rep = run_batch(load_manifest(m), out, handle=cluster, echo=echo, on_change=_watch_and_kill(out, kills))
     assert kills and rec.status == "done" and rec.attempts == 2, lines
     assert any("worker lost" in ln and "retrying (1/2)" in ln for ln in lines), lines
     assert any("resumed from its checkpoint" in ln for ln in lines), lines
@@ -293,8 +298,13 @@ def test_worker_killed_during_ddip_is_retried_and_resumes_to_the_uninterrupted_i
     assert main([str(a) for a in args]) == 0
     single = read_image(tmp_path / "single" / "image.hv").array
     assert np.array_equal(read_image(out / "s1" / "ddip" / "image.hv").array, single)
-    log = [json.loads(x) for x in (out / "s1" / "ddip" / "image_log.jsonl").read_text().splitlines()]
-    assert len(log) >= DDIP_SET["num_steps"]
+    # the report job: the study's metrics (those of the DDIP image against the truth) and report.html
+    assert rep.status == "done"
+    met = json.loads((out / "s1" / "report" / "metrics.json").read_text())["cases"]["s1"]["ddip"]
+    from sirf_ddip.batch.metrics import image_metrics
+
+    assert met["psnr"] == pytest.approx(image_metrics(s, tmp_path / "single" / "image.hv")["psnr"], rel=1e-9)
+    assert (out / "s1" / "report" / "report.html").stat().st_size > 1000
 
 
 def test_sirf_ddip_and_the_batch_command_import_without_dask():
