@@ -3,7 +3,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below it)::
 
-    errors, config, utils  <  geometry  <  data  <  io  <  physics  <  sim  <  backends, prior  <  recon  <  study  <  cli
+    errors, config, utils  <  geometry  <  data  <  io  <  physics  <  sim  <  backends, prior  <  recon  <  study  <  cli, batch
 
 ``data`` (the ``Image``/``ProjData`` containers) sits on the geometry it carries; ``sim`` (phantoms and the
 simulator) is below ``prior`` because the prior's training data are simulated; ``backends`` and ``prior`` share
@@ -35,7 +35,7 @@ RANK = {
     "backends": 6, "prior": 6,
     "recon": 7,
     "study": 8,
-    "cli": 9,
+    "cli": 9, "batch": 9,   # batch runs the commands of cli (same rank: cli registers batch)
 }
 #: same-rank layers that must stay independent of each other
 SIBLINGS = {"backends", "prior"}
