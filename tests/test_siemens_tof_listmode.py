@@ -214,3 +214,24 @@ def test_mct_tof_listmode_reaches_three_tof_bins(tmp_path):
     got = ListmodeHistogrammer(hdr, geo).histogram().to_projdata().array
     assert got.shape == (13, 55, 336, 41) and got.sum() == 4
     assert got[6, 7, 5, 20] == 1 and got[7, 7, 5, 20] == 1 and got[5, 7, 5, 20] == 1 and got[5, 7, 100, 17] == 1
+
+
+def test_fan_sums_of_tof_listmode_are_those_of_its_detector_pairs(tmp_path, small_tof_scanner):
+    """The randoms' fan sums decode TOF offsets (TOF bins summed): equal to the fan sums of the events' detector
+    pairs from :meth:`decode_offsets`, and to those of the same events written without TOF bits."""
+    from sirf_ddip.physics.randoms import fan_parameters, fan_sums_from_detector_pairs, fan_sums_from_listmode
+
+    rng = np.random.default_rng(3)
+    d, a, v, i, s = _random_events(rng, 1500)
+    words = np.array([_word(*e, prompt=False) for e in zip(s, d, a, v, i)], dtype=np.uint32)
+    hdr = read_listmode_header(_write_lm(tmp_path, np.r_[1 << 31, words, (1 << 31) | 4]))
+    got = fan_sums_from_listmode(hdr, delayed=True)
+    mrd, half = fan_parameters(small_tof_scanner)
+    r1, c1, r2, c2 = hdr.decode_offsets(words & ((1 << 30) - 1))
+    ref, used = fan_sums_from_detector_pairs(r1, c1, r2, c2, RINGS, DETS, mrd, half)
+    assert got.num_events == used > 1000 and np.array_equal(got.values, ref)
+    assert np.array_equal(hdr.decode_timing_pos(words & ((1 << 30) - 1)),
+                          ((s + 1) // 2) * np.where(s % 2 == 1, 1, -1))
+    flat = np.array([_word(0, *e[1:], prompt=False) for e in zip(s, d, a, v, i)], dtype=np.uint32)
+    hdr0 = read_listmode_header(_write_lm(tmp_path, np.r_[1 << 31, flat, (1 << 31) | 4], ntof=1, name="n"))
+    assert np.array_equal(hdr0.decode_offsets(flat & ((1 << 30) - 1))[1], c1)
