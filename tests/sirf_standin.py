@@ -35,13 +35,24 @@ Faithful to SIRF/STIR
   (recon_array_functions.cxx:172-260, 336-377); ``value = data term − penalty`` and ``gradient`` subtracts the
   prior's gradient (``/ S`` per subset, GeneralisedObjectiveFunction.cxx:128-157, 240-251);
 - ``OSMAPOSLReconstructor`` (no prior): STIR's loop and numbering (module docstring of the class below).
+- TOF (SIRF 3.10 on STIR 6.4): ``AcquisitionData(scanner, ..., tof_mash_factor=1)`` calls STIR's
+  ``set_tof_mash_factor`` (cstir.cpp:956-967), so the default of 1 gives TOF data on a TOF-ready scanner
+  (``max_num_timing_poss / f`` bins; ``f > max`` and an even count are errors; ``f <= 0`` or a non-TOF scanner: non-TOF,
+  ProjDataInfo.cxx:174-259 of rel_6.4.0); ``dimensions()`` is ``(n_tof, non-TOF sinograms, views, tang)``
+  (STIR.py:1109-1122, cstir.cpp:980-988), TOF bins by ``timing_pos_num`` ascending (the ``TOF_LOOP`` of
+  stir_data_containers.cpp:38); ``get_tof_mash_factor()`` is STIR's (0 for non-TOF data; STIR.py:1124-1126,
+  cstir_p.cpp:104-105); a non-TOF normalisation of TOF data multiplies every TOF bin, TOF factors must match the
+  data's TOF bins (BinNormalisationFromProjData.cxx:88-121, rel_6.4.0); the sensitivity of a non-TOF normalisation is
+  the non-TOF back projection (STIR 6.2 release notes), here equal to the TOF one summed over bins.
 - ``set_max_omp_threads`` / ``get_max_omp_threads`` / ``set_default_num_omp_threads`` /
   ``get_default_num_omp_threads``: STIR's thread setting as SIRF shows it (the stand-in itself uses one thread).
 
 Not STIR
 --------
 The projector ``G`` is a pixel-driven 2-D parallel-beam matrix (scipy.sparse) per direct plane (one sinogram per
-image plane, segment 0 only) restricted to the inscribed cylinder; files are ``.npz`` archives written under the
+image plane, segment 0 only) restricted to the inscribed cylinder; its TOF version weights each element by a Gaussian
+integrated over the TOF bin at the pixel's position along the LOR (outer bins open-ended, so the weights sum to 1 and
+the TOF projection summed over bins is the non-TOF one); files are ``.npz`` archives written under the
 exact name given (``.hv``, ``.hs``), not Interfile; listmode files are a stand-in format (see
 :func:`standin_write_listmode`) and ``estimate_randoms`` is a delayeds average, not STIR's singles fit; scanners are
 stand-in presets (:data:`SCANNERS`). OSMAPOSL with a prior is not implemented.
@@ -154,6 +165,12 @@ class ProjInfo:
     ring_spacing_mm: float
     n_tof: int = 1
     modality: str = "PT"
+    #: STIR's "Maximum number of (unmashed) TOF time bins" (0: not TOF-ready), unmashed bin width along the LOR
+    #: and the timing kernel's sigma along the LOR (stand-in scanner parameters)
+    max_num_timing_poss: int = 0
+    tof_bin_mm: float = 0.0
+    tof_sigma_mm: float = 0.0
+    tof_mash_factor: int = 0
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -166,7 +183,24 @@ SCANNERS: dict[str, ProjInfo] = {
                              ring_spacing_mm=4.0),
     "StandIn Small": ProjInfo("StandIn Small", n_rings=1, n_views=28, n_tang=33, bin_size_mm=3.0,
                               ring_spacing_mm=4.0),
+    # a TOF-ready stand-in scanner: 9 unmashed TOF bins of 12 mm along the LOR, sigma 15 mm
+    "StandIn Small TOF": ProjInfo("StandIn Small TOF", n_rings=1, n_views=28, n_tang=33, bin_size_mm=3.0,
+                                  ring_spacing_mm=4.0, max_num_timing_poss=9, tof_bin_mm=12.0, tof_sigma_mm=15.0),
 }
+
+
+def _with_tof_mash_factor(info: ProjInfo, f: int) -> ProjInfo:
+    """STIR 6.4 ``ProjDataInfo::set_tof_mash_factor`` (ProjDataInfo.cxx:174-259, rel_6.4.0)."""
+    f = int(f)
+    if info.max_num_timing_poss > 0 and f > 0:
+        if f > info.max_num_timing_poss:
+            raise error(f"ProjDataInfo::set_tof_mash_factor: TOF mashing factor ({f}) must be smaller than or equal "
+                        f"to the scanner's number of max timing bins ({info.max_num_timing_poss}).")
+        n = info.max_num_timing_poss // f
+        if n % 2 == 0:
+            raise error("ProjDataInfo: Number of TOF bins should be an odd number. Abort.")
+        return replace(info, n_tof=n, tof_mash_factor=f)
+    return replace(info, n_tof=1, tof_mash_factor=0)
 
 
 def scanner_names() -> str:
@@ -492,9 +526,9 @@ class AcquisitionData(DataContainer):
         elif isinstance(src, str):
             if src not in SCANNERS:
                 raise error(f"unknown scanner {src!r} (stand-in scanners: {list(SCANNERS)})")
-            if span != 1 or view_mash_factor != 1 or tof_mash_factor != 1:
-                raise error("stand-in scanners support span 1, no mashing only")
-            self._info = SCANNERS[src]
+            if span != 1 or view_mash_factor != 1:
+                raise error("stand-in scanners support span 1, no view mashing only")
+            self._info = _with_tof_mash_factor(SCANNERS[src], tof_mash_factor)  # cstir.cpp:965
             self._arr = np.zeros(self._info.shape, np.float32)
         elif isinstance(src, AcquisitionData):
             self._info = src._info
@@ -536,7 +570,8 @@ class AcquisitionData(DataContainer):
                 f"number of views {i.n_views}, tangential positions {i.n_tang}, sinograms {i.n_rings}\n")
 
     def get_tof_mash_factor(self):
-        return 1
+        """STIR's TOF mashing factor: 0 for non-TOF data (STIR.py:1124-1126, cstir_p.cpp:104-105)."""
+        return self._info.tof_mash_factor
 
     def create_uniform_image(self, value=0, xy=None):
         img = ImageData(self)
@@ -675,9 +710,14 @@ class AcquisitionSensitivityModel:
         self._setup = False
 
     def set_up(self, acq):
-        if tuple(acq.shape) != self._factors.shape:
-            raise error(f"AcquisitionSensitivityModel.set_up: data shape {acq.shape} != factors "
-                        f"{self._factors.shape}")
+        shape = tuple(acq.shape)
+        # a non-TOF norm of TOF data multiplies every TOF bin (BinNormalisationFromProjData.cxx:89-93, rel_6.4.0)
+        if self._factors.shape[0] == 1 and self._factors.shape[1:] == shape[1:]:
+            self._setup = True
+            return
+        if shape != self._factors.shape:
+            raise error(f"BinNormalisationFromProjData: incompatible projection data: data shape {acq.shape} != "
+                        f"factors {self._factors.shape}")
         self._setup = True
 
     def forward(self, ad):
@@ -724,11 +764,12 @@ def _system_matrix(info: ProjInfo, image: ImageData, n_lors: int, restrict: bool
         r = min(nx * vx, ny * vy) / 2
         keep = X ** 2 + Y ** 2 <= r ** 2
     d = info.bin_size_mm
-    rows, cols, vals = [], [], []
+    rows, cols, vals, along = [], [], [], []
     vox = np.nonzero(keep)[0]
     for v in range(info.n_views):
         phi = np.pi * v / info.n_views
         s = X[vox] * np.cos(phi) + Y[vox] * np.sin(phi)
+        t_lor = -X[vox] * np.sin(phi) + Y[vox] * np.cos(phi)  # position along the LOR (for TOF)
         for lor in range(n_lors):
             off = ((lor + 0.5) / n_lors - 0.5) * d
             u = (s - off) / d + (info.n_tang - 1) / 2  # fractional bin index
@@ -739,9 +780,26 @@ def _system_matrix(info: ProjInfo, image: ImageData, n_lors: int, restrict: bool
                 rows.append(v * info.n_tang + t[ok])
                 cols.append(vox[ok])
                 vals.append(w[ok] * vx / n_lors)
-    m = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(info.n_views * info.n_tang, ny * nx))
-    return m.tocsr()
+                along.append(t_lor[ok])
+    shape = (info.n_views * info.n_tang, ny * nx)
+    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    if info.n_tof <= 1:
+        return sp.coo_matrix((vals, (rows, cols)), shape=shape).tocsr()
+    # TOF: one matrix per TOF bin (timing_pos_num ascending), the element weighted by the Gaussian timing kernel
+    # integrated over the bin (outer bins open-ended: the weights sum to 1)
+    from math import erf
+
+    along = np.concatenate(along)
+    w = info.tof_bin_mm * info.tof_mash_factor
+    half = info.n_tof // 2
+    cdf = np.vectorize(lambda z: 0.5 * (1.0 + erf(z / math.sqrt(2.0))))
+    out = []
+    for k in range(-half, half + 1):
+        lo = -np.inf if k == -half else (k - 0.5) * w
+        hi = np.inf if k == half else (k + 0.5) * w
+        wk = cdf((hi - along) / info.tof_sigma_mm) - cdf((lo - along) / info.tof_sigma_mm)
+        out.append(sp.coo_matrix((vals * wk, (rows, cols)), shape=shape).tocsr())
+    return out
 
 
 class AcquisitionModel:
@@ -910,10 +968,16 @@ class AcquisitionModel:
         return self.backward(ad, self._subset_num, self._num_subsets, out)
 
 
+def _per_tof_bin(G) -> list:
+    """The projector's matrices, one per TOF bin (one for non-TOF data)."""
+    return G if isinstance(G, list) else [G]
+
+
 def _project(G, x: np.ndarray, info: ProjInfo, views: np.ndarray) -> np.ndarray:
     res = np.zeros(info.shape, np.float64)
-    for z in range(x.shape[0]):
-        res[0, z] = (G @ x[z].ravel().astype(np.float64)).reshape(info.n_views, info.n_tang)
+    for k, Gk in enumerate(_per_tof_bin(G)):
+        for z in range(x.shape[0]):
+            res[k, z] = (Gk @ x[z].ravel().astype(np.float64)).reshape(info.n_views, info.n_tang)
     mask = np.zeros(info.n_views, bool)
     mask[views] = True
     res[:, :, ~mask, :] = 0
@@ -922,11 +986,12 @@ def _project(G, x: np.ndarray, info: ProjInfo, views: np.ndarray) -> np.ndarray:
 
 def _backproject(G, y: np.ndarray, info: ProjInfo, img_shape, views: np.ndarray) -> np.ndarray:
     ys = np.zeros(info.shape, np.float64)
-    ys[:, :, views, :] = y[:, :, views, :]
-    img = np.zeros(img_shape, np.float32)
-    for z in range(img_shape[0]):
-        img[z] = (G.T @ ys[0, z].ravel()).reshape(img_shape[1:])
-    return img
+    ys[:, :, views, :] = y[:, :, views, :]  # non-TOF y (a non-TOF norm of TOF data): every TOF bin
+    img = np.zeros(img_shape, np.float64)
+    for k, Gk in enumerate(_per_tof_bin(G)):
+        for z in range(img_shape[0]):
+            img[z] += (Gk.T @ ys[k, z].ravel()).reshape(img_shape[1:])
+    return img.astype(np.float32)
 
 
 class AcquisitionModelUsingMatrix(AcquisitionModel):

@@ -46,6 +46,15 @@ What SIRF does that the adapter checks (SIRF 3.10)
   adapter compares dimensions, voxel sizes and the 4×4 ``transf_matrix()`` (``STIR.py:506-510``).
 - A prior set on the C++ side has no Python ``.prior`` attribute (that is set only by ``set_prior``,
   ``STIR.py:2379-2385``); ``get_prior()`` wraps the C++ pointer, null when none (``STIR.py:2387-2391``).
+- TOF: SIRF 3.10 ``AcquisitionData`` carries the TOF bins as its first dimension (``dimensions()`` =
+  ``(n_tof, non-TOF sinograms, views, tangential)``, ``STIR.py:1109-1122``, ``cstir.cpp:980-988``; note that
+  ``AcquisitionData(scanner)`` defaults to ``tof_mash_factor=1``, i.e. TOF data on a TOF scanner, ``cstir.cpp:965``),
+  and STIR 6.4's matrix and parallelproj projectors are TOF (STIR 6.0/6.1 release notes). The adapter passes TOF
+  through: ``forward`` returns TOF data, ``backward`` takes TOF data or arrays of the full TOF shape; the prompts,
+  the model's set-up template and its additive/background terms must have the same TOF bins
+  (:func:`check_same_acq_geometry`, a one-line :class:`GeometryMismatchError` otherwise). A non-TOF normalisation of
+  TOF data is STIR's business (``BinNormalisationFromProjData`` multiplies every TOF bin by it, rel_6.4.0
+  ``BinNormalisationFromProjData.cxx:89-93``); SIRF's scatter estimation is non-TOF (SIRF ``CHANGES.md``).
 - Listmode objectives (``PoissonLogLikelihoodWithLinearModelForMeanAndListModeDataWithProjMatrixByBin``) are
   rejected by class: their EM quantities are not those of sinograms; bin with ``ListmodeToSinograms``.
 - Parallelproj (``AcquisitionModelUsingParallelproj``, detected by class): STIR's parallelproj pair has trivial
@@ -82,6 +91,8 @@ __all__ = [
     "sirf_kind",
     "set_image_data_processor",
     "model_is_set_up",
+    "num_tof_bins",
+    "check_same_acq_geometry",
 ]
 
 #: voxel sizes are compared with this relative tolerance (STIR stores float32)
@@ -305,10 +316,21 @@ def check_same_image_geometry(a: Any, b: Any, what_a: str, what_b: str) -> None:
                 "the other's grid")
 
 
+def num_tof_bins(acq: Any) -> int:
+    """TOF bins of SIRF ``AcquisitionData``: the first of its ``dimensions()`` (``STIR.py:1109-1122``; 1 non-TOF)."""
+    return _dims(acq)[0]
+
+
 def check_same_acq_geometry(a: Any, b: Any, what_a: str, what_b: str) -> None:
-    """Raise :class:`GeometryMismatchError` unless acquisition data ``a`` and ``b`` have the same dimensions."""
+    """Raise :class:`GeometryMismatchError` unless acquisition data ``a`` and ``b`` have the same dimensions
+    (TOF bins included: SIRF's additive and background terms and the model's template are per TOF bin, and
+    adding data of other TOF bins is an error in STIR, so a TOF study is never collapsed to non-TOF here)."""
     da, db = _dims(a), _dims(b)
     if da != db:
+        if da[1:] == db[1:]:
+            ta, tb = (f"{d[0]} TOF bins" if d[0] > 1 else "non-TOF" for d in (da, db))
+            raise GeometryMismatchError(f"{what_a} is {ta} but {what_b} is {tb} (dimensions (tof, sinograms, views, "
+                                        f"tangential) {da} vs {db}): give every term with the prompts' TOF bins")
         raise GeometryMismatchError(f"{what_a} has dimensions (tof, sinograms, views, tangential) {da} "
                                     f"but {what_b} has {db}")
 
@@ -651,6 +673,8 @@ class SirfLogLikelihood(PoissonLogLikelihood):
             ad = self.acq_data.clone()
             ad.fill(arr)
         elif _is_acq(y):
+            if self.acq_data is not None:
+                check_same_acq_geometry(y, self.acq_data, "backward: the data", "the prompts")
             ad = y
         else:
             raise SirfObjectError(f"backward: expected sirf.STIR AcquisitionData or a tensor, got a {sirf_kind(y)}")
@@ -662,8 +686,9 @@ class SirfLogLikelihood(PoissonLogLikelihood):
 
     def __repr__(self) -> str:
         shape = _dims(self._template) if self._template is not None else None
+        tof = num_tof_bins(self.acq_data) if self.acq_data is not None else None
         return (f"SirfLogLikelihood(objective={type(self.objective).__name__}, image_shape={shape}, "
-                f"num_subsets={self._num_subsets}, device={self.device})")
+                f"num_subsets={self._num_subsets}, tof_bins={tof}, device={self.device})")
 
 
 def model_is_set_up(acq_model: Any) -> bool:

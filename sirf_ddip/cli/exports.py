@@ -151,7 +151,7 @@ def run_listmode(args) -> int:
             header = read_listmode_header(args.listmode)
             hist = ListmodeHistogrammer(header, geometry, args.template).histogram(
                 args.start, args.end, args.events, show_progress=show)
-            fmt = "Siemens PETLINK 32-bit"
+            fmt = "Siemens PETLINK 32-bit" + (f" TOF ({header.num_tof_bins} TOF bins)" if header.is_tof else "")
         else:
             from ..physics.histogram import histogram_petsird
 

@@ -12,10 +12,21 @@ and its header parser ``InterfileListmodeHeaderSiemens`` (``src/IO/InterfileHead
 - bit 31 = 1 and bits 29-30 = 0: a time tag, bits 0-28 the time in ms since the scan start; bit 31 = 1 with
   other bits 29-30: other tags (dead time, gating, ...), ignored as STIR does.
 
-Only the uncompressed, non-TOF 32-bit format is supported (as STIR's class); the header is checked for it
+TOF listmode (``%number of TOF time bins`` > 1; STIR 6.4, ``CListEventECAT8_32bit::get_detection_position``):
+the offset holds the Siemens TOF bin slowest, ``offset = ((s * N + z) * V + v) * T + i`` with ``N`` the number of
+span-1 sinograms of the scanner's *uncompressed* data (all ring differences: ``num_rings ** 2``, whatever
+``%maximum ring difference`` says; STIR's ``get_num_non_tof_sinograms`` of its uncompressed ``ProjDataInfo``);
+Siemens TOF bin ``s`` is STIR's ``timing_pos_num`` ``0, +1, -1, +2, -2, ...`` (``ecat::find_timing_poss_sequence``,
+:func:`siemens_timing_pos_sequence`), the sign relative to the listmode bin's detector order (STIR's
+``get_det_pos_pair_for_bin`` swaps the detectors of a negative bin): an event histogrammed into a bin whose detector 1
+is the listmode bin's detector 2 gets the opposite sign (``get_bin_for_det_pair``). The TOF bins are those of the
+scanner with ``%TOF mashing factor`` (STIR's default when the key is absent: 8 for the Vision 600, else 1).
+
+Only the uncompressed (span-1) 32-bit format is supported (as STIR's class); the header is checked for it
 and the data file for its length, so that bad input fails with a message naming the file and the key. Where
-STIR goes on (a ``%segment table`` or ``%total listmode word counts`` that does not describe the file), we go
-on as STIR does with a warning naming the key and both values (see :func:`read_listmode_header`).
+STIR goes on (a ``%segment table``, ``%total listmode word counts`` or ``%number of TOF time bins`` that does not
+describe the file), we go on as STIR does with a warning naming the key and both values (see
+:func:`read_listmode_header`).
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ from ..utils.leniency import is_strict, lenient, strict_inputs
 from .header import InterfileHeader
 
 __all__ = ["SiemensListmodeHeader", "read_listmode_header", "iter_listmode_words", "ecat_segment_sequence",
-           "file_time_span", "EVENT_TAG_BIT", "PROMPT_BIT", "OFFSET_MASK", "TIME_MASK"]
+           "siemens_timing_pos_sequence", "file_time_span", "EVENT_TAG_BIT", "PROMPT_BIT", "OFFSET_MASK",
+           "TIME_MASK"]
 
 #: word layout (STIR ``CListEventDataECAT8_32bit`` / ``CListTimeDataECAT8_32bit``, little-endian bit fields)
 EVENT_TAG_BIT = 31
@@ -49,6 +61,20 @@ def ecat_segment_sequence(max_segment: int) -> list[int]:
     for k in range(1, max_segment + 1):
         seq += [-k, k]
     return seq
+
+
+def siemens_timing_pos_sequence(num_tof_bins: int) -> np.ndarray:
+    """STIR ``timing_pos_num`` of each Siemens TOF bin ``0, 1, 2, ...``: ``0, +1, -1, +2, -2, ...``.
+
+    STIR 6.4 ``ecat::find_timing_poss_sequence`` (``src/IO/stir_ecat_common.cxx``; its comment says
+    ``0, -1, +1``, the code and the commit "reverse TOF bin order for Siemens files", checked on Vision 600 data,
+    give ``0, +1, -1``).
+    """
+    half = int(num_tof_bins) // 2
+    seq = [0]
+    for k in range(1, half + 1):
+        seq += [k, -k]
+    return np.asarray(seq, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,31 @@ class SiemensListmodeHeader:
     duration_s: float | None = None
     header_word_count: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    num_tof_bins: int = 1
+    tof_mash_factor: int = 0
+
+    @property
+    def is_tof(self) -> bool:
+        """True for TOF listmode (the offsets carry a Siemens TOF bin)."""
+        return self.tof_mash_factor > 0
+
+    @property
+    def tof_block_sinograms(self) -> int:
+        """Span-1 sinograms per TOF bin of the offset space: STIR's ``get_num_non_tof_sinograms`` of the
+        scanner's uncompressed data (``num_rings ** 2``) for TOF listmode; the header's sinograms otherwise (an
+        offset beyond them is corrupt)."""
+        return self.scanner.num_rings ** 2 if self.is_tof else self.num_sinograms
+
+    def timing_pos_sequence(self) -> np.ndarray:
+        """STIR ``timing_pos_num`` of each Siemens TOF bin of the file (``[0]`` for non-TOF listmode)."""
+        return siemens_timing_pos_sequence(self.num_tof_bins if self.is_tof else 1)
+
+    def describe_offsets(self) -> str:
+        """The offset space, for messages."""
+        text = f"span-1 sinogram of {self.num_sinograms} x {self.sinogram_size} bins"
+        if self.is_tof:
+            text += f" in each of {self.num_tof_bins} TOF bins (TOF bin stride {self.tof_block_sinograms} sinograms)"
+        return text
 
     @property
     def segment_sequence(self) -> list[int]:
@@ -124,11 +175,19 @@ class SiemensListmodeHeader:
     def decode_offsets(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Detector pairs ``(ring1, crystal1, ring2, crystal2)`` of event offsets (all must be valid)."""
         off = np.asarray(offsets, dtype=np.int64)
-        z = off // self.sinogram_size
-        r = off - z * self.sinogram_size
+        q = off // self.sinogram_size
+        r = off - q * self.sinogram_size
+        z = q % self.tof_block_sinograms
         rings1, rings2 = self.sinogram_rings()
         c1, c2 = self.view_tangential_crystals()
         return rings1[z], c1[r], rings2[z], c2[r]
+
+    def decode_timing_pos(self, offsets: np.ndarray) -> np.ndarray:
+        """STIR ``timing_pos_num`` of event offsets relative to the detector order of :meth:`decode_offsets`
+        (all must be valid; 0 for non-TOF listmode)."""
+        off = np.asarray(offsets, dtype=np.int64)
+        s = off // (self.sinogram_size * self.tof_block_sinograms)
+        return self.timing_pos_sequence()[s] if self.is_tof else np.zeros_like(off)
 
 
 def _find_data_file(hdr: InterfileHeader) -> Path:
@@ -164,8 +223,16 @@ def read_listmode_header(path: str | os.PathLike, strict: bool | None = None) ->
         too), a missing or empty data file, a data file that is not a whole number of words (truncated ``.l``);
         in strict mode also the inconsistencies above and header keys given twice with different values.
     UnsupportedDataError
-        TOF listmode (more than one TOF bin), compressed listmode, an event word size other than 32 bits,
-        axial compression other than 1 (STIR's ``CListEventECAT8_32bit`` refuses it as well).
+        Compressed listmode, an event word size other than 32 bits, axial compression other than 1 (STIR's
+        ``CListEventECAT8_32bit`` refuses it as well); TOF listmode of a scanner without TOF parameters, with an
+        even number of TOF bins, or with a ``%TOF mashing factor`` other than 1 (STIR 6.4 hands the mashed TOF
+        index on as an unmashed one, ``CListEventScannerWithDiscreteDetectors`` building its uncompressed
+        ``ProjDataInfo`` with TOF mashing 1, so its TOF bins would be wrong).
+
+    TOF listmode (see the module doc) is lenient too: a ``%number of TOF time bins`` other than the scanner's
+    with ``%TOF mashing factor`` is warned about (STIR decodes with the scanner's), and so is a TOF offset space
+    larger than the 30 bits of an event word can address (TOF bins past it cannot occur); a missing
+    ``%TOF mashing factor`` takes STIR's default with a warning.
     """
     with strict_inputs(is_strict(strict)):  # keys given twice: the last wins (STIR), with a warning
         hdr = InterfileHeader.read(path)
@@ -186,9 +253,8 @@ def read_listmode_header(path: str | os.PathLike, strict: bool | None = None) ->
         raise UnsupportedDataError(hdr.path, f"{bits}-bit listmode words are not supported (only the 32-bit "
                                    "PETLINK format of the mMR)", key="%LM event and tag words format (bits)")
     ntof = hdr.get_int("%number of tof time bins", 1)
-    if ntof is not None and ntof > 1:
-        raise UnsupportedDataError(hdr.path, f"TOF listmode ({ntof} TOF bins) is not supported (non-TOF only)",
-                                   key="%number of TOF time bins")
+    if ntof is not None and ntof < 0:
+        raise InputFileError(hdr.path, f"negative number of TOF bins {ntof}", key="%number of TOF time bins")
     comp = (hdr.get("%compression") or "").strip().lower()
     compressor = (hdr.get("%compressor version") or "").strip()
     if comp not in ("", "off", "none", "0") or compressor:
@@ -246,11 +312,62 @@ def read_listmode_header(path: str | os.PathLike, strict: bool | None = None) ->
                              f"{offset} bytes; header {hdr.path})", key="name of data file")
     if words_hdr is not None and nwords != words_hdr:
         _word_count_differs(hdr.path, data_path, offset, nwords, words_hdr, strict)
+    num_tof, mash = 1, 0
+    if ntof is not None and ntof > 1:
+        num_tof, mash = _tof_layout(hdr, scanner, ntof, nviews * ntang, strict)
     return SiemensListmodeHeader(
         path=hdr.path, data_path=data_path, scanner=scanner, num_views=nviews, num_tangential=ntang,
         max_ring_diff=mrd, segment_table=tuple(expected), data_offset=offset, num_words=int(nwords),
         duration_s=hdr.get_float("image duration (sec)"), header_word_count=words_hdr,
-        extra={"time_sync": hdr.get("%time_sync"), "study_time": hdr.get("%study time (hh:mm:ss gmt+00:00)")})
+        extra={"time_sync": hdr.get("%time_sync"), "study_time": hdr.get("%study time (hh:mm:ss gmt+00:00)")},
+        num_tof_bins=num_tof, tof_mash_factor=mash)
+
+
+#: STIR's default ``%TOF mashing factor`` where the header has none (``InterfileRawDataHeaderSiemens``)
+_STIR_DEFAULT_TOF_MASH = {"Siemens Vision 600": 8}
+#: bits of the offset field of an event word
+OFFSET_BITS = 30
+
+
+def _tof_layout(hdr: InterfileHeader, scanner: Scanner, ntof: int, sinogram_size: int,
+                strict: bool | None) -> tuple[int, int]:
+    """TOF bins and TOF mashing factor of a TOF listmode header (STIR 6.4 semantics, see
+    :func:`read_listmode_header`)."""
+    key_n, key_m = "%number of TOF time bins", "%TOF mashing factor"
+    if not scanner.is_tof_ready:
+        raise UnsupportedDataError(hdr.path, f"{ntof} TOF bins, but the {scanner.name} has no TOF parameters "
+                                   "(STIR's scanner table): TOF listmode of a non-TOF scanner", key=key_n)
+    mash = hdr.get_int("%tof mashing factor")
+    if mash is None:
+        mash = _STIR_DEFAULT_TOF_MASH.get(scanner.name, 1)
+        lenient(hdr.path, f"not set; using STIR's default {mash} for the {scanner.name}", key=key_m,
+                refusal=f"missing in a TOF listmode header (STIR would use {mash})", strict=strict)
+    nmax = scanner.max_num_timing_poss
+    if mash < 1 or mash > nmax or nmax % mash:
+        raise InputFileError(hdr.path, f"TOF mashing factor {mash} must divide the {nmax} unmashed TOF bins of the "
+                             f"{scanner.name} (STIR refuses it too)", key=key_m)
+    if mash != 1:
+        raise UnsupportedDataError(hdr.path, f"TOF mashing factor {mash}: STIR 6.4 decodes the TOF index of mashed "
+                                   "32-bit listmode as an unmashed one (its uncompressed ProjDataInfo has TOF mashing "
+                                   "1), so the TOF bins would be wrong; only unmashed TOF listmode is supported",
+                                   key=key_m)
+    num = nmax // mash
+    if num % 2 == 0:
+        raise UnsupportedDataError(hdr.path, f"{num} TOF bins (even) for the {scanner.name} with TOF mashing factor "
+                                   f"{mash}: STIR 6.4 needs an odd number (a central TOF bin)", key=key_m)
+    if ntof != num:
+        lenient(hdr.path, f"{ntof} TOF bins, but the {scanner.name} with TOF mashing factor {mash} has {num}; "
+                f"decoding the offsets with {num} TOF bins, as STIR does (it takes them from the scanner)",
+                key=key_n, refusal=f"{ntof} TOF bins, but the {scanner.name} with TOF mashing factor {mash} has "
+                                   f"{num}", strict=strict)
+    block = sinogram_size * scanner.num_rings ** 2
+    reach = -(-(1 << OFFSET_BITS) // block)
+    if reach < num:
+        lenient(hdr.path, f"the {OFFSET_BITS}-bit event offsets reach only the first {reach} of the {num} Siemens "
+                f"TOF bins ({block} span-1 bins each): the other TOF bins cannot occur in this file; reading it as "
+                "STIR does", key=key_n, refusal=f"{num} TOF bins of {block} span-1 bins cannot be addressed by "
+                f"{OFFSET_BITS}-bit event offsets (only {reach} can)", strict=strict)
+    return num, mash
 
 
 def _short(values: list[int]) -> str:

@@ -258,6 +258,40 @@ def write_flat_data(file: str | os.PathLike, flat: np.ndarray, geometry: Sinogra
             f.write(np.ascontiguousarray(flat[i:i + step], dtype="<f4").tobytes())
 
 
+def tof_lookup(header: SiemensListmodeHeader, geometry: SinogramGeometry, block_size: int,
+               template: str | os.PathLike = "template") -> np.ndarray:
+    """First bin of the target TOF block of each ``(Siemens TOF bin s, keep)``, flat ``2 * s + keep`` (int32).
+
+    STIR 6.4: the listmode bin's ``timing_pos_num`` is ``k = (0, +1, -1, +2, ...)[s]`` relative to its detector
+    order (:func:`~sirf_ddip.io.siemens_listmode.siemens_timing_pos_sequence`); ``get_bin_for_det_pair`` of the
+    target keeps ``k`` where the target bin has the same detector 1 (``keep = 1``) and gives ``-k`` where the
+    detectors swap; the unmashed position ``k`` goes into the mashed TOF bin ``round(k / f)`` (``f`` the
+    target's TOF mashing factor; odd, as the number of TOF bins is). A non-TOF target: all 0 (the TOF bins are
+    summed).
+
+    Raises
+    ------
+    GeometryMismatchError
+        If the target's scanner has other TOF bins than the listmode's.
+    """
+    seq = header.timing_pos_sequence()
+    lut = np.zeros((seq.size, 2), dtype=np.int64)
+    if getattr(geometry, "is_tof", False):
+        a, b = header.scanner, geometry.scanner
+        if (a.max_num_timing_poss != b.max_num_timing_poss
+                or abs(a.size_timing_pos_ps - b.size_timing_pos_ps) > 1e-3 * a.size_timing_pos_ps):
+            raise GeometryMismatchError(
+                f"{header.path}: the listmode's {a.name} has {a.max_num_timing_poss} TOF bins of "
+                f"{a.size_timing_pos_ps:g} ps but template {template} has {b.max_num_timing_poss} of "
+                f"{b.size_timing_pos_ps:g} ps")
+        f = int(geometry.tof_mash_factor)
+        k = np.stack([-seq, seq], axis=1)  # keep = 0: detectors swap
+        half = (a.max_num_timing_poss - 1) // 2
+        idx = (k + half) // f  # = round(k / f) + num_tof_bins // 2 for odd f
+        lut = idx * block_size
+    return np.ascontiguousarray(lut.reshape(-1), dtype=np.int32)
+
+
 class ListmodeHistogrammer:
     """Histogram a Siemens PETLINK listmode into a sinogram geometry of its scanner.
 
@@ -269,14 +303,24 @@ class ListmodeHistogrammer:
     template : str, optional
         Name of the template, for error messages.
 
+    TOF listmode (:attr:`SiemensListmodeHeader.is_tof`) goes into a TOF geometry of the same scanner with any TOF
+    mashing (STIR's ``get_bin_for_det_pos_pair``: the TOF bin of the event's timing position, sign flipped where
+    the target bin's detector order is the reverse of the listmode bin's, see :func:`tof_lookup`), or into a
+    non-TOF geometry, which sums the TOF bins (STIR: a non-TOF template ignores the timing position).
+
     Raises
     ------
     GeometryMismatchError
-        If the geometry is for another scanner.
+        If the geometry is for another scanner, is TOF while the listmode is not (never a silent collapse), or has
+        other TOF bins than the listmode's scanner.
     """
 
     def __init__(self, header: SiemensListmodeHeader, geometry: SinogramGeometry, template: str = "template"):
         check_same_scanner(header, geometry, template)
+        if getattr(geometry, "is_tof", False) and not header.is_tof:
+            raise GeometryMismatchError(f"template {template} is TOF ({geometry.num_tof_bins} TOF bins) but listmode "
+                                        f"{header.path} has no TOF information (%number of TOF time bins := 1): "
+                                        "use a non-TOF template")
         self.header = header
         self.geometry = geometry
         self.binner = DetectorPairBinner(geometry)
@@ -297,6 +341,11 @@ class ListmodeHistogrammer:
             sg = b.ring_pair_sinogram[ra, rb]
             base[:, k] = np.where(sg >= 0, sg.astype(np.int64) * sino_stride, self.size)
         self._lut_z = base.reshape(-1)  # [z * 2 + keep]
+        self.num_tof_bins = int(geometry.num_tof_bins) if getattr(geometry, "is_tof", False) else 1
+        self.total = self.size * self.num_tof_bins
+        if 4 * self.total > (1 << 31) - 8:
+            raise ValueError(f"geometry of {self.total} bins is too large for the int32 lookup tables")
+        self._lut_t = tof_lookup(header, geometry, self.size, template) if header.is_tof else None
 
     def histogram(self, start: float | None = None, end: float | None = None, events: str = "prompts",
                   chunk_words: int = 1 << 21, show_progress: bool | None = None,
@@ -322,10 +371,13 @@ class ListmodeHistogrammer:
             nt = default_threads(min(default_threads(), max(2, fit)))
         else:
             nt = default_threads(threads)
+        tof = self._lut_t is not None
+        if tof:  # TOF listmode: the decode/add pipeline (decode_chunk_tof), at most 2 threads
+            nt = min(nt, 2)
         # per prompt bit (0 delayed, 1 prompt): counted?, subtracted? (STIR ``delayed_increment``)
         use = np.array({"prompts": (0, 1), "delayeds": (1, 0), "trues": (1, 1)}[events], dtype=np.int64)
         neg = np.array((1, 0) if events == "trues" else (0, 0), dtype=np.int64)
-        row = self.size + K.TRASH_SLOTS * nt  # + the threads' trash slots (see bin_chunk)
+        row = self.total + K.TRASH_SLOTS * nt  # + the threads' trash slots (see bin_chunk)
         # 1 or 2 threads: decode here while a helper thread adds the previous chunk into one sinogram; more:
         # bin_chunk's private sinograms (memory permitting) or split bin ranges
         pipeline = nt <= 2
@@ -349,8 +401,13 @@ class ListmodeHistogrammer:
                 return stop, first, last, bad
             wk = work[nchunk % 2]
             nchunk += 1
-            first, last, bad = K.decode_chunk(words, lo, hi, self._lut_r, self._lut_z, h.sinogram_size,
-                                              h.num_sinograms, self.size, use, neg, wk, self.size)
+            if tof:
+                first, last, bad = K.decode_chunk_tof(words, lo, hi, self._lut_r, self._lut_z, self._lut_t,
+                                                      h.sinogram_size, h.tof_block_sinograms, h.num_sinograms,
+                                                      h.num_tof_bins, self.size, use, neg, wk, self.total)
+            else:
+                first, last, bad = K.decode_chunk(words, lo, hi, self._lut_r, self._lut_z, h.sinogram_size,
+                                                  h.num_sinograms, self.size, use, neg, wk, self.size)
             while pending:  # the add of the previous chunk (which used the other work list)
                 pending.pop().result()
             if pool is None:
@@ -369,10 +426,16 @@ class ListmodeHistogrammer:
                 pool.shutdown(wait=True)
         elapsed, cpu = _time.perf_counter() - t0, _time.process_time() - c0
         if sel.bad:
-            raise DataValueError(f"{h.data_path}: {sel.bad} events have offsets beyond the span-1 sinogram "
-                                 f"of {h.num_sinograms} x {h.sinogram_size} bins described by "
-                                 f"{h.path} (corrupt listmode?)")
-        data = sinogram_to_file_order(acc, self.geometry)  # adds the threads' sinograms on the way
+            raise DataValueError(f"{h.data_path}: {sel.bad} events have offsets beyond the "
+                                 f"{h.describe_offsets()} described by {h.path} (corrupt listmode?)")
+        if self.num_tof_bins > 1:  # each TOF bin's block to file order, in place (one row: the pipeline)
+            blocks = acc[0, :self.total].reshape(self.num_tof_bins, self.size)
+            non_tof = self.geometry.non_tof()
+            for blk in blocks:
+                sinogram_to_file_order(blk, non_tof)
+            data = acc[0, :self.total].view(np.float32)
+        else:
+            data = sinogram_to_file_order(acc, self.geometry)  # adds the threads' sinograms on the way
         if rows > 1:
             _release_after_first_row(acc)
         if not data.any():
@@ -383,6 +446,7 @@ class ListmodeHistogrammer:
             warnings.warn(InputFileWarning(h.data_path, f"the frame holds no {events} ({sel.records:,} records in "
                                            "it): the sinogram is all zero"), stacklevel=2)
         stats = {"listmode": str(h.path), "records_in_frame": int(sel.records), "threads": nt,
+                 "listmode_tof_bins": h.num_tof_bins if h.is_tof else 1, "tof_bins": self.num_tof_bins,
                  "private_sinograms": rows,
                  "counted": float(data.sum(dtype=np.float64)), "seconds": elapsed, "cpu_seconds": cpu,
                  "first_time_tag_s": sel.first_tag_s, "last_time_tag_s": sel.last_tag_s,

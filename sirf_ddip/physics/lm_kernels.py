@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["TRASH_SLOTS", "decode_chunk", "add_chunk", "bin_chunk", "find_time_tag", "last_time_tag",
+__all__ = ["TRASH_SLOTS", "decode_chunk", "decode_chunk_tof",
+           "add_chunk", "bin_chunk", "find_time_tag", "last_time_tag",
            "fan_sums_chunk", "reorder_segment"]
 
 _OFFSET_MASK = np.uint32((1 << 30) - 1)
@@ -195,11 +196,14 @@ def bin_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, use, 
 
 @njit(cache=True, nogil=True)
 def fan_sums_chunk(words, lo, hi, end_s, want_prompt, sino_size, num_sinograms, ring1, ring2, cry1, cry2,
-                   num_detectors, max_ring_diff, half_fan, out):  # pragma: no cover - compiled
+                   num_detectors, max_ring_diff, half_fan, out, block_sinograms,
+                   num_tof):  # pragma: no cover - compiled
     """Fan sums (randoms) of the delayeds (``want_prompt = 0``) or prompts of ``words[lo:hi]``.
 
     Every event ``(ra, a) - (rb, b)`` with ``|ra - rb| <= max_ring_diff`` and ``b`` in the fan of ``a`` adds 1
-    to ``out[ra, a]`` and ``out[rb, b]`` (see :mod:`sirf_ddip.physics.randoms`).
+    to ``out[ra, a]`` and ``out[rb, b]`` (see :mod:`sirf_ddip.physics.randoms`). TOF listmode: the sinogram of
+    ``q = offset // sino_size`` is ``q % block_sinograms``, its TOF bin ``q // block_sinograms`` (summed over;
+    ``>= num_tof`` is corrupt); non-TOF: ``block_sinograms = num_sinograms``, ``num_tof = 1``.
 
     Returns
     -------
@@ -234,7 +238,9 @@ def fan_sums_chunk(words, lo, hi, end_s, want_prompt, sino_size, num_sinograms, 
         elif r >= sino_size:
             z += 1
             r -= sino_size
-        if z >= num_sinograms:
+        s = z // block_sinograms
+        z -= s * block_sinograms
+        if z >= num_sinograms or s >= num_tof:
             nbad += 1
             continue
         ra = np.int64(ring1[z])
@@ -326,3 +332,52 @@ def add_chunk(acc, work, n, signed):  # pragma: no cover - compiled
     else:
         for j in range(n):
             acc[work[j]] += 1
+
+
+@njit(cache=True, nogil=True)
+def decode_chunk_tof(words, lo, hi, lut_r, lut_z, lut_t, sino_size, block_sinograms, num_sinograms, num_tof,
+                     size, use, neg, work, trash):  # pragma: no cover - compiled
+    """:func:`decode_chunk` for TOF listmode: the offset is ``(s * block_sinograms + z) * sino_size + r`` with
+    ``s`` the Siemens TOF bin (see :mod:`sirf_ddip.io.siemens_listmode`). ``lut_t[2 * s + keep]`` is the first
+    bin of the target's TOF block of that event (``keep``: the target bin has the listmode bin's detector order;
+    0 everywhere for a non-TOF target, which then sums the TOF bins); ``size`` is the bins of one TOF block (a
+    bin ``>= size`` of the non-TOF tables is not stored). Offsets with ``z >= num_sinograms`` or
+    ``s >= num_tof`` are corrupt (counted in ``bad``). Returns ``(first_tag_ms, last_tag_ms, bad)``."""
+    signed = neg[0] != 0 or neg[1] != 0
+    u0, u1 = np.int64(use[0]), np.int64(use[1])
+    n0, n1 = np.int64(neg[0]), np.int64(neg[1])
+    t_first = -1
+    t_last = -1
+    for i in range(lo, hi):
+        x = words[i]
+        if (x >> 29) == 4:
+            t = np.int64(x & _TIME_MASK)
+            if t_first < 0:
+                t_first = t
+            t_last = t
+    nbad = 0
+    for i in range(lo, hi):
+        x = np.int64(words[i])
+        p = (x >> 30) & 1
+        u = (1 - (x >> 31)) * (p * u1 + (1 - p) * u0)
+        off = x & 0x3FFFFFFF
+        q = off // sino_size
+        r = off - q * sino_size
+        s = q // block_sinograms
+        z = q - s * block_sinograms
+        out = np.int64(z >= num_sinograms) | np.int64(s >= num_tof)
+        nbad += u * out
+        z = z * (1 - out)
+        s = s * (1 - out)
+        lr = np.int64(lut_r[r])
+        kp = lr & 1
+        f = np.int64(lut_z[2 * z + kp]) + (lr >> 1)
+        mine = u * (1 - out) * np.int64(f < size)
+        f = f + np.int64(lut_t[2 * s + kp])
+        tr = trash + (i & (_TRASH - 1))
+        if signed:
+            e = 2 * f + p * n1 + (1 - p) * n0
+            work[i - lo] = np.int32(mine * e + (1 - mine) * 2 * tr)
+        else:
+            work[i - lo] = np.int32(mine * f + (1 - mine) * tr)
+    return t_first, t_last, nbad

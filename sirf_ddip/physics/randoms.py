@@ -91,7 +91,8 @@ def fan_sums_from_listmode(header: SiemensListmodeHeader, start: float | None = 
         nonlocal used
         stop, first, last, bad, n = K.fan_sums_chunk(words, lo, words.size, end_s, 0 if delayed else 1,
                                                      header.sinogram_size, header.num_sinograms, rings1, rings2,
-                                                     cr1, cr2, sc.detectors_per_ring, mrd, half, out)
+                                                     cr1, cr2, sc.detectors_per_ring, mrd, half, out,
+                                                     header.tof_block_sinograms, header.num_tof_bins)
         used += int(n)
         return stop, first, last, bad
 
