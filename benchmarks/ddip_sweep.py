@@ -12,7 +12,8 @@ mr.hv, mask_brain.hv, mask_lesion.hv) it computes once (cached as ``CASE/baselin
 then DDIP for every combination of the ``--grid`` values on top of ``--config`` (+ ``--set`` overrides), and for
 every DDIP output the data-consistency stage ``final_em = k`` for each ``--final-em`` k (computed from the same
 output, so the trade-off curve costs only EM updates). One JSON line per result goes to ``--out`` (partial results
-survive an interruption). Lesions are the connected components of ``mask_lesion.hv``.
+survive an interruption). Lesions are the connected components of ``mask_lesion.hv``, then those of
+``mask_departure.hv`` (hypometabolic regions, departure lesions; :func:`case_regions`).
 
 Example::
 
@@ -55,16 +56,29 @@ def lesion_labels(mask: np.ndarray) -> list[np.ndarray]:
     return sorted(out, key=lambda m: -int(m.sum()))
 
 
+def case_regions(case: Path, min_voxels: int = 10) -> list[np.ndarray]:
+    """The regions a case scores: the lesions of ``mask_lesion.hv`` (largest first), then the departures of
+    ``mask_departure.hv`` (``sim/departures.py``: hypometabolic regions and departure lesions, largest first,
+    components of at least ``min_voxels``)."""
+    from sirf_ddip.io import read_image
+
+    les = case / "mask_lesion.hv"
+    out = lesion_labels(read_image(les).array > 0.5) if les.is_file() else []
+    dep = case / "mask_departure.hv"
+    if dep.is_file():
+        out += [m for m in lesion_labels(read_image(dep).array > 0.5) if int(m.sum()) >= min_voxels]
+    return out
+
+
 class Scorer:
-    """PSNR/SSIM in the brain, per-lesion mean bias (%), Poisson log-likelihood."""
+    """PSNR/SSIM in the brain, per-lesion/region mean bias (%), Poisson log-likelihood."""
 
     def __init__(self, case: Path, ds):
         from sirf_ddip.io import read_image
 
         self.truth = read_image(case / "truth.hv").array.astype(np.float64)
         self.brain = read_image(case / "mask_brain.hv").array > 0.5
-        les = case / "mask_lesion.hv"
-        self.lesions = lesion_labels(read_image(les).array > 0.5) if les.is_file() else []
+        self.lesions = case_regions(case)
         self.ds = ds
 
     def __call__(self, x: np.ndarray | torch.Tensor, loglik: bool = True) -> dict:

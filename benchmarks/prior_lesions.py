@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,35 +56,34 @@ def main(argv=None) -> int:
           f"{len(args.seeds)} seeds)")
     for case in map(Path, args.cases):
         sc = Scorer(case, ds=None)  # the case's truth, brain mask and lesions, as ddip_sweep reads them
-        truth, brain, lesions = sc.truth.astype(np.float32), sc.brain, list(sc.lesions)
-        if (case / "mask_departure.hv").is_file():  # departures (sim/departures.py): regions, their lesions
-            from scipy import ndimage
-
-            dep = read_image(case / "mask_departure.hv").array > 0.5
-            lab, n = ndimage.label(dep, structure=np.ones((3, 3, 3)))
-            lesions += [lab == k for k in range(1, n + 1) if int((lab == k).sum()) >= 10]
+        truth, brain, lesions = sc.truth.astype(np.float32), sc.brain, list(sc.lesions)  # + departures
         mr = read_image(case / "mr.hv").array.astype(np.float32)
         sizes = [int(m.sum()) for m in lesions]
         for (name, bundle), w in ((nb, w) for nb in priors.items() for w in args.mr_guidance):
             if w != 1.0 and not getattr(bundle.network, "has_mr_null", False):
+                print(f"{case.name:28s} {Path(name).name[:24]:24s} w={w:g}: skipped (this prior has no learned "
+                      "'no MR' input; mr_guidance != 1 needs a prior trained with MR dropout)")
                 continue
             for t in args.t:
+                t0 = time.perf_counter()
                 rows = []
                 for seed in args.seeds:
                     res = check_prior(bundle, truth, mr if bundle.uses_mr else None, t, seed=seed, mask=brain,
                                       device=args.device, mr_guidance=w)
                     x = res.denoised.astype(np.float64)
                     rows.append([psnr(x, truth, brain)] + [mean_bias(x, truth, m) for m in lesions])
+                secs = time.perf_counter() - t0
                 r = np.mean(rows, axis=0)
                 sd = np.std(rows, axis=0)
                 print(f"{case.name:28s} {(Path(name).name + ('' if w == 1.0 else f' w={w:g}'))[:24]:24s} {t:4d} {r[0]:6.2f}  "
-                      + "  ".join(f"{v:+5.0f}±{s:.0f}" for v, s in zip(r[1:], sd[1:])))
+                      + "  ".join(f"{v:+5.0f}±{s:.0f}" for v, s in zip(r[1:], sd[1:])) + f"  ({secs:.0f} s)")
                 if args.out:
                     with open(args.out, "a") as f:
                         f.write(json.dumps({"case": case.name, "prior": name, "mr_guidance": w, "t": t, "seeds": args.seeds,
                                             "psnr": round(float(r[0]), 3), "lesion_voxels": sizes,
                                             "lesion_bias": [round(float(v), 2) for v in r[1:]],
-                                            "lesion_bias_sd": [round(float(v), 2) for v in sd[1:]]}) + "\n")
+                                            "lesion_bias_sd": [round(float(v), 2) for v in sd[1:]],
+                                            "seconds": round(secs, 1)}) + "\n")
     return 0
 
 
