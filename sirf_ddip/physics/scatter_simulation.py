@@ -301,8 +301,11 @@ class ScatterSimulator:
                 _image_centre(self.mu.grid), self.device, self.dtype, self.chunk)
         return self._mu_integrals
 
-    def simulate(self, activity: Image) -> ProjData:
+    def simulate(self, activity: Image, check_cover: bool = True) -> ProjData:
         """The unscaled single scatter estimate of ``activity`` on the template.
+
+        ``check_cover``: refuse an activity that lies outside the μ-map (off in the estimation loop, where the
+        reconstructed image is positive over the whole field of view and STIR treats the outside as vacuum).
 
         Returns
         -------
@@ -313,7 +316,8 @@ class ScatterSimulator:
         ------
         GeometryMismatchError : the μ-map does not cover the voxels where the activity is > 0 (1 mm tolerance).
         """
-        _check_cover(activity, self.mu.grid)
+        if check_cover:
+            _check_cover(activity, self.mu.grid)
         out = np.zeros(self.template.shape, dtype=np.float32)
         if self.num_scatter_points:
             act = _sss.point_detector_integrals(np.asarray(activity.array, dtype=np.float64),

@@ -282,7 +282,7 @@ def estimate_scatter(prompts: ProjData, mu: Image, energy_window: tuple[float, f
         if st.do_average_at_2 and it == 2:
             x = (x + x0) / 2
         act = Image(x.cpu().numpy().astype(np.float32), grid)
-        unscaled = simulator.simulate(act)
+        unscaled = simulator.simulate(act, check_cover=False)
         fit: ScatterFit = upsample_and_fit_scatter(unscaled, data_to_fit, mask2, S2, st.min_scale_factor,
                                                    st.max_scale_factor, st.half_filter_width, st.remove_interleaving)
         s2 = fit.scatter.array
