@@ -47,6 +47,11 @@ class DataValueError(SirfDdipError, ValueError):
     """Data values that cannot be right: NaN, Inf or negative counts, for example."""
 
 
+class NoTailBinsError(DataValueError):
+    """The tail mask of a scatter fit leaves no bin outside the object (the μ-map covers the whole field of view,
+    or the ACF threshold / safety margin are too strict), so no scatter scale can be fitted."""
+
+
 class ConfigError(SirfDdipError, ValueError):
     """An unknown, missing or ill-typed configuration key."""
 

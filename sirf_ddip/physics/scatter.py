@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 __all__ = ["ELECTRON_RADIUS_CM", "klein_nishina_differential", "klein_nishina_total", "detection_efficiency",
-           "max_cos_angle", "zoom_for_scatter_points", "ScatterPoints", "scatter_points_from_mu", "ray_integrals", "detector_positions",
-           "single_scatter"]
+           "max_cos_angle", "zoom_for_scatter_points", "ScatterPoints", "scatter_points_from_mu", "ray_integrals",
+           "detector_positions", "detector_grid", "point_detector_integrals", "single_scatter",
+           "single_scatter_from_integrals"]
 
 #: classical electron radius (cm), STIR's value
 ELECTRON_RADIUS_CM = 2.818e-13
@@ -207,6 +208,32 @@ def _cos(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u * v).sum(-1) / (torch.linalg.norm(u, dim=-1) * torch.linalg.norm(v, dim=-1))
 
 
+def detector_grid(det_xy: np.ndarray, ring_z: np.ndarray) -> np.ndarray:
+    """(nr * nd, 3) positions (z, y, x) mm of every detector, ring-major (index ``ring * nd + crystal``)."""
+    nd, nr = len(det_xy), len(ring_z)
+    return np.concatenate([np.repeat(np.asarray(ring_z, dtype=float), nd)[:, None],
+                           np.tile(np.asarray(det_xy, dtype=float), (nr, 1))], axis=1)
+
+
+def point_detector_integrals(image: np.ndarray, voxel_size, points: ScatterPoints, detectors: np.ndarray,
+                             centre_mm=(0.0, 0.0, 0.0), device="cpu", dtype=torch.float64,
+                             chunk: int = 8192) -> torch.Tensor:
+    """Line integrals (mm * value) of ``image`` from every scatter point to every detector: (n_points, n_det).
+
+    ``centre_mm`` is the image's index centre in the scanner frame (z, y, x); STIR caches exactly these (its
+    ``cached_integral_over_activity`` / ``..._attenuation``), so the μ ones can be reused for a new activity.
+    """
+    dev = torch.device(device)
+    det_t = torch.as_tensor(detectors, device=dev, dtype=dtype)
+    sp = torch.as_tensor(points.positions, device=dev, dtype=dtype)
+    ns, ndet = sp.shape[0], det_t.shape[0]
+    c = torch.as_tensor(centre_mm, device=dev, dtype=dtype)
+    start = sp[:, None, :].expand(ns, ndet, 3).reshape(-1, 3) - c
+    stop = det_t[None, :, :].expand(ns, ndet, 3).reshape(-1, 3) - c
+    img = torch.as_tensor(np.asarray(image)[None], device=dev, dtype=dtype)
+    return ray_integrals(img, tuple(voxel_size), start, stop, chunk=chunk)[0].reshape(ns, ndet)
+
+
 def single_scatter(activity: np.ndarray, mu: np.ndarray, voxel_size, points: ScatterPoints,
                    det_xy: np.ndarray, ring_z: np.ndarray, ia: np.ndarray, ib: np.ndarray,
                    ring_pairs: np.ndarray, lower_kev: float, upper_kev: float, resolution: float,
@@ -216,7 +243,7 @@ def single_scatter(activity: np.ndarray, mu: np.ndarray, voxel_size, points: Sca
 
     Parameters
     ----------
-    activity, mu : (nz, ny, nx) arrays; mu in cm^-1. Centred on the scanner.
+    activity, mu : (nz, ny, nx) arrays on the same grid; mu in cm^-1. Centred on the scanner.
     voxel_size : (vz, vy, vx) mm of ``activity``/``mu``.
     points : scatter points.
     det_xy : (nd, 2) transaxial detector positions (y, x) mm; ``ring_z`` (nr,) mm from the centre.
@@ -226,20 +253,40 @@ def single_scatter(activity: np.ndarray, mu: np.ndarray, voxel_size, points: Sca
     Returns
     -------
     (nv, na, nt) tensor (STIR's file order within a segment).
+
+    See :func:`single_scatter_from_integrals` for images on different grids or cached μ integrals.
     """
     dev = torch.device(device)
-    img = torch.as_tensor(np.stack([activity, mu]), device=dev, dtype=dtype)
-    nd, nr = len(det_xy), len(ring_z)
-    det = np.concatenate([np.repeat(ring_z, nd)[:, None], np.tile(det_xy, (nr, 1))], axis=1)  # (nr*nd, 3)
+    det = detector_grid(det_xy, ring_z)
     det_t = torch.as_tensor(det, device=dev, dtype=dtype)
     sp = torch.as_tensor(points.positions, device=dev, dtype=dtype)
     ns, ndet = sp.shape[0], det_t.shape[0]
     start = sp[:, None, :].expand(ns, ndet, 3).reshape(-1, 3)
     stop = det_t[None, :, :].expand(ns, ndet, 3).reshape(-1, 3)
+    img = torch.as_tensor(np.stack([activity, mu]), device=dev, dtype=dtype)
     integ = ray_integrals(img, voxel_size, start, stop, chunk=chunk).reshape(2, ns, ndet)
-    r2 = ((stop - start) ** 2).sum(-1).reshape(ns, ndet)
-    act = torch.clamp(1.0 / r2, max=math.pi / 2) * integ[0] / voxel_size[2]     # I (voxel units)
-    att = torch.exp(-0.1 * integ[1])                                              # e
+    return single_scatter_from_integrals(integ[0], integ[1], voxel_size[2], points, det, len(det_xy), ia, ib,
+                                         ring_pairs, lower_kev, upper_kev, resolution, reference_kev)
+
+
+def single_scatter_from_integrals(activity_integrals: torch.Tensor, mu_integrals: torch.Tensor,
+                                  activity_voxel_x_mm: float, points: ScatterPoints, detectors: np.ndarray,
+                                  num_detectors_per_ring: int, ia: np.ndarray, ib: np.ndarray,
+                                  ring_pairs: np.ndarray, lower_kev: float, upper_kev: float, resolution: float,
+                                  reference_kev: float = 511.0) -> torch.Tensor:
+    """The estimate of :func:`single_scatter` from the point-to-detector integrals (:func:`point_detector_integrals`).
+
+    ``activity_integrals`` (mm * activity) and ``mu_integrals`` (mm * cm^-1) are (n_points, n_det) on one device;
+    ``detectors`` the (n_det, 3) positions of :func:`detector_grid`. Returns (nv, na, nt).
+    """
+    dev, dtype = activity_integrals.device, activity_integrals.dtype
+    det_t = torch.as_tensor(detectors, device=dev, dtype=dtype)
+    sp = torch.as_tensor(points.positions, device=dev, dtype=dtype)
+    ns, ndet = sp.shape[0], det_t.shape[0]
+    nd = int(num_detectors_per_ring)
+    r2 = ((det_t[None, :, :] - sp[:, None, :]) ** 2).sum(-1)                      # (ns, ndet)
+    act = torch.clamp(1.0 / r2, max=math.pi / 2) * activity_integrals / activity_voxel_x_mm   # I (voxel units)
+    att = torch.exp(-0.1 * mu_integrals)                                          # e
     mu_s = torch.as_tensor(points.mu, device=dev, dtype=dtype)
     cos_thr = max_cos_angle(lower_kev, 2.0, resolution)
     sig511 = klein_nishina_total(511.0)
