@@ -112,7 +112,7 @@ def _canonical_scanner(name: str | None) -> str | None:
         return None
 
 
-def check_scanner_matches_images(template_path: str, geometry, images: dict[str, object]) -> None:
+def check_scanner_matches_images(template_path: str, geometry, images: dict[str, object], axial: bool = True) -> None:
     """Refuse a template of another scanner than the images': a scanner named in an image header
     (``originating system``) that is not the template's, or an object reaching outside the template's detector
     ring or axial field of view.
@@ -121,7 +121,8 @@ def check_scanner_matches_images(template_path: str, geometry, images: dict[str,
     ----------
     template_path : the template (named in the errors).
     geometry : its :class:`~sirf_ddip.geometry.sinogram.SinogramGeometry`.
-    images : ``{path: Image}`` of the activity and μ-map.
+    images : ``{path: Image}`` of the activity (first) and μ-map.
+    axial : also refuse a first image (a reconstruction) longer than the scanner's axial field of view.
 
     Raises
     ------
@@ -155,6 +156,8 @@ def check_scanner_matches_images(template_path: str, geometry, images: dict[str,
             raise GeometryMismatchError(f"{path} has values up to {r:.1f} mm from the scanner axis, outside the "
                                         f"detector ring ({radius:.1f} mm) of the scanner {sc.name!r} of template "
                                         f"{template_path}: a template of another scanner?")
+    if not axial:
+        return
     # a reconstruction (the activity) spans the scanner's axial field of view; a much longer one is another scanner's
     path, act = next(iter(images.items()))
     length = act.grid.shape[0] * act.grid.voxel_size[0]
@@ -227,7 +230,168 @@ def run_simulate(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------- estimate
-def run_estimate(args) -> int:  # filled in on top of the estimation loop (issue 31, library half)
-    from ..errors import ConfigError
+def check_input_values(path: str, array, what: str) -> None:
+    """NaN/Inf or negative values in a sinogram the estimate reads are a :class:`DataValueError` naming the file."""
+    import numpy as np
 
-    raise ConfigError("sirf-ddip scatter estimate: not available in this build yet")
+    from ..errors import DataValueError
+
+    a = np.asarray(array)
+    if not np.all(np.isfinite(a)):
+        raise DataValueError(f"{path}: {what} have NaN or Inf values")
+    if float(a.min()) < 0:
+        raise DataValueError(f"{path}: {what} have negative values (minimum {float(a.min()):.4g})")
+
+
+def estimate_for_data(prompts, mu, window, *, randoms=None, efficiencies=None, attenuation=None,
+                      iterations: int | None = None, export: bool = False, device=None, mu_path: str = "μ-map",
+                      log=None):
+    """STIR's scatter estimation of ``prompts`` (the library loop, :func:`sirf_ddip.recon.scatter_estimation.
+    estimate_scatter`, with STIR's mMR settings), with the errors a user can act on named by file.
+
+    Returns the :class:`~sirf_ddip.recon.scatter_estimation.ScatterEstimate`.
+
+    Raises
+    ------
+    DataValueError
+        No tail bins left by the mask (naming ``mu_path`` and the mask settings).
+    """
+    from ..errors import DataValueError, NoTailBinsError
+    from ..recon.scatter_estimation import ScatterEstimationSettings, estimate_scatter
+
+    settings = ScatterEstimationSettings()
+    if iterations is not None:
+        settings.num_iterations = int(iterations)
+
+    def report(it, info):
+        if log is not None:
+            f = info["scale_factors"]
+            log(f"scatter iteration {it}/{settings.num_iterations}: 2D total {info['total_2d']:.6g}, scale factors "
+                f"{float(f.min()):.3g}..{float(f.max()):.3g}")
+
+    mu = mu_covering_reconstruction(mu, prompts.geometry, settings.zoom)
+    try:
+        return estimate_scatter(prompts, mu, window, randoms=randoms, efficiencies=efficiencies,
+                                attenuation=attenuation, settings=settings, return_iterations=export,
+                                device=device, callback=report)
+    except NoTailBinsError as exc:
+        raise DataValueError(f"{mu_path}: {exc} (tail mask keys: ACF threshold {settings.acf_threshold}, safety "
+                             f"margin {settings.safety_margin}, mask threshold {settings.mask_min_threshold} "
+                             "cm⁻¹)") from None
+
+
+def mu_covering_reconstruction(mu, geometry, zoom: float | None = None):
+    """The μ-map zero-padded transaxially to cover the estimation loop's activity image (STIR's
+    ``VoxelsOnCartesianGrid(prompts, zoom)``, the whole field of view).
+
+    STIR treats μ outside the μ-map's grid as 0; the loop's reconstruction covers the whole field of view, so a μ-map
+    cut close to the head (a simulated study's) is padded with that 0 rather than refused. Returns ``mu`` itself
+    when it already covers it.
+    """
+    import numpy as np
+
+    from ..data import Image
+    from ..geometry.image import ImageGrid
+    from ..recon.scatter_estimation import ScatterEstimationSettings, stir_zoomed_image_grid
+
+    rec = stir_zoomed_image_grid(geometry, ScatterEstimationSettings().zoom if zoom is None else zoom)
+    g = mu.grid
+    pads = []
+    for a in (1, 2):
+        half = (rec.shape[a] / 2.0) * rec.voxel_size[a]            # the reconstruction is centred on the axis
+        lo = g.origin[a] - g.voxel_size[a] / 2.0
+        hi = g.origin[a] + (g.shape[a] - 0.5) * g.voxel_size[a]
+        pads.append((max(0, int(np.ceil((lo + half) / g.voxel_size[a] - 1e-6))),
+                     max(0, int(np.ceil((half - hi) / g.voxel_size[a] - 1e-6)))))
+    if not any(p for pair in pads for p in pair):
+        return mu
+    arr = np.pad(np.asarray(mu.array, dtype=np.float32), ((0, 0), pads[0], pads[1]))
+    origin = (g.origin[0], g.origin[1] - pads[0][0] * g.voxel_size[1], g.origin[2] - pads[1][0] * g.voxel_size[2])
+    meta = dict(mu.meta)
+    meta["padded_from"] = g.describe()
+    return Image(arr, ImageGrid(arr.shape, g.voxel_size, origin), meta)
+
+
+def scatter_summary(est) -> dict:
+    """What a run record keeps of an estimate: per iteration the tail-fit factors per 2D sinogram (clipped and
+    smoothed, and raw), the totals, and the tail mask's share of the bins."""
+    import numpy as np
+
+    mask = np.asarray(est.mask.array)
+    return {"iterations": len(est.scale_factors),
+            "scale_factors_per_sinogram": [np.round(np.asarray(f, dtype=float), 6).tolist() for f in est.scale_factors],
+            "raw_scale_factors_per_sinogram": [None if f is None else np.round(np.asarray(f, dtype=float), 6).tolist()
+                                               for f in est.raw_scale_factors],
+            "tail_mask_fraction": float(mask.mean()), "scatter_total": float(est.scatter.array.sum(dtype=np.float64)),
+            "unscaled_total": float(est.unscaled.meta.get("total", np.nan)) if est.unscaled is not None else None,
+            "scatter_points": int(est.unscaled.meta.get("scatter_points", 0)) if est.unscaled is not None else None}
+
+
+def _export_paths(folder: Path, n: int) -> list[Path]:
+    return [folder / f"scatter_estimate_{k}.hs" for k in range(1, n + 1)]
+
+
+def run_estimate(args) -> int:
+    """``sirf-ddip scatter estimate``."""
+    from ..data import ProjData
+    from ..errors import ConfigError
+    from ..io import read_projdata, write_projdata
+    from ..utils.provenance import check_output
+    from .prepare import _attenuation, _check_hs, _record, _same_geometry
+
+    out = Path(args.out)
+    record = _check_hs(out, args.overwrite)  # fail before any work
+    if args.iterations is not None and args.iterations < 1:
+        raise ConfigError(f"--iterations must be >= 1, got {args.iterations}")
+    n_it = args.iterations if args.iterations is not None else 5
+    exports: list[Path] = []
+    if args.export_iterations:
+        from ..utils.atomic import ensure_folder
+
+        folder = ensure_folder(args.export_iterations)
+        exports = _export_paths(folder, n_it)
+        for p in exports:
+            check_output(p, args.overwrite)
+            check_output(p.with_suffix(".s"), args.overwrite)
+    t0 = time.perf_counter()
+    prompts = read_projdata(args.prompts)
+    geom = prompts.geometry
+    check_input_values(args.prompts, prompts.array, "prompts")
+    window, window_src = energy_window_for(args.prompts, geom.scanner.name, args.energy_window_from_scanner)
+    eff = read_projdata(args.norm)
+    _same_geometry(eff, geom, "efficiencies", args.norm)
+    check_input_values(args.norm, eff.array, "efficiencies")
+    randoms = read_projdata(args.randoms)
+    _same_geometry(randoms, geom, "randoms", args.randoms)
+    check_input_values(args.randoms, randoms.array, "randoms")
+    mu = _read_mu(args.mu, args.mu_units)
+    check_scanner_matches_images(args.prompts, geom, {args.mu: mu}, axial=False)
+    args.image_template = None
+    t1 = time.perf_counter()
+    att, _ = _attenuation(args, geom)
+    t2 = time.perf_counter()
+
+    def log(msg):
+        print(f"sirf-ddip scatter estimate: {msg}", file=sys.stderr)
+
+    est = estimate_for_data(prompts, mu, window, randoms=randoms, efficiencies=eff, attenuation=att,
+                            iterations=n_it, export=bool(exports), device=args.device, mu_path=args.mu, log=log)
+    t3 = time.perf_counter()
+    meta = {"energy_window_kev": window}
+    for p, it in zip(exports, est.iterations):
+        write_projdata(p, ProjData(it.array, geom, meta), overwrite=args.overwrite)
+    write_projdata(out, ProjData(est.scatter.array, geom, meta), overwrite=args.overwrite)
+    summary = scatter_summary(est)
+    _record(record, "scatter estimate",
+            {"prompts": args.prompts, "norm": args.norm, "randoms": args.randoms, "mu": args.mu,
+             "mu_units": args.mu_units, "out": str(out), "geometry": geom.describe(), "energy_window_kev": list(window),
+             "energy_window_source": window_src, "exported": [str(p) for p in exports],
+             "settings": "STIR's examples/Siemens-mMR scatter_estimation_par_files (ScatterEstimationSettings)",
+             **summary,
+             "conventions": "scatter in prompt counts on the prompts' geometry: additive_term = (randoms + scatter) "
+                            "/ mult_factors"},
+            {"inputs": t1 - t0, "attenuation": t2 - t1, "estimate": t3 - t2, "total": time.perf_counter() - t0},
+            args.overwrite)
+    print(f"wrote {out} (scatter total {summary['scatter_total']:.6g} of {float(prompts.array.sum()):.6g} prompts, "
+          f"{n_it} iterations, {t3 - t2:.1f} s)", file=sys.stderr)
+    return 0
