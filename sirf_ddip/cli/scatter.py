@@ -245,7 +245,7 @@ def check_input_values(path: str, array, what: str) -> None:
 
 def estimate_for_data(prompts, mu, window, *, randoms=None, efficiencies=None, attenuation=None,
                       iterations: int | None = None, export: bool = False, device=None, mu_path: str = "μ-map",
-                      log=None):
+                      log=None, mask=None):
     """STIR's scatter estimation of ``prompts`` (the library loop, :func:`sirf_ddip.recon.scatter_estimation.
     estimate_scatter`, with STIR's mMR settings), with the errors a user can act on named by file.
 
@@ -270,9 +270,11 @@ def estimate_for_data(prompts, mu, window, *, randoms=None, efficiencies=None, a
                 f"{float(f.min()):.3g}..{float(f.max()):.3g}")
 
     mu = mu_covering_reconstruction(mu, prompts.geometry, settings.zoom)
+    if mask is None:
+        mask = tail_mask_for(mu, prompts.geometry, mu_path, device)
     try:
         return estimate_scatter(prompts, mu, window, randoms=randoms, efficiencies=efficiencies,
-                                attenuation=attenuation, settings=settings, return_iterations=export,
+                                attenuation=attenuation, settings=settings, return_iterations=export, mask=mask,
                                 device=device, callback=report)
     except NoTailBinsError as exc:
         raise DataValueError(f"{mu_path}: {exc} (tail mask keys: ACF threshold {settings.acf_threshold}, safety "
@@ -310,6 +312,45 @@ def mu_covering_reconstruction(mu, geometry, zoom: float | None = None):
     meta = dict(mu.meta)
     meta["padded_from"] = g.describe()
     return Image(arr, ImageGrid(arr.shape, g.voxel_size, origin), meta)
+
+
+def tail_mask_for(mu, geometry, mu_path: str = "μ-map", device=None):
+    """STIR's 2D tail mask (SSRB geometry of ``geometry``) from the μ-map, with STIR's mMR settings.
+
+    Raises
+    ------
+    DataValueError
+        The mask keeps no bin (the object fills the field of view), naming ``mu_path`` and the mask settings.
+    """
+    from ..errors import DataValueError
+    from ..physics.ssrb import ssrb_geometry
+    from ..recon.scatter_estimation import ScatterEstimationSettings, tail_mask_from_mu
+
+    st = ScatterEstimationSettings()
+    mu = mu_covering_reconstruction(mu, geometry, st.zoom)
+    mask = tail_mask_from_mu(mu, ssrb_geometry(geometry), st.mask_filter_fwhm_mm, st.mask_min_threshold,
+                             st.acf_threshold, st.safety_margin, device=device)
+    if not mask.any():
+        raise DataValueError(f"{mu_path}: the scatter tail mask keeps no bin: the object fills the field of view "
+                             f"(tail mask keys: ACF threshold {st.acf_threshold}, safety margin {st.safety_margin} "
+                             f"bins, mask threshold {st.mask_min_threshold} cm⁻¹); no scatter scale can be fitted")
+    return mask
+
+
+def check_osem_subsets(geometry, path: str) -> None:
+    """The loop's 2D OSEM uses STIR's mMR number of subsets (21); data whose views cannot be split into that many
+    balanced subsets (STIR's OSMAPOSL refuses them) are an :class:`InputFileError` naming the views key."""
+    from ..errors import InputFileError
+    from ..physics.ssrb import ssrb_geometry
+    from ..recon.scatter_estimation import ScatterEstimationSettings, stir_zoomed_image_grid
+
+    st = ScatterEstimationSettings()
+    try:
+        ssrb_geometry(geometry).subset_views(st.osem_num_subsets, 0, grid=stir_zoomed_image_grid(geometry, st.zoom))
+    except ValueError as exc:
+        raise InputFileError(path, f"the scatter estimation's OSEM ({st.osem_num_subsets} subsets, STIR's mMR "
+                             f"settings) cannot split these {geometry.num_views} views: {exc}",
+                             key="matrix size [3]") from None
 
 
 def scatter_summary(est) -> dict:
@@ -366,6 +407,8 @@ def run_estimate(args) -> int:
     check_input_values(args.randoms, randoms.array, "randoms")
     mu = _read_mu(args.mu, args.mu_units)
     check_scanner_matches_images(args.prompts, geom, {args.mu: mu}, axial=False)
+    check_osem_subsets(geom, args.prompts)
+    mask = tail_mask_for(mu, geom, args.mu, args.device)  # no tail bins: refused before the long work
     args.image_template = None
     t1 = time.perf_counter()
     att, _ = _attenuation(args, geom)
@@ -375,7 +418,8 @@ def run_estimate(args) -> int:
         print(f"sirf-ddip scatter estimate: {msg}", file=sys.stderr)
 
     est = estimate_for_data(prompts, mu, window, randoms=randoms, efficiencies=eff, attenuation=att,
-                            iterations=n_it, export=bool(exports), device=args.device, mu_path=args.mu, log=log)
+                            iterations=n_it, export=bool(exports), device=args.device, mu_path=args.mu, log=log,
+                            mask=mask)
     t3 = time.perf_counter()
     meta = {"energy_window_kev": window}
     for p, it in zip(exports, est.iterations):
