@@ -13,8 +13,16 @@
   ``prepare_record.json`` (provenance) and ``prepare.png`` (sinograms and factors). It says plainly when no
   scatter (or no randoms) estimate was given.
 
-Outputs are written atomically: each file is written under a temporary name in the output folder and moved
-into place (data file before header), so an interrupted run never leaves a half-written or replaced file.
+Every output (the ``.hs``, ``.s``, figure and run record) is checked before any input is read: no folder in
+the way, none existing unless ``--overwrite``, none an input or an input's data file (``--out`` equal to
+``--template``, ``prepare --randoms DIR/additive_term.hs --out-dir DIR``); a dangling link counts as existing.
+The outputs of a command are then written as one set: all under temporary names in the output folder, renamed
+into place only when all are complete (data files, headers, figure, record last), so that a failure (a full
+disk) leaves the old set complete and no partial file. ``prepare`` creates its output folder only then.
+Values: the norm's components are checked (:func:`sirf_ddip.io.siemens_norm.read_ecat8_norm`), the μ-map must
+lie in the scanner's field of view (:func:`sirf_ddip.io.mumap.check_mu_in_fov`), and no NaN/Inf is ever
+written. Where STIR goes on (trailing bytes of a ``.n``), so do we with a warning kept in the run record
+(``warnings``); ``--strict`` refuses instead.
 """
 
 from __future__ import annotations
@@ -23,14 +31,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from ..io.template import DATA_HELP, TEMPLATE_HELP, read_template_geometry
 
-__all__ = ["register", "listmode_to_prompts_and_randoms", "write_projdata_atomic"]
+__all__ = ["register", "listmode_to_prompts_and_randoms", "additive_term"]
 
 _COMPONENT_NAMES = ("geometric", "crystal_interference", "detector_efficiencies", "axial_effects", "gaps")
 
@@ -58,37 +65,6 @@ def listmode_to_prompts_and_randoms(listmode: str | os.PathLike, geometry, start
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _atomic_move_group(tmpdir: Path, names: list[str], dest: Path) -> None:
-    for n in names:  # data files first, then headers, so a header never points to a partial data file
-        os.replace(tmpdir / n, dest / n)
-
-
-def write_projdata_atomic(path: str | os.PathLike, projdata, overwrite: bool = False) -> Path:
-    """:func:`sirf_ddip.io.write_projdata` through a temporary folder next to ``path``, then ``os.replace``.
-
-    Raises
-    ------
-    OutputExistsError
-        If ``path`` or its data file exists and ``overwrite`` is False.
-    """
-    from ..io import write_projdata
-    from ..utils.provenance import check_output
-
-    path = Path(path)
-    data = path.with_suffix(".s")
-    check_output(path, overwrite)
-    check_output(data, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.tmp", dir=path.parent))
-    try:
-        write_projdata(tmp / path.name, projdata, overwrite=True)
-        _atomic_move_group(tmp, [data.name, path.name], path.parent)
-    finally:
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
-    return path
-
-
 def _umask_mode(path: str) -> None:
     """Give a mkstemp file (0600) the mode an ordinary open() would (0666 & ~umask)."""
     mask = os.umask(0)
@@ -96,45 +72,106 @@ def _umask_mode(path: str) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _umask_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _record(path: Path, command: str, params: dict[str, Any], timing: dict[str, float], overwrite: bool) -> Path:
-    from ..utils.provenance import _jsonable, check_output, versions
-
-    check_output(path, overwrite)
-    rec = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": ["sirf-ddip", *sys.argv[1:]],
-           "subcommand": command, "config": _jsonable(params), "timing_s": timing, "versions": versions()}
-    _write_text_atomic(path, json.dumps(rec, indent=2, default=str))
-    return path
-
-
 def _stem(p: Path) -> str:
     return p.name[:-len(p.suffix)] if p.suffix else p.name
 
 
-def _check_hs(out: Path, overwrite: bool) -> Path:
-    """Check an output ``.hs`` (suffix; it, its ``.s`` and its run record absent unless ``overwrite``) before any
-    work is done; returns the run-record path."""
-    from ..errors import InputFileError
-    from ..utils.provenance import check_output
+def _input_files(*inputs: str | None) -> dict[Path, str]:
+    """The input files (resolved) of a command and the Interfile data files their headers name, each mapped to
+    how the user named it, so that no output can replace one of them."""
+    from ..errors import SirfDdipError
+    from ..io.header import InterfileHeader
+
+    out: dict[Path, str] = {}
+    for i in inputs:
+        if not i:
+            continue
+        p = Path(i)
+        out.setdefault(p.resolve(), i)
+        if p.is_file() and p.suffix.lower() in (".hs", ".hv", ".hdr", ".h33"):
+            try:
+                d = InterfileHeader.read(p).data_file()
+            except (SirfDdipError, OSError, ValueError):
+                continue  # read again (and the error named) when the input is used
+            out.setdefault(d.resolve(), f"{d} (the data file of {i})")
+    return out
+
+
+def _check_outputs(files: list[Path], overwrite: bool, inputs: dict[Path, str], option: str) -> None:
+    """Every file the command writes can be written as a new file or (``--overwrite``) replace an old output:
+    no folder or file in the way, none written twice, none an input (also through a link). Creates nothing."""
+    from ..errors import OutputPathError
+    from ..utils.provenance import check_output_path
+
+    seen: dict[Path, Path] = {}
+    for f in files:
+        key = f.resolve()
+        if key in seen:
+            raise OutputPathError(f, f"written twice (also {seen[key]})", option)
+        seen[key] = f
+        if key in inputs:
+            raise OutputPathError(f, f"is also an input ({inputs[key]}); choose another output name", option)
+        check_output_path(f, overwrite, option)
+
+
+def _record_text(command: str, params: dict[str, Any], timing: dict[str, float], warned: list[str]) -> str:
+    from ..utils.provenance import _jsonable, versions
+
+    rec = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": ["sirf-ddip", *sys.argv[1:]],
+           "subcommand": command, "config": _jsonable(params), "warnings": list(warned), "timing_s": timing,
+           "versions": versions()}
+    return json.dumps(rec, indent=2, default=str)
+
+
+def _write_set(projdata: dict[Path, Any], texts: dict[Path, str], overwrite: bool, figure=None) -> None:
+    """Write every output as one set: all to temporary names in their folder, then renamed (data files, headers,
+    the figure, the records last); on any failure nothing is renamed and the old outputs are unchanged.
+
+    ``projdata`` maps each ``.hs`` to its ProjData; ``figure`` is ``(png_path, draw(tmp_path))`` or None.
+    """
+    import numpy as np
+
+    from ..io.header import HEADER_ENCODING
+    from ..io.interfile import projdata_file_contents
+    from ..utils.atomic import atomic_paths
+
+    data = [h.with_suffix(".s") for h in projdata]
+    finals = data + list(projdata) + ([figure[0]] if figure else []) + list(texts)
+    if overwrite:
+        for f in finals:
+            if f.exists():
+                print(f"note: overwriting existing {f}", file=sys.stderr)
+    with atomic_paths(*finals) as tmps:
+        n = len(projdata)
+        for (hs, pd), t_data, t_hdr in zip(projdata.items(), tmps[:n], tmps[n:2 * n]):
+            flat, lines = projdata_file_contents(pd, hs.with_suffix(".s").name, hs)
+            with open(t_data, "wb") as f:
+                step = 1 << 24
+                for i in range(0, flat.size, step):
+                    f.write(np.ascontiguousarray(flat[i:i + step], dtype="<f4").tobytes())
+            with open(t_hdr, "wb") as f:
+                f.write(("\n".join(lines) + "\n").encode(HEADER_ENCODING))
+            del flat
+        k = 2 * n
+        if figure:
+            figure[1](tmps[k])
+            _umask_mode(str(tmps[k]))
+            k += 1
+        for t, text in zip(tmps[k:], texts.values()):
+            with open(t, "w", encoding="utf-8") as f:
+                f.write(text)
+
+
+def _hs_outputs(out: Path, overwrite: bool, inputs: dict[Path, str]) -> tuple[Path, Path]:
+    """Check an output ``.hs`` (suffix; it, its ``.s`` and its run record writable, absent unless ``overwrite``,
+    none an input) before any work is done; returns ``(out, run record)``."""
+    from ..errors import OutputPathError
 
     if out.suffix.lower() != ".hs":
-        raise InputFileError(out, "output projection data must end in .hs")
+        raise OutputPathError(out, "output projection data must end in .hs", "--out")
     record = out.parent / f"{_stem(out)}_run_record.json"
-    for p in (out, out.with_suffix(".s"), record):
-        check_output(p, overwrite)
-    return record
+    _check_outputs([out.with_suffix(".s"), out, record], overwrite, inputs, "--out")
+    return out, record
 
 
 # ------------------------------------------------------------------------------------------- register
@@ -153,6 +190,9 @@ def register(subparsers) -> None:
     p.add_argument("--plain-mashing", action="store_true",
                    help="weight mashed views equally (STIR weights the i-th mashed view by mash - i)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a norm that STIR reads with warnings (a data file longer than its components, "
+                        "NaN/Inf in the unused components 5-8)")
     p.set_defaults(func=run_norm)
 
     p = subparsers.add_parser("attenuation", help="attenuation factors exp(-line integral of mu) from a mu-map",
@@ -187,7 +227,10 @@ def register(subparsers) -> None:
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-png", action="store_true", help="do not write prepare.png")
     p.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (as one set)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a norm or listmode that STIR reads with warnings (a data file longer than its components, "
+                        "NaN/Inf in the unused components 5-8)")
     p.set_defaults(func=run_prepare)
 
 
@@ -208,19 +251,29 @@ def _add_mu_args(p: argparse.ArgumentParser, positional: bool) -> None:
 def _efficiencies(norm_path: str, geometry, off=(), plain_mashing=False):
     from ..io.siemens_norm import read_ecat8_norm
     from ..physics.normalisation import NormComponents, ecat8_efficiencies
+    from ..utils.checks import require_finite
 
     norm = read_ecat8_norm(norm_path)
     comps = NormComponents.from_names(off)
-    return ecat8_efficiencies(norm, geometry, comps, stir_mashing=not plain_mashing), norm, comps
+    eff = ecat8_efficiencies(norm, geometry, comps, stir_mashing=not plain_mashing)
+    require_finite(eff, norm_path, "efficiencies computed from the norm components")  # the components are checked
+    if not float(eff.max()) > 0:
+        from ..errors import DataValueError
+
+        raise DataValueError(f"{norm_path}: every efficiency on the template's bins is 0 (components "
+                             f"{', '.join(k for k, v in comps.__dict__.items() if v)})")
+    return eff, norm, comps
 
 
 def _attenuation(args, geometry, progress_desc="attenuation"):
     from ..io import read_image
-    from ..io.mumap import read_mu_map
+    from ..io.mumap import check_mu_in_fov, read_mu_map
     from ..physics.attenuation import attenuation_factors
+    from ..utils.checks import require_finite
     from ..utils.progress import progress
 
     mu = read_mu_map(args.mu, units=args.mu_units)
+    fov = check_mu_in_fov(mu, geometry.scanner, args.mu)
     grid = read_image(args.image_template).grid if args.image_template else None
     bar = progress(total=None, desc=progress_desc)
     try:
@@ -231,6 +284,8 @@ def _attenuation(args, geometry, progress_desc="attenuation"):
         att = attenuation_factors(mu, geometry, grid=grid, device=args.device, progress=tick)
     finally:
         bar.close()
+    require_finite(att.array, args.mu, "attenuation factors")
+    att.meta["mu_fraction_in_fov"] = fov
     return att, mu
 
 
@@ -238,37 +293,41 @@ def run_norm(args) -> int:
     import numpy as np
 
     from ..data import ProjData
+    from ..utils.leniency import collect_input_warnings, strict_inputs
 
-    out = Path(args.out)
-    record = _check_hs(out, args.overwrite)
+    out, record = _hs_outputs(Path(args.out), args.overwrite, _input_files(args.template, args.norm))
     t0 = time.perf_counter()
-    geom = read_template_geometry(args.template)
-    eff, norm, comps = _efficiencies(args.norm, geom, args.no, args.plain_mashing)
+    with strict_inputs(args.strict), collect_input_warnings("sirf-ddip norm") as warned:
+        geom = read_template_geometry(args.template)
+        eff, norm, comps = _efficiencies(args.norm, geom, args.no, args.plain_mashing)
     t1 = time.perf_counter()
-    write_projdata_atomic(out, ProjData(eff, geom), overwrite=args.overwrite)
-    _record(record, "norm",
-            {"norm": args.norm, "template": args.template, "out": str(out), "components": comps.__dict__,
-             "stir_mashing": not args.plain_mashing, "scanner": norm.scanner.name, "norm_version": norm.version,
-             "geometry": geom.describe(), "zero_fraction": float(np.mean(eff == 0))},
-            {"compute": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite)
+    params = {"norm": args.norm, "template": args.template, "out": str(out), "components": comps.__dict__,
+              "stir_mashing": not args.plain_mashing, "scanner": norm.scanner.name, "norm_version": norm.version,
+              "strict": args.strict, "geometry": geom.describe(), "zero_fraction": float(np.mean(eff == 0))}
+    text = _record_text("norm", params, {"compute": t1 - t0, "total": time.perf_counter() - t0}, warned)
+    _write_set({out: ProjData(eff, geom)}, {record: text}, args.overwrite)
+    note = f", {len(warned)} warning(s), see the run record" if warned else ""
     print(f"wrote {out} (efficiencies {float(eff.min()):.4g}..{float(eff.max()):.4g}, "
-          f"{100 * float(np.mean(eff == 0)):.1f} % of bins in detector gaps)", file=sys.stderr)
+          f"{100 * float(np.mean(eff == 0)):.1f} % of bins in detector gaps{note})", file=sys.stderr)
     return 0
 
 
 def run_attenuation(args) -> int:
-    out = Path(args.out)
-    record = _check_hs(out, args.overwrite)  # fail before the long computation
+    from ..utils.leniency import collect_input_warnings
+
+    out, record = _hs_outputs(Path(args.out), args.overwrite,  # fail before the long computation
+                              _input_files(args.template, args.mu, args.image_template))
     t0 = time.perf_counter()
-    geom = read_template_geometry(args.template)
-    att, mu = _attenuation(args, geom)
+    with collect_input_warnings("sirf-ddip attenuation") as warned:
+        geom = read_template_geometry(args.template)
+        att, mu = _attenuation(args, geom)
     t1 = time.perf_counter()
-    write_projdata_atomic(out, att, overwrite=args.overwrite)
-    _record(record, "attenuation",
-            {"mu": args.mu, "mu_units": args.mu_units, "mu_max_cm-1": float(mu.array.max()),
-             "template": args.template, "out": str(out), "geometry": geom.describe(), **att.meta},
-            {"compute": t1 - t0, "total": time.perf_counter() - t0}, args.overwrite)
-    print(f"wrote {out} (attenuation factors {float(att.array.min()):.4g}..{float(att.array.max()):.4g})",
+    params = {"mu": args.mu, "mu_units": args.mu_units, "mu_max_cm-1": float(mu.array.max()),
+              "template": args.template, "out": str(out), "geometry": geom.describe(), **att.meta}
+    text = _record_text("attenuation", params, {"compute": t1 - t0, "total": time.perf_counter() - t0}, warned)
+    _write_set({out: att}, {record: text}, args.overwrite)
+    note = f", {len(warned)} warning(s), see the run record" if warned else ""
+    print(f"wrote {out} (attenuation factors {float(att.array.min()):.4g}..{float(att.array.max()):.4g}{note})",
           file=sys.stderr)
     return 0
 
@@ -282,76 +341,115 @@ def _same_geometry(pd, geom, what: str, path: str) -> None:
 
 
 def additive_term(background, mult):
-    """``background / mult`` where ``mult > 0``, else 0 (detector gaps: no counts are expected there)."""
+    """``background / mult`` where ``mult > 0``, else 0 (detector gaps: no counts are expected there).
+
+    Computed in float64; a quotient beyond float32 (a background over a vanishing factor) is a
+    :class:`~sirf_ddip.errors.DataValueError`, never an Inf.
+    """
     import numpy as np
 
-    out = np.zeros_like(mult, dtype=np.float32)
-    np.divide(background, mult, out=out, where=mult > 0)
-    return out
+    out = np.zeros(np.shape(mult), dtype=np.float64)
+    np.divide(np.asarray(background, dtype=np.float64), np.asarray(mult, dtype=np.float64), out=out,
+              where=np.asarray(mult) > 0)
+    big = float(out.max()) if out.size else 0.0
+    if not big < float(np.finfo(np.float32).max):
+        from ..errors import DataValueError
+
+        k = np.unravel_index(int(np.argmax(out)), out.shape)
+        raise DataValueError(f"additive term (randoms + scatter) / mult_factors is {big:.4g} at bin "
+                             f"{[int(i) for i in k]} (mult_factors {float(np.asarray(mult)[k]):.4g}): beyond float32")
+    return out.astype(np.float32)
+
+
+def _check_prepare_args(args) -> None:
+    """Argument errors, before anything is read or created."""
+    from ..errors import ConfigError
+
+    if args.listmode and not args.template:
+        raise ConfigError("--listmode needs --template T.hs (the sinogram geometry to histogram into)")
+    if not args.listmode and (args.start is not None or args.end is not None):
+        raise ConfigError("--start/--end apply to --listmode only")
+    if args.listmode:
+        from .exports import _check_frame
+
+        _check_frame(args)
+
+
+def _prepare_outputs(args) -> tuple[Path, list[str], list[Path]]:
+    """The output folder, the ``.hs`` names and every file ``prepare`` writes, checked before any work: the
+    folder is not a file, no output exists unless ``--overwrite``, none is an input."""
+    from ..errors import OutputPathError
+
+    outdir = Path(args.out_dir)
+    if outdir.exists() and not outdir.is_dir():
+        raise OutputPathError(outdir, "is a file, not a folder", "--out-dir")
+    blocker = next((p for p in outdir.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputPathError(outdir, f"cannot be created: {blocker} is a file, not a folder", "--out-dir")
+    names = ["prompts.hs", "mult_factors.hs", "additive_term.hs"]
+    if args.listmode and not args.randoms:
+        names.append("randoms.hs")
+    files = [outdir / n.replace(".hs", ".s") for n in names] + [outdir / n for n in names]
+    if not args.no_png:
+        files.append(outdir / "prepare.png")
+    files.append(outdir / "prepare_record.json")
+    inputs = _input_files(args.prompts, args.listmode, args.template, args.norm, args.mu, args.image_template,
+                          args.randoms, args.scatter)
+    _check_outputs(files, args.overwrite, inputs, "--out-dir")
+    return outdir, names, files
 
 
 def run_prepare(args) -> int:
     import numpy as np
 
     from ..data import ProjData
-    from ..errors import ConfigError, DataValueError
+    from ..errors import DataValueError
     from ..io import read_projdata
-    from ..utils.provenance import check_output
+    from ..utils.checks import require_finite
+    from ..utils.leniency import collect_input_warnings, strict_inputs
 
-    outdir = Path(args.out_dir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    names = ["prompts.hs", "mult_factors.hs", "additive_term.hs"]
-    if args.listmode and not args.randoms:
-        names.append("randoms.hs")
-    for n in names:
-        check_output(outdir / n, args.overwrite)
-        check_output(outdir / n.replace(".hs", ".s"), args.overwrite)
-    check_output(outdir / "prepare_record.json", args.overwrite)
-    if not args.no_png:
-        check_output(outdir / "prepare.png", args.overwrite)
+    _check_prepare_args(args)
+    outdir, names, _ = _prepare_outputs(args)
     t0 = time.perf_counter()
     notes: list[str] = []
     randoms = None
-    if args.listmode:
-        if not args.template:
-            raise ConfigError("--listmode needs --template T.hs (the sinogram geometry to histogram into)")
-        geom = read_template_geometry(args.template)
-        prompts, randoms = listmode_to_prompts_and_randoms(args.listmode, geom, args.start, args.end)
-        randoms_src = f"estimated from the delayeds of {args.listmode}"
-    else:
-        if args.start is not None or args.end is not None:
-            raise ConfigError("--start/--end apply to --listmode only")
-        prompts = read_projdata(args.prompts)
-        geom = prompts.geometry
-        if args.template:
-            tg = read_template_geometry(args.template)
-            if not tg.matches(geom):
-                from ..errors import GeometryMismatchError
+    with strict_inputs(args.strict), collect_input_warnings("sirf-ddip prepare") as warned:
+        if args.listmode:
+            geom = read_template_geometry(args.template)
+            prompts, randoms = listmode_to_prompts_and_randoms(args.listmode, geom, args.start, args.end)
+            randoms_src = f"estimated from the delayeds of {args.listmode}"
+        else:
+            prompts = read_projdata(args.prompts)
+            geom = prompts.geometry
+            if args.template:
+                tg = read_template_geometry(args.template)
+                if not tg.matches(geom):
+                    from ..errors import GeometryMismatchError
 
-                raise GeometryMismatchError(f"template {args.template} [{tg.describe()}] does not match the prompts "
-                                            f"{args.prompts} [{geom.describe()}]")
-        randoms_src = None
-    if args.randoms:
-        randoms = read_projdata(args.randoms)
-        _same_geometry(randoms, geom, "randoms", args.randoms)
-        randoms_src = args.randoms
-    if randoms is None:
-        notes.append("NO RANDOMS estimate was given: the additive term has no randoms")
-    scatter = None
-    if args.scatter:
-        scatter = read_projdata(args.scatter)
-        _same_geometry(scatter, geom, "scatter", args.scatter)
-    else:
-        notes.append("NO SCATTER estimate was given: additive_term = randoms / mult_factors only "
-                     "(scatter is not corrected; give --scatter SC.hs)")
-    for what, pd, src in (("prompts", prompts, args.prompts or args.listmode), ("randoms", randoms, randoms_src),
-                          ("scatter", scatter, args.scatter)):
-        if pd is not None and (not np.all(np.isfinite(pd.array)) or float(pd.array.min()) < 0):
-            raise DataValueError(f"{src}: {what} have NaN/Inf or negative values")
-    t1 = time.perf_counter()
-    eff, norm, comps = _efficiencies(args.norm, geom)
-    t2 = time.perf_counter()
-    att, mu = _attenuation(args, geom)
+                    raise GeometryMismatchError(f"template {args.template} [{tg.describe()}] does not match the "
+                                                f"prompts {args.prompts} [{geom.describe()}]")
+            randoms_src = None
+        if args.randoms:
+            randoms = read_projdata(args.randoms)
+            _same_geometry(randoms, geom, "randoms", args.randoms)
+            randoms_src = args.randoms
+        if randoms is None:
+            notes.append("NO RANDOMS estimate was given: the additive term has no randoms")
+        scatter = None
+        if args.scatter:
+            scatter = read_projdata(args.scatter)
+            _same_geometry(scatter, geom, "scatter", args.scatter)
+        else:
+            notes.append("NO SCATTER estimate was given: additive_term = randoms / mult_factors only "
+                         "(scatter is not corrected; give --scatter SC.hs)")
+        for what, pd, src in (("prompts", prompts, args.prompts or args.listmode), ("randoms", randoms, randoms_src),
+                              ("scatter", scatter, args.scatter)):
+            if pd is not None and (not np.all(np.isfinite(pd.array)) or float(pd.array.min()) < 0):
+                raise DataValueError(f"{src}: {what} have NaN/Inf or negative values")
+        t1 = time.perf_counter()
+        eff, norm, comps = _efficiencies(args.norm, geom)
+        t2 = time.perf_counter()
+        att, mu = _attenuation(args, geom)
     att_meta = dict(att.meta)
     t3 = time.perf_counter()
     k = _figure_sinogram(geom)
@@ -359,6 +457,7 @@ def run_prepare(args) -> int:
     mult = eff.astype(np.float32, copy=False)
     mult *= att.array  # mult = efficiencies x attenuation, in place (memory: a full mMR span-11 array is 290 MB)
     del eff, att
+    require_finite(mult, f"{args.norm} x {args.mu}", "mult_factors")
     background = np.zeros(geom.shape, dtype=np.float32)
     if randoms is not None:
         background += randoms.array
@@ -370,22 +469,17 @@ def run_prepare(args) -> int:
     if lost > 0:
         notes.append(f"{lost:.6g} background counts fall in bins with mult_factors = 0 (detector gaps); "
                      "their additive term is set to 0")
-    write_projdata_atomic(outdir / "prompts.hs", ProjData(prompts.array.astype(np.float32), geom), args.overwrite)
-    write_projdata_atomic(outdir / "mult_factors.hs", ProjData(mult, geom), args.overwrite)
-    write_projdata_atomic(outdir / "additive_term.hs", ProjData(add, geom), args.overwrite)
+    outputs = {outdir / "prompts.hs": ProjData(prompts.array.astype(np.float32), geom),
+               outdir / "mult_factors.hs": ProjData(mult, geom), outdir / "additive_term.hs": ProjData(add, geom)}
     if "randoms.hs" in names:
-        write_projdata_atomic(outdir / "randoms.hs", ProjData(randoms.array.astype(np.float32), geom), args.overwrite)
-    png = None
-    if not args.no_png:
-        png = outdir / "prepare.png"
-        check_output(png, args.overwrite)
-        _figure(png, geom, k, prompts.array[k], eff_k, att_k, mult[k], add[k], notes)
+        outputs[outdir / "randoms.hs"] = ProjData(randoms.array.astype(np.float32), geom)
+    png = None if args.no_png else outdir / "prepare.png"
     params = {
         "prompts": args.prompts, "listmode": args.listmode, "start_s": args.start, "end_s": args.end,
         "template": args.template, "norm": args.norm, "norm_scanner": norm.scanner.name,
         "norm_version": norm.version, "norm_components": comps.__dict__, "mu": args.mu, "mu_units": args.mu_units,
         "mu_max_cm-1": float(mu.array.max()), "image_template": args.image_template, "randoms": randoms_src,
-        "attenuation": att_meta,
+        "attenuation": att_meta, "strict": args.strict,
         "scatter": args.scatter, "outputs": [str(outdir / n) for n in names] + ([str(png)] if png else []),
         "geometry": geom.describe(), "notes": notes,
         "totals": {"prompts": float(prompts.array.sum()),
@@ -394,9 +488,12 @@ def run_prepare(args) -> int:
         "conventions": "expected counts = mult_factors * (A x + additive_term); mult_factors = norm efficiencies x "
                        "attenuation factors; additive_term = (randoms + scatter) / mult_factors, 0 where mult = 0",
     }
-    _record(outdir / "prepare_record.json", "prepare", params,
-            {"inputs": t1 - t0, "norm": t2 - t1, "attenuation": t3 - t2, "total": time.perf_counter() - t0},
-            args.overwrite)
+    text = _record_text("prepare", params, {"inputs": t1 - t0, "norm": t2 - t1, "attenuation": t3 - t2,
+                                            "total": time.perf_counter() - t0}, warned)
+    figure = None
+    if png is not None:
+        figure = (png, lambda tmp: _figure(tmp, geom, k, prompts.array[k], eff_k, att_k, mult[k], add[k], notes))
+    _write_set(outputs, {outdir / "prepare_record.json": text}, args.overwrite, figure)
     for n in notes:
         print(f"sirf-ddip prepare: {n}", file=sys.stderr)
     print(f"wrote {', '.join(names)} to {outdir}", file=sys.stderr)
@@ -410,7 +507,7 @@ def _figure_sinogram(geom) -> int:
 
 
 def _figure(png: Path, geom, k: int, prompts, eff, att, mult, add, notes: list[str]) -> None:
-    """Sinogram ``k`` (views x tangential) of each quantity, and tangential profiles (written atomically)."""
+    """Sinogram ``k`` (views x tangential) of each quantity, and tangential profiles, written to ``png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -435,13 +532,7 @@ def _figure(png: Path, geom, k: int, prompts, eff, att, mult, add, notes: list[s
     ax.legend(fontsize=7)
     fig.suptitle("sirf-ddip prepare" + ("\n" + "\n".join(notes) if notes else ""), fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".prepare.", suffix=".png", dir=png.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
-        _umask_mode(tmp)
-        os.replace(tmp, png)
+        fig.savefig(png, dpi=80, format="png")  # png: a temporary name of the output set (see _write_set)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

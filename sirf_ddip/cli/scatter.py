@@ -178,13 +178,13 @@ def run_simulate(args) -> int:
     """``sirf-ddip scatter simulate``."""
     from ..data import ProjData
     from ..errors import GeometryError, GeometryMismatchError, InputFileError
-    from ..io import read_image, write_projdata
+    from ..io import read_image
     from ..io.template import read_template_geometry
     from ..physics import scatter_simulation as ss
-    from .prepare import _check_hs, _record
+    from .prepare import _hs_outputs, _input_files, _record_text, _write_set
 
-    out = Path(args.out)
-    record = _check_hs(out, args.overwrite)  # fail before any work
+    out, record = _hs_outputs(Path(args.out), args.overwrite,  # fail before any work
+                              _input_files(args.activity, args.mu, args.template))
     t0 = time.perf_counter()
     geom = read_template_geometry(args.template)
     activity = read_image(args.activity)
@@ -212,18 +212,18 @@ def run_simulate(args) -> int:
         raise GeometryMismatchError(f"μ-map {args.mu} and activity {args.activity}: {exc}") from None
     t2 = time.perf_counter()
     out_pd = ProjData(est.array, template, {"energy_window_kev": window})
-    write_projdata(out, out_pd, overwrite=args.overwrite)
     total = float(est.array.sum(dtype="float64"))
-    _record(record, "scatter simulate",
-            {"activity": args.activity, "mu": args.mu, "mu_units": args.mu_units,
-             "mu_max_cm-1": float(mu.array.max()), "template": args.template, "out": str(out),
-             "downsample": bool(args.downsample), "geometry": template.describe(),
-             "energy_window_kev": list(window), "energy_window_source": window_src,
-             "energy_resolution": sim.energy_resolution, "reference_energy_kev": sim.reference_energy_kev,
-             "attenuation_threshold_cm-1": args.attenuation_threshold, "scatter_points": sim.num_scatter_points,
-             "scatter_point_grid": sim.scatter_grid.describe(), "total": total,
-             "units": "STIR's normalised single scatter estimate (unscaled; activity path lengths in voxels)"},
-            {"inputs": t1 - t0, "simulate": t2 - t1, "total": time.perf_counter() - t0}, args.overwrite)
+    params = {"activity": args.activity, "mu": args.mu, "mu_units": args.mu_units,
+              "mu_max_cm-1": float(mu.array.max()), "template": args.template, "out": str(out),
+              "downsample": bool(args.downsample), "geometry": template.describe(),
+              "energy_window_kev": list(window), "energy_window_source": window_src,
+              "energy_resolution": sim.energy_resolution, "reference_energy_kev": sim.reference_energy_kev,
+              "attenuation_threshold_cm-1": args.attenuation_threshold, "scatter_points": sim.num_scatter_points,
+              "scatter_point_grid": sim.scatter_grid.describe(), "total": total,
+              "units": "STIR's normalised single scatter estimate (unscaled; activity path lengths in voxels)"}
+    text = _record_text("scatter simulate", params,
+                        {"inputs": t1 - t0, "simulate": t2 - t1, "total": time.perf_counter() - t0}, [])
+    _write_set({out: out_pd}, {record: text}, args.overwrite)
     print(f"wrote {out} ({sim.num_scatter_points} scatter points, total {total:.6g}, {t2 - t1:.1f} s)",
           file=sys.stderr)
     return 0
@@ -376,24 +376,25 @@ def run_estimate(args) -> int:
     """``sirf-ddip scatter estimate``."""
     from ..data import ProjData
     from ..errors import ConfigError
-    from ..io import read_projdata, write_projdata
-    from ..utils.provenance import check_output
-    from .prepare import _attenuation, _check_hs, _record, _same_geometry
+    from ..io import read_projdata
+    from .prepare import _attenuation, _check_outputs, _hs_outputs, _input_files, _record_text, _same_geometry
+    from .prepare import _write_set
 
-    out = Path(args.out)
-    record = _check_hs(out, args.overwrite)  # fail before any work
     if args.iterations is not None and args.iterations < 1:
         raise ConfigError(f"--iterations must be >= 1, got {args.iterations}")
+    inputs = _input_files(args.prompts, args.norm, args.mu, args.randoms)
+    out, record = _hs_outputs(Path(args.out), args.overwrite, inputs)  # fail before any work
     n_it = args.iterations if args.iterations is not None else 5
     exports: list[Path] = []
     if args.export_iterations:
-        from ..utils.atomic import ensure_folder
+        from ..errors import OutputPathError
 
-        folder = ensure_folder(args.export_iterations)
+        folder = Path(args.export_iterations)
+        if folder.exists() and not folder.is_dir():
+            raise OutputPathError(folder, "is a file, not a folder", "--export-iterations")
         exports = _export_paths(folder, n_it)
-        for p in exports:
-            check_output(p, args.overwrite)
-            check_output(p.with_suffix(".s"), args.overwrite)
+        _check_outputs([f for p in exports for f in (p.with_suffix(".s"), p)], args.overwrite, inputs,
+                       "--export-iterations")
     t0 = time.perf_counter()
     prompts = read_projdata(args.prompts)
     geom = prompts.geometry
@@ -422,20 +423,22 @@ def run_estimate(args) -> int:
                             mask=mask)
     t3 = time.perf_counter()
     meta = {"energy_window_kev": window}
-    for p, it in zip(exports, est.iterations):
-        write_projdata(p, ProjData(it.array, geom, meta), overwrite=args.overwrite)
-    write_projdata(out, ProjData(est.scatter.array, geom, meta), overwrite=args.overwrite)
+    outputs = {p: ProjData(it.array, geom, dict(meta)) for p, it in zip(exports, est.iterations)}
+    outputs[out] = ProjData(est.scatter.array, geom, dict(meta))
     summary = scatter_summary(est)
-    _record(record, "scatter estimate",
-            {"prompts": args.prompts, "norm": args.norm, "randoms": args.randoms, "mu": args.mu,
-             "mu_units": args.mu_units, "out": str(out), "geometry": geom.describe(), "energy_window_kev": list(window),
-             "energy_window_source": window_src, "exported": [str(p) for p in exports],
-             "settings": "STIR's examples/Siemens-mMR scatter_estimation_par_files (ScatterEstimationSettings)",
-             **summary,
-             "conventions": "scatter in prompt counts on the prompts' geometry: additive_term = (randoms + scatter) "
-                            "/ mult_factors"},
-            {"inputs": t1 - t0, "attenuation": t2 - t1, "estimate": t3 - t2, "total": time.perf_counter() - t0},
-            args.overwrite)
+    params = {"prompts": args.prompts, "norm": args.norm, "randoms": args.randoms, "mu": args.mu,
+              "mu_units": args.mu_units, "out": str(out), "geometry": geom.describe(),
+              "energy_window_kev": list(window), "energy_window_source": window_src,
+              "exported": [str(p) for p in exports],
+              "settings": "STIR's examples/Siemens-mMR scatter_estimation_par_files (ScatterEstimationSettings)",
+              **summary,
+              "conventions": "scatter in prompt counts on the prompts' geometry: additive_term = (randoms + scatter) "
+                             "/ mult_factors"}
+    text = _record_text("scatter estimate", params, {"inputs": t1 - t0, "attenuation": t2 - t1, "estimate": t3 - t2,
+                                                     "total": time.perf_counter() - t0}, [])
+    if exports:
+        exports[0].parent.mkdir(parents=True, exist_ok=True)
+    _write_set(outputs, {record: text}, args.overwrite)
     print(f"wrote {out} (scatter total {summary['scatter_total']:.6g} of {float(prompts.array.sum()):.6g} prompts, "
           f"{n_it} iterations, {t3 - t2:.1f} s)", file=sys.stderr)
     return 0

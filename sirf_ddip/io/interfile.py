@@ -39,7 +39,7 @@ from .header import HEADER_ENCODING, InterfileHeader
 __all__ = ["read_image", "write_image", "read_projdata", "write_projdata", "read_header_and_array",
            "tof_axis_from_header",
            "segment_layout_from_header", "projdata_layout", "ProjDataLayout", "file_to_memory_order",
-           "memory_to_file_order"]
+           "memory_to_file_order", "projdata_file_contents"]
 
 # ----------------------------------------------------------------------------------------------- numbers
 
@@ -693,6 +693,16 @@ def write_projdata(path: str | os.PathLike, projdata: ProjData, overwrite: bool 
     data_path = _data_path_for(path, ".s")
     check_output(path, overwrite)
     check_output(data_path, overwrite)
+    flat, lines = projdata_file_contents(projdata, data_path.name, path)
+    _write_pair(data_path, path, flat, lines)
+    return path
+
+
+def projdata_file_contents(projdata: ProjData, data_name: str, path: str | os.PathLike = "<projdata>"
+                           ) -> tuple[np.ndarray, list[str]]:
+    """What :func:`write_projdata` writes: the data in file order (float32) and the header lines naming
+    ``data_name`` as the data file, so that a command can write several outputs as one set
+    (:func:`sirf_ddip.utils.atomic.atomic_paths`); ``path`` names the output in errors."""
     geometry = projdata.geometry
     arr = np.asarray(projdata.array, dtype=np.float32)
     if tuple(arr.shape) != tuple(geometry.shape):
@@ -709,6 +719,5 @@ def write_projdata(path: str | os.PathLike, projdata: ProjData, overwrite: bool 
 
         extra.update(energy_window_lines(projdata.meta["energy_window_kev"]))
     extra.update({"start vertical bed position (mm)": "0", "start horizontal bed position (mm)": "0"})
-    lines = geometry.header_lines(data_file=data_path.name, storage="view", extra=extra)
-    _write_pair(data_path, path, flat, lines)
-    return path
+    lines = geometry.header_lines(data_file=data_name, storage="view", extra=extra)
+    return flat, lines

@@ -25,6 +25,7 @@ Hounsfield units (negative values down to -1000). Other declared units are conve
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -35,14 +36,21 @@ from ..errors import DataValueError, GeometryMismatchError, InputFileError, Unsu
 from ..geometry.image import ImageGrid
 from .header import InterfileHeader
 
-__all__ = ["read_mu_map", "read_siemens_mu_map", "check_mu_units", "resample_to_grid", "MU_UNITS",
-           "MU_MAX_RANGE_CM"]
+__all__ = ["read_mu_map", "read_siemens_mu_map", "check_mu_units", "check_mu_in_fov", "mu_fraction_in_fov",
+           "resample_to_grid", "MU_UNITS", "MU_MAX_RANGE_CM", "MU_FOV_REFUSE", "MU_FOV_WARN"]
 
 #: Declared units -> factor to cm⁻¹.
 MU_UNITS = {"cm-1": 1.0, "mm-1": 10.0, "1e-4cm-1": 1e-4}
 
 #: Plausible maximum of a 511 keV μ-map in cm⁻¹ (lung/soft tissue ~0.03-0.1, cortical bone ~0.17, metal higher).
 MU_MAX_RANGE_CM = (0.02, 0.6)
+
+
+#: Fractions of a μ-map's attenuation (sum of μ) inside the scanner's field of view below which it is refused
+#: (the attenuation factors would be ~1: a μ-map placed outside the scanner, e.g. a wrong offset or a NIfTI origin
+#: at a corner) or warned about (a part of the body outside the scanner: legitimate for a long CT, else misplaced).
+MU_FOV_REFUSE = 0.05
+MU_FOV_WARN = 0.5
 
 
 #: Siemens ``quantification units`` -> our unit names
@@ -58,6 +66,13 @@ def _siemens_orientation(hdr: InterfileHeader) -> None:
     if io is not None and [round(v, 6) for v in io] != [1, 0, 0, 0, 1, 0]:
         raise UnsupportedDataError(hdr.path, f"image orientation {hdr.get('%image orientation')}: only axis-aligned "
                                    "images ({1,0,0,0,1,0}) are supported", key="%image orientation")
+
+
+def _finite(hdr: InterfileHeader, key: str, default: float) -> float:
+    v = hdr.get_float(key, default)
+    if not math.isfinite(v):
+        raise InputFileError(hdr.path, f"expected a finite number, got {hdr.get(key)!r}", key=key)
+    return v
 
 
 def read_siemens_mu_map(path: str | os.PathLike) -> Image:
@@ -86,13 +101,14 @@ def read_siemens_mu_map(path: str | os.PathLike) -> Image:
         v = hdr.get_float(f"scale factor (mm/pixel) [{i}]")
         if v is None:
             v = hdr.get_float(f"scaling factor (mm/pixel) [{i}]", required=True)
-        if not v > 0:
-            raise InputFileError(hdr.path, f"voxel size must be positive, got {v}", key=f"scale factor (mm/pixel) [{i}]")
+        if not (math.isfinite(v) and v > 0):
+            raise InputFileError(hdr.path, f"voxel size must be a finite positive number of mm, got {v}",
+                                 key=f"scale factor (mm/pixel) [{i}]")
         vox.append(v)
     nx, ny, nz = sizes
     vx, vy, vz = vox
-    xo = hdr.get_float("%x-offset (mm)", 0.0)
-    yo = hdr.get_float("%y-offset (mm)", 0.0)
+    xo, yo, slope, intercept = (_finite(hdr, k, d) for k, d in (("%x-offset (mm)", 0.0), ("%y-offset (mm)", 0.0),
+                                                                 ("%image slope", 1.0), ("%image intercept", 0.0)))
     origin = (0.0, -(ny - 1) / 2.0 * vy + yo, -(nx - 1) / 2.0 * vx + xo)
     grid = ImageGrid((nz, ny, nx), (vz, vy, vx), origin)
     order = hdr.get("image data byte order")  # Siemens spelling of STIR's "imagedata byte order"
@@ -100,8 +116,6 @@ def read_siemens_mu_map(path: str | os.PathLike) -> Image:
     if order is not None and hdr.get("imagedata byte order") is None:
         raw_hdr = InterfileHeader(hdr.path, list(hdr.entries) + [("imagedata byte order", order)])
     arr = _read_raw(raw_hdr, nx * ny * nz).reshape(nz, ny, nx)
-    slope = hdr.get_float("%image slope", 1.0)
-    intercept = hdr.get_float("%image intercept", 0.0)
     if slope != 1.0 or intercept != 0.0:
         arr = (arr.astype(np.float64) * slope + intercept).astype(np.float32)
     meta = {"source": str(hdr.path)}
@@ -185,6 +199,54 @@ def check_mu_units(values: np.ndarray, units: str = "cm-1", path: str | os.PathL
         raise DataValueError(f"{path}: μ-map maximum is {hi:.4g} {units} = {cm:.4g} cm⁻¹, outside the plausible range "
                              f"{lo_ok}-{hi_ok} cm⁻¹ of a 511 keV μ-map (water: 0.096 cm⁻¹){guess}")
     return (a * np.float32(MU_UNITS[units])).astype(np.float32)
+
+
+def mu_fraction_in_fov(mu: Image, scanner) -> float:
+    """Fraction of the μ-map's total μ in voxels whose centres lie in ``scanner``'s field of view.
+
+    The field of view: the cylinder of the scanner's axial length (``num_rings x ring_spacing``, centred as the
+    projector centres images) and of the radius its non-arc-corrected bins reach,
+    ``R sin(pi (bins / 2) / detectors per ring)`` (the effective radius ``R`` if the bins are not given).
+    """
+    g = mu.grid
+    z = _scanner_coords(g, 0)
+    y = _scanner_coords(g, 1)
+    x = _scanner_coords(g, 2)
+    R = float(scanner.effective_radius_mm)
+    nb = int(scanner.max_num_non_arc_corrected_bins or 0)
+    radius = R * math.sin(min(math.pi / 2, math.pi * (nb / 2) / scanner.detectors_per_ring)) if nb else R
+    half = scanner.num_rings * scanner.ring_spacing_mm / 2.0
+    a = np.asarray(mu.array, dtype=np.float64)
+    total = float(a.sum())
+    if not total > 0:
+        return 0.0
+    inside_xy = (y[:, None] ** 2 + x[None, :] ** 2) <= radius ** 2
+    inside_z = np.abs(z) <= half
+    return float(a[inside_z][:, inside_xy].sum()) / total
+
+
+def check_mu_in_fov(mu: Image, scanner, path: str | os.PathLike = "<μ-map>") -> float:
+    """:func:`mu_fraction_in_fov`, refused below :data:`MU_FOV_REFUSE` and warned about below :data:`MU_FOV_WARN`
+    (an :class:`~sirf_ddip.errors.InputFileWarning`; ``--strict`` refuses it); returns the fraction.
+
+    Raises
+    ------
+    DataValueError
+        Almost none of the μ-map lies in the field of view: the attenuation factors would be ~1 everywhere.
+    """
+    from ..utils.leniency import lenient
+
+    f = mu_fraction_in_fov(mu, scanner)
+    where = f"its grid {mu.grid.describe()}"
+    if f < MU_FOV_REFUSE:
+        raise DataValueError(f"{path}: only {100 * f:.3g} % of the μ-map's attenuation lies in the field of view of "
+                             f"the {scanner.name} ({where}): the attenuation factors would be ~1; check the image "
+                             "position (offsets / origin / affine)")
+    if f < MU_FOV_WARN:
+        lenient(path, f"only {100 * f:.3g} % of the μ-map's attenuation lies in the field of view of the "
+                f"{scanner.name} ({where}); the rest does not attenuate any line of response: check the image "
+                "position (offsets / origin / affine) if the body should be in the scanner")
+    return f
 
 
 def _scanner_coords(grid: ImageGrid, axis: int) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import InputFileError, UnsupportedDataError
 from ..geometry.scanner import Scanner, get_scanner
 from ..geometry.sinogram import span_segments
+from ..utils.leniency import lenient
 from .header import InterfileHeader
 
 __all__ = ["ECAT8Norm", "read_ecat8_norm", "SUPPORTED_NORM_VERSIONS"]
@@ -106,6 +107,53 @@ def _scanner_of(hdr: InterfileHeader) -> Scanner:
     return get_scanner(name)
 
 
+#: The components are relative factors near 1 (the mMR's: 0.6-2.1); a component whose typical (median positive)
+#: value is outside this range is not an ECAT8 norm component (another layout, byte order or a corrupt file).
+COMPONENT_SCALE_RANGE = (1e-3, 1e3)
+
+#: Largest ratio of a component's maximum to its median positive value, and (axial effects, a divisor) of its
+#: median to its minimum: beyond it one bin's efficiency would be off by orders of magnitude (mMR: below 2).
+COMPONENT_SPREAD_MAX = 1e3
+
+
+def _check_component(data: Path, i: int, p: np.ndarray) -> None:
+    """Values of component ``i`` (1-4) that give finite efficiencies of the right order, else a named error.
+
+    STIR multiplies components 1-3 and divides by component 4 (``get_uncalibrated_bin_efficiency``): a zero axial
+    effect gives STIR an infinite efficiency, an all-zero component all-zero (or NaN) efficiencies, a tiny one
+    efficiencies of 1e30. STIR checks none of this; we refuse, naming the component.
+    """
+    name, key = _COMPONENTS[i - 1], f"data offset in bytes [{i}]"
+    what = f"component {i} ({name})"
+    n_bad = int(np.count_nonzero(~np.isfinite(p)))
+    if n_bad:
+        raise InputFileError(data, f"{what} has {n_bad} NaN/Inf value(s) of {p.size}", key=key)
+    if np.any(p < 0):
+        raise InputFileError(data, f"{what} has {int(np.count_nonzero(p < 0))} negative value(s) (minimum "
+                             f"{float(p.min()):.4g})", key=key)
+    pos = p[p > 0]
+    if pos.size == 0:
+        raise InputFileError(data, f"{what} is all zero: every efficiency would be "
+                             f"{'infinite' if i == 4 else 'zero'}", key=key)
+    med = float(np.median(pos))
+    lo, hi = COMPONENT_SCALE_RANGE
+    if not lo <= med <= hi:
+        raise InputFileError(data, f"{what} has a median value of {med:.4g}, outside {lo:g}..{hi:g}: ECAT8 norm "
+                             "components are relative factors near 1 (another byte order or a corrupt file?)", key=key)
+    if float(p.max()) > COMPONENT_SPREAD_MAX * med:
+        raise InputFileError(data, f"{what} has a value of {float(p.max()):.4g} at index {int(np.argmax(p))}, more "
+                             f"than {COMPONENT_SPREAD_MAX:g} x its median {med:.4g}", key=key)
+    if i == 4:  # the divisor: a zero or tiny axial effect makes its sinogram's efficiencies infinite or huge
+        k = int(np.argmin(p))
+        if float(p[k]) == 0.0:
+            raise InputFileError(data, f"{what} is 0 for {int(np.count_nonzero(p == 0))} of {p.size} sinograms (first: "
+                                 f"{k}); STIR divides by it, which would give infinite efficiencies", key=key)
+        if float(p[k]) * COMPONENT_SPREAD_MAX < med:
+            raise InputFileError(data, f"{what} is {float(p[k]):.4g} for sinogram {k}, less than 1/"
+                                 f"{COMPONENT_SPREAD_MAX:g} of its median {med:.4g}; STIR divides by it, which would "
+                                 f"make that sinogram's efficiencies {med / float(p[k]):.3g} x too large", key=key)
+
+
 def _sizes(hdr: InterfileHeader, i: int) -> list[int]:
     key = f"%matrix size [{i}]"
     v = hdr.get_int_list(key)
@@ -121,7 +169,9 @@ def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
     ------
     InputFileError
         Not a Siemens normalisation header, missing keys, sizes/offsets inconsistent with the scanner or with
-        each other, a missing or short data file, non-finite or negative factors.
+        each other, a missing or short data file, non-finite or negative factors, a component 1-4 that is all zero
+        or far from 1, a zero axial effect (see :func:`_check_component`); in strict mode also a data file longer
+        than the components or NaN/Inf in components 5-8 (otherwise warned about, as STIR ignores them).
     UnsupportedDataError
         Another scanner or ECAT8 software version than the ones whose layout we know.
     """
@@ -194,17 +244,29 @@ def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
     data = Path(name) if Path(name).is_absolute() else hdr.path.parent / name
     if not data.is_file():
         raise InputFileError(hdr.path, f"data file {str(data)!r} not found", key="!name of data file")
-    if data.stat().st_size < pos:
+    found = data.stat().st_size
+    if found < pos:
         raise InputFileError(data, f"data file too short: {ncomp} components need {pos} bytes, found "
-                             f"{data.stat().st_size} (header {hdr.path})", key="!name of data file")
+                             f"{found} (header {hdr.path})", key="!name of data file")
+    if found > pos:  # STIR reads each component at its offset and never looks past the fourth
+        lenient(data, f"data file longer than its header describes: its {ncomp} components end at byte {pos}, the "
+                f"file has {found} bytes ({found - pos} trailing bytes, header {hdr.path}); they are ignored, as "
+                "STIR does", key="!name of data file",
+                refusal=f"data file longer than its header describes: {ncomp} components need exactly {pos} bytes, "
+                        f"found {found} (header {hdr.path})")
     flat = np.fromfile(data, dtype=dt, count=pos // 4).astype(np.float32)
     parts = []
     for off, n in zip(offsets, sizes):
         parts.append(flat[off // 4: off // 4 + n])
     for i, p in enumerate(parts[:4], start=1):
-        if not np.all(np.isfinite(p)) or np.any(p < 0):
-            raise InputFileError(data, f"component {i} ({_COMPONENTS[i - 1]}) has non-finite or negative values",
-                                 key=f"data offset in bytes [{i}]")
+        _check_component(data, i, p)
+    for i in range(5, ncomp + 1):
+        bad = int(np.count_nonzero(~np.isfinite(parts[i - 1])))
+        if bad:
+            label = " ".join((hdr.get(f"%normalization component [{i}]") or f"component {i}").split())
+            lenient(data, f"component {i} ({label}) has {bad} NaN/Inf value(s) of {parts[i - 1].size}; STIR does "
+                    "not use this component for ECAT8 efficiencies, nor do we", key=f"data offset in bytes [{i}]",
+                    refusal=f"component {i} ({label}) has {bad} NaN/Inf value(s) of {parts[i - 1].size}")
     geometric = parts[0].reshape(2 * nrings - 1, nbins)
     interference = parts[1].reshape(nbins, ncry)
     efficiencies = parts[2].reshape(nrings, ndet)

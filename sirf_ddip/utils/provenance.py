@@ -60,7 +60,7 @@ def check_output_path(path: str | Path, overwrite: bool = False, option: str | N
     OutputPathError
         ``path`` is a folder, a part of its folder is a file, or its folder is not writable.
     OutputExistsError
-        The file exists and ``overwrite`` is False.
+        The file (or a symbolic link, even a dangling one) exists and ``overwrite`` is False.
     """
     path = Path(path)
     if path.is_dir():
@@ -72,7 +72,7 @@ def check_output_path(path: str | Path, overwrite: bool = False, option: str | N
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise OutputPathError(path, f"cannot be created: no permission to write in {parent}", option)
             break
-    if path.exists() and not overwrite:
+    if (path.exists() or path.is_symlink()) and not overwrite:  # a dangling link is an existing name too
         raise OutputExistsError(path)
     return path
 
