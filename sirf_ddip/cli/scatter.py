@@ -442,3 +442,111 @@ def run_estimate(args) -> int:
     print(f"wrote {out} (scatter total {summary['scatter_total']:.6g} of {float(prompts.array.sum()):.6g} prompts, "
           f"{n_it} iterations, {t3 - t2:.1f} s)", file=sys.stderr)
     return 0
+
+
+# ------------------------------------------------------------------------------------------- prepare
+def add_prepare_arguments(p) -> None:
+    """``prepare``'s scatter options: estimated by default (it always has a μ-map)."""
+    p.add_argument("--no-scatter", action="store_true",
+                   help="do not estimate scatter (the additive term then holds the randoms only)")
+    p.add_argument("--scatter-iterations", type=int, default=None, metavar="N",
+                   help="scatter estimation iterations (STIR's default 5)")
+    _add_window_args(p)
+
+
+def prepare_energy_window(args, geometry) -> tuple[tuple[float, float] | None, str | None]:
+    """The energy window ``prepare`` estimates the scatter in (prompts or listmode header, or the scanner's default
+    when told), checked before the long work; with ``--scatter``/``--no-scatter`` the header's window if any (kept in
+    ``prompts.hs``), else ``(None, None)``.
+
+    Raises
+    ------
+    ConfigError
+        ``--scatter`` with ``--no-scatter``, or ``--scatter-iterations`` < 1.
+    InputFileError
+        No energy window in the header (naming the key) and no ``--energy-window-from-scanner``.
+    """
+    from ..errors import ConfigError, InputFileError
+
+    if args.scatter and args.no_scatter:
+        raise ConfigError("--scatter SC.hs and --no-scatter exclude each other")
+    if args.scatter_iterations is not None and args.scatter_iterations < 1:
+        raise ConfigError(f"--scatter-iterations must be >= 1, got {args.scatter_iterations}")
+    path = args.prompts or args.listmode
+    if args.scatter or args.no_scatter:  # kept in prompts.hs when the header has one
+        from ..io.energy_window import energy_window_from_header
+
+        try:
+            window = energy_window_from_header(path, required=False)
+        except InputFileError:
+            window = None
+        return window, (f"header of {path}" if window else None)
+    return energy_window_for(path, geometry.scanner.name, args.energy_window_from_scanner)
+
+
+def prepare_scatter(args, prompts, randoms, efficiencies, attenuation, mu, window, window_src):
+    """``prepare``'s scatter estimate (STIR's ScatterEstimation with the mMR settings) from the prompts, the randoms,
+    the norm efficiencies and the attenuation factors already computed.
+
+    Returns
+    -------
+    (ProjData, dict, dict) : the estimate (prompt counts, the prompts' geometry), its provenance (the tail-fit factors
+        per sinogram and iteration, the tail mask's share, totals) and the small arrays :func:`draw_scatter_row`
+        shows.
+    """
+    import numpy as np
+
+    from ..physics.ssrb import ssrb, ssrb_geometry
+
+    geom = prompts.geometry
+
+    def log(msg):
+        print(f"sirf-ddip prepare: {msg}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    check_osem_subsets(geom, args.prompts or args.template)
+    est = estimate_for_data(prompts, mu, window, randoms=randoms, efficiencies=efficiencies, attenuation=attenuation,
+                            iterations=args.scatter_iterations, device=args.device, mu_path=args.mu, log=log)
+    record = {"source": "estimated (STIR's ScatterEstimation, examples/Siemens-mMR settings)",
+              "energy_window_kev": list(window), "energy_window_source": window_src, **scatter_summary(est),
+              "time_s": time.perf_counter() - t0}
+    geo2 = ssrb_geometry(geom)
+    c = geo2.num_sinograms // 2
+    data2 = ssrb(np.asarray(prompts.array, np.float32), geom, out_geometry=geo2)[c]
+    if randoms is not None:
+        data2 = data2 - ssrb(np.asarray(randoms.array, np.float32), geom, out_geometry=geo2)[c]
+    figure = {"mask": np.asarray(est.mask.array[c]), "data": data2, "fit": np.asarray(est.scatter_2d.array[c]),
+              "sinogram_2d": c, "factors": [np.asarray(f) for f in est.scale_factors]}
+    return est.scatter, record, figure
+
+
+def draw_scatter_row(fig, axes, k: int, scatter_k, info: dict) -> None:
+    """A row of ``prepare.png``: the scatter estimate (sinogram ``k``), the 2D tail mask, and the tail fit (a view's
+    prompts − randoms, the fitted scatter, the mask) with the scale factor of every 2D sinogram per iteration."""
+    import numpy as np
+
+    a0, a1, a2 = axes
+    im = a0.imshow(np.asarray(scatter_k), aspect="auto", cmap="magma")
+    a0.set_title(f"scatter estimate (sinogram {k}, counts)")
+    a0.set_xlabel("tangential")
+    a0.set_ylabel("view")
+    fig.colorbar(im, ax=a0, fraction=0.046)
+    c = info["sinogram_2d"]
+    a1.imshow(info["mask"], aspect="auto", cmap="gray", vmin=0, vmax=1)
+    a1.set_title(f"tail mask (2D sinogram {c}; white: tails)")
+    a1.set_xlabel("tangential")
+    a1.set_ylabel("view")
+    v = info["mask"].shape[0] // 2
+    a2.plot(info["data"][v], lw=0.8, label="prompts - randoms (2D)")
+    a2.plot(info["fit"][v], lw=1.2, label="fitted scatter (2D)")
+    m = info["mask"][v] > 0
+    if m.any():
+        a2.plot(np.nonzero(m)[0], info["data"][v][m], ".", ms=2, label="tail bins")
+    a2.set_title(f"tail fit, view {v}")
+    a2.set_xlabel("tangential")
+    a2.legend(fontsize=6, loc="upper left")
+    inset = a2.inset_axes([0.62, 0.6, 0.36, 0.36])
+    for i, f in enumerate(info["factors"], start=1):
+        inset.plot(f, lw=0.8, label=f"it {i}")
+    inset.set_title("scale factor per 2D sinogram", fontsize=6)
+    inset.tick_params(labelsize=5)
