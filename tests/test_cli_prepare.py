@@ -83,7 +83,7 @@ def test_prepare_command(tmp_path, material, small, capsys):
     out = tmp_path / "study"
     argv = ["prepare", "--prompts", str(tmp_path / "p.hs"), "--norm", str(MMR / "norm.n.hdr"),
             "--mu", str(MMR / "mu_map.hv"), "--randoms", str(tmp_path / "r.hs"), "--out-dir", str(out)]
-    assert main(argv) == 0
+    assert main(argv + ["--no-scatter"]) == 0
     err = capsys.readouterr().err
     assert "NO SCATTER estimate was given" in err
     eff = ecat8_efficiencies(read_ecat8_norm(MMR / "norm.n.hdr"), geom)
@@ -107,7 +107,7 @@ def test_prepare_command(tmp_path, material, small, capsys):
     np.testing.assert_allclose(add2[~gaps], 0.75 / mult[~gaps], rtol=1e-6)
     # a bad μ-map fails before anything is written: not even the output folder is created
     out3 = tmp_path / "study3"
-    assert main(argv[:-1] + [str(out3), "--mu-units", "1e-4cm-1"]) == 2
+    assert main(argv[:-1] + [str(out3), "--mu-units", "1e-4cm-1", "--no-scatter"]) == 2
     assert not out3.exists()
 
 
@@ -123,7 +123,7 @@ def test_prepare_from_listmode(tmp_path, material, small, capsys):
     out = tmp_path / "study"
     assert main(["prepare", "--listmode", str(lm), "--template", str(t), "--start", "0", "--end", "15",
                  "--norm", str(MMR / "norm.n.hdr"), "--mu", str(MMR / "mu_map.hv"), "--out-dir", str(out),
-                 "--no-png"]) == 0
+                 "--no-png", "--no-scatter"]) == 0
     assert "NO SCATTER" in capsys.readouterr().err
     prompts = read_projdata(out / "prompts.hs").array
     want = histogram_listmode(lm, geom, start=0, end=15, events="prompts").to_projdata().array

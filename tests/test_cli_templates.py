@@ -137,7 +137,7 @@ def test_prepare_template_data_file_empty_or_absent(tmp_path, mmr_material):
     _run_all(tmp_path, _small_mmr(), lambda t, d: ["prepare", "--listmode", str(lm), "--template", str(t),
                                                   "--start", "0", "--end", "15", "--norm", str(MMR / "norm.n.hdr"),
                                                   "--mu", str(MMR / "mu_map.hv"), "--out-dir", str(d / "study"),
-                                                  "--no-png", "--device", "cpu"],
+                                                  "--no-png", "--no-scatter", "--device", "cpu"],
              outputs=("study/prompts.hs", "study/mult_factors.hs", "study/additive_term.hs"))
 
 

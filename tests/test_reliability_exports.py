@@ -273,7 +273,7 @@ def _prepare_inputs(tmp_path: Path, geom) -> list[str]:
     write_projdata(tmp_path / "p.hs", ProjData(rng.poisson(5.0, geom.shape).astype(np.float32), geom))
     write_projdata(tmp_path / "r.hs", ProjData(np.full(geom.shape, 0.5, np.float32), geom))
     return ["prepare", "--prompts", str(tmp_path / "p.hs"), "--norm", str(MMR / "norm.n.hdr"),
-            "--mu", str(MMR / "mu_map.hv"), "--randoms", str(tmp_path / "r.hs")]
+            "--mu", str(MMR / "mu_map.hv"), "--randoms", str(tmp_path / "r.hs"), "--no-scatter"]
 
 
 def test_prepare_refuses_its_own_input_as_output(tmp_path, capsys, material, tmpl):

@@ -19,7 +19,7 @@ import traceback
 from ..errors import SirfDdipError
 
 #: sub-modules that register commands (each is imported lazily only to build the parser)
-_COMMAND_MODULES = ("engine", "prior", "recon", "study", "exports", "prepare", "batch")
+_COMMAND_MODULES = ("engine", "prior", "recon", "study", "exports", "prepare", "scatter", "batch")
 
 
 def build_parser() -> argparse.ArgumentParser:

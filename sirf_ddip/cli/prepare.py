@@ -223,7 +223,11 @@ def register(subparsers) -> None:
     p.add_argument("--randoms", metavar="R.hs", help="randoms sinogram (default with --listmode: estimated from "
                                                      f"the delayeds; {DATA_HELP})")
     p.add_argument("--scatter", metavar="SC.hs",
-                   help=f"scatter sinogram (counts, same geometry; {DATA_HELP}); none if absent")
+                   help=f"scatter sinogram (counts, same geometry; {DATA_HELP}); default: estimated from the "
+                        "prompts, randoms, norm and μ-map (STIR's ScatterEstimation)")
+    from .scatter import add_prepare_arguments
+
+    add_prepare_arguments(p)  # --no-scatter, --scatter-iterations, --energy-window-from-scanner
     p.add_argument("--out-dir", required=True, metavar="DIR", help="output folder")
     p.add_argument("--no-png", action="store_true", help="do not write prepare.png")
     p.add_argument("--device", default=None, help="torch device: auto (default), cpu, cuda, ...")
@@ -429,6 +433,11 @@ def run_prepare(args) -> int:
                     raise GeometryMismatchError(f"template {args.template} [{tg.describe()}] does not match the "
                                                 f"prompts {args.prompts} [{geom.describe()}]")
             randoms_src = None
+        from .scatter import prepare_energy_window, prepare_scatter
+
+        window, window_src = prepare_energy_window(args, geom)  # before the long work
+        if window is not None:
+            prompts.meta["energy_window_kev"] = window
         if args.randoms:
             randoms = read_projdata(args.randoms)
             _same_geometry(randoms, geom, "randoms", args.randoms)
@@ -439,9 +448,9 @@ def run_prepare(args) -> int:
         if args.scatter:
             scatter = read_projdata(args.scatter)
             _same_geometry(scatter, geom, "scatter", args.scatter)
-        else:
-            notes.append("NO SCATTER estimate was given: additive_term = randoms / mult_factors only "
-                         "(scatter is not corrected; give --scatter SC.hs)")
+        elif args.no_scatter:
+            notes.append("NO SCATTER estimate was given (--no-scatter): additive_term = randoms / mult_factors only "
+                         "(scatter is not corrected)")
         for what, pd, src in (("prompts", prompts, args.prompts or args.listmode), ("randoms", randoms, randoms_src),
                               ("scatter", scatter, args.scatter)):
             if pd is not None and (not np.all(np.isfinite(pd.array)) or float(pd.array.min()) < 0):
@@ -450,6 +459,10 @@ def run_prepare(args) -> int:
         eff, norm, comps = _efficiencies(args.norm, geom)
         t2 = time.perf_counter()
         att, mu = _attenuation(args, geom)
+        scatter_rec, scatter_fig = args.scatter, None
+        if scatter is None and not args.no_scatter:
+            scatter, scatter_rec, scatter_fig = prepare_scatter(args, prompts, randoms, eff, att, mu, window,
+                                                                window_src)
     att_meta = dict(att.meta)
     t3 = time.perf_counter()
     k = _figure_sinogram(geom)
@@ -469,7 +482,8 @@ def run_prepare(args) -> int:
     if lost > 0:
         notes.append(f"{lost:.6g} background counts fall in bins with mult_factors = 0 (detector gaps); "
                      "their additive term is set to 0")
-    outputs = {outdir / "prompts.hs": ProjData(prompts.array.astype(np.float32), geom),
+    outputs = {outdir / "prompts.hs": ProjData(prompts.array.astype(np.float32), geom,
+                                               {k: v for k, v in prompts.meta.items() if k == "energy_window_kev"}),
                outdir / "mult_factors.hs": ProjData(mult, geom), outdir / "additive_term.hs": ProjData(add, geom)}
     if "randoms.hs" in names:
         outputs[outdir / "randoms.hs"] = ProjData(randoms.array.astype(np.float32), geom)
@@ -480,7 +494,7 @@ def run_prepare(args) -> int:
         "norm_version": norm.version, "norm_components": comps.__dict__, "mu": args.mu, "mu_units": args.mu_units,
         "mu_max_cm-1": float(mu.array.max()), "image_template": args.image_template, "randoms": randoms_src,
         "attenuation": att_meta, "strict": args.strict,
-        "scatter": args.scatter, "outputs": [str(outdir / n) for n in names] + ([str(png)] if png else []),
+        "scatter": scatter_rec, "outputs": [str(outdir / n) for n in names] + ([str(png)] if png else []),
         "geometry": geom.describe(), "notes": notes,
         "totals": {"prompts": float(prompts.array.sum()),
                    "randoms": float(randoms.array.sum()) if randoms is not None else None,
@@ -492,7 +506,9 @@ def run_prepare(args) -> int:
                                             "total": time.perf_counter() - t0}, warned)
     figure = None
     if png is not None:
-        figure = (png, lambda tmp: _figure(tmp, geom, k, prompts.array[k], eff_k, att_k, mult[k], add[k], notes))
+        scatter_k = None if scatter_fig is None else scatter.array[k]
+        figure = (png, lambda tmp: _figure(tmp, geom, k, prompts.array[k], eff_k, att_k, mult[k], add[k], notes,
+                                           scatter_k, scatter_fig))
     _write_set(outputs, {outdir / "prepare_record.json": text}, args.overwrite, figure)
     for n in notes:
         print(f"sirf-ddip prepare: {n}", file=sys.stderr)
@@ -506,8 +522,10 @@ def _figure_sinogram(geom) -> int:
     return s0.start + (s0.stop - s0.start) // 2
 
 
-def _figure(png: Path, geom, k: int, prompts, eff, att, mult, add, notes: list[str]) -> None:
-    """Sinogram ``k`` (views x tangential) of each quantity, and tangential profiles, written to ``png``."""
+def _figure(png: Path, geom, k: int, prompts, eff, att, mult, add, notes: list[str], scatter_k=None,
+            scatter_fig=None) -> None:
+    """Sinogram ``k`` (views x tangential) of each quantity, and tangential profiles, written to ``png``; with a
+    scatter estimate a third row (:func:`sirf_ddip.cli.scatter.draw_scatter_row`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,13 +534,18 @@ def _figure(png: Path, geom, k: int, prompts, eff, att, mult, add, notes: list[s
 
     panels = [("prompts", prompts), ("norm efficiencies", eff), ("attenuation factors", att),
               ("mult_factors", mult), ("additive_term", add)]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    rows = 2 if scatter_fig is None else 3
+    fig, axes = plt.subplots(rows, 3, figsize=(13, 3.5 * rows))
     for ax, (title, a) in zip(axes.flat, panels):
         im = ax.imshow(np.asarray(a), aspect="auto", cmap="gray" if title != "additive_term" else "magma")
         ax.set_title(f"{title} (sinogram {k}, segment 0)")
         ax.set_xlabel("tangential")
         ax.set_ylabel("view")
         fig.colorbar(im, ax=ax, fraction=0.046)
+    if scatter_fig is not None:
+        from .scatter import draw_scatter_row
+
+        draw_scatter_row(fig, axes[2], k, scatter_k, scatter_fig)
     ax = axes.flat[5]
     v = geom.num_views // 2
     for title, a in panels[1:]:

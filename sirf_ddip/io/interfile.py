@@ -644,7 +644,20 @@ def read_projdata(path: str | os.PathLike) -> ProjData:
     else:
         arr = file_to_memory_order(flat, lay.numbers, lay.axial, lay.num_views, lay.num_tang, lay.order)
     meta = {"source": str(hdr.path), "file_axis_order": lay.order}
+    window = _energy_window_or_none(hdr)
+    if window is not None:
+        meta["energy_window_kev"] = window
     return ProjData(arr, lay.geometry, meta)
+
+
+def _energy_window_or_none(hdr: InterfileHeader):
+    """The header's energy window (keV) when it has a valid one, else None (checked where it is needed)."""
+    from .energy_window import energy_window_from_header
+
+    try:
+        return energy_window_from_header(hdr, required=False)
+    except InputFileError:
+        return None
 
 
 def _segment_layout_of_geometry(geometry) -> tuple[list[int], list[int]]:
@@ -700,8 +713,11 @@ def projdata_file_contents(projdata: ProjData, data_name: str, path: str | os.Pa
         flat = np.concatenate([memory_to_file_order(a, numbers, axial, order="view") for a in arr])
     else:
         flat = memory_to_file_order(arr, numbers, axial, order="view")
-    lines = geometry.header_lines(data_file=data_name, storage="view",
-                                  extra={"number of time frames": "1",
-                                         "start vertical bed position (mm)": "0",
-                                         "start horizontal bed position (mm)": "0"})
+    extra = {"number of time frames": "1"}
+    if projdata.meta.get("energy_window_kev") is not None:  # STIR's ExamInfo energy window, kept
+        from .energy_window import energy_window_lines
+
+        extra.update(energy_window_lines(projdata.meta["energy_window_kev"]))
+    extra.update({"start vertical bed position (mm)": "0", "start horizontal bed position (mm)": "0"})
+    lines = geometry.header_lines(data_file=data_name, storage="view", extra=extra)
     return flat, lines

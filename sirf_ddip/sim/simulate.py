@@ -16,8 +16,11 @@ consistent with the data (``case.json`` keeps the mean's total).
   efficiencies with a block profile, multiplied per crystal pair as STIR maps bins to detector pairs, times a
   smooth tangential geometric factor; mean ≈ 1), and the count-scale calibration ``c``.
 - ``a = (randoms + scatter) / m``. Randoms are ∝ ε (singles products) with a mild smooth modulation, a
-  ``randoms_fraction`` of the prompts; scatter is the attenuated projection blurred heavily (σ ≈ 40 mm
-  tangentially, a few views and planes), ∝ ε, and scaled to a NEMA-style ``scatter_fraction`` S / (T + S).
+  ``randoms_fraction`` of the prompts; scatter (``scatter_model``) is STIR's single scatter simulation of the truth
+  in the μ-map (``sss``: :mod:`sirf_ddip.sim.scatter_model`, on STIR's down-sampled scanner, up-sampled as STIR's
+  scatter estimation does) or the attenuated projection blurred heavily (``smooth``: σ ≈ 40 mm tangentially, a few
+  views and planes), ∝ ε, and scaled to a NEMA-style ``scatter_fraction`` S / (T + S). ``auto`` (the default) is
+  ``sss`` for non-TOF data of a scanner with an energy resolution and a known energy window, else ``smooth``.
 
 Count level
 -----------
@@ -49,7 +52,10 @@ from . import phantoms as ph
 
 __all__ = ["SimulationConfig", "SimulatedData", "simulate_study", "simulate_data", "detector_efficiencies",
            "build_geometry", "axial_count_fraction", "ring_pairs_per_sinogram", "attenuation_padding",
-           "padded_grid", "STUDY_FILES"]
+           "padded_grid", "resolve_scatter_model", "STUDY_FILES", "SCATTER_MODELS"]
+
+#: Values of :attr:`SimulationConfig.scatter_model`.
+SCATTER_MODELS = ("auto", "sss", "smooth")
 
 #: Files written by :func:`simulate_study` (besides ``run_record.json`` / ``run_record_config.yaml``).
 STUDY_FILES = ("prompts.hs", "mult_factors.hs", "additive_term.hs", "truth.hv", "mr.hv", "truth.nii.gz",
@@ -83,6 +89,8 @@ class SimulationConfig:
     reference_prompts : prompts of a 100 % dose scan with the whole scanner (see module docstring)
     reference_max_ring_diff : the whole scanner's max ring difference for that reference (None: mMR 60, else all)
     scatter_fraction : S / (T + S);  randoms_fraction : R / prompts
+    scatter_model : "auto" (default), "sss" (STIR's single scatter simulation of the truth) or "smooth" (a blurred
+        attenuated projection); see the module docstring
     efficiency_sd : SD of per-crystal efficiencies
     template_cache : ``.npz`` of the MNI templates (None: nilearn)
     device : projector device (None/"auto": CUDA if available)
@@ -113,6 +121,7 @@ class SimulationConfig:
     reference_prompts: float = 2.0e8
     reference_max_ring_diff: int | None = None
     scatter_fraction: float = 0.35
+    scatter_model: str = "auto"
     randoms_fraction: float = 0.3
     efficiency_sd: float = 0.08
     template_cache: str | None = None
@@ -127,6 +136,9 @@ class SimulationConfig:
             raise ConfigError(f"simulation: key 'dose_fraction' must be > 0, got {self.dose_fraction}")
         if not 0 <= self.scatter_fraction < 1:
             raise ConfigError(f"simulation: key 'scatter_fraction' must be in [0, 1), got {self.scatter_fraction}")
+        if self.scatter_model not in SCATTER_MODELS:
+            raise ConfigError(f"simulation: key 'scatter_model' must be one of {', '.join(SCATTER_MODELS)}, got "
+                              f"{self.scatter_model!r}")
         if not 0 <= self.randoms_fraction < 1:
             raise ConfigError(f"simulation: key 'randoms_fraction' must be in [0, 1), got {self.randoms_fraction}")
         if self.reference_prompts <= 0:
@@ -337,7 +349,8 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
                   target_trues: float, rng: np.random.Generator, *, scatter_fraction: float = 0.35,
                   randoms_fraction: float = 0.3, efficiency_sd: float = 0.08,
                   brain_fraction: np.ndarray | None = None, length_unit_mm: float = 1.0,
-                  mu_forward: Callable[[np.ndarray], np.ndarray] | None = None) -> SimulatedData:
+                  mu_forward: Callable[[np.ndarray], np.ndarray] | None = None,
+                  scatter_shape: np.ndarray | None = None) -> SimulatedData:
     """Prompts, mult and additive arrays for ``truth`` with ``target_trues`` expected trues (before noise).
 
     Parameters
@@ -355,6 +368,9 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     mu_forward : projector for ``mu_map_per_cm`` (same geometry and length unit, non-TOF) when the μ-map is on
         another grid than ``truth`` (e.g. :func:`padded_grid`, see :func:`attenuation_padding`), or for TOF data;
         default ``forward``
+    scatter_shape : the scatter per unit efficiency on ``geometry`` (e.g. the single scatter simulation of
+        :func:`sirf_ddip.sim.scatter_model.sss_scatter_shape`); it is multiplied by the efficiencies and scaled to
+        ``scatter_fraction``. Default: the smooth model (the attenuated projection blurred)
 
     Notes
     -----
@@ -388,7 +404,9 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     scatter = np.zeros(shape)
     if s_total > 0:
         bin_mm = float(np.median(np.abs(np.diff(geometry.s())))) if geometry.num_tangential > 1 else 2.0
-        if tof:  # blurred within each TOF bin
+        if scatter_shape is not None:
+            scat_shape = np.asarray(scatter_shape, dtype=np.float64).reshape(shape) * eff
+        elif tof:  # blurred within each TOF bin
             scat_shape = np.stack([_smooth_sino(b * att, geometry, 40.0 / bin_mm, 3.0, 1.5) for b in ax]) * eff
         else:
             scat_shape = _smooth_sino(ax * att, geometry, 40.0 / bin_mm, 3.0, 1.5) * eff
@@ -418,6 +436,30 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
 
 
 # ----------------------------------------------------------------------------------------------- study
+def resolve_scatter_model(model: str, geometry) -> tuple[str, tuple[float, float] | None]:
+    """``(model, energy window)`` of a study: ``auto`` becomes ``sss`` for non-TOF data of a scanner with an energy
+    resolution and a known energy window, else ``smooth``; the window is the scanner's (None if unknown).
+
+    Raises
+    ------
+    ConfigError
+        ``sss`` asked for where it does not apply (TOF data, no energy resolution or window), naming the key.
+    """
+    from ..io.energy_window import SCANNER_ENERGY_WINDOWS_KEV
+
+    sc = geometry.scanner
+    window = SCANNER_ENERGY_WINDOWS_KEV.get(sc.name)
+    res = (getattr(sc, "extra", {}) or {}).get("energy_resolution") or 0.0
+    why = ("TOF data" if geometry.is_tof else f"scanner {sc.name!r} has no energy resolution" if not res > 0
+           else f"scanner {sc.name!r} has no known energy window" if window is None else None)
+    if model == "auto":
+        return ("smooth" if why else "sss"), window
+    if model == "sss" and why:
+        raise ConfigError(f"simulation: key 'scatter_model' is 'sss' but {why}; use 'smooth' or 'auto'")
+    return model, window
+
+
+
 def _numpy_forward(geometry, grid: ImageGrid, device: str | None) -> Callable[[np.ndarray], np.ndarray]:
     import torch
 
@@ -508,14 +550,27 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
             mu_fwd = _numpy_forward(geometry.non_tof(), padded_grid(grid, mu_pad), cfg.device)
         elif tof:
             mu_fwd = _numpy_forward(geometry.non_tof(), grid, cfg.device)
+    scatter_model, window = resolve_scatter_model(cfg.scatter_model, geometry)
+    scatter_shape, scatter_info = None, {}
+    if scatter_model == "sss" and cfg.scatter_fraction > 0:
+        import time
+
+        from .scatter_model import sss_scatter_shape
+
+        t_sss = time.perf_counter()
+        mu_grid = padded_grid(grid, mu_pad) if mu_pad else grid
+        scatter_shape, scatter_info = sss_scatter_shape(Image(truth, grid), Image(mu_att, mu_grid), geometry, window,
+                                                        device=cfg.device)
+        scatter_info["time_s"] = time.perf_counter() - t_sss
     sim = simulate_data(truth, mu_att, geometry, fwd, target_trues, rng, scatter_fraction=cfg.scatter_fraction,
                         randoms_fraction=cfg.randoms_fraction, efficiency_sd=cfg.efficiency_sd,
                         brain_fraction=brain_frac,
                         length_unit_mm=grid.voxel_size[2] if forward_length_unit_mm is None else forward_length_unit_mm,
-                        mu_forward=mu_fwd)
+                        mu_forward=mu_fwd, scatter_shape=scatter_shape)
 
     meta = {"originating system": sc_name}
-    write_projdata(out / "prompts.hs", ProjData(sim.prompts, geometry, dict(meta)), overwrite=overwrite)
+    prompts_meta = dict(meta, **({"energy_window_kev": window} if window else {}))  # the window in the header
+    write_projdata(out / "prompts.hs", ProjData(sim.prompts, geometry, prompts_meta), overwrite=overwrite)
     write_projdata(out / "mult_factors.hs", ProjData(sim.mult, geometry.non_tof() if tof else geometry, dict(meta)),
                    overwrite=overwrite)  # TOF data: a TOF-independent norm, once per LOR (STIR accepts it)
     write_projdata(out / "additive_term.hs", ProjData(sim.additive, geometry, dict(meta)), overwrite=overwrite)
@@ -549,6 +604,8 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         "expected_prompts": sim.stats["expected_prompts"],
         "expected_trues": sim.stats["expected_trues"],
         "expected_scatter": sim.stats["expected_scatter"],
+        "scatter_model": scatter_model, "scatter_model_info": scatter_info,
+        "energy_window_kev": list(window) if window else None,
         "expected_randoms": sim.stats["expected_randoms"],
         "expected_trues_from_brain": sim.stats.get("trues_brain"),
         "calibration_counts_per_unit_Ax": sim.stats["calibration_counts_per_unit_Ax"],
