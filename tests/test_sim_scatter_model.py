@@ -70,7 +70,7 @@ def test_simulate_data_scales_the_given_scatter_shape(rng):
 @pytest.mark.slow
 def test_simulated_study_with_sss(tmp_path):
     cfg = sim.SimulationConfig(num_rings=2, max_ring_diff=1, view_mashing=3, num_tangential=128, image_xy=64,
-                               dose_fraction=0.5, seed=1, write_nifti=False)
+                               dose_fraction=0.5, seed=1, write_nifti=False, scatter_model="auto")
     out = sim.simulate_study(cfg, tmp_path / "sss")
     case = json.loads((out / "case.json").read_text())
     assert case["scatter_model"] == "sss" and case["scatter_model_info"]["scatter_points"] > 10

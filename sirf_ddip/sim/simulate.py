@@ -89,8 +89,9 @@ class SimulationConfig:
     reference_prompts : prompts of a 100 % dose scan with the whole scanner (see module docstring)
     reference_max_ring_diff : the whole scanner's max ring difference for that reference (None: mMR 60, else all)
     scatter_fraction : S / (T + S);  randoms_fraction : R / prompts
-    scatter_model : "auto" (default), "sss" (STIR's single scatter simulation of the truth) or "smooth" (a blurred
-        attenuated projection); see the module docstring
+    scatter_model : "smooth" (default: a blurred attenuated projection), "sss" (STIR's single scatter simulation of
+        the truth) or "auto" (sss where it applies, else smooth); see the module docstring. The default stays
+        "smooth" until sss is validated on tiny geometries (a 2-ring, 6-view study overflowed its Poisson draw).
     efficiency_sd : SD of per-crystal efficiencies
     template_cache : ``.npz`` of the MNI templates (None: nilearn)
     device : projector device (None/"auto": CUDA if available)
@@ -121,7 +122,7 @@ class SimulationConfig:
     reference_prompts: float = 2.0e8
     reference_max_ring_diff: int | None = None
     scatter_fraction: float = 0.35
-    scatter_model: str = "auto"
+    scatter_model: str = "smooth"
     randoms_fraction: float = 0.3
     efficiency_sd: float = 0.08
     template_cache: str | None = None
