@@ -339,12 +339,13 @@ def test_prepare_job_writes_what_the_prepare_command_writes(tmp_path):
     write_projdata(export / "p.hs", ProjData(rng.poisson(5.0, geom.shape).astype(np.float32), geom))
     write_projdata(export / "r.hs", ProjData(np.full(geom.shape, 0.5, np.float32), geom))
     m = _manifest(tmp_path, f"studies: [{{name: e1, data: export}}]\njobs:\n  prep: {{method: prepare, prompts: p.hs, "
-                            f"randoms: r.hs, norm: {mmr / 'norm.n.hdr'}, mu: {mmr / 'mu_map.hv'}}}\n")
+                            f"randoms: r.hs, norm: {mmr / 'norm.n.hdr'}, mu: {mmr / 'mu_map.hv'}, no_scatter: true}}\n")
     (task,) = plan_tasks(load_manifest(m), tmp_path / "out")
     res = run_task(task)
     assert res["status"] == "done", res
     assert main(["prepare", "--prompts", str(export / "p.hs"), "--randoms", str(export / "r.hs"), "--norm",
-                 str(mmr / "norm.n.hdr"), "--mu", str(mmr / "mu_map.hv"), "--out-dir", str(tmp_path / "single")]) == 0
+                 str(mmr / "norm.n.hdr"), "--mu", str(mmr / "mu_map.hv"), "--no-scatter", "--out-dir",
+                 str(tmp_path / "single")]) == 0
     for f in ("prompts.hs", "mult_factors.hs", "additive_term.hs"):
         assert np.array_equal(read_projdata(task.folder / f).array, read_projdata(tmp_path / "single" / f).array)
     assert {"prompts.hs", "prepare_record.json", "prepare.png"} <= set(res["outputs"])

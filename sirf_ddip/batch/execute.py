@@ -183,9 +183,13 @@ def _run_prepare(task: Task) -> None:
     for k in ("prompts", "listmode", "template", "norm", "mu", "randoms", "scatter"):
         if s.get(k):
             argv += [f"--{k}", task.study_dir / s[k]]
-    for k, flag in (("start", "--start"), ("end", "--end"), ("mu_units", "--mu-units")):
+    for k, flag in (("start", "--start"), ("end", "--end"), ("mu_units", "--mu-units"),
+                    ("scatter_iterations", "--scatter-iterations")):
         if s.get(k) is not None:
             argv += [flag, s[k]]
+    for k, flag in (("no_scatter", "--no-scatter"), ("energy_window_from_scanner", "--energy-window-from-scanner")):
+        if s.get(k):
+            argv.append(flag)
     _command(argv)
 
 

@@ -37,6 +37,7 @@ _NUM = (int, float)
 JOB_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
     "prepare": {"prompts": _PATH, "listmode": _PATH, "template": _PATH, "start": _NUM, "end": _NUM,
                 "norm": _PATH, "mu": _PATH, "mu_units": _PATH, "randoms": _PATH, "scatter": _PATH,
+                "no_scatter": (bool,), "scatter_iterations": _INT, "energy_window_from_scanner": (bool,),
                 "device": _PATH},
     "osem": {"iterations": _INT, "subsets": _INT, "postfilter_fwhm": _NUM, "init": _PATH, "data": _PATH,
              "device": _PATH},
