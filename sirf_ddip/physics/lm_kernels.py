@@ -277,15 +277,8 @@ def reorder_segment(rows, pos, num_axial, num_views, num_tangential, scratch):  
 
 
 @njit(cache=True, nogil=True)
-def decode_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, use, neg, work,
-                 trash):  # pragma: no cover - compiled
-    """The decoding pass of :func:`bin_chunk` alone, for ``words[lo:hi]`` (inside the frame): ``work[i - lo]``
-    gets the bin of record ``i`` (``2 * bin + negative`` when ``neg`` has a 1), or a trash slot
-    ``trash + i % TRASH_SLOTS`` when it is not counted. Returns ``(first_tag_ms, last_tag_ms, bad)``."""
-    inv = 1.0 / sino_size
-    signed = neg[0] != 0 or neg[1] != 0
-    u0, u1 = np.int64(use[0]), np.int64(use[1])
-    n0, n1 = np.int64(neg[0]), np.int64(neg[1])
+def _time_tag_span(words, lo, hi):  # pragma: no cover - compiled
+    """``(first, last)`` time tag (ms) among ``words[lo:hi]``; ``(-1, -1)`` without one."""
     t_first = -1
     t_last = -1
     for i in range(lo, hi):
@@ -295,6 +288,20 @@ def decode_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, us
             if t_first < 0:
                 t_first = t
             t_last = t
+    return t_first, t_last
+
+
+@njit(cache=True, nogil=True)
+def decode_chunk(words, lo, hi, lut_r, lut_z, sino_size, num_sinograms, size, use, neg, work,
+                 trash):  # pragma: no cover - compiled
+    """The decoding pass of :func:`bin_chunk` alone, for ``words[lo:hi]`` (inside the frame): ``work[i - lo]``
+    gets the bin of record ``i`` (``2 * bin + negative`` when ``neg`` has a 1), or a trash slot
+    ``trash + i % TRASH_SLOTS`` when it is not counted. Returns ``(first_tag_ms, last_tag_ms, bad)``."""
+    inv = 1.0 / sino_size
+    signed = neg[0] != 0 or neg[1] != 0
+    u0, u1 = np.int64(use[0]), np.int64(use[1])
+    n0, n1 = np.int64(neg[0]), np.int64(neg[1])
+    t_first, t_last = _time_tag_span(words, lo, hi)
     nbad = 0
     for i in range(lo, hi):
         x = np.int64(words[i])
@@ -346,15 +353,7 @@ def decode_chunk_tof(words, lo, hi, lut_r, lut_z, lut_t, sino_size, block_sinogr
     signed = neg[0] != 0 or neg[1] != 0
     u0, u1 = np.int64(use[0]), np.int64(use[1])
     n0, n1 = np.int64(neg[0]), np.int64(neg[1])
-    t_first = -1
-    t_last = -1
-    for i in range(lo, hi):
-        x = words[i]
-        if (x >> 29) == 4:
-            t = np.int64(x & _TIME_MASK)
-            if t_first < 0:
-                t_first = t
-            t_last = t
+    t_first, t_last = _time_tag_span(words, lo, hi)
     nbad = 0
     for i in range(lo, hi):
         x = np.int64(words[i])
