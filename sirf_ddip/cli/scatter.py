@@ -269,7 +269,7 @@ def estimate_for_data(prompts, mu, window, *, randoms=None, efficiencies=None, a
             log(f"scatter iteration {it}/{settings.num_iterations}: 2D total {info['total_2d']:.6g}, scale factors "
                 f"{float(f.min()):.3g}..{float(f.max()):.3g}")
 
-    mu = mu_covering_reconstruction(mu, prompts.geometry, settings.zoom)
+    mu = mu_covering_reconstruction(mu, prompts.geometry, settings.zoom, mu_path)
     if mask is None:
         mask = tail_mask_for(mu, prompts.geometry, mu_path, device)
     try:
@@ -282,36 +282,24 @@ def estimate_for_data(prompts, mu, window, *, randoms=None, efficiencies=None, a
                              "cm⁻¹)") from None
 
 
-def mu_covering_reconstruction(mu, geometry, zoom: float | None = None):
-    """The μ-map zero-padded transaxially to cover the estimation loop's activity image (STIR's
-    ``VoxelsOnCartesianGrid(prompts, zoom)``, the whole field of view).
+def mu_covering_reconstruction(mu, geometry, zoom: float | None = None, mu_path: str = "μ-map"):
+    """:func:`sirf_ddip.recon.scatter_estimation.mu_covering_reconstruction` (the μ-map zero-padded transaxially to
+    the loop's activity image, refused when it does not span the axial field of view), its error naming the file.
 
-    STIR treats μ outside the μ-map's grid as 0; the loop's reconstruction covers the whole field of view, so a μ-map
-    cut close to the head (a simulated study's) is padded with that 0 rather than refused. Returns ``mu`` itself
-    when it already covers it.
+    Raises
+    ------
+    InputFileError
+        The μ-map does not span the axial field of view (naming ``mu_path`` and its ``matrix size [3]``).
     """
-    import numpy as np
+    from ..errors import ConfigError, InputFileError
+    from ..recon import scatter_estimation as se
 
-    from ..data import Image
-    from ..geometry.image import ImageGrid
-    from ..recon.scatter_estimation import ScatterEstimationSettings, stir_zoomed_image_grid
-
-    rec = stir_zoomed_image_grid(geometry, ScatterEstimationSettings().zoom if zoom is None else zoom)
-    g = mu.grid
-    pads = []
-    for a in (1, 2):
-        half = (rec.shape[a] / 2.0) * rec.voxel_size[a]            # the reconstruction is centred on the axis
-        lo = g.origin[a] - g.voxel_size[a] / 2.0
-        hi = g.origin[a] + (g.shape[a] - 0.5) * g.voxel_size[a]
-        pads.append((max(0, int(np.ceil((lo + half) / g.voxel_size[a] - 1e-6))),
-                     max(0, int(np.ceil((half - hi) / g.voxel_size[a] - 1e-6)))))
-    if not any(p for pair in pads for p in pair):
-        return mu
-    arr = np.pad(np.asarray(mu.array, dtype=np.float32), ((0, 0), pads[0], pads[1]))
-    origin = (g.origin[0], g.origin[1] - pads[0][0] * g.voxel_size[1], g.origin[2] - pads[1][0] * g.voxel_size[2])
-    meta = dict(mu.meta)
-    meta["padded_from"] = g.describe()
-    return Image(arr, ImageGrid(arr.shape, g.voxel_size, origin), meta)
+    try:
+        return se.mu_covering_reconstruction(mu, geometry, se.ScatterEstimationSettings().zoom if zoom is None
+                                             else zoom)
+    except ConfigError as exc:
+        raise InputFileError(mu_path, str(exc).replace("scatter estimation: ", "", 1),
+                             key="matrix size [3]") from None
 
 
 def tail_mask_for(mu, geometry, mu_path: str = "μ-map", device=None):
@@ -327,7 +315,7 @@ def tail_mask_for(mu, geometry, mu_path: str = "μ-map", device=None):
     from ..recon.scatter_estimation import ScatterEstimationSettings, tail_mask_from_mu
 
     st = ScatterEstimationSettings()
-    mu = mu_covering_reconstruction(mu, geometry, st.zoom)
+    mu = mu_covering_reconstruction(mu, geometry, st.zoom, mu_path)
     mask = tail_mask_from_mu(mu, ssrb_geometry(geometry), st.mask_filter_fwhm_mm, st.mask_min_threshold,
                              st.acf_threshold, st.safety_margin, device=device)
     if not mask.any():
@@ -340,16 +328,16 @@ def tail_mask_for(mu, geometry, mu_path: str = "μ-map", device=None):
 def check_osem_subsets(geometry, path: str) -> None:
     """The loop's 2D OSEM uses STIR's mMR number of subsets (21); data whose views cannot be split into that many
     balanced subsets (STIR's OSMAPOSL refuses them) are an :class:`InputFileError` naming the views key."""
-    from ..errors import InputFileError
-    from ..physics.ssrb import ssrb_geometry
-    from ..recon.scatter_estimation import ScatterEstimationSettings, stir_zoomed_image_grid
+    from ..errors import ConfigError, InputFileError
+    from ..recon import scatter_estimation as se
 
-    st = ScatterEstimationSettings()
+    st = se.ScatterEstimationSettings()
     try:
-        ssrb_geometry(geometry).subset_views(st.osem_num_subsets, 0, grid=stir_zoomed_image_grid(geometry, st.zoom))
-    except ValueError as exc:
+        se.check_osem_subsets(geometry, st.osem_num_subsets, st.zoom)
+    except ConfigError as exc:
         raise InputFileError(path, f"the scatter estimation's OSEM ({st.osem_num_subsets} subsets, STIR's mMR "
-                             f"settings) cannot split these {geometry.num_views} views: {exc}",
+                             f"settings) cannot split these {geometry.num_views} views into balanced subsets "
+                             f"(STIR's OSMAPOSL refuses them); use --no-scatter or --scatter SC.hs",
                              key="matrix size [3]") from None
 
 

@@ -54,7 +54,7 @@ from ..utils.device import resolve_device
 from .osem import OSEMReconstructor, gaussian_filter_mm
 
 __all__ = ["ScatterEstimationSettings", "ScatterEstimate", "stir_zoomed_image_grid", "tail_mask_from_mu",
-           "estimate_scatter", "ScatterEstimator"]
+           "mu_covering_reconstruction", "check_osem_subsets", "estimate_scatter", "ScatterEstimator"]
 
 
 @dataclass
@@ -166,6 +166,74 @@ def stir_zoomed_image_grid(geometry: SinogramGeometry, zoom: float = 0.2) -> Ima
     return ImageGrid((nz, nxy, nxy), (sc.ring_spacing_mm / 2.0, vxy, vxy))
 
 
+def _axial_extent(grid: ImageGrid) -> tuple[float, float]:
+    """(first, last) axial edge (mm) of ``grid`` in the scanner frame (index centre on the scanner centre + origin)."""
+    nz, vz = grid.shape[0], grid.voxel_size[0]
+    half = nz * vz / 2.0
+    return grid.origin[0] - half, grid.origin[0] + half
+
+
+def mu_covering_reconstruction(mu: Image, geometry: SinogramGeometry, zoom: float = 0.2) -> Image:
+    """The μ-map zero-padded transaxially to cover the loop's activity image (:func:`stir_zoomed_image_grid`,
+    the whole transaxial field of view); refused when it does not cover that image axially.
+
+    STIR treats μ outside the μ-map's grid as 0 (vacuum): the loop reconstructs the whole field of view, so a
+    μ-map cut close to the head transaxially (a simulated study's) is padded with that 0. Axially the prompts
+    hold activity over the whole axial field of view; a μ-map shorter than it leaves that activity without
+    attenuation or scatter points, which STIR would not notice, so it is refused. Returns ``mu`` itself when it
+    already covers the image.
+
+    Raises
+    ------
+    ConfigError
+        The μ-map's planes do not span the axial field of view (more than half an image plane, or 1 mm, short at
+        either end), naming both extents.
+    """
+    rec = stir_zoomed_image_grid(geometry, zoom)
+    g = mu.grid
+    rlo, rhi = _axial_extent(rec)
+    mlo, mhi = _axial_extent(g)
+    tol = max(1.0, rec.voxel_size[0] / 2.0)
+    if mlo > rlo + tol or mhi < rhi - tol:
+        raise ConfigError(f"scatter estimation: the μ-map (z from {mlo:.1f} to {mhi:.1f} mm, "
+                          f"{g.shape[0]} planes) does not cover the axial field of view of the {geometry.scanner.name} "
+                          f"(z from {rlo:.1f} to {rhi:.1f} mm) where the reconstructed activity is; give a μ-map of "
+                          "the whole axial field of view")
+    pads = []
+    for a in (1, 2):
+        half = (rec.shape[a] / 2.0) * rec.voxel_size[a]            # the reconstruction is centred on the axis
+        lo = g.origin[a] - g.voxel_size[a] / 2.0
+        hi = g.origin[a] + (g.shape[a] - 0.5) * g.voxel_size[a]
+        pads.append((max(0, int(np.ceil((lo + half) / g.voxel_size[a] - 1e-6))),
+                     max(0, int(np.ceil((half - hi) / g.voxel_size[a] - 1e-6)))))
+    if not any(p for pair in pads for p in pair):
+        return mu
+    arr = np.pad(np.asarray(mu.array, dtype=np.float32), ((0, 0), pads[0], pads[1]))
+    origin = (g.origin[0], g.origin[1] - pads[0][0] * g.voxel_size[1], g.origin[2] - pads[1][0] * g.voxel_size[2])
+    meta = dict(mu.meta)
+    meta["padded_from"] = g.describe()
+    return Image(arr, ImageGrid(arr.shape, g.voxel_size, origin), meta)
+
+
+def check_osem_subsets(geometry: SinogramGeometry, num_subsets: int, zoom: float = 0.2,
+                       setting: str = "osem_num_subsets") -> None:
+    """The loop's 2D OSEM must split the SSRB views of ``geometry`` into ``num_subsets`` balanced subsets (STIR's
+    OSMAPOSL refuses unbalanced ones).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``setting`` (the settings key, SIRF's ``set_OSEM_num_subsets``), the subsets and the views.
+    """
+    geo2 = ssrb_geometry(geometry)
+    try:
+        geo2.subset_views(int(num_subsets), 0, grid=stir_zoomed_image_grid(geometry, zoom))
+    except ValueError as exc:
+        raise ConfigError(f"scatter estimation: {setting} = {num_subsets} cannot split the {geo2.num_views} views of "
+                          f"the prompts into balanced OSEM subsets, as STIR's OSMAPOSL requires ({exc}); choose a "
+                          "number of subsets that does (set_OSEM_num_subsets)") from None
+
+
 def tail_mask_from_mu(mu: Image, geometry: SinogramGeometry, filter_fwhm_mm=(15.0, 20.0, 20.0),
                       min_threshold: float = 0.003, acf_threshold: float = 1.1, safety_margin: int = 4,
                       device=None) -> np.ndarray:
@@ -210,7 +278,8 @@ def estimate_scatter(prompts: ProjData, mu: Image, energy_window: tuple[float, f
     ----------
     prompts : measured prompts (non-TOF, non-arc-corrected).
     mu : μ-map in cm⁻¹ (STIR's unit); it sets the scatter points, the tail mask and (if ``attenuation`` is None) the
-        attenuation factors.
+        attenuation factors. Zero-padded transaxially to the whole field of view (STIR's vacuum outside the map,
+        :func:`mu_covering_reconstruction`); it must span the axial field of view.
     energy_window : ``(lower, upper)`` keV of the acquisition.
     randoms : the randoms (background) in prompt counts; None: 0.
     efficiencies : the multiplicative normalisation (detection efficiencies, *without* attenuation); None: 1 (STIR
@@ -225,12 +294,16 @@ def estimate_scatter(prompts: ProjData, mu: Image, energy_window: tuple[float, f
     Raises
     ------
     NoTailBinsError : the tail mask has no bin.
-    GeometryMismatchError : inputs of other shapes; ConfigError : bad settings; GeometryError : TOF prompts or a
-        scanner without energy resolution.
+    GeometryMismatchError : inputs of other shapes; GeometryError : TOF prompts or a scanner without energy
+        resolution.
+    ConfigError : bad settings; OSEM subsets that do not split the views evenly (naming ``osem_num_subsets``); a
+        μ-map that does not span the axial field of view.
     """
     st = settings or ScatterEstimationSettings()
     st.check()
     geo3 = prompts.geometry
+    check_osem_subsets(geo3, st.osem_num_subsets, st.zoom)
+    mu = mu_covering_reconstruction(mu, geo3, st.zoom)
     shape3 = geo3.shape
     y3 = _array(prompts, shape3, "prompts")
     r3 = _array(randoms, shape3, "randoms")
@@ -318,7 +391,8 @@ class ScatterEstimator:
     and OSEM 7 subsets / 8 sub-iterations, :meth:`ScatterEstimationSettings.sirf_defaults`).
 
     Inputs are this package's :class:`~sirf_ddip.data.ProjData` / :class:`~sirf_ddip.data.Image` (or arrays for
-    the sinograms). The energy window is :meth:`set_energy_window` or the prompts' ``meta["energy_window"]``.
+    the sinograms). The energy window is :meth:`set_energy_window` or the prompts' ``meta["energy_window_kev"]``
+    (what :func:`~sirf_ddip.io.read_projdata` reads from the header keys ``energy window lower/upper level[1]``).
     """
 
     def __init__(self, settings: ScatterEstimationSettings | None = None, device=None):
@@ -370,6 +444,10 @@ class ScatterEstimator:
     def set_energy_window(self, lower_kev: float, upper_kev: float) -> None:
         self._window = (float(lower_kev), float(upper_kev))
 
+    def get_energy_window(self) -> tuple[float, float] | None:
+        """The window (keV) the estimate uses: :meth:`set_energy_window`'s, else (after :meth:`set_up`) the prompts'."""
+        return self._window
+
     def set_num_iterations(self, n: int) -> None:
         self.settings.num_iterations = int(n)
 
@@ -410,7 +488,8 @@ class ScatterEstimator:
         if self._mu is None:
             raise ConfigError("ScatterEstimator: No attenuation image has been set (set_attenuation_image)")
         if self._window is None:
-            w = self._prompts.meta.get("energy_window")
+            # read_projdata keeps the header's window as meta["energy_window_kev"] (io/interfile.py)
+            w = self._prompts.meta.get("energy_window_kev", self._prompts.meta.get("energy_window"))
             if w is None:
                 raise ConfigError("ScatterEstimator: no energy window (set_energy_window, or the prompts' header keys "
                                   "'energy window lower level[1]' / 'energy window upper level[1]')")
