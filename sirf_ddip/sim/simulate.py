@@ -90,8 +90,9 @@ class SimulationConfig:
     reference_max_ring_diff : the whole scanner's max ring difference for that reference (None: mMR 60, else all)
     scatter_fraction : S / (T + S);  randoms_fraction : R / prompts
     scatter_model : "smooth" (default: a blurred attenuated projection), "sss" (STIR's single scatter simulation of
-        the truth) or "auto" (sss where it applies, else smooth); see the module docstring. The default stays
-        "smooth" until sss is validated on tiny geometries (a 2-ring, 6-view study overflowed its Poisson draw).
+        the truth) or "auto" (sss where it applies, else smooth); see the module docstring. Both set only the
+        scatter's *shape* (its total is ``scatter_fraction``). The default stays "smooth": the validation studies
+        and the README's figures were made with it, and sss costs minutes per full-size study on a CPU.
     efficiency_sd : SD of per-crystal efficiencies
     template_cache : ``.npz`` of the MNI templates (None: nilearn)
     device : projector device (None/"auto": CUDA if available)
@@ -407,6 +408,11 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
         bin_mm = float(np.median(np.abs(np.diff(geometry.s())))) if geometry.num_tangential > 1 else 2.0
         if scatter_shape is not None:
             scat_shape = np.asarray(scatter_shape, dtype=np.float64).reshape(shape) * eff
+            total = float(scat_shape.sum())
+            if not (np.isfinite(scat_shape).all() and scat_shape.min() >= 0 and total > 0):
+                raise ConfigError(f"simulation: key 'scatter_model': the given scatter shape is not a finite, "
+                                  f"non-negative sinogram with a positive total (total {total:.4g}); it cannot be "
+                                  f"scaled to scatter_fraction {scatter_fraction:g} (use scatter_model 'smooth')")
         elif tof:  # blurred within each TOF bin
             scat_shape = np.stack([_smooth_sino(b * att, geometry, 40.0 / bin_mm, 3.0, 1.5) for b in ax]) * eff
         else:
@@ -559,8 +565,11 @@ def simulate_study(config: SimulationConfig | dict, out_dir: str | Path, overwri
         from .scatter_model import sss_scatter_shape
 
         t_sss = time.perf_counter()
-        mu_grid = padded_grid(grid, mu_pad) if mu_pad else grid
-        scatter_shape, scatter_info = sss_scatter_shape(Image(truth, grid), Image(mu_att, mu_grid), geometry, window,
+        # the study's μ-map (the slab, as written to mu_map.hv and given to a scatter estimate), not the axially
+        # padded one of the attenuation: STIR puts its scatter-point planes from the μ-map's first to its last plane
+        # centre, so on a scanner of 2 rings the padded map's 2 planes lie outside the activity and the single
+        # scatter is 0 (ScatterSimulation::downsample_density_image_for_scatter_points)
+        scatter_shape, scatter_info = sss_scatter_shape(Image(truth, grid), Image(mu, grid), geometry, window,
                                                         device=cfg.device)
         scatter_info["time_s"] = time.perf_counter() - t_sss
     sim = simulate_data(truth, mu_att, geometry, fwd, target_trues, rng, scatter_fraction=cfg.scatter_fraction,
