@@ -61,6 +61,19 @@ def scanner_from_header(hdr: InterfileHeader) -> Scanner:
         if v is not None:
             extra[attr] = v
     tof = _tof_scanner_keys(hdr, base)
+    bin_mm = num("default bin size (cm)", "default_bin_size_mm", 10.0)
+    if not bin_mm > 0:
+        # STIR keeps the invalid value with a warning; where it needs it (VoxelsOnCartesianGrid(proj_data_info), the
+        # image and scatter-point grids) it takes the central bin's tangential sampling instead, R_eff sin(pi / N)
+        # for non-arc-corrected data (VoxelsOnCartesianGrid.cxx, construct_from_projdata_info)
+        import math
+
+        r_eff = inner_r + num("average depth of interaction (cm)", "average_doi_mm", 10.0)
+        n_det = num("number of detectors per ring", "detectors_per_ring", integer=True)
+        new = round(r_eff * math.sin(math.pi / n_det), 6) if r_eff > 0 and n_det > 0 else bin_mm
+        lenient(hdr.path, f"'Default bin size (cm)' is {bin_mm / 10:g} (not set); using the central bin's "
+                f"tangential sampling {new / 10:.6g} cm instead, as STIR does for image sizes", key="Default bin size (cm)")
+        bin_mm = new
     try:
         return Scanner(
             name=name.strip(),
@@ -69,7 +82,7 @@ def scanner_from_header(hdr: InterfileHeader) -> Scanner:
             inner_ring_radius_mm=inner_r,
             average_doi_mm=num("average depth of interaction (cm)", "average_doi_mm", 10.0),
             ring_spacing_mm=num("distance between rings (cm)", "ring_spacing_mm", 10.0),
-            default_bin_size_mm=num("default bin size (cm)", "default_bin_size_mm", 10.0),
+            default_bin_size_mm=bin_mm,
             view_offset_deg=num("view offset (degrees)", "view_offset_deg"),
             max_num_non_arc_corrected_bins=num("maximum number of non-arc-corrected bins",
                                                "max_num_non_arc_corrected_bins", integer=True),
