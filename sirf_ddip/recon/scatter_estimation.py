@@ -377,7 +377,30 @@ def estimate_scatter(prompts: ProjData, mu: Image, energy_window: tuple[float, f
             if st.restart_reconstruction_every_iteration:
                 x = torch.ones_like(x)
             x = reconstruct(x, ((s2 + r2) / mult2).astype(np.float32))
+    _warn_clipped(out.raw_scale_factors[-1], st, prompts.meta.get("source", "prompts"))
     return out
+
+
+def _warn_clipped(raw: np.ndarray | None, st: ScatterEstimationSettings, source: str) -> None:
+    """STIR clips the tail-fit factors to [minimum, maximum scatter scaling factor] and only logs it; a fit that
+    wanted more (or less) is said, naming the key and both values (the estimate is then off by that ratio)."""
+    if raw is None:
+        return
+    r = np.asarray(raw, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    if not r.size:
+        return
+    from ..errors import InputFileWarning
+
+    for key, bad, lim, ext, word in (("maximum scatter scaling factor", r > st.max_scale_factor,
+                                      st.max_scale_factor, float(r.max()), "up to"),
+                                     ("minimum scatter scaling factor", r < st.min_scale_factor,
+                                      st.min_scale_factor, float(r.min()), "down to")):
+        if bad.any():
+            warnings.warn(InputFileWarning(source, f"the last scatter tail fit asked for factors {word} {ext:.4g} in "
+                                           f"{int(bad.sum())} of {r.size} sinograms; clipped to {lim:g} as STIR does, so "
+                                           "the scatter there is off by that ratio (check the data's scale or the "
+                                           "setting)", key=key), stacklevel=3)
 
 
 class ScatterEstimator:
