@@ -217,13 +217,22 @@ def detector_grid(det_xy: np.ndarray, ring_z: np.ndarray) -> np.ndarray:
 
 def point_detector_integrals(image: np.ndarray, voxel_size, points: ScatterPoints, detectors: np.ndarray,
                              centre_mm=(0.0, 0.0, 0.0), device="cpu", dtype=torch.float64,
-                             chunk: int = 8192) -> torch.Tensor:
+                             chunk: int = 8192, method: str = "auto") -> torch.Tensor:
     """Line integrals (mm * value) of ``image`` from every scatter point to every detector: (n_points, n_det).
 
     ``centre_mm`` is the image's index centre in the scanner frame (z, y, x); STIR caches exactly these (its
     ``cached_integral_over_activity`` / ``..._attenuation``), so the μ ones can be reused for a new activity.
+    ``method``: ``"numba"`` (the compiled CPU kernel, :mod:`.scatter_kernels`), ``"torch"`` (:func:`ray_integrals`,
+    any device) or ``"auto"`` (numba on a CPU device, torch elsewhere); they agree to float rounding.
     """
     dev = torch.device(device)
+    if method not in ("auto", "numba", "torch"):
+        raise ValueError(f"point_detector_integrals: method must be 'auto', 'numba' or 'torch', got {method!r}")
+    if method == "numba" or (method == "auto" and dev.type == "cpu"):
+        from .scatter_kernels import point_detector_integrals_cpu
+
+        out = point_detector_integrals_cpu(image, voxel_size, points.positions, detectors, centre_mm)
+        return torch.as_tensor(out, dtype=dtype, device=dev)
     det_t = torch.as_tensor(detectors, device=dev, dtype=dtype)
     sp = torch.as_tensor(points.positions, device=dev, dtype=dtype)
     ns, ndet = sp.shape[0], det_t.shape[0]
