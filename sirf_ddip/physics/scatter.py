@@ -282,11 +282,13 @@ def single_scatter_from_integrals(activity_integrals: torch.Tensor, mu_integrals
                                   activity_voxel_x_mm: float, points: ScatterPoints, detectors: np.ndarray,
                                   num_detectors_per_ring: int, ia: np.ndarray, ib: np.ndarray,
                                   ring_pairs: np.ndarray, lower_kev: float, upper_kev: float, resolution: float,
-                                  reference_kev: float = 511.0) -> torch.Tensor:
+                                  reference_kev: float = 511.0, method: str = "auto") -> torch.Tensor:
     """The estimate of :func:`single_scatter` from the point-to-detector integrals (:func:`point_detector_integrals`).
 
     ``activity_integrals`` (mm * activity) and ``mu_integrals`` (mm * cm^-1) are (n_points, n_det) on one device;
-    ``detectors`` the (n_det, 3) positions of :func:`detector_grid`. Returns (nv, na, nt).
+    ``detectors`` the (n_det, 3) positions of :func:`detector_grid`. Returns (nv, na, nt). ``method``: ``"numba"``
+    (:func:`~sirf_ddip.physics.scatter_kernels.single_scatter_bins_cpu`, one bin per thread), ``"torch"`` (vectorised
+    over points x bins, any device) or ``"auto"`` (numba on a CPU device).
     """
     dev, dtype = activity_integrals.device, activity_integrals.dtype
     det_t = torch.as_tensor(detectors, device=dev, dtype=dtype)
@@ -306,6 +308,16 @@ def single_scatter_from_integrals(activity_integrals: torch.Tensor, mu_integrals
     dA = torch.as_tensor(ring_pairs[None, :, 0, None] * nd + ia[:, None, :], device=dev)
     dB = torch.as_tensor(ring_pairs[None, :, 1, None] * nd + ib[:, None, :], device=dev)
     dA, dB = dA.reshape(-1), dB.reshape(-1)
+    if method not in ("auto", "numba", "torch"):
+        raise ValueError(f"single_scatter_from_integrals: method must be 'auto', 'numba' or 'torch', got {method!r}")
+    if method == "numba" or (method == "auto" and dev.type == "cpu"):
+        from .scatter_kernels import single_scatter_bins_cpu
+
+        res = single_scatter_bins_cpu(activity_integrals.cpu().numpy(), mu_integrals.cpu().numpy(),
+                                      activity_voxel_x_mm, points.positions, points.mu, points.volume_mm3, detectors,
+                                      dA.cpu().numpy(), dB.cpu().numpy(), lower_kev, upper_kev, resolution,
+                                      reference_kev, cos_thr, sig511, float(eps511), ELECTRON_RADIUS_CM)
+        return torch.as_tensor(res, dtype=dtype, device=dev).reshape(nv, len(ring_pairs), nt)
     out = torch.zeros(dA.shape[0], device=dev, dtype=dtype)
     to_centre = det_t.clone()
     to_centre[:, 0] = 0

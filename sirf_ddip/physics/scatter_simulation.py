@@ -188,7 +188,11 @@ def zoom_preserving_values(array: np.ndarray, grid_in: ImageGrid, grid_out: Imag
     extent (overlap interpolation per axis), placed by physical coordinates (:func:`_axis_centres`)."""
     W = [_overlap(_axis_centres(grid_in, a), grid_in.voxel_size[a], _axis_centres(grid_out, a),
                   grid_out.voxel_size[a]) for a in range(3)]
-    return np.einsum("az,by,cx,zyx->abc", W[0], W[1], W[2], np.asarray(array, dtype=np.float64))
+    out = np.asarray(array, dtype=np.float64)
+    out = np.tensordot(out, W[2], axes=([2], [1]))           # (z, y, c): one axis at a time, not a 7-fold loop
+    out = np.tensordot(out, W[1], axes=([1], [1]))           # (z, c, b)
+    out = np.tensordot(out, W[0], axes=([0], [1]))           # (c, b, a)
+    return np.ascontiguousarray(out.transpose(2, 1, 0))
 
 
 def scatter_points_for(mu: Image, template: SinogramGeometry, attenuation_threshold: float = 0.01,
