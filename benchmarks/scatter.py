@@ -9,7 +9,8 @@ scatter estimate at full mMR span 11 as ``sirf-ddip prepare`` runs it.
    measured on a 2-core shared machine at nice 5).
 2. *estimate* (``--estimate``): the full mMR span-11 geometry (837 sinograms x 252 views x 344 bins) with the real
    norm and μ-map of ``../shared/real-mmr``; prompts are Poisson counts of a head-shaped sinogram (the chord length
-   through the μ-map, attenuated, times the efficiencies, plus 20 % randoms); then
+   through the μ-map, attenuated, times the efficiencies, 4e8 trues, plus randoms of 25 % of the trues ∝ the
+   efficiencies); then
    :func:`sirf_ddip.cli.scatter.estimate_for_data` (STIR's mMR settings, 5 iterations: ``prepare``'s scatter step)
    is timed. STIR's ``estimate_scatter`` on the same machine is given with ``--stir-seconds`` when measured (else
    reported as not measured).
@@ -119,7 +120,8 @@ def estimate(iterations: int, stir_seconds: float | None) -> None:
     lam *= a
     lam *= eff                                                    # attenuated, detected trues (shape)
     lam *= np.float32(4.0e8 / float(lam.sum(dtype=np.float64)))   # ~ a 10-minute brain scan's trues
-    randoms = (np.float32(0.25 * float(lam.mean(dtype=np.float64))) * eff).astype(np.float32)  # ∝ singles products
+    k = 0.25 * 4.0e8 / float(eff.sum(dtype=np.float64))          # randoms: 25 % of the trues, ∝ singles products
+    randoms = (np.float32(k) * eff).astype(np.float32)
     lam += randoms
     for c in range(0, lam.shape[0], 32):                          # Poisson draw in place, a few sinograms at a time
         lam[c:c + 32] = rng.poisson(lam[c:c + 32])
