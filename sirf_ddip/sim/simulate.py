@@ -92,7 +92,8 @@ class SimulationConfig:
     scatter_model : "smooth" (default: a blurred attenuated projection), "sss" (STIR's single scatter simulation of
         the truth) or "auto" (sss where it applies, else smooth); see the module docstring. Both set only the
         scatter's *shape* (its total is ``scatter_fraction``). The default stays "smooth": the validation studies
-        and the README's figures were made with it, and sss costs minutes per full-size study on a CPU.
+        and the README's figures were made with it (sss costs ~5 s for the 4-ring slab, ~70 s for a whole mMR
+        head at span 11, on the shared 2-core CPU at load 15-19).
     efficiency_sd : SD of per-crystal efficiencies
     template_cache : ``.npz`` of the MNI templates (None: nilearn)
     device : projector device (None/"auto": CUDA if available)
