@@ -104,7 +104,6 @@ def test_template_without_default_bin_size_uses_the_central_bin_sampling(tmp_pat
         read_template_geometry(t)
 
 
-@pytest.mark.slow
 def test_simulate_reproduces_stirs_recon_test_pack_cylinder(tmp_path, capsys):
     pack = _pack()
     act = generate_image(pack / "generate_uniform_cylinder.par")
