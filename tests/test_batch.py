@@ -307,6 +307,37 @@ def test_worker_killed_during_ddip_is_retried_and_resumes_to_the_uninterrupted_i
     assert (out / "s1" / "report" / "report.html").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("served", [True, False])
+def test_the_batch_prints_the_dashboard_address_the_scheduler_serves_and_says_so_when_none(tmp_path, capsys, served):
+    """``--scheduler`` on a running (in-process) scheduler with and without a dashboard: the printed address is
+    the one that answers HTTP; without one the line says none and why, never an address."""
+    pytest.importorskip("distributed")
+    if served:
+        pytest.importorskip("bokeh")
+    import logging
+    import urllib.request
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://", host="127.0.0.1",
+                      silence_logs=logging.ERROR, dashboard_address="127.0.0.1:0" if served else None) as lc:
+        m = _manifest(tmp_path, "studies: [{name: gone, data: nowhere}]\n"
+                                "jobs: {osem: {method: osem, iterations: 1, subsets: 1}}\n")
+        assert main(["batch", str(m), "--out", str(tmp_path / "out"), "--scheduler", lc.scheduler_address]) == 3
+        err = capsys.readouterr().err.splitlines()
+        (line,) = [ln for ln in err if ln.startswith("[batch] Dask dashboard: ")]
+        if served:
+            url = line.split(": ", 1)[1]
+            assert url == lc.dashboard_link and url.startswith("http://127.0.0.1:")
+            with urllib.request.urlopen(url, timeout=30) as r:     # bokeh's page, not Dask's "needs bokeh" one
+                page = r.read()
+                assert r.status == 200 and b"bokeh" in page.lower() and b"Dask needs" not in page
+        else:
+            assert line == (f"[batch] Dask dashboard: none (the scheduler at {lc.scheduler_address} serves none; "
+                            "it needs bokeh>=3.1 where it runs)")
+        assert any("gone/osem: FAILED: sirf-ddip osem: error:" in ln for ln in err)
+
+
 def test_sirf_ddip_and_the_batch_command_import_without_dask():
     import subprocess
     import sys

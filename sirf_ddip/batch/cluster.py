@@ -101,8 +101,9 @@ class ClusterHandle:
     cluster: Any = None
     description: str = ""
     resources: Mapping[str, int] | None = None     # what each task asks for (None on a foreign scheduler)
-    dashboard: str | None = None
+    dashboard: str | None = None                   # the scheduler's dashboard address, when it serves one
     expected_workers: int = 1
+    no_dashboard: str = "the scheduler serves none"  # why there is no dashboard (said instead of an address)
 
     def close(self) -> None:
         try:
@@ -112,16 +113,45 @@ class ClusterHandle:
                 self.cluster.close()
 
 
+#: what Dask's dashboard needs (``distributed.versions.BOKEH_REQUIREMENT``)
+BOKEH_REQUIREMENT = "bokeh>=3.1"
+
+
 def _has_bokeh() -> bool:
+    """Whether this environment can serve Dask's dashboard (bokeh importable, in the version Dask accepts)."""
     try:
-        import bokeh  # noqa: F401 - Dask serves its dashboard only with bokeh
+        import bokeh
+        from packaging.version import Version
     except ImportError:
         return False
-    return True
+    try:
+        return Version(bokeh.__version__) >= Version("3.1")
+    except Exception:  # noqa: BLE001 - an odd version string: let Dask decide
+        return True
 
 
-def _dashboard(cluster_or_client) -> str | None:
-    return getattr(cluster_or_client, "dashboard_link", None) if _has_bokeh() else None
+def _dashboard(client) -> str | None:
+    """The address of the scheduler's dashboard, or None when it serves none.
+
+    The scheduler's ``dashboard`` service is its HTTP server, which runs without bokeh too (health, metrics, a
+    page asking for bokeh), so the scheduler itself is asked whether the bokeh application is mounted on it
+    (``distributed.dashboard.scheduler.connect`` adds it to ``Scheduler.http_application.applications``).
+    """
+    def serves(dask_scheduler=None) -> bool:   # runs on the scheduler (pickled by value: no sirf_ddip there)
+        return bool(getattr(getattr(dask_scheduler, "http_application", None), "applications", None))
+
+    try:
+        if not client.run_on_scheduler(serves):
+            return None
+        link = client.dashboard_link   # from the scheduler's services (a Cluster's says "" without one)
+    except Exception:  # noqa: BLE001 - no dashboard service, or the scheduler is gone
+        return None
+    return str(link) if link else None
+
+
+def _no_dashboard_here() -> str:
+    return ("the scheduler serves none" if _has_bokeh() else
+            f"Dask serves one only with {BOKEH_REQUIREMENT}: pip install 'sirf_ddip[batch]'")
 
 
 def _local(workers: int | None) -> ClusterHandle:
@@ -142,7 +172,8 @@ def _local(workers: int | None) -> ClusterHandle:
     client = Client(cluster)
     what = (f"LocalCluster: {len(layout)} worker(s) x {layout[0].threads} torch thread(s)"
             + (f", one GPU each (of {gpus})" if gpus else f" on {cores} core(s)"))
-    return ClusterHandle(client, cluster, what, dict(JOB_RESOURCE), _dashboard(cluster), len(layout))
+    return ClusterHandle(client, cluster, what, dict(JOB_RESOURCE), _dashboard(client), len(layout),
+                         _no_dashboard_here())
 
 
 def jobqueue_cluster(kind: str, options: Mapping[str, Any]):
@@ -201,7 +232,8 @@ def start_cluster(options: Mapping[str, Any] | None = None, *, workers: int | No
             raise ConfigError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(exc).split())})") from None
         n = len(client.scheduler_info().get("workers", {}))
         return ClusterHandle(client, None, f"scheduler {scheduler} ({n} worker(s) now)", None,
-                             _dashboard(client), max(n, 1))
+                             _dashboard(client), max(n, 1),
+                             f"the scheduler at {scheduler} serves none; it needs {BOKEH_REQUIREMENT} where it runs")
     kind = opts.get("kind", "local")
     if kind == "local":
         return _local(workers or opts.get("workers"))
@@ -212,4 +244,4 @@ def start_cluster(options: Mapping[str, Any] | None = None, *, workers: int | No
     per = int(opts.get("processes") or 1)
     return ClusterHandle(client, cluster, f"{kind} cluster: {jobs} job(s) x {per} worker(s), "
                                           f"{opts['cores']} core(s), {opts['memory']} each", dict(JOB_RESOURCE),
-                         _dashboard(cluster), jobs * per)
+                         _dashboard(client), jobs * per, _no_dashboard_here())

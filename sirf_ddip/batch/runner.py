@@ -160,7 +160,7 @@ def run_batch(manifest: Manifest, out: str | Path, *, handle=None, start: Callab
                 handle = own = (start or start_cluster)()
                 p.echo(f"[batch] {handle.description}")
                 p.echo(f"[batch] Dask dashboard: {handle.dashboard}" if handle.dashboard else
-                       "[batch] Dask dashboard: none (it needs bokeh: pip install bokeh)")
+                       f"[batch] Dask dashboard: none ({handle.no_dashboard})")
             _loop(records, by, handle, retries, p, change)
     except KeyboardInterrupt:  # say what was done; the unfinished tasks are failed ("interrupted"), rerun resumes
         for r in records:
