@@ -191,6 +191,70 @@ def test_slurm_cluster_job_script_from_the_manifest_block(tmp_path):
         jobqueue_cluster("pbs", {"cores": 4, "processes": 3, "memory": "8GB"})
 
 
+def test_a_refused_job_submission_is_a_one_line_error_not_a_batch_waiting_forever(tmp_path, capsys, monkeypatch):
+    """``--cluster slurm`` where ``sbatch`` refuses the worker job (a stand-in sbatch on PATH that says what real
+    sbatch says for a bad partition): exit 2 at once with sbatch's own words, no job left behind."""
+    pytest.importorskip("dask_jobqueue")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition "
+                                 "name specified' >&2\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    m = _manifest(tmp_path, "studies: [{name: a, data: a}]\njobs: {osem: {method: osem, iterations: 1, subsets: 1}}\n")
+    t0 = time.perf_counter()
+    assert main(["batch", str(m), "--out", str(tmp_path / "out"), "--cluster", "slurm", "--queue", "nope",
+                 "--cores", "1", "--memory", "1GB"]) == 2
+    assert time.perf_counter() - t0 < 120
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("sirf-ddip batch: error: cluster (slurm): submitting its worker jobs failed: sbatch: error: "
+                       "Batch job submission failed: Invalid partition name specified")
+    assert not (tmp_path / "out" / "batch.json").exists()
+
+
+def _slurm_up() -> bool:
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return False
+    r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return r.returncode == 0 and "UP" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_batch_through_a_real_slurm_cluster_writes_what_the_single_command_writes(studies, tmp_path):
+    """Where a SLURM controller answers (``scontrol ping``; see docs/BATCH_SLURM.md for a one-node one): 2 studies
+    through ``--cluster slurm`` (dask-jobqueue's SLURMCluster, 2 worker jobs), each OSEM image equal to the single
+    command's, the worker jobs gone at the end; a re-run skips both without submitting anything."""
+    pytest.importorskip("dask_jobqueue")
+    if not _slurm_up():
+        pytest.skip("no SLURM controller answers here (sbatch/scontrol absent or scontrol ping not UP)")
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    m = _manifest(tmp_path, f"studies:\n  - {{name: s1, data: {studies / 's1'}}}\n  - {{name: s2, data: {studies / 's2'}}}\n"
+                            "jobs:\n  osem: {method: osem, iterations: 1, subsets: 3}\n"
+                            f"cluster: {{kind: slurm, cores: 1, memory: 2GB, walltime: '00:15:00', jobs: 2, "
+                            f"log_directory: {tmp_path / 'logs'}, job_script_prologue: ['export PYTHONPATH={root}']}}\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "sirf_ddip", "batch", str(m), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "[batch] slurm cluster: 2 job(s) x 1 worker(s)" in r.stderr
+    jobs = json.loads((out / "batch.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["done", "done"]
+    _osem_single(studies / "s1", out / "s1" / "osem" / "init.hv", tmp_path / "single" / "osem.hv")
+    single = read_image(tmp_path / "single" / "osem.hv").array
+    for s in ("s1", "s2"):
+        assert np.array_equal(read_image(out / s / "osem" / "image.hv").array, single)
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r2.returncode == 0 and "slurm cluster" not in r2.stderr and r2.stderr.count("skipped (complete") == 2
+    mine = subprocess.run(["squeue", "-h", "-n", "dask-worker", "-o", "%i"], capture_output=True, text=True).stdout
+    assert not mine.strip()          # the worker jobs were cancelled when the batch closed its cluster
+
+
 # ------------------------------------------------------------------------------------------- whole batches
 def _osem_single(study: Path, init: Path, out: Path) -> None:
     assert main(["osem", "--prompts", str(study / "prompts.hs"), "--mult", str(study / "mult_factors.hs"),

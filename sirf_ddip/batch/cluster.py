@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from .execute import THREADS_ENV
 
 __all__ = ["WorkerLayout", "local_layout", "machine_resources", "worker_env", "ClusterHandle", "start_cluster",
-           "jobqueue_cluster", "JOB_RESOURCE", "MEMORY_PER_WORKER"]
+           "jobqueue_cluster", "submit_error", "JOB_RESOURCE", "MEMORY_PER_WORKER", "BOKEH_REQUIREMENT"]
 
 #: the Dask resource every batch worker of a cluster started here has one of (one task per worker at a time)
 JOB_RESOURCE = {"job": 1}
@@ -217,6 +217,29 @@ def jobqueue_cluster(kind: str, options: Mapping[str, Any]):
             raise ConfigError(f"cluster ({kind}): {' '.join(str(exc).split())}") from None
 
 
+def _close_after_failed_submit(cluster) -> None:
+    """Close a jobqueue cluster some of whose jobs were never submitted (Dask's close asserts they were)."""
+    cluster.worker_spec.clear()
+    for name in [n for n, w in cluster.workers.items() if getattr(w, "job_id", None) is None]:
+        del cluster.workers[name]
+    try:
+        cluster.close()
+    except Exception:  # noqa: BLE001 - nothing to tear down that was started
+        pass
+
+
+def submit_error(exc: BaseException) -> str:
+    """One line from a refused job submission (dask-jobqueue's message holds the command and its stderr)."""
+    text = str(exc)
+    if "stderr:" in text:
+        lines = [ln.strip() for ln in text.split("stderr:", 1)[1].splitlines() if ln.strip()]
+        cmd = text.split("Command:", 1)[1].split("stdout:", 1)[0].split() if "Command:" in text else []
+        if lines:
+            said = "; ".join(lines[-2:])
+            return said if not cmd or said.startswith(cmd[0]) else f"{cmd[0]}: {said}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def start_cluster(options: Mapping[str, Any] | None = None, *, workers: int | None = None,
                   scheduler: str | None = None) -> ClusterHandle:
     """Connect to ``scheduler``, or start the cluster ``options`` describe (the manifest's ``cluster:`` block,
@@ -239,7 +262,13 @@ def start_cluster(options: Mapping[str, Any] | None = None, *, workers: int | No
         return _local(workers or opts.get("workers"))
     cluster = jobqueue_cluster(kind, opts)
     jobs = int(opts.get("jobs") or workers or 1)
-    cluster.scale(jobs=jobs)
+    try:   # submit the worker jobs now (``scale`` would, in the background): a refused submission is an error
+        while len(cluster.worker_spec) < jobs:   # here, not a batch waiting forever. One spec = one job.
+            cluster.worker_spec.update(cluster.new_worker_spec())
+        cluster.sync(cluster._correct_state)
+    except Exception as exc:  # noqa: BLE001 - the submit command failed (no controller, bad queue, ...)
+        _close_after_failed_submit(cluster)
+        raise ConfigError(f"cluster ({kind}): submitting its worker jobs failed: {submit_error(exc)}") from None
     client = Client(cluster)
     per = int(opts.get("processes") or 1)
     return ClusterHandle(client, cluster, f"{kind} cluster: {jobs} job(s) x {per} worker(s), "
