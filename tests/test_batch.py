@@ -154,6 +154,25 @@ def test_plan_orders_dependencies_and_fingerprints_follow_inputs(tmp_path):
     assert d1 != d2
 
 
+def test_summary_line_counts_states_and_spreads_the_mean_times_left_over_the_workers(tmp_path):
+    from sirf_ddip.batch.plan import Task
+    from sirf_ddip.batch.runner import JobRecord, summary_line
+
+    def rec(job, method, status, seconds=None, started=None):
+        t = Task("s", job, method, {}, tmp_path, tmp_path, tmp_path / job)
+        return JobRecord(t, status=status, seconds=seconds, started_at=started)
+
+    now = 1000.0
+    recs = [rec("a", "osem", "done", 10.0), rec("b", "osem", "done", 30.0), rec("c", "osem", "running", started=992.0),
+            rec("d", "osem", "queued"), rec("e", "osem", "failed", 1.0), rec("f", "osem", "skipped", 5.0)]
+    # left: (20 - 8) running + 20 queued = 32 s of work on 2 workers
+    assert summary_line(recs, 2, now) == "[batch] done 2, skipped 1, running 1, failed 1, left 1; ETA 0:00:16"
+    recs.append(rec("g", "ddip", "pending"))   # no DDIP time yet: it counts the mean of all (20 s), a lower bound
+    assert summary_line(recs, 2, now) == "[batch] done 2, skipped 1, running 1, failed 1, left 2; ETA >= 0:00:26"
+    assert summary_line(recs[:2], 2, now) == "[batch] done 2, skipped 0, running 0, failed 0, left 0"
+    assert summary_line([rec("h", "osem", "queued")], 2, now).endswith("left 1; ETA ?")
+
+
 # ------------------------------------------------------------------------------------------- clusters
 def test_local_layout_never_oversubscribes_cores_and_gives_one_gpu_per_worker():
     two = local_layout(2)
@@ -316,6 +335,12 @@ def test_three_studies_one_broken_then_a_rerun_skips_everything(studies, cluster
     assert [j["status"] for j in jobs2 if j["study"] == "bad"] == ["failed"] * 2
     assert "s2/map: skipped" in err and "bad/osem: FAILED" in err
     assert stamp == {p: p.stat().st_mtime_ns for p in (out / "s1").rglob("*") if p.is_file()}
+    # without the broken study every job is complete: exit status 0, and no cluster is started at all
+    good = _manifest(tmp_path / "good", m.read_text().replace(f"  - {{name: bad, data: {studies / 'bad'}}}\n", ""))
+    assert main(["batch", str(good), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped (complete, same inputs)") == 4 and "LocalCluster" not in err and "FAILED" not in err
+    assert [j["status"] for j in json.loads((out / "batch.json").read_text())["jobs"]] == ["skipped"] * 4
 
 
 def _watch_and_kill(out: Path, kills: list):

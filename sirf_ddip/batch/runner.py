@@ -67,8 +67,12 @@ class JobRecord:
 
 
 def summary_line(records: list[JobRecord], workers: int, now: float | None = None) -> str:
-    """``done d, skipped s, running r, queued q, failed f, left l; ETA h:mm:ss`` (ETA from the mean time of
-    the tasks of each method done so far, spread over ``workers``)."""
+    """``done d, skipped s, running r, failed f, left l; ETA h:mm:ss`` (left: queued or waiting).
+
+    The ETA is the work left spread over ``workers``: each unfinished task counts the mean time of the tasks of
+    its method done so far (less what a running one has run already). A method none of whose tasks is done yet
+    counts the mean over all methods, and the ETA is then only a lower bound: ``ETA >= h:mm:ss``.
+    """
     now = time.perf_counter() if now is None else now
     count = {s: sum(r.status == s for r in records) for s in ("done", "skipped", "running", "queued", "failed",
                                                              "pending")}
@@ -80,17 +84,18 @@ def summary_line(records: list[JobRecord], workers: int, now: float | None = Non
     eta = "?"
     if every:
         mean_all = sum(every) / len(every)
-        work = 0.0
+        work, lower = 0.0, False
         for r in records:
             if r.finished:
                 continue
             v = times.get(r.task.method)
+            lower = lower or not v
             est = sum(v) / len(v) if v else mean_all
             if r.status == "running" and r.started_at is not None:
                 est = max(0.0, est - (now - r.started_at))
             work += est
         s = int(round(work / max(workers, 1)))
-        eta = f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+        eta = (">= " if lower else "") + f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
     left = count["pending"] + count["queued"]
     line = (f"[batch] done {count['done']}, skipped {count['skipped']}, running {count['running']}, "
             f"failed {count['failed']}, left {left}")
