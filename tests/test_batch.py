@@ -355,6 +355,7 @@ def _watch_and_kill(out: Path, kills: list):
             t0 = time.time()
             while not ck.is_file() and time.time() - t0 < 300:
                 time.sleep(0.05)
+            (r.task.folder / ".image.hv.half-written").write_bytes(b"x")   # as if killed while writing
             os.kill(pid, signal.SIGKILL)
         kills.append(pid)
         threading.Thread(target=kill, daemon=True).start()
@@ -396,6 +397,39 @@ def test_worker_killed_during_ddip_is_retried_and_resumes_to_the_uninterrupted_i
     assert (out / "s1" / "report" / "report.html").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_a_ddip_job_whose_worker_died_too_often_fails_clean_and_a_rerun_resumes_it(studies, weights, cluster, tmp_path):
+    """``retries: 0``: the killed DDIP job is failed at once (the reason in batch.json), its folder keeps only the
+    checkpoint (what the worker left half-written is removed); re-running the batch resumes it from that
+    checkpoint to the uninterrupted image (the test above gives that image: same study, prior and settings)."""
+    from sirf_ddip.batch.runner import run_batch
+
+    sets = ", ".join(f"{k}: {v}" for k, v in DDIP_SET.items())
+    m = load_manifest(_manifest(tmp_path, f"studies: [{{name: s1, data: {studies / 's1'}}}]\nretries: 0\n"
+                                          f"jobs:\n  ddip: {{method: ddip, seed: 0, weights: {weights}, set: {{{sets}}}}}\n"))
+    out = tmp_path / "out"
+    kills: list = []
+    lines, echo = _lines()
+    (rec,) = run_batch(m, out, handle=cluster, echo=echo, on_change=_watch_and_kill(out, kills))
+    assert kills and rec.status == "failed" and rec.attempts == 1, lines
+    row = json.loads((out / "batch.json").read_text())["jobs"][0]
+    assert row["status"] == "failed" and row["message"].startswith("sirf-ddip batch: its worker died 1 time(s)")
+    left = sorted(p.name for p in (out / "s1" / "ddip").iterdir())
+    assert "image_checkpoint" in left and not {"image.hv", ".image.hv.half-written", "job.json"} & set(left), left
+    lines2, echo2 = _lines()
+    (rec2,) = run_batch(m, out, handle=cluster, echo=echo2)
+    assert rec2.status == "done" and any("resumed from its checkpoint" in ln for ln in lines2), lines2
+    s = studies / "s1"
+    args = ["recon", "--prompts", s / "prompts.hs", "--mult", s / "mult_factors.hs", "--additive",
+            s / "additive_term.hs", "--mr", s / "mr.hv", "--out", tmp_path / "single" / "image.hv", "--seed", 0,
+            "--weights", weights, "--threads", 1]
+    for k, v in DDIP_SET.items():
+        args += ["--set", f"{k}={v}"]
+    assert main([str(a) for a in args]) == 0
+    assert np.array_equal(read_image(out / "s1" / "ddip" / "image.hv").array,
+                          read_image(tmp_path / "single" / "image.hv").array)
+
+
 @pytest.mark.parametrize("served", [True, False])
 def test_the_batch_prints_the_dashboard_address_the_scheduler_serves_and_says_so_when_none(tmp_path, capsys, served):
     """``--scheduler`` on a running (in-process) scheduler with and without a dashboard: the printed address is
@@ -425,6 +459,16 @@ def test_the_batch_prints_the_dashboard_address_the_scheduler_serves_and_says_so
             assert line == (f"[batch] Dask dashboard: none (the scheduler at {lc.scheduler_address} serves none; "
                             "it needs bokeh>=3.1 where it runs)")
         assert any("gone/osem: FAILED: sirf-ddip osem: error:" in ln for ln in err)
+
+
+def test_without_bokeh_a_cluster_started_here_says_that_its_dashboard_needs_bokeh(monkeypatch):
+    import sys
+
+    from sirf_ddip.batch import cluster as c
+
+    monkeypatch.setitem(sys.modules, "bokeh", None)          # import bokeh -> ImportError
+    assert not c._has_bokeh()
+    assert c._no_dashboard_here() == "Dask serves one only with bokeh>=3.1: pip install 'sirf_ddip[batch]'"
 
 
 def test_sirf_ddip_and_the_batch_command_import_without_dask():

@@ -276,4 +276,10 @@ def _finish(r: JobRecord, retries: int, handle, change) -> None:
         _submit(r, handle, change)
         return
     r.message = f"sirf-ddip batch: its worker died {r.attempts} time(s) (last: {reason})"
+    try:   # what the dead worker left half-written goes (the folder is on a file system shared with it)
+        from .execute import clear_unfinished
+
+        clear_unfinished(r.task)
+    except OSError:
+        pass
     change(r, "failed", f"FAILED: {r.message}")
