@@ -154,6 +154,25 @@ def test_plan_orders_dependencies_and_fingerprints_follow_inputs(tmp_path):
     assert d1 != d2
 
 
+def test_summary_line_counts_states_and_spreads_the_mean_times_left_over_the_workers(tmp_path):
+    from sirf_ddip.batch.plan import Task
+    from sirf_ddip.batch.runner import JobRecord, summary_line
+
+    def rec(job, method, status, seconds=None, started=None):
+        t = Task("s", job, method, {}, tmp_path, tmp_path, tmp_path / job)
+        return JobRecord(t, status=status, seconds=seconds, started_at=started)
+
+    now = 1000.0
+    recs = [rec("a", "osem", "done", 10.0), rec("b", "osem", "done", 30.0), rec("c", "osem", "running", started=992.0),
+            rec("d", "osem", "queued"), rec("e", "osem", "failed", 1.0), rec("f", "osem", "skipped", 5.0)]
+    # left: (20 - 8) running + 20 queued = 32 s of work on 2 workers
+    assert summary_line(recs, 2, now) == "[batch] done 2, skipped 1, running 1, failed 1, left 1; ETA 0:00:16"
+    recs.append(rec("g", "ddip", "pending"))   # no DDIP time yet: it counts the mean of all (20 s), a lower bound
+    assert summary_line(recs, 2, now) == "[batch] done 2, skipped 1, running 1, failed 1, left 2; ETA >= 0:00:26"
+    assert summary_line(recs[:2], 2, now) == "[batch] done 2, skipped 0, running 0, failed 0, left 0"
+    assert summary_line([rec("h", "osem", "queued")], 2, now).endswith("left 1; ETA ?")
+
+
 # ------------------------------------------------------------------------------------------- clusters
 def test_local_layout_never_oversubscribes_cores_and_gives_one_gpu_per_worker():
     two = local_layout(2)
@@ -189,6 +208,70 @@ def test_slurm_cluster_job_script_from_the_manifest_block(tmp_path):
         jobqueue_cluster("slurm", {"cores": 4})
     with pytest.raises(ConfigError, match="'processes'"):
         jobqueue_cluster("pbs", {"cores": 4, "processes": 3, "memory": "8GB"})
+
+
+def test_a_refused_job_submission_is_a_one_line_error_not_a_batch_waiting_forever(tmp_path, capsys, monkeypatch):
+    """``--cluster slurm`` where ``sbatch`` refuses the worker job (a stand-in sbatch on PATH that says what real
+    sbatch says for a bad partition): exit 2 at once with sbatch's own words, no job left behind."""
+    pytest.importorskip("dask_jobqueue")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: Batch job submission failed: Invalid partition "
+                                 "name specified' >&2\nexit 1\n")
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    m = _manifest(tmp_path, "studies: [{name: a, data: a}]\njobs: {osem: {method: osem, iterations: 1, subsets: 1}}\n")
+    t0 = time.perf_counter()
+    assert main(["batch", str(m), "--out", str(tmp_path / "out"), "--cluster", "slurm", "--queue", "nope",
+                 "--cores", "1", "--memory", "1GB"]) == 2
+    assert time.perf_counter() - t0 < 120
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("sirf-ddip batch: error: cluster (slurm): submitting its worker jobs failed: sbatch: error: "
+                       "Batch job submission failed: Invalid partition name specified")
+    assert not (tmp_path / "out" / "batch.json").exists()
+
+
+def _slurm_up() -> bool:
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("scontrol") is None:
+        return False
+    r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+    return r.returncode == 0 and "UP" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_batch_through_a_real_slurm_cluster_writes_what_the_single_command_writes(studies, tmp_path):
+    """Where a SLURM controller answers (``scontrol ping``; see docs/BATCH_SLURM.md for a one-node one): 2 studies
+    through ``--cluster slurm`` (dask-jobqueue's SLURMCluster, 2 worker jobs), each OSEM image equal to the single
+    command's, the worker jobs gone at the end; a re-run skips both without submitting anything."""
+    pytest.importorskip("dask_jobqueue")
+    if not _slurm_up():
+        pytest.skip("no SLURM controller answers here (sbatch/scontrol absent or scontrol ping not UP)")
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    m = _manifest(tmp_path, f"studies:\n  - {{name: s1, data: {studies / 's1'}}}\n  - {{name: s2, data: {studies / 's2'}}}\n"
+                            "jobs:\n  osem: {method: osem, iterations: 1, subsets: 3}\n"
+                            f"cluster: {{kind: slurm, cores: 1, memory: 2GB, walltime: '00:15:00', jobs: 2, "
+                            f"log_directory: {tmp_path / 'logs'}, job_script_prologue: ['export PYTHONPATH={root}']}}\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "sirf_ddip", "batch", str(m), "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "[batch] slurm cluster: 2 job(s) x 1 worker(s)" in r.stderr
+    jobs = json.loads((out / "batch.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["done", "done"]
+    _osem_single(studies / "s1", out / "s1" / "osem" / "init.hv", tmp_path / "single" / "osem.hv")
+    single = read_image(tmp_path / "single" / "osem.hv").array
+    for s in ("s1", "s2"):
+        assert np.array_equal(read_image(out / s / "osem" / "image.hv").array, single)
+    r2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r2.returncode == 0 and "slurm cluster" not in r2.stderr and r2.stderr.count("skipped (complete") == 2
+    mine = subprocess.run(["squeue", "-h", "-n", "dask-worker", "-o", "%i"], capture_output=True, text=True).stdout
+    assert not mine.strip()          # the worker jobs were cancelled when the batch closed its cluster
 
 
 # ------------------------------------------------------------------------------------------- whole batches
@@ -252,6 +335,12 @@ def test_three_studies_one_broken_then_a_rerun_skips_everything(studies, cluster
     assert [j["status"] for j in jobs2 if j["study"] == "bad"] == ["failed"] * 2
     assert "s2/map: skipped" in err and "bad/osem: FAILED" in err
     assert stamp == {p: p.stat().st_mtime_ns for p in (out / "s1").rglob("*") if p.is_file()}
+    # without the broken study every job is complete: exit status 0, and no cluster is started at all
+    good = _manifest(tmp_path / "good", m.read_text().replace(f"  - {{name: bad, data: {studies / 'bad'}}}\n", ""))
+    assert main(["batch", str(good), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("skipped (complete, same inputs)") == 4 and "LocalCluster" not in err and "FAILED" not in err
+    assert [j["status"] for j in json.loads((out / "batch.json").read_text())["jobs"]] == ["skipped"] * 4
 
 
 def _watch_and_kill(out: Path, kills: list):
@@ -266,6 +355,7 @@ def _watch_and_kill(out: Path, kills: list):
             t0 = time.time()
             while not ck.is_file() and time.time() - t0 < 300:
                 time.sleep(0.05)
+            (r.task.folder / ".image.hv.half-written").write_bytes(b"x")   # as if killed while writing
             os.kill(pid, signal.SIGKILL)
         kills.append(pid)
         threading.Thread(target=kill, daemon=True).start()
@@ -305,6 +395,80 @@ def test_worker_killed_during_ddip_is_retried_and_resumes_to_the_uninterrupted_i
 
     assert met["psnr"] == pytest.approx(image_metrics(s, tmp_path / "single" / "image.hv")["psnr"], rel=1e-9)
     assert (out / "s1" / "report" / "report.html").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_ddip_job_whose_worker_died_too_often_fails_clean_and_a_rerun_resumes_it(studies, weights, cluster, tmp_path):
+    """``retries: 0``: the killed DDIP job is failed at once (the reason in batch.json), its folder keeps only the
+    checkpoint (what the worker left half-written is removed); re-running the batch resumes it from that
+    checkpoint to the uninterrupted image (the test above gives that image: same study, prior and settings)."""
+    from sirf_ddip.batch.runner import run_batch
+
+    sets = ", ".join(f"{k}: {v}" for k, v in DDIP_SET.items())
+    m = load_manifest(_manifest(tmp_path, f"studies: [{{name: s1, data: {studies / 's1'}}}]\nretries: 0\n"
+                                          f"jobs:\n  ddip: {{method: ddip, seed: 0, weights: {weights}, set: {{{sets}}}}}\n"))
+    out = tmp_path / "out"
+    kills: list = []
+    lines, echo = _lines()
+    (rec,) = run_batch(m, out, handle=cluster, echo=echo, on_change=_watch_and_kill(out, kills))
+    assert kills and rec.status == "failed" and rec.attempts == 1, lines
+    row = json.loads((out / "batch.json").read_text())["jobs"][0]
+    assert row["status"] == "failed" and row["message"].startswith("sirf-ddip batch: its worker died 1 time(s)")
+    left = sorted(p.name for p in (out / "s1" / "ddip").iterdir())
+    assert "image_checkpoint" in left and not {"image.hv", ".image.hv.half-written", "job.json"} & set(left), left
+    lines2, echo2 = _lines()
+    (rec2,) = run_batch(m, out, handle=cluster, echo=echo2)
+    assert rec2.status == "done" and any("resumed from its checkpoint" in ln for ln in lines2), lines2
+    s = studies / "s1"
+    args = ["recon", "--prompts", s / "prompts.hs", "--mult", s / "mult_factors.hs", "--additive",
+            s / "additive_term.hs", "--mr", s / "mr.hv", "--out", tmp_path / "single" / "image.hv", "--seed", 0,
+            "--weights", weights, "--threads", 1]
+    for k, v in DDIP_SET.items():
+        args += ["--set", f"{k}={v}"]
+    assert main([str(a) for a in args]) == 0
+    assert np.array_equal(read_image(out / "s1" / "ddip" / "image.hv").array,
+                          read_image(tmp_path / "single" / "image.hv").array)
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_the_batch_prints_the_dashboard_address_the_scheduler_serves_and_says_so_when_none(tmp_path, capsys, served):
+    """``--scheduler`` on a running (in-process) scheduler with and without a dashboard: the printed address is
+    the one that answers HTTP; without one the line says none and why, never an address."""
+    pytest.importorskip("distributed")
+    if served:
+        pytest.importorskip("bokeh")
+    import logging
+    import urllib.request
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://", host="127.0.0.1",
+                      silence_logs=logging.ERROR, dashboard_address="127.0.0.1:0" if served else None) as lc:
+        m = _manifest(tmp_path, "studies: [{name: gone, data: nowhere}]\n"
+                                "jobs: {osem: {method: osem, iterations: 1, subsets: 1}}\n")
+        assert main(["batch", str(m), "--out", str(tmp_path / "out"), "--scheduler", lc.scheduler_address]) == 3
+        err = capsys.readouterr().err.splitlines()
+        (line,) = [ln for ln in err if ln.startswith("[batch] Dask dashboard: ")]
+        if served:
+            url = line.split(": ", 1)[1]
+            assert url == lc.dashboard_link and url.startswith("http://127.0.0.1:")
+            with urllib.request.urlopen(url, timeout=30) as r:     # bokeh's page, not Dask's "needs bokeh" one
+                page = r.read()
+                assert r.status == 200 and b"bokeh" in page.lower() and b"Dask needs" not in page
+        else:
+            assert line == (f"[batch] Dask dashboard: none (the scheduler at {lc.scheduler_address} serves none; "
+                            "it needs bokeh>=3.1 where it runs)")
+        assert any("gone/osem: FAILED: sirf-ddip osem: error:" in ln for ln in err)
+
+
+def test_without_bokeh_a_cluster_started_here_says_that_its_dashboard_needs_bokeh(monkeypatch):
+    import sys
+
+    from sirf_ddip.batch import cluster as c
+
+    monkeypatch.setitem(sys.modules, "bokeh", None)          # import bokeh -> ImportError
+    assert not c._has_bokeh()
+    assert c._no_dashboard_here() == "Dask serves one only with bokeh>=3.1: pip install 'sirf_ddip[batch]'"
 
 
 def test_sirf_ddip_and_the_batch_command_import_without_dask():

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from .execute import THREADS_ENV
 
 __all__ = ["WorkerLayout", "local_layout", "machine_resources", "worker_env", "ClusterHandle", "start_cluster",
-           "jobqueue_cluster", "JOB_RESOURCE", "MEMORY_PER_WORKER"]
+           "jobqueue_cluster", "submit_error", "JOB_RESOURCE", "MEMORY_PER_WORKER", "BOKEH_REQUIREMENT"]
 
 #: the Dask resource every batch worker of a cluster started here has one of (one task per worker at a time)
 JOB_RESOURCE = {"job": 1}
@@ -101,8 +101,9 @@ class ClusterHandle:
     cluster: Any = None
     description: str = ""
     resources: Mapping[str, int] | None = None     # what each task asks for (None on a foreign scheduler)
-    dashboard: str | None = None
+    dashboard: str | None = None                   # the scheduler's dashboard address, when it serves one
     expected_workers: int = 1
+    no_dashboard: str = "the scheduler serves none"  # why there is no dashboard (said instead of an address)
 
     def close(self) -> None:
         try:
@@ -112,16 +113,45 @@ class ClusterHandle:
                 self.cluster.close()
 
 
+#: what Dask's dashboard needs (``distributed.versions.BOKEH_REQUIREMENT``)
+BOKEH_REQUIREMENT = "bokeh>=3.1"
+
+
 def _has_bokeh() -> bool:
+    """Whether this environment can serve Dask's dashboard (bokeh importable, in the version Dask accepts)."""
     try:
-        import bokeh  # noqa: F401 - Dask serves its dashboard only with bokeh
+        import bokeh
+        from packaging.version import Version
     except ImportError:
         return False
-    return True
+    try:
+        return Version(bokeh.__version__) >= Version("3.1")
+    except Exception:  # noqa: BLE001 - an odd version string: let Dask decide
+        return True
 
 
-def _dashboard(cluster_or_client) -> str | None:
-    return getattr(cluster_or_client, "dashboard_link", None) if _has_bokeh() else None
+def _dashboard(client) -> str | None:
+    """The address of the scheduler's dashboard, or None when it serves none.
+
+    The scheduler's ``dashboard`` service is its HTTP server, which runs without bokeh too (health, metrics, a
+    page asking for bokeh), so the scheduler itself is asked whether the bokeh application is mounted on it
+    (``distributed.dashboard.scheduler.connect`` adds it to ``Scheduler.http_application.applications``).
+    """
+    def serves(dask_scheduler=None) -> bool:   # runs on the scheduler (pickled by value: no sirf_ddip there)
+        return bool(getattr(getattr(dask_scheduler, "http_application", None), "applications", None))
+
+    try:
+        if not client.run_on_scheduler(serves):
+            return None
+        link = client.dashboard_link   # from the scheduler's services (a Cluster's says "" without one)
+    except Exception:  # noqa: BLE001 - no dashboard service, or the scheduler is gone
+        return None
+    return str(link) if link else None
+
+
+def _no_dashboard_here() -> str:
+    return ("the scheduler serves none" if _has_bokeh() else
+            f"Dask serves one only with {BOKEH_REQUIREMENT}: pip install 'sirf_ddip[batch]'")
 
 
 def _local(workers: int | None) -> ClusterHandle:
@@ -142,7 +172,8 @@ def _local(workers: int | None) -> ClusterHandle:
     client = Client(cluster)
     what = (f"LocalCluster: {len(layout)} worker(s) x {layout[0].threads} torch thread(s)"
             + (f", one GPU each (of {gpus})" if gpus else f" on {cores} core(s)"))
-    return ClusterHandle(client, cluster, what, dict(JOB_RESOURCE), _dashboard(cluster), len(layout))
+    return ClusterHandle(client, cluster, what, dict(JOB_RESOURCE), _dashboard(client), len(layout),
+                         _no_dashboard_here())
 
 
 def jobqueue_cluster(kind: str, options: Mapping[str, Any]):
@@ -186,6 +217,29 @@ def jobqueue_cluster(kind: str, options: Mapping[str, Any]):
             raise ConfigError(f"cluster ({kind}): {' '.join(str(exc).split())}") from None
 
 
+def _close_after_failed_submit(cluster) -> None:
+    """Close a jobqueue cluster some of whose jobs were never submitted (Dask's close asserts they were)."""
+    cluster.worker_spec.clear()
+    for name in [n for n, w in cluster.workers.items() if getattr(w, "job_id", None) is None]:
+        del cluster.workers[name]
+    try:
+        cluster.close()
+    except Exception:  # noqa: BLE001 - nothing to tear down that was started
+        pass
+
+
+def submit_error(exc: BaseException) -> str:
+    """One line from a refused job submission (dask-jobqueue's message holds the command and its stderr)."""
+    text = str(exc)
+    if "stderr:" in text:
+        lines = [ln.strip() for ln in text.split("stderr:", 1)[1].splitlines() if ln.strip()]
+        cmd = text.split("Command:", 1)[1].split("stdout:", 1)[0].split() if "Command:" in text else []
+        if lines:
+            said = "; ".join(lines[-2:])
+            return said if not cmd or said.startswith(cmd[0]) else f"{cmd[0]}: {said}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def start_cluster(options: Mapping[str, Any] | None = None, *, workers: int | None = None,
                   scheduler: str | None = None) -> ClusterHandle:
     """Connect to ``scheduler``, or start the cluster ``options`` describe (the manifest's ``cluster:`` block,
@@ -201,15 +255,22 @@ def start_cluster(options: Mapping[str, Any] | None = None, *, workers: int | No
             raise ConfigError(f"--scheduler {scheduler}: cannot connect ({' '.join(str(exc).split())})") from None
         n = len(client.scheduler_info().get("workers", {}))
         return ClusterHandle(client, None, f"scheduler {scheduler} ({n} worker(s) now)", None,
-                             _dashboard(client), max(n, 1))
+                             _dashboard(client), max(n, 1),
+                             f"the scheduler at {scheduler} serves none; it needs {BOKEH_REQUIREMENT} where it runs")
     kind = opts.get("kind", "local")
     if kind == "local":
         return _local(workers or opts.get("workers"))
     cluster = jobqueue_cluster(kind, opts)
     jobs = int(opts.get("jobs") or workers or 1)
-    cluster.scale(jobs=jobs)
+    try:   # submit the worker jobs now (``scale`` would, in the background): a refused submission is an error
+        while len(cluster.worker_spec) < jobs:   # here, not a batch waiting forever. One spec = one job.
+            cluster.worker_spec.update(cluster.new_worker_spec())
+        cluster.sync(cluster._correct_state)
+    except Exception as exc:  # noqa: BLE001 - the submit command failed (no controller, bad queue, ...)
+        _close_after_failed_submit(cluster)
+        raise ConfigError(f"cluster ({kind}): submitting its worker jobs failed: {submit_error(exc)}") from None
     client = Client(cluster)
     per = int(opts.get("processes") or 1)
     return ClusterHandle(client, cluster, f"{kind} cluster: {jobs} job(s) x {per} worker(s), "
                                           f"{opts['cores']} core(s), {opts['memory']} each", dict(JOB_RESOURCE),
-                         _dashboard(cluster), jobs * per)
+                         _dashboard(client), jobs * per, _no_dashboard_here())

@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 from .plan import DONE_RECORD, IMAGE_NAME, Task
 
-__all__ = ["run_task", "EVENT_TOPIC", "THREADS_ENV", "CHECKPOINT_DIR", "ATTEMPT_RECORD", "LOG_FILE"]
+__all__ = ["run_task", "clear_unfinished", "EVENT_TOPIC", "THREADS_ENV", "CHECKPOINT_DIR", "ATTEMPT_RECORD",
+           "LOG_FILE"]
 
 #: torch threads per worker, set by the cluster that started the worker (see :mod:`.cluster`)
 THREADS_ENV = "SIRF_DDIP_TORCH_THREADS"
@@ -69,6 +70,12 @@ def _clear(folder: Path, keep: tuple[str, ...] = ()) -> None:
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
+
+
+def clear_unfinished(task: Task) -> None:
+    """Remove what a task whose worker died left in its folder (a temporary of an output being written, say),
+    keeping a DDIP task's checkpoint and the attempt record it belongs to, as a failed task does."""
+    _clear(task.folder, keep=_KEEP_ON_RESUME if task.method == "ddip" else (ATTEMPT_RECORD,))
 
 
 def _outputs(folder: Path) -> list[str]:
@@ -297,7 +304,7 @@ def run_task(task: Task) -> dict[str, Any]:
         result.update(status="done", message="", metrics=metrics, resumed=resuming)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     if result["status"] == "failed":
-        _clear(task.folder, keep=_KEEP_ON_RESUME if task.method == "ddip" else (ATTEMPT_RECORD,))
+        clear_unfinished(task)
         write_text(task.folder / LOG_FILE, log.getvalue())
         return result
     result["outputs"] = _outputs(task.folder)

@@ -67,8 +67,12 @@ class JobRecord:
 
 
 def summary_line(records: list[JobRecord], workers: int, now: float | None = None) -> str:
-    """``done d, skipped s, running r, queued q, failed f, left l; ETA h:mm:ss`` (ETA from the mean time of
-    the tasks of each method done so far, spread over ``workers``)."""
+    """``done d, skipped s, running r, failed f, left l; ETA h:mm:ss`` (left: queued or waiting).
+
+    The ETA is the work left spread over ``workers``: each unfinished task counts the mean time of the tasks of
+    its method done so far (less what a running one has run already). A method none of whose tasks is done yet
+    counts the mean over all methods, and the ETA is then only a lower bound: ``ETA >= h:mm:ss``.
+    """
     now = time.perf_counter() if now is None else now
     count = {s: sum(r.status == s for r in records) for s in ("done", "skipped", "running", "queued", "failed",
                                                              "pending")}
@@ -80,17 +84,18 @@ def summary_line(records: list[JobRecord], workers: int, now: float | None = Non
     eta = "?"
     if every:
         mean_all = sum(every) / len(every)
-        work = 0.0
+        work, lower = 0.0, False
         for r in records:
             if r.finished:
                 continue
             v = times.get(r.task.method)
+            lower = lower or not v
             est = sum(v) / len(v) if v else mean_all
             if r.status == "running" and r.started_at is not None:
                 est = max(0.0, est - (now - r.started_at))
             work += est
         s = int(round(work / max(workers, 1)))
-        eta = f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+        eta = (">= " if lower else "") + f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
     left = count["pending"] + count["queued"]
     line = (f"[batch] done {count['done']}, skipped {count['skipped']}, running {count['running']}, "
             f"failed {count['failed']}, left {left}")
@@ -160,7 +165,7 @@ def run_batch(manifest: Manifest, out: str | Path, *, handle=None, start: Callab
                 handle = own = (start or start_cluster)()
                 p.echo(f"[batch] {handle.description}")
                 p.echo(f"[batch] Dask dashboard: {handle.dashboard}" if handle.dashboard else
-                       "[batch] Dask dashboard: none (it needs bokeh: pip install bokeh)")
+                       f"[batch] Dask dashboard: none ({handle.no_dashboard})")
             _loop(records, by, handle, retries, p, change)
     except KeyboardInterrupt:  # say what was done; the unfinished tasks are failed ("interrupted"), rerun resumes
         for r in records:
@@ -271,4 +276,10 @@ def _finish(r: JobRecord, retries: int, handle, change) -> None:
         _submit(r, handle, change)
         return
     r.message = f"sirf-ddip batch: its worker died {r.attempts} time(s) (last: {reason})"
+    try:   # what the dead worker left half-written goes (the folder is on a file system shared with it)
+        from .execute import clear_unfinished
+
+        clear_unfinished(r.task)
+    except OSError:
+        pass
     change(r, "failed", f"FAILED: {r.message}")
