@@ -16,6 +16,7 @@ Examples::
     python benchmarks/full_size.py --cli                 # the whole `sirf-ddip osem --subsets 21` command
     python benchmarks/full_size.py --ddip-steps 1 --skip-osem   # + one DDIP step (shipped settings) at full size
     python benchmarks/full_size.py --device cuda --xy 344 --ddip-steps 50 --ddip-paper-steps 10   # GPU items
+    python benchmarks/full_size.py --simulate benchmarks/full_size_study.yaml   # simulate's wall time, peak RSS
     python benchmarks/full_size.py --ddip runs/full_size_study --set num_subsets=14   # a whole DDIP run, split
                                                          # by part, + metrics vs the truth and OSEM 2 x 21's
 
@@ -341,6 +342,26 @@ def run_ddip_study(study: Path, threads: int, device: str, overrides: list[str],
               f"{_fmt_metrics(_region_metrics(osem.x.detach().cpu().numpy(), study))}", flush=True)
 
 
+def run_simulate(config: Path, overrides: list[str], keep: Path | None) -> None:
+    """Time ``sirf-ddip simulate CONFIG`` (e.g. ``full_size_study.yaml``) in a subprocess and print its peak RSS
+    (the figure the memory target is about; not a timed test)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="sirf_ddip_bench_sim_") as tmp:
+        out = keep if keep is not None else Path(tmp) / "study"
+        cmd = [sys.executable, "-m", "sirf_ddip", "simulate", str(config), "--out", str(out), "--overwrite",
+               *[a for kv in overrides for a in ("--set", kv)]]
+        print("\n== " + " ".join(cmd[1:]), flush=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "SIRF_DDIP_PROGRESS": "0"}
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(f"{'sirf-ddip simulate (whole)':28s}{time.perf_counter() - t0:8.1f} s wall "
+              f"{usage.ru_utime + usage.ru_stime:8.1f} s cpu  exit {r.returncode}; peak RSS "
+              f"{usage.ru_maxrss / 2 ** 20:.2f} GB  [load {' '.join(f'{v:.1f}' for v in os.getloadavg())}]",
+              flush=True)
+
+
 def run_cli_osem(geom: SinogramGeometry, xy: int, subsets: int, threads: int, folder: Path | None) -> None:
     """Write a study (Poisson prompts of the phantom, a uniform initial image) and time the whole
     ``sirf-ddip osem --iterations 1 --subsets S`` command (set-up, subset sensitivities, one iteration) in a
@@ -408,11 +429,18 @@ def main(argv=None) -> int:
                     help="a whole DDIP run on this simulated study folder (sirf-ddip simulate, e.g. "
                          "benchmarks/full_size_study.yaml), split by part, with image metrics vs the truth")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="with --ddip: key=value over the shipped DDIP settings (repeatable)")
+                    help="with --ddip: key=value over the shipped DDIP settings; with --simulate: over the "
+                         "simulation config (repeatable)")
     ap.add_argument("--osem-iterations", type=int, default=2,
                     help="with --ddip: OSEM iterations of the baseline on the same data (0 = none; default 2)")
     ap.add_argument("--ddip-out", default=None, help="with --ddip: write the DDIP image here (.hv)")
+    ap.add_argument("--simulate", default=None, metavar="CONFIG",
+                    help="only time `sirf-ddip simulate CONFIG` (+ --set overrides) and print its peak RSS")
+    ap.add_argument("--simulate-out", default=None, help="with --simulate: keep the study there")
     args = ap.parse_args(argv)
+    if args.simulate:
+        run_simulate(Path(args.simulate), args.overrides, Path(args.simulate_out) if args.simulate_out else None)
+        return 0
     if args.ddip:
         torch.set_num_threads(args.threads)
         dev = "cpu" if args.device == "all" else args.device
