@@ -310,6 +310,7 @@ def test_log_likelihood_every_k_steps_and_always_at_the_end(bundle, every, steps
     for s, v in zip(steps, r.loglik_history):
         assert v == pytest.approx(float(ds.value(outs[s - 1])), rel=1e-12)
     assert dc["loglik_output"] == pytest.approx(float(ds.value(r.x)), rel=1e-12)
+    assert r.progress_info()["loglik_step"] == steps[-1]
     # a diagnostic only: the image and the evaluated values are those of the every-step run
     torch.testing.assert_close(r.x, ref.x, rtol=0, atol=0)
     assert r.loglik_history == [ref.loglik_history[s - 1] for s in steps]
@@ -507,3 +508,19 @@ def test_persistent_optimizer_carries_adam_moments_over_the_diffusion_steps(bund
             flipped = torch.sign(g1) != torch.sign(g2)
             assert int(flipped.sum()) >= 1
             assert float(moves[1][live][flipped].abs().max()) < 0.75 * lr
+
+
+def test_log_likelihood_steps_survive_a_checkpoint(bundle, tmp_path):
+    ds = DenseDataStep()
+    whole = make(ds, bundle, num_steps=5, loglik_every=2)
+    whole.process(progress=False)
+    first = make(ds, bundle, num_steps=5, loglik_every=2)
+    for _ in range(3):
+        first.update_current_estimate()
+    first.save_checkpoint(tmp_path / "ck")
+    second = make(ds, bundle, num_steps=5, loglik_every=2)
+    second.load_checkpoint(tmp_path / "ck")
+    assert second.loglik_steps == [2]
+    second.process(progress=False)
+    assert second.loglik_steps == whole.loglik_steps == [2, 4, 5]
+    assert second.loglik_history == whole.loglik_history

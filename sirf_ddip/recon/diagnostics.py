@@ -36,8 +36,10 @@ def data_consistency(warm_start: float | None, history: list[float], final_em: f
 
 
 def progress_fields(t: int | None, last_loss: float | None, warm_start: float | None, history: list[float],
-                    final_em: float | None, seconds: float, steps: int) -> dict[str, Any]:
-    """The fields of a progress line: the step's ``t``, the fine-tuning loss, log-likelihood and its gain, s/step."""
+                    final_em: float | None, seconds: float, steps: int,
+                    loglik_step: int | None = None) -> dict[str, Any]:
+    """The fields of a progress line: the step's ``t``, the fine-tuning loss, the latest log-likelihood and its
+    gain (with ``loglik_step``, the step it was computed after, when given), s/step."""
     info: dict[str, Any] = {}
     if t is not None:
         info["t"] = int(t)
@@ -48,6 +50,8 @@ def progress_fields(t: int | None, last_loss: float | None, warm_start: float | 
         info["loglik"] = float(f"{last:.8g}")
         if warm_start is not None:
             info["dloglik"] = float(f"{last - warm_start:.5g}")
+        if loglik_step is not None:
+            info["loglik_step"] = int(loglik_step)
     if steps > 0 and seconds:
         info["s/step"] = round(seconds / steps, 3)
     return info
@@ -74,7 +78,8 @@ class DiagnosticsMixin:
         """The fields of the progress line (:func:`progress_fields`)."""
         t = self.sampler.t(self.iteration - 1) if self.configured and self.iteration > 0 else None
         return progress_fields(t, self.last_loss, self.loglik_warm_start, self.loglik_history,
-                               self.loglik_final_em, self.timings.get("total") or 0.0, self.iteration)
+                               self.loglik_final_em, self.timings.get("total") or 0.0, self.iteration,
+                               self.loglik_steps[-1] if self.loglik_steps else None)
 
     def timing_report(self) -> dict[str, float]:
         """Mean seconds per diffusion step by part (network forward, fine-tune backward, projector, EM, total)."""
