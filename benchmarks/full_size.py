@@ -16,6 +16,9 @@ Examples::
     python benchmarks/full_size.py --cli                 # the whole `sirf-ddip osem --subsets 21` command
     python benchmarks/full_size.py --ddip-steps 1 --skip-osem   # + one DDIP step (shipped settings) at full size
     python benchmarks/full_size.py --device cuda --xy 344 --ddip-steps 50 --ddip-paper-steps 10   # GPU items
+    python benchmarks/full_size.py --simulate benchmarks/full_size_study.yaml   # simulate's wall time, peak RSS
+    python benchmarks/full_size.py --ddip runs/full_size_study --set num_subsets=14   # a whole DDIP run, split
+                                                         # by part, + metrics vs the truth and OSEM 2 x 21's
 
 Run under ``/usr/bin/time -v`` for the whole process's peak RSS.
 """
@@ -241,6 +244,124 @@ def run(dev: torch.device, geom: SinogramGeometry, xy: int, threads: int, subset
           flush=True)
 
 
+def _region_metrics(x: np.ndarray, study: Path) -> dict:
+    """Brain PSNR / SSIM and the mean bias (%) of every lesion / departure region (``ddip_sweep.case_regions``)
+    of ``x`` against the study's truth."""
+    from ddip_sweep import case_regions  # same folder
+
+    from sirf_ddip.io import read_image
+    from sirf_ddip.study.metrics import mean_bias, psnr, ssim
+
+    truth = read_image(study / "truth.hv").array.astype(np.float64)
+    brain = read_image(study / "mask_brain.hv").array > 0.5
+    arr = np.asarray(x, np.float64)
+    return {"psnr": psnr(arr, truth, brain), "ssim": ssim(arr, truth, brain),
+            "bias": [mean_bias(arr, truth, m) for m in case_regions(study)],
+            "activity": float(arr.sum() / max(float(truth.sum()), 1e-30) - 1.0)}
+
+
+def _fmt_metrics(m: dict) -> str:
+    bias = " / ".join(f"{b:+.1f}" for b in m["bias"]) or "none"
+    return (f"brain PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, region biases (%) {bias}, total activity "
+            f"{100 * m['activity']:+.1f} %")
+
+
+def run_ddip_study(study: Path, threads: int, device: str, overrides: list[str], osem_iterations: int,
+                   osem_subsets: int, out: Path | None) -> None:
+    """A whole DDIP reconstruction of a simulated study (``sirf-ddip simulate``; e.g. ``full_size_study.yaml``)
+    with the shipped settings + ``overrides``, timed by part, and its image metrics against the truth.
+
+    After every diffusion step it prints the run so far split into warm start, set-up (data, projector,
+    prior, sensitivities), projector (the image steps' forward + back projections), EM arithmetic, network
+    (inference, and the forwards of fine-tuning), fine-tuning (backward + AdamW), diagnostics (the
+    log-likelihood) and the rest, so a run stopped early still gives its split; at the end the output's metrics
+    (brain PSNR, SSIM, region biases) and, with ``osem_iterations > 0``, OSEM's on the same data.
+    """
+    from sirf_ddip.io import read_image, write_image
+    from sirf_ddip.physics.model import EngineLogLikelihood
+    from sirf_ddip.recon.config import DDIPConfig
+    from sirf_ddip.recon.ddip import DDIPReconstructor
+    from sirf_ddip.utils.device import resolve_device
+
+    dev = resolve_device(device)
+    cfg = DDIPConfig.shipped([*overrides, f"device={dev}"])
+    t_start = time.perf_counter()
+    print(f"\n== DDIP on {study} ({dev}, {threads} thread(s)); settings: shipped + {overrides or 'nothing'}; "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
+    lik = EngineLogLikelihood.from_files(study / "prompts.hs", study / "mult_factors.hs",
+                                         study / "additive_term.hs", image_template=study / "truth.hv",
+                                         device=dev, num_subsets=cfg.num_subsets)
+    truth_img = read_image(study / "truth.hv")
+    rec = DDIPReconstructor(cfg)
+    rec.set_objective_function(lik)
+    rec.set_anatomical_image(read_image(study / "mr.hv"))
+    rec.set_up(truth_img.with_array(np.zeros(truth_img.grid.shape, np.float32)))
+    rec.initialise()
+    _sync(dev)
+    t_init = rec.timings.get("init", 0.0)
+    setup = time.perf_counter() - t_start - t_init - rec.timings.get("loglik", 0.0)
+    n = rec.config.num_steps
+    print(f"{'set-up':28s}{setup:8.1f} s (data, projector, prior, sensitivities); warm start {t_init:.1f} s "
+          f"({rec.counts.get('init_em', 0)} EM sub-iterations, {cfg.num_subsets} subset(s)); "
+          f"{rec.prior_planes_summary()}; peak RSS {_rss_gb():.2f} GB", flush=True)
+
+    def split(final: bool) -> str:
+        tm, k = rec.timings, max(rec.iteration, 1)
+        wall = time.perf_counter() - t_start
+        parts = {"warm start": tm.get("init", 0.0), "set-up": setup, "projector": tm.get("projector", 0.0),
+                 "EM": tm.get("em", 0.0), "network": tm.get("network_forward", 0.0),
+                 "fine-tuning": tm.get("finetune_backward", 0.0), "diagnostics": tm.get("loglik", 0.0)}
+        parts["other"] = wall - sum(parts.values())
+        body = ", ".join(f"{name} {v:.0f} s" for name, v in parts.items())
+        est = "" if final else (f"; whole run at this pace {parts['warm start'] + setup + (wall - parts['warm start'] - setup) / k * n:.0f} s")
+        return f"{wall:.0f} s wall after {rec.iteration}/{n} steps: {body}{est}"
+
+    while rec.iteration < n:
+        rec.update_current_estimate()
+        _sync(dev)
+        print(f"step {rec.iteration:3d}: {split(False)}  [load {os.getloadavg()[0]:.1f}, RSS {_rss_gb():.2f} GB]",
+              flush=True)
+    x = rec.x.detach().cpu().numpy()
+    print(f"{'DDIP whole run':28s}{split(True)}; peak RSS {_rss_gb():.2f} GB", flush=True)
+    print(f"{'DDIP image':28s}{_fmt_metrics(_region_metrics(x, study))}", flush=True)
+    if out is not None:
+        write_image(out, truth_img.with_array(x.astype(np.float32)), overwrite=True)
+    del rec
+    if osem_iterations > 0:
+        from sirf_ddip.recon.osem import OSEMReconstructor
+
+        with _Timer() as t:
+            lik.set_num_subsets(osem_subsets)
+            osem = OSEMReconstructor(lik, num_subsets=osem_subsets)
+            osem.set_num_subiterations(osem_iterations * osem_subsets)
+            init = truth_img.with_array(np.ones(truth_img.grid.shape, np.float32))
+            osem.set_up(init)
+            osem.set_current_estimate(init)
+            osem.run(osem_iterations * osem_subsets)
+        print(f"{'OSEM ' + str(osem_iterations) + ' x ' + str(osem_subsets):28s}{t.wall:8.1f} s wall; "
+              f"{_fmt_metrics(_region_metrics(osem.x.detach().cpu().numpy(), study))}", flush=True)
+
+
+def run_simulate(config: Path, overrides: list[str], keep: Path | None) -> None:
+    """Time ``sirf-ddip simulate CONFIG`` (e.g. ``full_size_study.yaml``) in a subprocess and print its peak RSS
+    (the figure the memory target is about; not a timed test)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="sirf_ddip_bench_sim_") as tmp:
+        out = keep if keep is not None else Path(tmp) / "study"
+        cmd = [sys.executable, "-m", "sirf_ddip", "simulate", str(config), "--out", str(out), "--overwrite",
+               *[a for kv in overrides for a in ("--set", kv)]]
+        print("\n== " + " ".join(cmd[1:]), flush=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "SIRF_DDIP_PROGRESS": "0"}
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(f"{'sirf-ddip simulate (whole)':28s}{time.perf_counter() - t0:8.1f} s wall "
+              f"{usage.ru_utime + usage.ru_stime:8.1f} s cpu  exit {r.returncode}; peak RSS "
+              f"{usage.ru_maxrss / 2 ** 20:.2f} GB  [load {' '.join(f'{v:.1f}' for v in os.getloadavg())}]",
+              flush=True)
+
+
 def run_cli_osem(geom: SinogramGeometry, xy: int, subsets: int, threads: int, folder: Path | None) -> None:
     """Write a study (Poisson prompts of the phantom, a uniform initial image) and time the whole
     ``sirf-ddip osem --iterations 1 --subsets S`` command (set-up, subset sensitivities, one iteration) in a
@@ -304,7 +425,29 @@ def main(argv=None) -> int:
     ap.add_argument("--slab-batch", type=int, default=None,
                     help="slabs per network call in the DDIP steps (a run option: memory and speed only; "
                          "default: the config's)")
+    ap.add_argument("--ddip", default=None, metavar="STUDY",
+                    help="a whole DDIP run on this simulated study folder (sirf-ddip simulate, e.g. "
+                         "benchmarks/full_size_study.yaml), split by part, with image metrics vs the truth")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="with --ddip: key=value over the shipped DDIP settings; with --simulate: over the "
+                         "simulation config (repeatable)")
+    ap.add_argument("--osem-iterations", type=int, default=2,
+                    help="with --ddip: OSEM iterations of the baseline on the same data (0 = none; default 2)")
+    ap.add_argument("--ddip-out", default=None, help="with --ddip: write the DDIP image here (.hv)")
+    ap.add_argument("--simulate", default=None, metavar="CONFIG",
+                    help="only time `sirf-ddip simulate CONFIG` (+ --set overrides) and print its peak RSS")
+    ap.add_argument("--simulate-out", default=None, help="with --simulate: keep the study there")
     args = ap.parse_args(argv)
+    if args.simulate:
+        run_simulate(Path(args.simulate), args.overrides, Path(args.simulate_out) if args.simulate_out else None)
+        return 0
+    if args.ddip:
+        torch.set_num_threads(args.threads)
+        dev = "cpu" if args.device == "all" else args.device
+        run_ddip_study(Path(args.ddip), args.threads, dev, args.overrides, args.osem_iterations,
+                       args.subsets or 21, Path(args.ddip_out) if args.ddip_out else None)
+        print(f"{'peak memory':28s}{_peak_gb(torch.device(dev)):8.2f} GB", flush=True)
+        return 0
     template = Path(args.template)
     if not template.is_file():
         ap.error(f"template {template} not found (use --template)")

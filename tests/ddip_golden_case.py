@@ -65,7 +65,8 @@ def settings(name: str) -> dict[str, Any]:
 
     base, over, _ = CASES[name]
     cfg = (DDIPConfig.shipped() if base == "shipped" else DDIPConfig.paper()).replace(**{**SHORT, **over})
-    return cfg.algorithm_dict() | {"device": "cpu"}
+    # the record pins the diagnostic of every step (run.loglik_every = 1; the shipped run computes every 10th)
+    return cfg.algorithm_dict() | {"device": "cpu", "loglik_every": 1}
 
 
 def run_case(name: str, bundle=None) -> dict[str, Any]:

@@ -117,7 +117,8 @@ def test_recon_writes_image_record_png_and_checkpoint(files, _patch):
     dc = rec["data_consistency"]           # the output's Poisson log-likelihood, as the data step computes it
     assert dc["loglik_output"] == pytest.approx(_patch.value(torch.as_tensor(img.array, dtype=torch.float64)),
                                                 rel=1e-6)
-    assert len(dc["loglik_per_step"]) == 4 and dc["loglik_gain"] == pytest.approx(
+    # run.loglik_every = 10 (shipped): the 4-step run evaluates it after its last step only
+    assert dc["loglik_steps"] == [4] and len(dc["loglik_per_step"]) == 1 and dc["loglik_gain"] == pytest.approx(
         dc["loglik_output"] - dc["loglik_warm_start"], rel=1e-9)
     assert (d / "res" / "x.png").stat().st_size > 1000
     assert (d / "res" / "x_checkpoint" / "ddip_checkpoint.pt").is_file()

@@ -268,7 +268,7 @@ def test_output_is_zero_outside_the_fov(bundle):
 # ---------------------------------------------------------------------- 6. the data-consistency diagnostic
 def test_log_likelihood_diagnostic_and_final_em_stage(bundle):
     ds = DenseDataStep()
-    r = make(ds, bundle, num_steps=3)
+    r = make(ds, bundle, num_steps=3, loglik_every=1)
     r.initialise()
     warm = r.x.clone()
     r.process(progress=False)
@@ -281,7 +281,7 @@ def test_log_likelihood_diagnostic_and_final_em_stage(bundle):
     assert info["loglik"] == pytest.approx(dc["loglik_output"], rel=1e-6)
 
     k = 4
-    f = make(ds, bundle, num_steps=3, final_em=k)
+    f = make(ds, bundle, num_steps=3, final_em=k, loglik_every=1)
     f.process(progress=False)
     dcf = f.data_consistency()
     assert dcf["loglik_per_step"] == dc["loglik_per_step"]          # same run up to the final stage
@@ -291,6 +291,29 @@ def test_log_likelihood_diagnostic_and_final_em_stage(bundle):
     torch.testing.assert_close(f.x, x, rtol=1e-6, atol=1e-8)        # final_em_beta = 0: plain EM from the output
     assert dcf["loglik_final_em"] == pytest.approx(ds.value(f.x), rel=1e-9)
     assert dcf["loglik_final_em"] > dc["loglik_output"]              # EM increases the likelihood
+
+
+@pytest.mark.parametrize("every, steps", [(2, [2, 4, 5]), (0, [5]), (10, [5])])
+def test_log_likelihood_every_k_steps_and_always_at_the_end(bundle, every, steps):
+    ds = DenseDataStep()
+    ref = make(ds, bundle, num_steps=5, loglik_every=1)
+    ref.process(progress=False)
+    r = make(ds, bundle, num_steps=5, loglik_every=every)
+    outs = []
+    for _ in range(5):
+        r.update_current_estimate()
+        outs.append(r.x.clone())
+    dc = r.data_consistency()
+    assert r.loglik_steps == steps and dc["loglik_steps"] == steps
+    assert len(dc["loglik_per_step"]) == len(steps)
+    # each value is the output's log-likelihood after that step, computed directly; the last one is the output's
+    for s, v in zip(steps, r.loglik_history):
+        assert v == pytest.approx(float(ds.value(outs[s - 1])), rel=1e-12)
+    assert dc["loglik_output"] == pytest.approx(float(ds.value(r.x)), rel=1e-12)
+    assert r.progress_info()["loglik_step"] == steps[-1]
+    # a diagnostic only: the image and the evaluated values are those of the every-step run
+    torch.testing.assert_close(r.x, ref.x, rtol=0, atol=0)
+    assert r.loglik_history == [ref.loglik_history[s - 1] for s in steps]
 
 
 # ---------------------------------------------------------------------- the β schedule (beta_final)
@@ -485,3 +508,19 @@ def test_persistent_optimizer_carries_adam_moments_over_the_diffusion_steps(bund
             flipped = torch.sign(g1) != torch.sign(g2)
             assert int(flipped.sum()) >= 1
             assert float(moves[1][live][flipped].abs().max()) < 0.75 * lr
+
+
+def test_log_likelihood_steps_survive_a_checkpoint(bundle, tmp_path):
+    ds = DenseDataStep()
+    whole = make(ds, bundle, num_steps=5, loglik_every=2)
+    whole.process(progress=False)
+    first = make(ds, bundle, num_steps=5, loglik_every=2)
+    for _ in range(3):
+        first.update_current_estimate()
+    first.save_checkpoint(tmp_path / "ck")
+    second = make(ds, bundle, num_steps=5, loglik_every=2)
+    second.load_checkpoint(tmp_path / "ck")
+    assert second.loglik_steps == [2]
+    second.process(progress=False)
+    assert second.loglik_steps == whole.loglik_steps == [2, 4, 5]
+    assert second.loglik_history == whole.loglik_history

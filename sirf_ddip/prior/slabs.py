@@ -110,26 +110,45 @@ def gather_slabs(vol: torch.Tensor, slab: int, idx: torch.Tensor) -> torch.Tenso
     return vol[slab_planes(vol.shape[0], slab, idx)]
 
 
+#: names of :func:`run_network`'s network precisions (``network_precision`` in the DDIP config)
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
 def run_network(network: nn.Module, xs: torch.Tensor, t: int, ms: torch.Tensor | None = None,
-                pad_value: float = 0.0, mr_pad_value: float = -1.0, mr_guidance: float = 1.0) -> torch.Tensor:
+                pad_value: float = 0.0, mr_pad_value: float = -1.0, mr_guidance: float = 1.0,
+                channels_last: bool = False, precision: str = "float32") -> torch.Tensor:
     """ε of a batch of slabs ``xs [b, slab, H, W]`` (MR slabs ``ms`` iff the network uses MR), with ``H, W``
     padded to the network's multiple by the constants ``pad_value`` / ``mr_pad_value`` and cropped back.
 
     ``mr_guidance`` ``w`` (:mod:`sirf_ddip.prior.guidance`): 1 is the one MR-conditioned call; otherwise the
     network's learned "no MR" input gives ε̂_uncond and the result is ``ε̂_uncond + w (ε̂_cond − ε̂_uncond)``.
+    ``channels_last``: the inputs in channels-last memory order (for a network converted with
+    ``network.to(memory_format=torch.channels_last)``; the same numbers up to float rounding). ``precision``:
+    ``"float32"``, or ``"bfloat16"`` (autocast on the inputs' device; changes the numbers). ε is returned in
+    ``xs``'s dtype either way.
     """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"key 'network_precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     multiple = int(getattr(network, "spatial_multiple", 1))
     xp, pad = _pad_hw(xs, multiple, pad_value)
     mp = _pad_hw(ms, multiple, mr_pad_value)[0] if ms is not None else None
+    if channels_last:
+        xp = xp.contiguous(memory_format=torch.channels_last)
+        mp = mp.contiguous(memory_format=torch.channels_last) if mp is not None else None
     tb = torch.full((xs.shape[0],), int(t), dtype=torch.long, device=xs.device)
-    if mp is None:
-        eps = network(xp, tb)
-    elif not needs_unconditioned(mr_guidance):
-        eps = network(xp, tb, mp)
-    else:
-        cond = network(xp, tb, mp) if needs_conditioned(mr_guidance) else None
-        eps = guided_eps(cond, network(xp, tb, mp, drop_mr=True), mr_guidance)
-    return crop_padding(eps, pad)
+    amp = PRECISIONS[precision]
+    with torch.autocast(device_type=xs.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        if mp is None:
+            eps = network(xp, tb)
+        elif not needs_unconditioned(mr_guidance):
+            eps = network(xp, tb, mp)
+        else:
+            cond = network(xp, tb, mp) if needs_conditioned(mr_guidance) else None
+            eps = guided_eps(cond, network(xp, tb, mp, drop_mr=True), mr_guidance)
+    eps = crop_padding(eps, pad)
+    if amp is not None or channels_last:
+        eps = eps.to(xs.dtype).contiguous()
+    return eps
 
 
 def _pad_hw(x: torch.Tensor, multiple: int, value: float):
@@ -223,6 +242,11 @@ class DiffusionPrior:
         Background of the MR in network units (for ``H, W`` padding).
     batch_size : int
         Slabs per network call (memory only).
+    channels_last : bool
+        Run the network in channels-last memory order (convert the network too:
+        ``network.to(memory_format=torch.channels_last)``; :func:`run_network`).
+    precision : str
+        ``"float32"`` or ``"bfloat16"`` (autocast; :func:`run_network`).
 
     Attributes
     ----------
@@ -234,7 +258,10 @@ class DiffusionPrior:
     def __init__(self, network: nn.Module, schedule, pet_scaling, mr_net: torch.Tensor | None = None,
                  mr_pad_value: float = -1.0, batch_size: int = 8,
                  timings: dict[str, float] | None = None, counts: dict[str, int] | None = None,
-                 grid=None, mr_guidance: float = 1.0):
+                 grid=None, mr_guidance: float = 1.0, channels_last: bool = False, precision: str = "float32"):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"key 'network_precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.channels_last, self.precision = bool(channels_last), str(precision)
         self.grid = grid  # a PriorGrid (PET grid <-> the prior's in-plane grid) or None
         self.network = network
         self.schedule = schedule
@@ -299,7 +326,7 @@ class DiffusionPrior:
         t0 = time.perf_counter()
         eps = run_network(self.network, gather_slabs(x_t, self.slab, idx), t, ms,
                           pad_value=self.pet_scaling.lo * math.sqrt(a), mr_pad_value=self.mr_pad_value,
-                          mr_guidance=self.mr_guidance)
+                          mr_guidance=self.mr_guidance, channels_last=self.channels_last, precision=self.precision)
         self.timings["network_forward"] = self.timings.get("network_forward", 0.0) + time.perf_counter() - t0
         self.counts["slab_forwards"] = self.counts.get("slab_forwards", 0) + int(idx.numel())
         return eps

@@ -153,6 +153,7 @@ class CheckpointMixin:
                 "pet_scale": float(self.pet_scaler.scale), "last_loss": self.last_loss,
                 "user_init": bool(self._user_init), "loglik_warm_start": self.loglik_warm_start,
                 "loglik_history": [float(v) for v in self.loglik_history], "loglik_final_em": self.loglik_final_em,
+                "loglik_steps": [int(v) for v in self.loglik_steps],
                 "prior_grid": None if self.prior_grid is None else self.prior_grid.describe(),
                 "prior_planes": [bool(v) for v in planes.tolist()] if planes is not None else None,
                 "timings": dict(self.timings), "counts": dict(self.counts)}
@@ -171,6 +172,8 @@ class CheckpointMixin:
         self.last_loss, self._user_init = state.get("last_loss"), bool(state.get("user_init", False))
         self.loglik_warm_start, self.loglik_final_em = state.get("loglik_warm_start"), state.get("loglik_final_em")
         self.loglik_history = [float(v) for v in state.get("loglik_history", [])]
+        # a checkpoint from before run.loglik_every holds the diagnostic of every step
+        self.loglik_steps = [int(v) for v in state.get("loglik_steps", range(1, len(self.loglik_history) + 1))]
         planes = state.get("prior_planes")   # a checkpoint from before prior_planes ran the prior on every plane
         self._use_prior_planes(torch.tensor(planes, dtype=torch.bool) if planes is not None else None)
         for mine, key in ((self.timings, "timings"), (self.counts, "counts")):   # the whole run's time and work

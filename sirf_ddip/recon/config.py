@@ -32,7 +32,7 @@ from ..errors import ConfigError, ConfigWarning
 SHIPPED_CONFIG = Path(__file__).resolve().parent / "ddip.yaml"
 
 #: keys of :class:`DDIPRunOptions` (accepted flat for convenience)
-RUN_KEYS = ("device", "num_threads", "slab_batch", "checkpoint_every")
+RUN_KEYS = ("device", "num_threads", "slab_batch", "checkpoint_every", "loglik_every", "channels_last")
 
 #: the authors' settings (DDIPrecon_for_PET ``run_ddiprecon_2d.sh`` / the paper), in this package's units:
 #: their β = 0.01 is for images in [0, 1]; our network range is [−1, 1], so the same penalty is β = 0.0025 here.
@@ -89,15 +89,25 @@ class DDIPRunOptions:
         Slabs per network forward (memory knob).
     checkpoint_every : int
         Diffusion steps between checkpoints in ``run``/CLI (0 = only at the end).
+    loglik_every : int
+        Diffusion steps between evaluations of the Poisson log-likelihood diagnostic (steps ``k, 2k, ...`` and
+        always the last step; 0 = the last step only; 1 = every step, as before 0.6.1). Each evaluation is one
+        full forward projection, which at full size with view subsets costs as much as the image step's own
+        projections; every 10th step keeps it under a tenth of them (``benchmarks/validation/speed.md``).
+    channels_last : bool
+        Run the network in channels-last memory order (the same image up to float rounding; a speed lever,
+        measured in ``benchmarks/validation/speed.md``).
     """
 
     device: str = "auto"
     num_threads: int = 1
     slab_batch: int = 8
     checkpoint_every: int = 10
+    loglik_every: int = 10
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("num_threads", "checkpoint_every"):
+        for key in ("num_threads", "checkpoint_every", "loglik_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"DDIP config: key 'run.{key}' must be >= 0 (got {getattr(self, key)!r})")
         if self.slab_batch < 1:
@@ -267,6 +277,10 @@ class DDIPConfig:
         hotter voxels, so the upper bound leaves room for hot spots (3 = twice the reference level).
     seed : int
         Seed of every random draw (noise, mini-batches, LoRA A-matrices).
+    network_precision : str
+        ``"float32"`` (default) or ``"bfloat16"``: the score network's forward (and fine-tuning backward) under
+        bf16 autocast; faster on CPUs with bf16 instructions and on GPUs, and it changes the image (see
+        ``benchmarks/validation/speed.md``).
     run : DDIPRunOptions
         Device, CPU threads, slab batch, checkpoint interval (do not change the result).
     """
@@ -309,6 +323,7 @@ class DDIPConfig:
     finetune_slabs: int = 2
     x0_clamp: list = field(default_factory=lambda: [-1.0, 3.0])
     seed: int = 0
+    network_precision: str = "float32"
     run: DDIPRunOptions = field(default_factory=DDIPRunOptions)
 
     # run options, readable flat (cfg.device == cfg.run.device)
@@ -316,6 +331,8 @@ class DDIPConfig:
     num_threads = property(lambda self: self.run.num_threads, doc="``run.num_threads``")
     slab_batch = property(lambda self: self.run.slab_batch, doc="``run.slab_batch``")
     checkpoint_every = property(lambda self: self.run.checkpoint_every, doc="``run.checkpoint_every``")
+    loglik_every = property(lambda self: self.run.loglik_every, doc="``run.loglik_every``")
+    channels_last = property(lambda self: self.run.channels_last, doc="``run.channels_last``")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -350,7 +367,8 @@ class DDIPConfig:
         choices = {"em_start": ("x0", "previous"), "eta_mode": ("dds", "ddim"), "lora_init": ("authors", "peft"),
                    "adapter_rule": ("authors", "legacy"), "finetune_target": ("data", "fold"),
                    "prior_grid": ("pad_crop", "resample"), "ddim_x0": ("network", "hqs"),
-                   "prior_planes": ("anatomy", "all"), "finetune_optimizer": ("reset", "persist")}
+                   "prior_planes": ("anatomy", "all"), "finetune_optimizer": ("reset", "persist"),
+                   "network_precision": ("float32", "bfloat16")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, "must be one of " + ", ".join(repr(a) for a in allowed))

@@ -13,6 +13,9 @@ image ``x`` (activity units):
 2. DDIM/DDS step ``x_t → x_t′``: ε of the adapted network, clean image x̂0 (``ddim_x0 = "network"``) or the HQS
    image (``"hqs"``; always without fine-tuning).
 
+The Poisson log-likelihood of the output (a diagnostic: one full forward projection) is computed after every
+``run.loglik_every``-th step and the last (:attr:`loglik_steps`, :attr:`loglik_history`).
+
 Warm start: ``n_init`` MLEM-equivalent iterations, in network units by the prior's PET scaler, noised to
 ``t_start``. Output: the last clean image (activity units), zero outside the FOV, the data's own image on planes
 without the subject (``prior_planes``), then ``final_em`` EM updates. One seeded CPU generator draws all noise.
@@ -69,8 +72,10 @@ class DDIPReconstructor(CheckpointMixin, DiagnosticsMixin, PriorPlanesMixin, Ite
         self._xt = self._x_img = self._x0_net = None
         self._gen: torch.Generator | None = None
         self.last_loss: float | None = None
-        # Poisson log-likelihood of the warm start, of the output after every step, after the final EM stage
+        # Poisson log-likelihood of the warm start, of the output after the steps in loglik_steps (every
+        # run.loglik_every-th and the last), after the final EM stage
         self.loglik_warm_start, self.loglik_history, self.loglik_final_em = None, [], None
+        self.loglik_steps: list[int] = []
         self.timings, self.counts = defaultdict(float), defaultdict(int)
         self.prior_planes: torch.Tensor | None = None   # bool [Z]: planes the prior runs on (None: not chosen yet)
         self._planes: PlaneSplit | None = None
@@ -107,6 +112,8 @@ class DDIPReconstructor(CheckpointMixin, DiagnosticsMixin, PriorPlanesMixin, Ite
         self.schedule = bundle.schedule
         gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
         self.network = adapted_copy(bundle.network, self.device, cfg, gen)   # LoRA B = 0: exactly the prior
+        if cfg.channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
         pet_grid = getattr(ds, "grid", None) or getattr(self._template, "grid", None)
         self.prior_grid = prior_grid_for(pet_grid, bundle, cfg.prior_grid, cfg.prior_fov_radius_mm)
         self._mr_input, self.mr_scaler, self._mr_net = condition_on_mr(
@@ -120,7 +127,8 @@ class DDIPReconstructor(CheckpointMixin, DiagnosticsMixin, PriorPlanesMixin, Ite
         self.prior = DiffusionPrior(self.network, self.schedule, bundle.pet_scaling, mr_net=self._mr_net,
                                     mr_pad_value=self.mr_scaler.lo if self.mr_scaler is not None else -1.0,
                                     batch_size=cfg.slab_batch, timings=self.timings, counts=self.counts,
-                                    grid=self.prior_grid, mr_guidance=cfg.mr_guidance)
+                                    grid=self.prior_grid, mr_guidance=cfg.mr_guidance,
+                                    channels_last=cfg.channels_last, precision=cfg.network_precision)
         self.adaptation = LoRAAdaptation.from_config(cfg, self.prior, gen)
         self.image_step = ImageStep(ds, self._num_subsets, self.timings, self.counts,
                                     fov_of(ds, self.prior_grid) if cfg.fov_mask else None)
@@ -169,7 +177,7 @@ class DDIPReconstructor(CheckpointMixin, DiagnosticsMixin, PriorPlanesMixin, Ite
         self._x_img, self._x0_net, self.x = x0.clone(), self.sampler.clamp(u0), x0.clone()
         self.iteration, self.image_step.em_counter = 0, 0
         self.loglik_warm_start = self.image_step.log_likelihood(self.x)
-        self.loglik_history, self.loglik_final_em = [], None
+        self.loglik_history, self.loglik_steps, self.loglik_final_em = [], [], None
 
     # ------------------------------------------------------------------ one diffusion step
     def update_current_estimate(self) -> None:
@@ -199,13 +207,20 @@ class DDIPReconstructor(CheckpointMixin, DiagnosticsMixin, PriorPlanesMixin, Ite
         self._xt = sampler.step(xt, eps, i, x0, self._randn(xt.shape))
         self._x0_net = x0
         out = self._output(x0)
-        self.loglik_history.append(self.image_step.log_likelihood(out))
+        if self._loglik_due(i):
+            self.loglik_history.append(self.image_step.log_likelihood(out))
+            self.loglik_steps.append(i + 1)
         if i == len(sampler) - 1 and cfg.final_em > 0:
             out = self.image_step.final_em(out, beta_activity(cfg.final_em_beta, self.pet_scaler.gain),
                                            cfg.final_em, 1e-3 * float(self.pet_scaler.scale))
             self.loglik_final_em = self.image_step.log_likelihood(out)
         self.timings["total"] += time.perf_counter() - t_step
         return out
+
+    def _loglik_due(self, i: int) -> bool:
+        """Whether the diagnostic runs after step ``i`` (0-based): every ``run.loglik_every``-th and the last."""
+        k = int(self.config.loglik_every)
+        return i == len(self.sampler) - 1 or (k > 0 and (i + 1) % k == 0)
 
     def _finetune(self, xt: torch.Tensor, t: int) -> None:
         """K AdamW steps on the adapters (:meth:`LoRAAdaptation.finetune`), each against a new HQS image step."""

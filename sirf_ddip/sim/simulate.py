@@ -383,63 +383,94 @@ def simulate_data(truth: np.ndarray, mu_map_per_cm: np.ndarray, geometry, forwar
     """
     if target_trues <= 0:
         raise ConfigError(f"target trues must be > 0, got {target_trues}")
+    # Memory: at full size (mMR span 11, 72.6 M bins) every float64 sinogram is 0.58 GB, so the arrays are made
+    # in place and freed as soon as they are used (the same operations in the same order as the plain
+    # expressions in the comments, hence the same numbers bit for bit; issue 33: 8.2 GB peak before).
     shape = tuple(geometry.shape)
     tof = bool(getattr(geometry, "is_tof", False))
     sino_shape = tuple(geometry.sinogram_shape) if tof else shape
-    ax = np.asarray(forward(np.asarray(truth, dtype=np.float32)), dtype=np.float64)
+    ax = np.array(forward(np.asarray(truth, dtype=np.float32)), dtype=np.float64)   # our own copy: made in place
     if ax.shape != shape:
         raise GeometryMismatchError(f"forward projection shape {ax.shape} != geometry shape {shape}")
     mu_fwd = forward if mu_forward is None else mu_forward
-    mu_proj = np.asarray(mu_fwd(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64)
-    if mu_proj.shape != sino_shape:
-        raise GeometryMismatchError(f"μ-map forward projection shape {mu_proj.shape} != (non-TOF) geometry shape "
+    att = np.array(mu_fwd(np.asarray(mu_map_per_cm, dtype=np.float32)), dtype=np.float64)
+    if att.shape != sino_shape:
+        raise GeometryMismatchError(f"μ-map forward projection shape {att.shape} != (non-TOF) geometry shape "
                                     f"{sino_shape}")
-    att = np.exp(-0.1 * float(length_unit_mm) * mu_proj)
+    att *= -0.1 * float(length_unit_mm)
+    np.exp(att, out=att)                                   # att = exp(-0.1 L mu_proj)
+    att_stats = {"mean_attenuation_factor": float(att.mean()), "min_attenuation_factor": float(att.min())}
     eff = detector_efficiencies(geometry.non_tof() if tof else geometry, rng, efficiency_sd)
     norm_att = eff * att
     c = target_trues / float((norm_att * ax).sum())
-    mult32 = (c * norm_att).astype(np.float32)
+    norm_att *= c
+    mult32 = norm_att.astype(np.float32)                   # (c * norm_att) in float32
+    del norm_att
     mult = mult32.astype(np.float64)
-    trues = mult * ax
-    t_total = float(trues.sum())
+    t_total = float((mult * ax).sum())                     # the expected trues
+    trues_brain = None
+    if brain_fraction is not None:
+        trues_brain = float((mult * np.asarray(forward(np.asarray(truth * brain_fraction, dtype=np.float32)),
+                                               dtype=np.float64)).sum())
     # scatter: attenuated object projection blurred heavily, detected with the efficiencies
     s_total = scatter_fraction / (1.0 - scatter_fraction) * t_total
-    scatter = np.zeros(shape)
+    scatter = None
     if s_total > 0:
         bin_mm = float(np.median(np.abs(np.diff(geometry.s())))) if geometry.num_tangential > 1 else 2.0
         if scatter_shape is not None:
-            scat_shape = np.asarray(scatter_shape, dtype=np.float64).reshape(shape) * eff
-            total = float(scat_shape.sum())
-            if not (np.isfinite(scat_shape).all() and scat_shape.min() >= 0 and total > 0):
+            scatter = np.asarray(scatter_shape, dtype=np.float64).reshape(shape) * eff
+            total = float(scatter.sum())
+            if not (np.isfinite(scatter).all() and scatter.min() >= 0 and total > 0):
                 raise ConfigError(f"simulation: key 'scatter_model': the given scatter shape is not a finite, "
                                   f"non-negative sinogram with a positive total (total {total:.4g}); it cannot be "
                                   f"scaled to scatter_fraction {scatter_fraction:g} (use scatter_model 'smooth')")
         elif tof:  # blurred within each TOF bin
-            scat_shape = np.stack([_smooth_sino(b * att, geometry, 40.0 / bin_mm, 3.0, 1.5) for b in ax]) * eff
+            scatter = np.stack([_smooth_sino(b * att, geometry, 40.0 / bin_mm, 3.0, 1.5) for b in ax]) * eff
         else:
-            scat_shape = _smooth_sino(ax * att, geometry, 40.0 / bin_mm, 3.0, 1.5) * eff
-        scatter = scat_shape * (s_total / scat_shape.sum())
+            tmp = ax * att
+            scatter = _smooth_sino(tmp, geometry, 40.0 / bin_mm, 3.0, 1.5)
+            del tmp
+            scatter *= eff
+        scatter *= s_total / scatter.sum()
+    del att
     # randoms: a fraction of the prompts, ∝ singles products (efficiencies), mildly modulated
     p_total = (t_total + s_total) / (1.0 - randoms_fraction)
     r_total = randoms_fraction * p_total
-    randoms = np.zeros(shape)
+    randoms = None
     if r_total > 0:
         nv = sino_shape[1]
         mod = 1.0 + 0.05 * np.cos(2 * np.pi * (np.arange(nv) / nv + rng.random()))[None, :, None]
-        r_shape = eff * mod
+        randoms = eff * mod
         if tof:  # randoms are uniform in time: evenly over the TOF bins
-            r_shape = np.broadcast_to(r_shape, shape)
-        randoms = r_shape * (r_total / r_shape.sum())
-    additive32 = ((randoms + scatter) / mult).astype(np.float32)
-    expected = mult * (ax + additive32.astype(np.float64))
-    prompts = rng.poisson(expected).astype(np.float32)
-    stats = {"calibration_counts_per_unit_Ax": c, "expected_trues": t_total, "expected_scatter": float(scatter.sum()),
-             "expected_randoms": float(randoms.sum()), "expected_prompts": float(expected.sum()),
-             "total_prompts": float(prompts.sum()), "mean_attenuation_factor": float(att.mean()),
-             "min_attenuation_factor": float(att.min())}
-    if brain_fraction is not None:
-        stats["trues_brain"] = float((mult * np.asarray(forward(np.asarray(truth * brain_fraction, dtype=np.float32)),
-                                                        dtype=np.float64)).sum())
+            r_shape = np.broadcast_to(randoms, shape)
+            randoms = r_shape * (r_total / r_shape.sum())
+        else:
+            randoms *= r_total / randoms.sum()             # r_shape * (r_total / r_shape.sum())
+    del eff
+    s_sum = float(scatter.sum()) if scatter is not None else 0.0
+    r_sum = float(randoms.sum()) if randoms is not None else 0.0
+    if randoms is None:
+        randoms = np.zeros(shape)
+    if scatter is not None:
+        randoms += scatter
+    del scatter
+    randoms /= mult
+    additive32 = randoms.astype(np.float32)               # ((randoms + scatter) / mult) in float32
+    del randoms
+    ax += additive32
+    ax *= mult
+    expected = ax                                          # mult * (ax + additive32)
+    del mult, ax
+    prompts = np.empty(shape, np.float32)                  # rng.poisson(expected), drawn in chunks (same stream)
+    flat_e, flat_p = expected.reshape(-1), prompts.reshape(-1)
+    chunk = 1 << 22
+    for i in range(0, flat_e.size, chunk):
+        flat_p[i:i + chunk] = rng.poisson(flat_e[i:i + chunk])
+    stats = {"calibration_counts_per_unit_Ax": c, "expected_trues": t_total, "expected_scatter": s_sum,
+             "expected_randoms": r_sum, "expected_prompts": float(expected.sum()),
+             "total_prompts": float(prompts.sum()), **att_stats}
+    if trues_brain is not None:
+        stats["trues_brain"] = trues_brain
     return SimulatedData(prompts=prompts, mult=mult32, additive=additive32, expected=expected, stats=stats)
 
 
