@@ -260,3 +260,35 @@ def test_petsird_tof_listmode_on_a_template_of_other_tof_bins(tmp_path, capsys):
     assert "53" in line and "55" in line, line
     assert any("warning" in e and "t53.hs" in e and "Maximum number of (unmashed) TOF time bins" in e for e in err)
     assert not out.parent.exists() or not list(out.parent.iterdir())
+    # a non-TOF template sums the file's 55 TOF bins, and says so
+    nt = _template(tmp_path, geo.non_tof(), "nt.hs")
+    rc, err = _run(["listmode", path, "--template", nt, "--out", tmp_path / "nt" / "p.hs", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert [e for e in err if "note:" in e and "has 55 TOF bins" in e and "nt.hs sums them" in e], err
+
+
+def test_tof_listmode_into_a_non_tof_template_says_so(tmp_path, capsys, monkeypatch):
+    """A non-TOF template sums a TOF listmode's bins (STIR's lm_to_projdata does the same): exit 0, the counts are
+    kept, and one note names the file's TOF bins and the template, so the collapse to non-TOF is never silent;
+    a non-TOF listmode gives no note."""
+    from test_siemens_tof_listmode import NTOF, RINGS, TANG, DETS, _word, _write_lm
+
+    from sirf_ddip.geometry import scanner as scanner_module
+    from sirf_ddip.io import read_projdata
+    sc = scanner_module._p("Test TOF 4-ring", RINGS, TANG, TANG, DETS, 100.0, 5.0, 4.0, 2.0, 0.0,
+                           tof=(NTOF, 40.0, 250.0))
+    monkeypatch.setattr(scanner_module, "_PRESETS", scanner_module._PRESETS + [(("Test TOF 4-ring", "T4"), sc)])
+    tmpl = _template(tmp_path, SinogramGeometry(sc, span=1))
+    for name, ntof, notes in (("tof", NTOF, 1), ("nontof", 1, 0)):
+        k = (1, 4, 2) if ntof > 1 else (0, 0, 0)  # Siemens TOF bins of the three events
+        words = [1 << 31, _word(k[0], 0, 2, 3, -4), _word(k[1], 0, 2, 3, -4), _word(k[2], 1, 0, 11, 5),
+                 (1 << 31) | 3]
+        lm = _write_lm(tmp_path, words, ntof=ntof, name=name)
+        out = tmp_path / name / "p.hs"
+        rc, err = _run(["listmode", lm, "--template", tmpl, "--out", out, "--no-progress"], capsys)
+        assert rc == 0, err
+        assert read_projdata(out).array.sum() == 3
+        hits = [e for e in err if "note:" in e]
+        assert len(hits) == notes, err
+        if notes:
+            assert f"{name}.l.hdr has {NTOF} TOF bins" in hits[0] and "tmpl.hs" in hits[0] and "sums them" in hits[0]
