@@ -16,9 +16,9 @@ STIR is shipped or needed otherwise) it also runs STIR's TOF ray tracer on the s
   next to ours, and STIR's output against the shared file (the same STIR gives the same numbers);
 - ``stir_3d_tof``: a 3-D TOF case made on the spot with that STIR (GE Discovery 690, 4 rings, span 1, 7 segments,
   72 views, 101 tangential positions, 11 TOF bins of mash 5, STIR's default z grid of 7 planes, 64 x 64 voxels of
-  4.26 mm): STIR's forward projection of a phantom and of a point, its back projection of ones and of its
-  TOF-resolved forward projection, each against ours (relative L2), and the point's TOF peak bin per view and
-  segment against STIR's.
+  4.26 mm, and again on 5 planes, where STIR's TOF z and its ray tracer's differ): STIR's forward projection of a
+  phantom and of a point, its back projection of ones and of its TOF-resolved forward projection, each against
+  ours (relative L2), and the point's TOF peak bin per view and sinogram against STIR's.
 
 Example::
 
@@ -158,8 +158,9 @@ def stir_d690_timing(stir_bin: Path, d: Path, work: Path, repeats: int, threads:
     return out
 
 
-def stir_3d_tof(stir_bin: Path, work: Path, threads: int | None, device: str) -> dict:
-    """A 3-D TOF case made with STIR on the spot (see the module docstring) against our TOF projector."""
+def stir_3d_tof(stir_bin: Path, work: Path, threads: int | None, device: str, planes: int | None = None) -> dict:
+    """A 3-D TOF case made with STIR on the spot (see the module docstring) against our TOF projector; ``planes``
+    replaces STIR's default 7 image planes (same voxel size), where STIR's TOF z and the ray tracer's differ."""
     from sirf_ddip.data import Image, ProjData
     from sirf_ddip.io import read_image, read_projdata, write_image, write_projdata
 
@@ -167,6 +168,10 @@ def stir_3d_tof(stir_bin: Path, work: Path, threads: int | None, device: str) ->
     sc = get_scanner("GE Discovery 690").with_rings(4)
     g = SinogramGeometry(sc, span=1, max_ring_diff=3, view_mashing=4, num_tangential=101, tof_mash_factor=5)
     grid = g.default_image_grid(xy=64, zoom=0.5)
+    if planes:
+        grid = ImageGrid((planes,) + tuple(grid.shape[1:]), grid.voxel_size)
+    work = work / f"3d_{grid.shape[0]}planes"
+    work.mkdir(parents=True, exist_ok=True)
     nz, ny, nx = grid.shape
     zz, yy, xx = np.mgrid[:nz, :ny, :nx]
     c = (ny - 1) / 2
@@ -175,7 +180,7 @@ def stir_3d_tof(stir_bin: Path, work: Path, threads: int | None, device: str) ->
     ph[(zz == 0) | (zz == nz - 1)] *= 0.5
     ph = ph.astype(np.float32)
     pt = np.zeros(grid.shape, np.float32)
-    pt[2, 18, 45] = 1.0  # off-centre in x, y and z: oblique segments see a z-dependent TOF offset
+    pt[1, 18, 45] = 1.0  # off-centre in x, y and z: oblique segments see a z-dependent TOF offset
     write_projdata(work / "tmpl3d.hs", ProjData(np.zeros(g.shape, np.float32), g), overwrite=True)
     write_projdata(work / "ones3d.hs", ProjData(np.ones(g.shape, np.float32), g), overwrite=True)
     write_image(work / "phantom3d.hv", Image(ph, grid), overwrite=True)
@@ -202,7 +207,7 @@ def stir_3d_tof(stir_bin: Path, work: Path, threads: int | None, device: str) ->
     mask = s_tofsum.max(axis=-1) > 0.05 * s_tofsum.max()  # (sinogram, view)
     s_peak = s_pt.sum(-1).argmax(0)[mask]
     o_peak = o_pt.sum(-1).argmax(0)[mask]
-    out = dict(case="stir_3d_tof", geometry=g.describe(), image=list(grid.shape),
+    out = dict(case=f"stir_3d_tof_{nz}planes", geometry=g.describe(), image=list(grid.shape),
                voxel_mm=[round(v, 4) for v in grid.voxel_size], stir_threads=threads,
                forward_rel_l2=_rel(o_fw, s_fw.array),
                tof_sum_ours_vs_stir_nontof_sum_rel_l2=_rel(o_fw.sum(0), s_fw.array.sum(0)),
@@ -268,6 +273,7 @@ def main(argv=None) -> int:
             if rows:  # d690_tof_2d
                 rows.append(stir_d690_timing(stir_bin, d, work, args.repeats, threads, rows[0]))
             rows.append(stir_3d_tof(stir_bin, work, threads, args.device))
+            rows.append(stir_3d_tof(stir_bin, work, threads, args.device, planes=5))
     if not args.skip_vision:
         # a 3-D TOF geometry: Vision 600 (214 ps), 8 rings, span 1, 33 TOF bins (Siemens' TOF mashing 8)
         sc = get_scanner("Siemens Vision 600").with_rings(8)
