@@ -169,6 +169,10 @@ def run_listmode(args) -> int:
     note = f", {len(warned)} warning(s), see the run record" if warned else ""
     print(f"wrote {out}: {hist.stats['counted']:,.0f} {args.events} counted "
           f"({hist.stats['records_in_frame']:,} records in the frame, {t1 - t0:.1f} s{note})", file=sys.stderr)
+    lm_tof = int(hist.stats.get("listmode_tof_bins", 1) or 1)
+    if lm_tof > 1 and not geometry.is_tof:  # what the user asked for (STIR does the same), but never silently
+        print(f"sirf-ddip listmode: note: {args.listmode} has {lm_tof} TOF bins; the non-TOF template "
+              f"{args.template} sums them (as STIR's lm_to_projdata); a TOF template keeps them", file=sys.stderr)
     return 0
 
 

@@ -340,7 +340,13 @@ def _same_geometry(pd, geom, what: str, path: str) -> None:
     from ..errors import GeometryMismatchError
 
     if not pd.geometry.matches(geom):
-        raise GeometryMismatchError(f"{what} {path} [{pd.geometry.describe()}] does not match the prompts' geometry "
+        g = pd.geometry
+        tof = ""
+        if g.tof_mash_factor != geom.tof_mash_factor:  # TOF data and non-TOF, or other TOF bins: never summed
+            def bins(x):
+                return f"{x.num_tof_bins} TOF bins (TOF mashing factor {x.tof_mash_factor})" if x.is_tof else "non-TOF"
+            tof = f" [key 'TOF mashing factor']: {bins(g)}, the prompts {bins(geom)};"
+        raise GeometryMismatchError(f"{what} {path}{tof} [{g.describe()}] does not match the prompts' geometry "
                                     f"[{geom.describe()}]")
 
 

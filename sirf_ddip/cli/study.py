@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -64,15 +65,33 @@ def _simulate(args) -> int:
             d = deep_merge(cfg.simulation, c.simulation)
             d.update(tracer=c.tracer, dose_fraction=c.dose_fraction, seed=c.seed)
             sc = from_dict(SimulationConfig, d, source=f"{args.config} (case {c.name})")
-            simulate_study(sc, out / c.name, overwrite=args.overwrite)
+            with _config_named(f"{args.config} (case {c.name})", args.set):
+                simulate_study(sc, out / c.name, overwrite=args.overwrite)
             print(f"{c.name}: {out / c.name}")
         print(f"simulated {len(cfg.cases)} case(s) in {time.perf_counter() - t0:.1f} s")
         return 0
     sc = from_dict(SimulationConfig, data, source=str(args.config))
     t0 = time.perf_counter()
-    simulate_study(sc, out, overwrite=args.overwrite)
+    with _config_named(str(args.config), args.set):
+        simulate_study(sc, out, overwrite=args.overwrite)
     print(f"simulated {out} in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+@contextlib.contextmanager
+def _config_named(source: str, overrides: list[str]):
+    """A ``simulation: key 'k' ...`` error of the simulation names the config file (and the ``--set`` overrides,
+    where a value may come from) instead of ``simulation``."""
+    from ..errors import ConfigError
+
+    try:
+        yield
+    except ConfigError as exc:
+        msg = str(exc)
+        if not msg.startswith("simulation: "):
+            raise
+        where = source + (f" (with --set {' '.join(overrides)})" if overrides else "")
+        raise ConfigError(f"{where}: {msg[len('simulation: '):]}") from None
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "study" / "demo.yaml"

@@ -377,6 +377,7 @@ def tof_axis_from_header(hdr: InterfileHeader) -> tuple[int, int]:
     """
     ndim = hdr.get_int("number of dimensions", 4) or 4
     if ndim <= 4:
+        _warn_tof_mash_in_4d_header(hdr)
         return 1, 0
     if ndim != 5:
         raise InputFileError(hdr.path, f"projection data have 4 dimensions (5 with TOF), header says {ndim}",
@@ -395,6 +396,28 @@ def tof_axis_from_header(hdr: InterfileHeader) -> tuple[int, int]:
         raise InputFileError(hdr.path, f"TOF data need a TOF mashing factor >= 1, got {mash}",
                              key="TOF mashing factor")
     return int(ntof), int(mash)
+
+
+def _warn_tof_mash_in_4d_header(hdr: InterfileHeader) -> None:
+    """A ``TOF mashing factor`` above 1 in a 4-D header: STIR 6.4 reads the data as non-TOF (``InterfileHeader.cxx``
+    ``InterfilePDFSHeader::post_processing`` sets ``tof_mash_factor = 0`` for 4-D data); so do we, with a
+    warning naming the key and both readings, never silently (``--strict`` refuses). Siemens' non-TOF ``.s.hdr``
+    carry ``%TOF mashing factor := 1``, which is no inconsistency."""
+    for key in ("TOF mashing factor", "%TOF mashing factor"):
+        try:
+            v = hdr.get_int(key)
+        except InputFileError:
+            v = None
+        if v is not None and v > 1:
+            from ..utils.leniency import lenient
+
+            lenient(hdr.path, f"TOF mashing factor {v} in a 4-D header (no 'matrix axis label [5] := timing "
+                    "positions'): read as non-TOF data, 1 TOF bin (as STIR 6.4); TOF data need 'number of "
+                    "dimensions := 5'", key=key,
+                    refusal=f"TOF mashing factor {v} in a 4-D header: TOF data need 'number of dimensions := 5' "
+                    "and 'matrix axis label [5] := timing positions'; non-TOF data no TOF mashing factor (STIR "
+                    "6.4 reads them as non-TOF)")
+            return
 
 
 def _is_tof(hdr: InterfileHeader) -> bool:

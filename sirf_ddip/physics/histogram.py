@@ -717,8 +717,13 @@ def histogram_petsird(path: str | os.PathLike, geometry: SinogramGeometry, start
     hi_ms = 1000.0 * end if end is not None else math.inf
     pending: list[tuple[np.ndarray, int]] = []
     npend = 0
+    try:  # the file's own TOF bins (1: non-TOF), for the record and the note that a non-TOF template sums them
+        file_tof_bins = max(int(np.asarray(info.tof_bin_edges[module_type][module_type].edges).size) - 1, 1)
+    except (AttributeError, IndexError, TypeError):
+        file_tof_bins = 1
     stats = {"listmode": str(path), "format": "PETSIRD", "time_blocks_in_frame": 0, "records_in_frame": 0,
-             "tof_bins_summed": not tof, "first_time_tag_s": None, "last_time_tag_s": None, "last_block_stop_s": None}
+             "listmode_tof_bins": file_tof_bins, "tof_bins_summed": (not tof) and file_tof_bins > 1,
+             "first_time_tag_s": None, "last_time_tag_s": None, "last_block_stop_s": None}
 
     def flush():
         nonlocal npend

@@ -83,6 +83,9 @@ def _check_shape(t: torch.Tensor, shape: tuple, name: str, ref_name: str, what: 
     if tuple(t.shape) == tuple(shape) or (non_tof_shape is not None and tuple(t.shape) == tuple(non_tof_shape)):
         return
     axes = "(TOF bins, sinograms, views, tangential)" if len(shape) == 4 else "(sinograms, views, tangential)"
+    if len(shape) == 4 and len(t.shape) == 4 and tuple(t.shape[1:]) == tuple(shape[1:]):
+        raise GeometryMismatchError(f"{what} {name} have {t.shape[0]} TOF bins but prompts {ref_name} have "
+                                    f"{shape[0]} (shape {tuple(shape)} {axes}): give them on the prompts' TOF bins")
     if len(shape) == 4 and tuple(t.shape) == tuple(shape[1:]):
         raise GeometryMismatchError(f"{what} {name} are non-TOF, shape {tuple(t.shape)}, but prompts {ref_name} "
                                     f"are TOF data of shape {tuple(shape)} {axes}: give them per TOF bin")
@@ -91,7 +94,21 @@ def _check_shape(t: torch.Tensor, shape: tuple, name: str, ref_name: str, what: 
                                     f"are non-TOF, shape {tuple(shape)}")
     raise GeometryMismatchError(f"{what} {name} has shape {tuple(t.shape)} but prompts {ref_name} have "
                                 f"shape {tuple(shape)} {axes}" + (f" (or, for TOF-independent factors, "
-                                f"{tuple(non_tof_shape)})" if non_tof_shape is not None else ""))
+                                f"{tuple(non_tof_shape)})" if non_tof_shape is not None else "")
+                                + _axes_differing(tuple(t.shape), tuple(shape), non_tof_shape))
+
+
+def _axes_differing(got: tuple, shape: tuple, non_tof_shape: tuple | None) -> str:
+    """``": 18 views, not 36"``: the axes in which ``got`` differs from the prompts' shape (or, for a 3-D
+    ``got`` and TOF prompts, from one TOF bin's shape), for the one-line error; empty if the ranks differ."""
+    names = ("TOF bins", "sinograms", "views", "tangential positions")
+    ref = shape if len(got) == len(shape) else (non_tof_shape if non_tof_shape is not None
+                                                and len(got) == len(non_tof_shape) else None)
+    if ref is None:
+        return ""
+    names = names[len(names) - len(ref):]
+    diff = [f"{g} {n}, not {r}" for g, r, n in zip(got, ref, names) if g != r]
+    return (": " + ", ".join(diff)) if diff else ""
 
 
 class SubsetOperator(LinearOperator):
@@ -311,6 +328,13 @@ class EngineLogLikelihood(PoissonLogLikelihood):
             if obj is None:
                 return None
             name = _name(obj, what)
+            og = getattr(obj, "geometry", None) if isinstance(obj, ProjData) else None
+            if tof and og is not None and getattr(og, "is_tof", False) and og.num_tof_bins != self.geometry.num_tof_bins:
+                # TOF factors on other TOF bins than the prompts' (another TOF mashing): never reinterpreted
+                raise GeometryMismatchError(
+                    f"{what} {name} [key 'TOF mashing factor']: {og.num_tof_bins} TOF bins (TOF mashing factor "
+                    f"{og.tof_mash_factor}) but prompts {self._prompts_name} have {self.geometry.num_tof_bins} "
+                    f"(TOF mashing factor {self.geometry.tof_mash_factor}): give them on the prompts' TOF bins")
             t = _as_tensor(obj, self.device, dtype)
             _check_shape(t, shape, name, self._prompts_name, what,
                          non_tof_shape=tuple(shape[1:]) if (tof and broadcast_tof) else None)

@@ -212,6 +212,8 @@ def build_geometry(cfg: SimulationConfig):
         return SinogramGeometry(sc, span=cfg.span, max_ring_diff=cfg.max_ring_diff, view_mashing=cfg.view_mashing,
                                 num_tangential=cfg.num_tangential, tof_mash_factor=cfg.tof_mash_factor)
     except ValueError as exc:
+        if "TOF" in str(exc):  # a TOF mashing factor the scanner refuses (GeometryError names what is wrong)
+            raise ConfigError(f"simulation: key 'tof_mash_factor' ({cfg.tof_mash_factor}): {exc}") from None
         raise ConfigError(f"simulation: geometry keys (span, max_ring_diff, view_mashing, num_tangential, "
                           f"tof_mash_factor): {exc}") \
             from None
