@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,9 +92,31 @@ def run_case(name: str, bundle=None) -> dict[str, Any]:
     }
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else :func:`platform.processor`, else ``"unknown"``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict[str, str]:
-    """What bit-identity depends on (the test skips when these differ from the recorded ones)."""
-    return {"torch": torch.__version__, "numpy": np.__version__, "machine": platform.machine()}
+    """What bit-identity depends on: torch, NumPy, the architecture, torch's CPU kernels and the CPU model.
+
+    Two CPUs of one architecture can dispatch different kernels (AVX2, AVX-512) and round differently, so the
+    hashes are compared only on the CPU that recorded them; elsewhere the recorded log-likelihoods are compared
+    within a float tolerance (``tests/test_ddip_golden.py``).
+    """
+    return {"torch": torch.__version__, "numpy": np.__version__, "machine": platform.machine(),
+            "cpu_capability": str(torch.backends.cpu.get_cpu_capability()), "cpu": _cpu_model()}
+
+
+def same_software(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether two environments have the same torch, NumPy and architecture (the CPU may differ)."""
+    return all(a.get(k) == b.get(k) for k in ("torch", "numpy", "machine"))
 
 
 def dumps(record: dict[str, Any]) -> str:
