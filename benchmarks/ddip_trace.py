@@ -13,9 +13,12 @@ brain and the mean bias (%) of every lesion/region (:func:`ddip_sweep.case_regio
 - ``ddim_x0``: the clean image the DDIM/DDS step uses (``ddim_x0 = hqs``: the HQS image with the smoothed
   correction), which is also the step's output.
 
-The last line is the output's full record (PSNR, SSIM, biases, log-likelihood, seconds), the same numbers as a
-``ddip_sweep.py`` row of the same settings (the extra forwards draw no random numbers). Use it to decide which part
-of the method (warm start, prior, fine-tuning, data step) sets a region's bias.
+``--init truth`` starts the run from the truth instead of the MLEM warm start (the PET scaler is then fitted on the
+truth): a region that is filled from there too is filled by the method's own fixed point (prior + image step), not
+by the warm start. The last line is the output's full record (PSNR, SSIM, biases, log-likelihood, seconds), the same
+numbers as a ``ddip_sweep.py`` row of the same settings with ``--init warm`` (the extra forwards draw no random
+numbers). Use it to decide which part of the method (warm start, prior, fine-tuning, data step) sets a region's
+bias.
 
 Example::
 
@@ -52,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None, help="prior weights (default: shipped)")
     ap.add_argument("--base-every", type=int, default=5, help="score the un-adapted prior's x̂0 every N steps "
                     "(0 = never)")
+    ap.add_argument("--init", choices=("warm", "truth"), default="warm",
+                    help="start from the MLEM warm start (DDIP's own) or from the truth: a region the run still "
+                         "fills from the truth is filled by the method's fixed point, not by the warm start")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", required=True, help="JSON-lines output (appended)")
     args = ap.parse_args(argv)
@@ -85,7 +91,8 @@ def main(argv=None) -> int:
     sc = Scorer(case, ds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = {"case": case.name, "weights": args.weights or "default", "settings": dict(parse_overrides(args.overrides))}
+    tag = {"case": case.name, "weights": args.weights or "default", "settings": dict(parse_overrides(args.overrides)),
+           "init": args.init}
 
     def emit(rec: dict) -> None:
         with out.open("a") as f:
@@ -99,6 +106,8 @@ def main(argv=None) -> int:
     if cfg.use_mr:
         r.set_anatomical_image(mr)
     r.set_up(truth.with_array(np.zeros(truth.grid.shape, np.float32)))
+    if args.init == "truth":
+        r.set_current_estimate(truth)
     base_net = adapted_copy(bundle.network, dev, cfg.replace(finetune=False), torch.Generator())
 
     seen: list[torch.Tensor] = []
