@@ -99,6 +99,18 @@ def _phantom(shape) -> np.ndarray:
     return np.repeat((body * 1.0 + hot * 3.0)[None], nz, 0).astype(np.float32)
 
 
+def _poisson_case(stir, acq, init, mult, add, rng) -> dict:
+    """Poisson prompts of the phantom (× 20) through SIRF's ray-tracing model with ``mult`` and ``add``."""
+    am = stir.AcquisitionModelUsingRayTracingMatrix()
+    am.set_num_tangential_LORs(3)
+    am.set_acquisition_sensitivity(stir.AcquisitionSensitivityModel(mult))
+    am.set_additive_term(add)
+    am.set_up(acq, init)
+    truth = init.clone().fill(_phantom(init.shape) * 20.0)
+    prompts = acq.clone().fill(rng.poisson(am.forward(truth).as_array()).astype(np.float32))
+    return {"dir": None, "prompts": prompts, "mult": mult, "add": add, "init": init}
+
+
 @pytest.fixture(scope="module")
 def case(stir, tmp_path_factory):
     """prompts, mult factors, additive term, background ``S a`` and initial image, as SIRF objects."""
@@ -115,14 +127,7 @@ def case(stir, tmp_path_factory):
         init = acq.create_uniform_image(1.0)
         mult = acq.get_uniform_copy(1.0).fill(rng.uniform(0.5, 1.5, acq.shape).astype(np.float32))
         add = acq.get_uniform_copy(0.0).fill(rng.uniform(0.05, 0.2, acq.shape).astype(np.float32))
-        am = stir.AcquisitionModelUsingRayTracingMatrix()
-        am.set_num_tangential_LORs(3)
-        am.set_acquisition_sensitivity(stir.AcquisitionSensitivityModel(mult))
-        am.set_additive_term(add)
-        am.set_up(acq, init)
-        truth = init.clone().fill(_phantom(init.shape) * 20.0)
-        prompts = acq.clone().fill(rng.poisson(am.forward(truth).as_array()).astype(np.float32))
-        c = {"dir": None, "prompts": prompts, "mult": mult, "add": add, "init": init}
+        c = _poisson_case(stir, acq, init, mult, add, rng)
     c["background"] = c["add"].clone().fill(c["add"].as_array() * c["mult"].as_array())  # b = S a
     return c
 
@@ -635,14 +640,7 @@ def tof_case(stir, request):
         per_lor = rng.uniform(0.5, 1.5, norm_tmpl.shape[1:]).astype(np.float32)
         mult = norm_tmpl.get_uniform_copy(1.0).fill(np.broadcast_to(per_lor, norm_tmpl.shape).copy())
         add = acq.get_uniform_copy(0.0).fill(rng.uniform(0.005, 0.02, acq.shape).astype(np.float32))
-        am = stir.AcquisitionModelUsingRayTracingMatrix()
-        am.set_num_tangential_LORs(3)
-        am.set_acquisition_sensitivity(stir.AcquisitionSensitivityModel(mult))
-        am.set_additive_term(add)
-        am.set_up(acq, init)
-        truth = init.clone().fill(_phantom(init.shape) * 20.0)
-        prompts = acq.clone().fill(rng.poisson(am.forward(truth).as_array()).astype(np.float32))
-        c = {"dir": None, "prompts": prompts, "mult": mult, "add": add, "init": init}
+        c = _poisson_case(stir, acq, init, mult, add, rng)
     c["tof_norm"] = tof_norm
     return c
 
