@@ -12,7 +12,8 @@ Phases, each its own process (the machine is shared; every phase stays under ~6 
 * ``stir``: STIR's ``estimate_scatter`` with ``examples/Siemens-mMR/scatter_estimation_par_files`` (5 scatter
   iterations, OSEM 21 subsets x 21 sub-iterations, tail-fit clip 0.1..0.4, all as the mMR files) with one change
   written to a copy: ``randomly place scatter points := 0`` (STIR's default jitters the points with
-  ``srand(time)``; ours uses voxel centres). The process is killed if its RSS passes ``--max-rss-gb``.
+  ``srand(time)``; ours uses voxel centres); ``--clip MIN MAX`` also sets the tail-fit clip (for both, outputs
+  tagged). The process is killed if its RSS passes ``--max-rss-gb``.
 * ``ours``: :func:`~sirf_ddip.recon.scatter_estimation.estimate_scatter` (the same settings) on the same files.
 * ``compare``: relative L2 of ours vs STIR's and of each vs the truth, per iteration; then OSEM (2D, SSRB of the
   data, 21 subsets x 42 sub-iterations, no post-filter, zoom 0.5) with additive = (randoms + scatter) / mult for
@@ -20,7 +21,7 @@ Phases, each its own process (the machine is shared; every phase stays under ~6 
 
 Each phase prints its wall time, CPU time, peak RSS and the load average::
 
-    for p in make stir ours compare; do nice -n 10 python benchmarks/scatter_vs_stir_full.py $p \\
+    for p in make "stir --clip 0.05 100" "ours --clip 0.05 100" "compare --clip 0.05 100"; do nice -n 10 python benchmarks/scatter_vs_stir_full.py $p \\
         --stir-bin STIR/install/bin --stir-pardir STIR/examples/Siemens-mMR/scatter_estimation_par_files \\
         --work /tmp/scatter_full; done
 """
