@@ -12,7 +12,7 @@ Layers (a sinogram travels one way: io -> geometry/physics -> recon; the prior s
 - :mod:`sirf_ddip.study`     metrics, reports, studies
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = ["__version__", "DDIPReconstructor", "OSEMReconstructor"]
 
