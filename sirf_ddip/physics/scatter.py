@@ -215,6 +215,13 @@ def detector_grid(det_xy: np.ndarray, ring_z: np.ndarray) -> np.ndarray:
                            np.tile(np.asarray(det_xy, dtype=float), (nr, 1))], axis=1)
 
 
+def _use_numba(method: str, device: torch.device, caller: str) -> bool:
+    """Whether ``method`` (``"auto"``, ``"numba"``, ``"torch"``) selects the compiled CPU kernel on ``device``."""
+    if method not in ("auto", "numba", "torch"):
+        raise ValueError(f"{caller}: method must be 'auto', 'numba' or 'torch', got {method!r}")
+    return method == "numba" or (method == "auto" and device.type == "cpu")
+
+
 def point_detector_integrals(image: np.ndarray, voxel_size, points: ScatterPoints, detectors: np.ndarray,
                              centre_mm=(0.0, 0.0, 0.0), device="cpu", dtype=torch.float64,
                              chunk: int = 8192, method: str = "auto") -> torch.Tensor:
@@ -226,9 +233,7 @@ def point_detector_integrals(image: np.ndarray, voxel_size, points: ScatterPoint
     any device) or ``"auto"`` (numba on a CPU device, torch elsewhere); they agree to float rounding.
     """
     dev = torch.device(device)
-    if method not in ("auto", "numba", "torch"):
-        raise ValueError(f"point_detector_integrals: method must be 'auto', 'numba' or 'torch', got {method!r}")
-    if method == "numba" or (method == "auto" and dev.type == "cpu"):
+    if _use_numba(method, dev, "point_detector_integrals"):
         from .scatter_kernels import point_detector_integrals_cpu
 
         out = point_detector_integrals_cpu(image, voxel_size, points.positions, detectors, centre_mm)
@@ -291,14 +296,8 @@ def single_scatter_from_integrals(activity_integrals: torch.Tensor, mu_integrals
     over points x bins, any device) or ``"auto"`` (numba on a CPU device).
     """
     dev, dtype = activity_integrals.device, activity_integrals.dtype
-    det_t = torch.as_tensor(detectors, device=dev, dtype=dtype)
-    sp = torch.as_tensor(points.positions, device=dev, dtype=dtype)
-    ns, ndet = sp.shape[0], det_t.shape[0]
+    numba = _use_numba(method, dev, "single_scatter_from_integrals")
     nd = int(num_detectors_per_ring)
-    r2 = ((det_t[None, :, :] - sp[:, None, :]) ** 2).sum(-1)                      # (ns, ndet)
-    act = torch.clamp(1.0 / r2, max=math.pi / 2) * activity_integrals / activity_voxel_x_mm   # I (voxel units)
-    att = torch.exp(-0.1 * mu_integrals)                                          # e
-    mu_s = torch.as_tensor(points.mu, device=dev, dtype=dtype)
     cos_thr = max_cos_angle(lower_kev, 2.0, resolution)
     sig511 = klein_nishina_total(511.0)
     eps511 = detection_efficiency(torch.tensor(511.0, dtype=dtype), lower_kev, upper_kev, resolution, reference_kev)
@@ -308,9 +307,7 @@ def single_scatter_from_integrals(activity_integrals: torch.Tensor, mu_integrals
     dA = torch.as_tensor(ring_pairs[None, :, 0, None] * nd + ia[:, None, :], device=dev)
     dB = torch.as_tensor(ring_pairs[None, :, 1, None] * nd + ib[:, None, :], device=dev)
     dA, dB = dA.reshape(-1), dB.reshape(-1)
-    if method not in ("auto", "numba", "torch"):
-        raise ValueError(f"single_scatter_from_integrals: method must be 'auto', 'numba' or 'torch', got {method!r}")
-    if method == "numba" or (method == "auto" and dev.type == "cpu"):
+    if numba:
         from .scatter_kernels import single_scatter_bins_cpu
 
         res = single_scatter_bins_cpu(activity_integrals.cpu().numpy(), mu_integrals.cpu().numpy(),
@@ -318,6 +315,13 @@ def single_scatter_from_integrals(activity_integrals: torch.Tensor, mu_integrals
                                       dA.cpu().numpy(), dB.cpu().numpy(), lower_kev, upper_kev, resolution,
                                       reference_kev, cos_thr, sig511, float(eps511), ELECTRON_RADIUS_CM)
         return torch.as_tensor(res, dtype=dtype, device=dev).reshape(nv, len(ring_pairs), nt)
+    det_t = torch.as_tensor(detectors, device=dev, dtype=dtype)
+    sp = torch.as_tensor(points.positions, device=dev, dtype=dtype)
+    ns = sp.shape[0]
+    r2 = ((det_t[None, :, :] - sp[:, None, :]) ** 2).sum(-1)                      # (ns, ndet)
+    act = torch.clamp(1.0 / r2, max=math.pi / 2) * activity_integrals / activity_voxel_x_mm   # I (voxel units)
+    att = torch.exp(-0.1 * mu_integrals)                                          # e
+    mu_s = torch.as_tensor(points.mu, device=dev, dtype=dtype)
     out = torch.zeros(dA.shape[0], device=dev, dtype=dtype)
     to_centre = det_t.clone()
     to_centre[:, 0] = 0
