@@ -91,7 +91,7 @@ class DDIPRunOptions:
         Diffusion steps between checkpoints in ``run``/CLI (0 = only at the end).
     loglik_every : int
         Diffusion steps between evaluations of the Poisson log-likelihood diagnostic (steps ``k, 2k, ...`` and
-        always the last step; 0 = the last step only; 1 = every step, as before 0.6.1). Each evaluation is one
+        always the last step; 0 = the last step only; 1 = every step, as before 0.7.0). Each evaluation is one
         full forward projection, which at full size with view subsets costs as much as the image step's own
         projections; every 10th step keeps it under a tenth of them (``benchmarks/validation/speed.md``).
     channels_last : bool

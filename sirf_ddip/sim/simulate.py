@@ -208,15 +208,19 @@ def build_geometry(cfg: SimulationConfig):
         if not 1 <= cfg.num_rings <= sc.num_rings:
             raise ConfigError(f"simulation: key 'num_rings' must be in 1..{sc.num_rings}, got {cfg.num_rings}")
         sc = sc.with_rings(cfg.num_rings)
+    keys = dict(span=cfg.span, max_ring_diff=cfg.max_ring_diff, view_mashing=cfg.view_mashing,
+                num_tangential=cfg.num_tangential)
     try:
-        return SinogramGeometry(sc, span=cfg.span, max_ring_diff=cfg.max_ring_diff, view_mashing=cfg.view_mashing,
-                                num_tangential=cfg.num_tangential, tof_mash_factor=cfg.tof_mash_factor)
+        geometry = SinogramGeometry(sc, **keys)
     except ValueError as exc:
-        if "TOF" in str(exc):  # a TOF mashing factor the scanner refuses (GeometryError names what is wrong)
-            raise ConfigError(f"simulation: key 'tof_mash_factor' ({cfg.tof_mash_factor}): {exc}") from None
         raise ConfigError(f"simulation: geometry keys (span, max_ring_diff, view_mashing, num_tangential, "
-                          f"tof_mash_factor): {exc}") \
-            from None
+                          f"tof_mash_factor): {exc}") from None
+    if not cfg.tof_mash_factor:
+        return geometry
+    try:  # the same geometry is valid without TOF: what the scanner refuses is its TOF mashing factor
+        return SinogramGeometry(sc, **keys, tof_mash_factor=cfg.tof_mash_factor)
+    except ValueError as exc:
+        raise ConfigError(f"simulation: key 'tof_mash_factor' ({cfg.tof_mash_factor}): {exc}") from None
 
 
 def ring_pairs_per_sinogram(geometry) -> list[list[tuple[int, int]]]:
