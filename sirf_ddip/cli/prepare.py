@@ -343,9 +343,7 @@ def _same_geometry(pd, geom, what: str, path: str) -> None:
         g = pd.geometry
         tof = ""
         if g.tof_mash_factor != geom.tof_mash_factor:  # TOF data and non-TOF, or other TOF bins: never summed
-            def bins(x):
-                return f"{x.num_tof_bins} TOF bins (TOF mashing factor {x.tof_mash_factor})" if x.is_tof else "non-TOF"
-            tof = f" [key 'TOF mashing factor']: {bins(g)}, the prompts {bins(geom)};"
+            tof = f" [key 'TOF mashing factor']: {g.tof_summary()}, the prompts {geom.tof_summary()};"
         raise GeometryMismatchError(f"{what} {path}{tof} [{g.describe()}] does not match the prompts' geometry "
                                     f"[{geom.describe()}]")
 

@@ -209,6 +209,10 @@ class SinogramGeometry:
         """True for TOF data (a TOF mashing factor >= 1)."""
         return self.tof_mash_factor > 0
 
+    def tof_summary(self) -> str:
+        """``"11 TOF bins (TOF mashing factor 5)"``, or ``"non-TOF"``: the TOF layout, for one-line errors."""
+        return f"{self.num_tof_bins} TOF bins (TOF mashing factor {self.tof_mash_factor})" if self.is_tof else "non-TOF"
+
     @property
     def min_timing_pos_num(self) -> int:
         return -(self.num_tof_bins // 2) if self.is_tof else 0

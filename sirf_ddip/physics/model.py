@@ -332,9 +332,8 @@ class EngineLogLikelihood(PoissonLogLikelihood):
             if tof and og is not None and getattr(og, "is_tof", False) and og.num_tof_bins != self.geometry.num_tof_bins:
                 # TOF factors on other TOF bins than the prompts' (another TOF mashing): never reinterpreted
                 raise GeometryMismatchError(
-                    f"{what} {name} [key 'TOF mashing factor']: {og.num_tof_bins} TOF bins (TOF mashing factor "
-                    f"{og.tof_mash_factor}) but prompts {self._prompts_name} have {self.geometry.num_tof_bins} "
-                    f"(TOF mashing factor {self.geometry.tof_mash_factor}): give them on the prompts' TOF bins")
+                    f"{what} {name} [key 'TOF mashing factor']: {og.tof_summary()} but prompts {self._prompts_name} "
+                    f"have {self.geometry.tof_summary()}: give them on the prompts' TOF bins")
             t = _as_tensor(obj, self.device, dtype)
             _check_shape(t, shape, name, self._prompts_name, what,
                          non_tof_shape=tuple(shape[1:]) if (tof and broadcast_tof) else None)
