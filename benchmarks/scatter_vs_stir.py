@@ -37,30 +37,15 @@ PAR_FILES = ("scatter_estimation.par", "run_reconstruction.par", "tail_fitting.p
 
 
 def make_case(d: Path) -> None:
-    import torch
-
-    from sirf_ddip.data import Image, ProjData
+    from sirf_ddip.data import ProjData
     from sirf_ddip.io import write_image, write_projdata
-    from sirf_ddip.physics.attenuation import attenuation_factors
-    from sirf_ddip.physics.projector import Projector
-    from sirf_ddip.sim.scatter_model import sss_scatter_shape
-    from test_scatter_estimation_inputs import _tiny_geometry
+    from test_scatter_estimation_loop import loop_case
 
-    geom = _tiny_geometry()
-    grid = geom.default_image_grid(xy=64)
-    _, y, x = np.meshgrid(np.arange(grid.shape[0]), grid.coords(1), grid.coords(2), indexing="ij")
-    body = (x - 10) ** 2 + (y + 5) ** 2 < 50 ** 2
-    act = (body + 3.0 * ((x - 25) ** 2 + (y + 5) ** 2 < 20 ** 2)).astype(np.float32)
-    mu = Image(np.where(body, 0.096, 0.0).astype(np.float32), grid)
-    eff = np.exp(0.05 * np.random.default_rng(0).standard_normal(geom.shape)).astype(np.float32)
-    att = attenuation_factors(mu, geom).array
-    trues = eff * att * Projector(geom, grid).forward(torch.as_tensor(act)).numpy()
-    shape, _ = sss_scatter_shape(Image(act, grid), mu, geom, WINDOW, eff)
-    scatter = shape * (0.3 / 0.7 * float(trues.sum()) / float(shape.sum()))
-    randoms = np.float32(0.2 * trues.mean()) * eff
+    prompts, mu, eff, randoms, scatter, att = loop_case()
+    geom = prompts.geometry
     meta = {"energy_window_kev": WINDOW}
     # STIR's norm file holds the normalisation *factors* (BinNormalisationFromProjData::undo divides by them): 1/eff
-    for n, a in {"prompts": trues + scatter + randoms, "eff": eff, "norm": 1.0 / eff, "acf": 1.0 / att,
+    for n, a in {"prompts": prompts.array, "eff": eff, "norm": 1.0 / eff, "acf": 1.0 / att,
                  "randoms": randoms, "true_scatter": scatter}.items():
         write_projdata(d / f"{n}.hs", ProjData(np.asarray(a, np.float32), geom, dict(meta)), overwrite=True)
     write_image(d / "mu.hv", mu, overwrite=True)

@@ -22,8 +22,9 @@ from test_scatter_estimation_inputs import _tiny_geometry
 WINDOW = (430.0, 610.0)
 
 
-@pytest.fixture(scope="module")
-def case():
+def loop_case():
+    """The case: ``(prompts, mu, efficiencies, randoms, true scatter, attenuation factors)``; the prompts hold
+    noise-free trues + our SSS scaled to a 30 % scatter fraction + randoms (also ``benchmarks/scatter_vs_stir.py``)."""
     geom = _tiny_geometry()
     grid = geom.default_image_grid(xy=64)
     _, y, x = np.meshgrid(np.arange(grid.shape[0]), grid.coords(1), grid.coords(2), indexing="ij")
@@ -31,12 +32,18 @@ def case():
     act = (body + 3.0 * ((x - 25) ** 2 + (y + 5) ** 2 < 20 ** 2)).astype(np.float32)
     mu = Image(np.where(body, 0.096, 0.0).astype(np.float32), grid)
     eff = np.exp(0.05 * np.random.default_rng(0).standard_normal(geom.shape)).astype(np.float32)
-    trues = eff * attenuation_factors(mu, geom).array * Projector(geom, grid).forward(torch.as_tensor(act)).numpy()
+    att = attenuation_factors(mu, geom).array
+    trues = eff * att * Projector(geom, grid).forward(torch.as_tensor(act)).numpy()
     shape, _ = sss_scatter_shape(Image(act, grid), mu, geom, WINDOW, eff)
     scatter = shape * (0.3 / 0.7 * float(trues.sum()) / float(shape.sum()))      # S / (S + T) = 30 %
     randoms = np.float32(0.2 * trues.mean()) * eff
     prompts = ProjData((trues + scatter + randoms).astype(np.float32), geom, {"source": "sim.hs"})
-    return prompts, mu, eff, randoms, scatter
+    return prompts, mu, eff, randoms, scatter, att
+
+
+@pytest.fixture(scope="module")
+def case():
+    return loop_case()[:5]
 
 
 def _rel(a, b):
