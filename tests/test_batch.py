@@ -343,6 +343,17 @@ def test_three_studies_one_broken_then_a_rerun_skips_everything(studies, cluster
     assert [j["status"] for j in json.loads((out / "batch.json").read_text())["jobs"]] == ["skipped"] * 4
 
 
+def _single_ddip(study, folder, weights) -> np.ndarray:
+    """The image of ``sirf-ddip recon`` on ``study`` with the batch's DDIP settings, uninterrupted, in this process."""
+    args = ["recon", "--prompts", study / "prompts.hs", "--mult", study / "mult_factors.hs", "--additive",
+            study / "additive_term.hs", "--mr", study / "mr.hv", "--out", folder / "image.hv", "--seed", 0,
+            "--weights", weights, "--threads", 1]
+    for k, v in DDIP_SET.items():
+        args += ["--set", f"{k}={v}"]
+    assert main([str(a) for a in args]) == 0
+    return read_image(folder / "image.hv").array
+
+
 def _watch_and_kill(out: Path, kills: list):
     """on_change hook: when s1/ddip runs, kill its worker process once its first checkpoint is written."""
     def hook(r):
@@ -379,21 +390,15 @@ def test_worker_killed_during_ddip_is_retried_and_resumes_to_the_uninterrupted_i
     assert any("worker lost" in ln and "retrying (1/2)" in ln for ln in lines), lines
     assert any("resumed from its checkpoint" in ln for ln in lines), lines
     # the single command, uninterrupted, in this process
-    s = studies / "s1"
-    args = ["recon", "--prompts", s / "prompts.hs", "--mult", s / "mult_factors.hs", "--additive",
-            s / "additive_term.hs", "--mr", s / "mr.hv", "--out", tmp_path / "single" / "image.hv", "--seed", 0,
-            "--weights", weights, "--threads", 1]
-    for k, v in DDIP_SET.items():
-        args += ["--set", f"{k}={v}"]
-    assert main([str(a) for a in args]) == 0
-    single = read_image(tmp_path / "single" / "image.hv").array
+    single = _single_ddip(studies / "s1", tmp_path / "single", weights)
     assert np.array_equal(read_image(out / "s1" / "ddip" / "image.hv").array, single)
     # the report job: the study's metrics (those of the DDIP image against the truth) and report.html
     assert rep.status == "done"
     met = json.loads((out / "s1" / "report" / "metrics.json").read_text())["cases"]["s1"]["ddip"]
     from sirf_ddip.batch.metrics import image_metrics
 
-    assert met["psnr"] == pytest.approx(image_metrics(s, tmp_path / "single" / "image.hv")["psnr"], rel=1e-9)
+    assert met["psnr"] == pytest.approx(image_metrics(studies / "s1", tmp_path / "single" / "image.hv")["psnr"],
+                                        rel=1e-9)
     assert (out / "s1" / "report" / "report.html").stat().st_size > 1000
 
 
@@ -419,15 +424,8 @@ def test_a_ddip_job_whose_worker_died_too_often_fails_clean_and_a_rerun_resumes_
     lines2, echo2 = _lines()
     (rec2,) = run_batch(m, out, handle=cluster, echo=echo2)
     assert rec2.status == "done" and any("resumed from its checkpoint" in ln for ln in lines2), lines2
-    s = studies / "s1"
-    args = ["recon", "--prompts", s / "prompts.hs", "--mult", s / "mult_factors.hs", "--additive",
-            s / "additive_term.hs", "--mr", s / "mr.hv", "--out", tmp_path / "single" / "image.hv", "--seed", 0,
-            "--weights", weights, "--threads", 1]
-    for k, v in DDIP_SET.items():
-        args += ["--set", f"{k}={v}"]
-    assert main([str(a) for a in args]) == 0
     assert np.array_equal(read_image(out / "s1" / "ddip" / "image.hv").array,
-                          read_image(tmp_path / "single" / "image.hv").array)
+                          _single_ddip(studies / "s1", tmp_path / "single", weights))
 
 
 @pytest.mark.parametrize("served", [True, False])
