@@ -41,6 +41,12 @@ def real_mmr(*names: str) -> Path:
     return REAL_MMR
 
 
+@pytest.fixture(scope="module")
+def material() -> Path:
+    """The real mMR norm and μ-map folder (``../shared/real-mmr``), or skip (:func:`real_mmr`)."""
+    return real_mmr("norm.n.hdr", "norm.n", "mu_map.hv", "mu_map.v")
+
+
 @pytest.fixture(params=["mmr_2d", "mmr_3d6"])
 def stir_case(request) -> Path:
     """Each STIR reference case folder in turn (skips when absent)."""

@@ -21,14 +21,6 @@ from conftest import SHARED
 MMR = SHARED / "real-mmr"
 
 
-@pytest.fixture(scope="module")
-def material():
-    for n in ("norm.n.hdr", "norm.n", "mu_map.hv", "mu_map.v"):
-        if not (MMR / n).is_file():
-            pytest.skip(f"real mMR material not found: {MMR / n} (set SIRF_DDIP_SHARED to the shared/ folder)")
-    return MMR
-
-
 @pytest.fixture
 def small(tmp_path):
     """A small mMR template (segment 0 of span 11, all 252 views: mashing would fill the gaps, 41 bins), with

@@ -34,14 +34,6 @@ MMR = SHARED / "real-mmr"
 _OFF = [0, 43688, 46784, 79040, 79877, 79941, 80005, 80014, 80851]
 
 
-@pytest.fixture(scope="module")
-def material():
-    for n in ("norm.n.hdr", "norm.n", "mu_map.hv", "mu_map.v"):
-        if not (MMR / n).is_file():
-            pytest.skip(f"real mMR material not found: {MMR / n} (set SIRF_DDIP_SHARED to the shared/ folder)")
-    return MMR
-
-
 @pytest.fixture
 def tmpl(tmp_path):
     """A small mMR template (segment 0 of span 11, view mashing 4, 41 bins), header only."""

@@ -150,14 +150,6 @@ def test_estimate_scatter_pads_a_tight_mu_map_as_the_cli_does():
 
 
 # ------------------------------------------------------------------------------------ (d) prepare's errors
-@pytest.fixture(scope="module")
-def material():
-    for n in ("norm.n.hdr", "norm.n", "mu_map.hv", "mu_map.v"):
-        if not (MMR / n).is_file():
-            pytest.skip(f"real mMR material not found: {MMR / n} (set SIRF_DDIP_SHARED to the shared/ folder)")
-    return MMR
-
-
 @pytest.fixture
 def case(tmp_path, material):
     """A small mMR study (segment 0 of span 11, 252 views, 41 bins) with an energy window in the prompts' header."""
