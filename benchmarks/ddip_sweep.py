@@ -101,6 +101,20 @@ def gaussian(arr: np.ndarray, fwhm_mm: float, voxel_zyx) -> np.ndarray:
     return gaussian_filter(arr, sig, mode="constant")
 
 
+def set_up_ddip(cfg, ds, bundle, mr, truth):
+    """A DDIP reconstructor on ``ds`` with ``bundle``'s prior (and ``mr`` where ``cfg.use_mr``), set up on the
+    truth's grid, as the ``recon`` command does (shared with ``ddip_trace.py``)."""
+    from sirf_ddip.recon.ddip import DDIPReconstructor
+
+    r = DDIPReconstructor(cfg)
+    r.set_objective_function(ds)
+    r.set_prior(bundle)
+    if cfg.use_mr:
+        r.set_anatomical_image(mr)
+    r.set_up(truth.with_array(np.zeros(truth.grid.shape, np.float32)))
+    return r
+
+
 def baselines(case: Path, ds, sc: Scorer, args) -> dict:
     """OSEM sweeps (+ post-filter), MAP-RDP, truth log-likelihood; cached in ``case/baselines.json``."""
     from sirf_ddip.io import read_image
@@ -143,12 +157,14 @@ def baselines(case: Path, ds, sc: Scorer, args) -> dict:
         out["osem"][f"S{S}"] = {"iterates": its, "best": best,
                                 "best_filtered": {"iter": bestf["iter"], "fwhm": bestf["filtered_fwhm"],
                                                   **sc(farr.astype(np.float32))}}
-    init7 = OSEMReconstructor(ds, num_subsets=7)
-    init7.set_num_subiterations(7)
-    init7.set_up(init)
-    init7.set_current_estimate(init)
-    init7.run(7)
-    x_init = ds.from_tensor(init7.x.detach().clone(), truth_img)
+    # MAP-RDP starts from one OSEM iteration with the most subsets swept (7 by default, as before)
+    s_init = max(args.osem_subsets or [1])
+    rec_init = OSEMReconstructor(ds, num_subsets=s_init)
+    rec_init.set_num_subiterations(s_init)
+    rec_init.set_up(init)
+    rec_init.set_current_estimate(init)
+    rec_init.run(s_init)
+    x_init = ds.from_tensor(rec_init.x.detach().clone(), truth_img)
     best, res = penalty_sweep(ds, x_init, args.rdp_betas, 15,
                               lambda x: psnr(x.cpu().numpy(), sc.truth, sc.brain))
     out["map_rdp"] = {"beta": best.beta, **sc(best.image), "all": [{"beta": r.beta, "psnr": round(r.score, 3)}
@@ -206,7 +222,6 @@ def main(argv=None) -> int:
     from sirf_ddip.physics.model import EngineLogLikelihood
     from sirf_ddip.prior.weights import load_default, load_prior
     from sirf_ddip.recon.config import DDIPConfig
-    from sirf_ddip.recon.ddip import DDIPReconstructor
     from sirf_ddip.recon.hqs import beta_activity, hqs_image_step
     from sirf_ddip.utils.device import resolve_device
 
@@ -249,12 +264,7 @@ def main(argv=None) -> int:
             ov["final_em"] = 0
             cfg = DDIPConfig.load(args.config, ov, preset=args.preset)
             t0 = time.perf_counter()
-            r = DDIPReconstructor(cfg)
-            r.set_objective_function(ds)
-            r.set_prior(bundle)
-            if cfg.use_mr:
-                r.set_anatomical_image(mr)
-            r.set_up(truth.with_array(np.zeros(truth.grid.shape, np.float32)))
+            r = set_up_ddip(cfg, ds, bundle, mr, truth)
             r.run(r.remaining())
             secs = round(time.perf_counter() - t0, 1)
             x = r.x.detach().clone()
@@ -274,13 +284,13 @@ def main(argv=None) -> int:
                         S = cfg.num_subsets
                         y = hqs_image_step(ds, start, x, beta_activity(fb, r.pet_scaler.gain), k,
                                            [(j % S if S > 1 else None) for j in range(k)])
-                        y = r._masked(y)
+                        y = r.image_step.masked(y)
                     extra = {"final_em_beta": fb} if k > 0 and fb > 0 else {}
                     emit({"case": case.name, "method": "ddip", "settings": {**g, "final_em": k, **extra}, **sc(y),
                           **common, "weights": args.weights or "default"})
             if args.score_hqs:
                 emit({"case": case.name, "method": "ddip", "settings": {**g, "output": "hqs"},
-                      **sc(r._masked(r._x_img.detach().clone())), **common})
+                      **sc(r.image_step.masked(r._x_img.detach().clone())), **common})
             del r
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

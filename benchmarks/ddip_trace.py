@@ -62,14 +62,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON-lines output (appended)")
     args = ap.parse_args(argv)
 
-    from ddip_sweep import Scorer
+    from ddip_sweep import Scorer, set_up_ddip
     from sirf_ddip.config import parse_overrides
     from sirf_ddip.io import read_image
     from sirf_ddip.physics.model import EngineLogLikelihood
     from sirf_ddip.prior.adaptation import adapted_copy
     from sirf_ddip.prior.weights import load_default, load_prior
     from sirf_ddip.recon.config import DDIPConfig
-    from sirf_ddip.recon.ddip import DDIPReconstructor
     from sirf_ddip.study.study import missing_case_files
     from sirf_ddip.utils.device import resolve_device
 
@@ -100,12 +99,7 @@ def main(argv=None) -> int:
         print(json.dumps(rec), flush=True)
 
     t0 = time.perf_counter()
-    r = DDIPReconstructor(cfg)
-    r.set_objective_function(ds)
-    r.set_prior(bundle)
-    if cfg.use_mr:
-        r.set_anatomical_image(mr)
-    r.set_up(truth.with_array(np.zeros(truth.grid.shape, np.float32)))
+    r = set_up_ddip(cfg, ds, bundle, mr, truth)
     if args.init == "truth":
         r.set_current_estimate(truth)
     base_net = adapted_copy(bundle.network, dev, cfg.replace(finetune=False), torch.Generator())
