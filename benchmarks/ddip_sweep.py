@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     from sirf_ddip.physics.model import EngineLogLikelihood
     from sirf_ddip.prior.weights import load_default, load_prior
     from sirf_ddip.recon.config import DDIPConfig
-    from sirf_ddip.recon.hqs import beta_activity, hqs_image_step
+    from sirf_ddip.recon.hqs import beta_activity
     from sirf_ddip.utils.device import resolve_device
 
     torch.set_num_threads(1)
@@ -276,15 +276,14 @@ def main(argv=None) -> int:
             dc = r.data_consistency()
             common = {"seconds": secs, "loglik_warm_start": round(dc["loglik_warm_start"], 2),
                       "pet_scale": float(r.pet_scaler.scale)}
+            em_done = r.image_step.em_counter
             for k in final_em:
                 for fb in (final_em_beta if k > 0 else [0.0]):
                     y = x
-                    if k > 0:
-                        start = x.clamp_min(1e-3 * float(r.pet_scaler.scale))
-                        S = cfg.num_subsets
-                        y = hqs_image_step(ds, start, x, beta_activity(fb, r.pet_scaler.gain), k,
-                                           [(j % S if S > 1 else None) for j in range(k)])
-                        y = r.image_step.masked(y)
+                    if k > 0:   # the reconstructor's own final EM stage, each k from the run's end
+                        r.image_step.em_counter = em_done
+                        y = r.image_step.final_em(x, beta_activity(fb, r.pet_scaler.gain), k,
+                                                  1e-3 * float(r.pet_scaler.scale))
                     extra = {"final_em_beta": fb} if k > 0 and fb > 0 else {}
                     emit({"case": case.name, "method": "ddip", "settings": {**g, "final_em": k, **extra}, **sc(y),
                           **common, "weights": args.weights or "default"})
